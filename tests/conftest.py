@@ -79,3 +79,123 @@ def replica_bundle(replica_dirs: dict, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "replica-fp32"
     return convert(replica_dirs["detector"], replica_dirs["extractor"], out, precision="fp32")
+
+
+# ---------------------------------------------------------------- fake bundles and sessions
+# Models are replaced by small deterministic numpy functions, so pipeline logic is tested exactly,
+# without model files; the real models are exercised by the replica tests.
+
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+
+
+def manifest_for(det_file="detector.onnx", rec_file="extractor.onnx", det_sha="0" * 64, rec_sha="0" * 64):
+    """A valid manifest (schema of converters.convert) for two model files."""
+    def inp(name, shape, interp):
+        return {"name": name, "shape": shape, "resize": "stretch", "interpolation": interp, "channel_order": "RGB",
+                "scale": 1 / 255, "mean": MEAN, "std": STD, "layout": "NCHW"}
+
+    return {
+        "format": "edge-shitu-bundle", "format_version": 1, "name": "fake",
+        "models": {
+            "detector": {
+                "file": det_file, "sha256": det_sha, "backend": "onnxruntime", "precision": "fp32",
+                "input": inp("image", [1, 3, 640, 640], "cubic"),
+                "output": {"kind": "picodet_heads", "scores": ["s8", "s16", "s32", "s64"],
+                           "boxes": ["b8", "b16", "b32", "b64"], "strides": [8, 16, 32, 64], "reg_max": 7,
+                           "cell_offset": 0.5, "num_classes": 1},
+                "labels": ["foreground"],
+                "defaults": {"score_threshold": 0.025, "nms_iou": 0.6, "nms_top_k": 1000, "keep_top_k": 100,
+                             "max_detections": 5, "min_score": 0.2},
+                "source": {"kind": "replica", "model_dir_name": "det", "program_sha256": "x", "params_sha256": "y", "seed": 0},
+            },
+            "extractor": {
+                "file": rec_file, "sha256": rec_sha, "backend": "onnxruntime", "precision": "fp32",
+                "input": inp("x", [-1, 3, 224, 224], "linear"),
+                "output": {"kind": "embedding", "name": "feat", "dim": 512, "normalized": False},
+                "source": {"kind": "replica", "model_dir_name": "rec", "program_sha256": "x", "params_sha256": "y", "seed": 0},
+            },
+        },
+        "codes": {"bits": 512, "method": "sign", "bit_order": "big"},
+        "recognition": {"max_distance": 100, "final_nms_iou": 0.05, "whole_image": "if_none", "top_k": 5},
+        "tools": {"edge_shitu": "test"},
+    }
+
+
+@pytest.fixture
+def fake_bundle(tmp_path) -> Path:
+    """A bundle directory whose model files are placeholder bytes (use with injected fake sessions)."""
+    import hashlib
+    import json
+
+    root = tmp_path / "fake-bundle"
+    root.mkdir()
+    (root / "detector.onnx").write_bytes(b"placeholder detector")
+    (root / "extractor.onnx").write_bytes(b"placeholder extractor")
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    m = manifest_for(det_sha=sha(root / "detector.onnx"), rec_sha=sha(root / "extractor.onnx"))
+    (root / "manifest.json").write_text(json.dumps(m, indent=2))
+    return root
+
+
+class FakeDetectorSession:
+    """Raw PicoDet heads that decode to given boxes (in 640x640 input pixels) with given scores."""
+
+    input_names = ("image",)
+    output_names = ("s8", "s16", "s32", "s64", "b8", "b16", "b32", "b64")
+
+    def __init__(self, boxes_scores):
+        self.boxes_scores = boxes_scores
+        self.calls = 0
+
+    def run(self, feeds, outputs=None):
+        self.calls += 1
+        assert feeds["image"].shape == (1, 3, 640, 640) and feeds["image"].dtype == np.float32
+        scores, logits = [], []
+        for s in (8, 16, 32, 64):
+            n = 640 // s
+            scores.append(np.zeros((1, n, n, 1), np.float32))
+            logits.append(np.full((1, n, n, 32), -50.0, np.float32))
+        for (x1, y1, x2, y2), score in self.boxes_scores:
+            # Put each box on the stride-8 level, at the cell holding its centre; distances are exact
+            # one-hot bins, so the box must be representable: side distances = whole multiples of 8 up to 56.
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            col, row = int(cx // 8), int(cy // 8)
+            acx, acy = (col + 0.5) * 8, (row + 0.5) * 8
+            d = [(acx - x1) / 8, (acy - y1) / 8, (x2 - acx) / 8, (y2 - acy) / 8]
+            scores[0][0, row, col, 0] = score
+            for side, dist in enumerate(d):
+                lo = int(np.floor(dist))
+                frac = dist - lo
+                # two-bin mixture with logit weights reproducing the fractional expectation
+                vals = np.full(8, -50.0)
+                if frac < 1e-9:
+                    vals[lo] = 0.0
+                else:
+                    vals[lo], vals[lo + 1] = np.log(1 - frac), np.log(frac)
+                logits[0][0, row, col, side * 8:(side + 1) * 8] = vals
+        return scores + logits
+
+    def close(self):
+        pass
+
+
+class FakeExtractorSession:
+    """Features from a fixed random projection of the 8x8-average-pooled input: same crop, same code."""
+
+    input_names = ("x",)
+    output_names = ("feat",)
+
+    def __init__(self, seed=0):
+        self.proj = np.random.default_rng(seed).normal(size=(3 * 8 * 8, 512)).astype(np.float32)
+        self.batches = []
+
+    def run(self, feeds, outputs=None):
+        x = feeds["x"]
+        assert x.ndim == 4 and x.shape[1:] == (3, 224, 224) and x.dtype == np.float32
+        self.batches.append(x.shape[0])
+        pooled = x.reshape(x.shape[0], 3, 8, 28, 8, 28).mean(axis=(3, 5)).reshape(x.shape[0], -1)
+        return [pooled @ self.proj]
+
+    def close(self):
+        pass

@@ -1,0 +1,519 @@
+"""The ``edge-shitu`` command. ``main(argv) -> int`` is the entry point and is tested in-process.
+
+Heavy subcommands (models, replicate, convert, quickstart) import the ``converters`` package lazily and
+name the extra to install when it is missing. Errors: one line on stderr naming the file and the
+problem, exit code 2 for bad input, 1 for other failures; a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, TextIO
+
+from edge_shitu import __version__
+from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidInputError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only redrawn on a terminal; a summary line otherwise)."""
+
+    def __init__(self, what: str, total: int, stream: TextIO) -> None:
+        self.what, self.total, self.stream = what, total, stream
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self.tty and (now - self._last > 0.1 or done == self.total):
+            self._last = now
+            width = 30
+            filled = int(width * done / max(self.total, 1))
+            self.stream.write(f"\r{self.what} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}")
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def _heavy(module: str, extra: str = "convert"):
+    """Import a converters module, or explain which extra is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"this command needs the '{extra}' extra ({exc}); run: pip install \"edge-shitu[{extra}]\""
+        ) from None
+
+
+def _box(box) -> List[float]:
+    return [round(float(v), 2) for v in box]
+
+
+# ---------------------------------------------------------------- detect / embed / recognize
+
+
+def _cmd_detect(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.detector import Detector
+    from edge_shitu.options import BackendOptions, DetectorOptions
+    from edge_shitu.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    spec = bundle.require("detector")
+    overrides = {}
+    if args.min_score is not None:
+        overrides["min_score"] = args.min_score
+    if args.max_detections is not None:
+        overrides["max_detections"] = args.max_detections
+    opts = DetectorOptions.from_mapping(spec.defaults, backend=BackendOptions(threads=args.threads), **overrides)
+    records = []
+    with Detector.from_bundle(bundle, options=opts) as det:
+        for img in args.images:
+            dets = det.detect(img)
+            records.append({"image": img, "boxes": [{"box": _box(d.box), "score": round(d.score, 4)} for d in dets]})
+            if not args.json:
+                out.write(f"{img}: {len(dets)} box(es)\n")
+                for d in dets:
+                    out.write(f"  {_box(d.box)} score {d.score:.3f}\n")
+    if args.json:
+        json.dump(records, out, ensure_ascii=False, indent=2)
+        out.write("\n")
+    _replica_note(bundle, err)
+    return EXIT_OK
+
+
+def _cmd_embed(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+    from edge_shitu.codes import codes_to_hex
+    from edge_shitu.embedder import Embedder
+    from edge_shitu.options import BackendOptions, EmbedderOptions
+
+    bundle = Bundle.load(args.bundle)
+    with Embedder.from_bundle(bundle, options=EmbedderOptions(backend=BackendOptions(threads=args.threads))) as emb:
+        codes = emb.embed(args.images)
+    records = [{"image": img, "code": h} for img, h in zip(args.images, codes_to_hex(codes))]
+    if args.json:
+        json.dump(records, out, indent=2)
+        out.write("\n")
+    else:
+        for r in records:
+            out.write(f"{r['image']}\t{r['code']}\n")
+    _replica_note(bundle, err)
+    return EXIT_OK
+
+
+def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+    from edge_shitu.options import BackendOptions, EmbedderOptions, RecognizerOptions
+    from edge_shitu.recognizer import STAGES, Recognizer
+
+    bundle = Bundle.load(args.bundle)
+    rec = bundle.recognition
+    opts = RecognizerOptions(
+        max_distance=args.max_distance,
+        top_k=args.top_k if args.top_k is not None else rec.top_k,
+        whole_image=args.whole_image or rec.whole_image,
+        final_nms_iou=rec.final_nms_iou,
+        embedder=EmbedderOptions(backend=BackendOptions(threads=args.threads)),
+        include_unknown=args.include_unknown,
+    )
+    if bundle.detector is not None and args.threads is not None:
+        from edge_shitu.options import DetectorOptions
+
+        opts = _replace(opts, detector=DetectorOptions.from_mapping(
+            bundle.detector.defaults, backend=BackendOptions(threads=args.threads)))
+    records = []
+    with Recognizer.from_bundle(bundle, args.gallery, options=opts) as recognizer:
+        for img in args.images:
+            res = recognizer.recognize(img)
+            items = [{"box": _box(r.box), "label": r.label, "distance": r.distance,
+                      "similarity": None if r.similarity is None else round(r.similarity, 4)}
+                     for r in res.recognitions]
+            record = {"image": img, "results": items}
+            if args.json or args.timings:
+                record["timings_ms"] = {k: round(v, 2) for k, v in res.timings_ms.items()}
+            records.append(record)
+            if not args.json:
+                out.write(f"{img}: {len(items)} result(s)\n")
+                for r in res.recognitions:
+                    where = "whole image" if r.whole_image else f"box {_box(r.box)}"
+                    label = r.label if r.label is not None else "(unknown)"
+                    out.write(f"  {label}  distance {r.distance}  similarity {r.similarity:.3f}  {where}\n")
+                if args.timings:
+                    out.write("  timings ms: " + ", ".join(f"{k} {res.timings_ms[k]:.1f}" for k in STAGES) + "\n")
+    if args.json:
+        json.dump(records, out, ensure_ascii=False, indent=2)
+        out.write("\n")
+    _replica_note(bundle, err)
+    return EXIT_OK
+
+
+def _replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def _replica_note(bundle, err: TextIO) -> None:
+    if bundle.is_replica:
+        err.write(f"note: {bundle.path.name} holds REPLICA models (official graphs, random weights): "
+                  "boxes, codes and labels are meaningless, only the mechanics are real\n")
+
+
+# ---------------------------------------------------------------- gallery
+
+
+def _cmd_gallery_build(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+    from edge_shitu.embedder import Embedder
+    from edge_shitu.enrol import build_gallery
+    from edge_shitu.labelfile import read_label_file
+    from edge_shitu.options import BackendOptions, EmbedderOptions
+
+    bundle = Bundle.load(args.bundle)
+    entries = read_label_file(args.labels)
+    progress = _Progress("embedding", len(entries), err)
+    with Embedder.from_bundle(bundle, options=EmbedderOptions(backend=BackendOptions(threads=args.threads))) as emb:
+        summary = build_gallery(bundle, Path(args.images), entries, Path(args.out), embedder=emb,
+                                keep_embeddings=args.keep_embeddings, overwrite=args.overwrite,
+                                on_skip=lambda p, why: err.write(f"skipped: {why}\n"),
+                                on_progress=lambda done, total: progress.update(done))
+    out.write(f"gallery {args.out}: {summary.added} image(s) added, {len(summary.skipped)} skipped, "
+              f"{summary.labels} label(s)\n")
+    _replica_note(bundle, err)
+    return EXIT_OK
+
+
+def _cmd_gallery_add(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+    from edge_shitu.embedder import Embedder
+    from edge_shitu.enrol import enrol
+    from edge_shitu.gallery import Gallery
+    from edge_shitu.labelfile import read_label_file
+    from edge_shitu.options import BackendOptions, EmbedderOptions
+
+    bundle = Bundle.load(args.bundle)
+    if args.labels:
+        if args.label or args.images:
+            raise InvalidInputError("give either --labels FILE or --label L with image paths, not both")
+        root = Path(args.images_root or ".")
+        entries = read_label_file(args.labels)
+        paths, labels, sources = [root / e.path for e in entries], [e.label for e in entries], [e.path for e in entries]
+    else:
+        if not args.label or not args.images:
+            raise InvalidInputError("give --label L and one or more image paths (or --labels FILE)")
+        paths, labels, sources = [Path(p) for p in args.images], [args.label] * len(args.images), list(args.images)
+    opts = EmbedderOptions(backend=BackendOptions(threads=args.threads))
+    with Gallery.open(args.gallery, fingerprint=bundle.code_fingerprint) as gallery, \
+            Embedder.from_bundle(bundle, options=opts) as emb:
+        summary = enrol(gallery, emb, paths, labels, sources=sources, keep_embeddings=args.keep_embeddings,
+                        on_skip=lambda p, why: err.write(f"skipped: {why}\n"))
+    out.write(f"added {summary.added} item(s) (ids {_ranges(summary.ids)}), skipped {len(summary.skipped)}\n")
+    return EXIT_OK if summary.added or not summary.skipped else EXIT_BAD_INPUT
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    if not ids:
+        return "none"
+    ids = sorted(ids)
+    parts, start, prev = [], ids[0], ids[0]
+    for i in ids[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
+
+
+def _cmd_gallery_remove(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.gallery import Gallery
+
+    if bool(args.ids) == bool(args.label):
+        raise InvalidInputError("give either --id N [N ...] or --label L")
+    with Gallery.open(args.gallery) as gallery:
+        n = gallery.remove(args.ids) if args.ids else gallery.remove_label(args.label)
+    out.write(f"removed {n} item(s)\n")
+    return EXIT_OK
+
+
+def _cmd_gallery_relabel(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.gallery import Gallery
+
+    with Gallery.open(args.gallery) as gallery:
+        n = gallery.relabel(args.ids, args.label)
+    out.write(f"relabelled {n} item(s) as {args.label!r}\n")
+    return EXIT_OK
+
+
+def _cmd_gallery_list(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.gallery import Gallery
+
+    with Gallery.open(args.gallery, readonly=True) as gallery:
+        items = gallery.items(label=args.label, limit=args.limit)
+    if args.json:
+        json.dump([{"id": it.id, "label": it.label, "source": it.source} for it in items], out,
+                  ensure_ascii=False, indent=2)
+        out.write("\n")
+    else:
+        for it in items:
+            out.write(f"{it.id}\t{it.label}\t{it.source or ''}\n")
+    return EXIT_OK
+
+
+def _cmd_gallery_info(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.gallery import Gallery
+
+    with Gallery.open(args.gallery, readonly=True) as gallery:
+        info = gallery.info()
+        counts = gallery.label_counts()
+    record = {
+        "path": str(info.path), "items": info.count, "labels": len(counts), "bits": info.bits,
+        "fingerprint": info.fingerprint, "format_version": info.format_version,
+        "max_distance": info.max_distance, "file_bytes": info.file_size,
+    }
+    if args.json:
+        json.dump(record, out, indent=2)
+        out.write("\n")
+    else:
+        for k, v in record.items():
+            out.write(f"{k}: {v}\n")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- models / replicate / convert
+
+
+def _cmd_models_list(args, out: TextIO, err: TextIO) -> int:
+    fetch = _heavy("converters.fetch")
+    lock = fetch.load_lock(args.lock)
+    for row in fetch.list_models(lock, cache_dir=Path(args.cache) if args.cache else None):
+        out.write(f"{row.name}\t{row.role}\tpinned {row.pinned}/{row.files}\t"
+                  f"{'cached' if row.cached else 'not cached'}\t{row.url}\n")
+    return EXIT_OK
+
+
+def _cmd_models_fetch(args, out: TextIO, err: TextIO) -> int:
+    fetch = _heavy("converters.fetch")
+    lock = fetch.load_lock(args.lock)
+    cache = Path(args.cache) if args.cache else fetch.default_cache_dir()
+    bar = {}
+
+    def progress(done: int, total: Optional[int]) -> None:
+        if total:
+            bar.setdefault("p", _Progress("downloading", total, err)).update(done)
+
+    report = fetch.fetch(args.name, cache_dir=cache, mirror=args.mirror, lock=lock, force=args.force,
+                         progress=progress)
+    out.write(f"{args.name}: {report.model_dir} ({report.source})\n")
+    out.write(f"  archive sha256 {report.archive_sha256}\n")
+    for f in report.files:
+        out.write(f"  {f.path}: sha256 {f.sha256} ({f.status})\n")
+    return EXIT_OK
+
+
+def _cmd_replicate(args, out: TextIO, err: TextIO) -> int:
+    replica = _heavy("converters.replica")
+    path = replica.write_replica(Path(args.graph_dir), Path(args.out_dir), seed=args.seed)
+    out.write(f"replica written to {path} (seed {args.seed}; random weights: outputs are meaningless)\n")
+    return EXIT_OK
+
+
+def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
+    convert = _heavy("converters.convert")
+    if not args.det and not args.rec:
+        raise InvalidInputError("give --det DIR, --rec DIR or both")
+    path = convert.convert(Path(args.det) if args.det else None, Path(args.rec) if args.rec else None,
+                           Path(args.out), precision=args.precision)
+    out.write(f"bundle written to {path}\n")
+    return EXIT_OK
+
+
+def _cmd_quickstart(args, out: TextIO, err: TextIO) -> int:
+    quickstart = _heavy("converters.quickstart")
+    return quickstart.run(shared=args.shared, work=args.work, models=args.models, mirror=args.mirror,
+                          threads=args.threads, limit=args.limit, out=out, err=err)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-shitu", description="PP-ShiTu recognition on edge devices.")
+    p.add_argument("--version", action="version", version=f"edge-shitu {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def threads(sp):
+        sp.add_argument("--threads", type=int, default=None, help="inference threads per model")
+
+    d = sub.add_parser("detect", help="detect main objects")
+    d.add_argument("--bundle", required=True)
+    d.add_argument("images", nargs="+", metavar="IMG")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--min-score", type=float, default=None)
+    d.add_argument("--max-detections", type=int, default=None)
+    threads(d)
+    d.set_defaults(func=_cmd_detect)
+
+    e = sub.add_parser("embed", help="512-bit code of whole images (128 hex chars)")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("images", nargs="+", metavar="IMG")
+    e.add_argument("--json", action="store_true")
+    threads(e)
+    e.set_defaults(func=_cmd_embed)
+
+    r = sub.add_parser("recognize", help="detect, embed and search a gallery")
+    r.add_argument("--bundle", required=True)
+    r.add_argument("--gallery", required=True)
+    r.add_argument("images", nargs="+", metavar="IMG")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--timings", action="store_true", help="per-stage timings in ms")
+    r.add_argument("--max-distance", type=int, default=None, help="accept matches within this many bits")
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--whole-image", choices=["if_none", "always", "never"], default=None)
+    r.add_argument("--include-unknown", action="store_true", help="also list regions with no accepted match")
+    threads(r)
+    r.set_defaults(func=_cmd_recognize)
+
+    g = sub.add_parser("gallery", help="build and edit galleries").add_subparsers(dest="gallery_cmd", metavar="ACTION", required=True)
+    gb = g.add_parser("build", help="build a gallery from a label file")
+    gb.add_argument("--bundle", required=True)
+    gb.add_argument("--images", required=True, help="image root the label file's paths are relative to")
+    gb.add_argument("--labels", required=True, help="label file: relative/path<TAB>label per line")
+    gb.add_argument("--out", required=True)
+    gb.add_argument("--overwrite", action="store_true")
+    gb.add_argument("--keep-embeddings", action="store_true", help="also store float features (allows re-hashing)")
+    threads(gb)
+    gb.set_defaults(func=_cmd_gallery_build)
+
+    ga = g.add_parser("add", help="add images to a gallery")
+    ga.add_argument("gallery")
+    ga.add_argument("--bundle", required=True)
+    ga.add_argument("--label", help="label of the images given on the command line")
+    ga.add_argument("images", nargs="*", metavar="IMG")
+    ga.add_argument("--labels", help="label file instead of --label and IMG")
+    ga.add_argument("--images-root", help="root of the label file's relative paths")
+    ga.add_argument("--keep-embeddings", action="store_true")
+    threads(ga)
+    ga.set_defaults(func=_cmd_gallery_add)
+
+    gr = g.add_parser("remove", help="remove items by id or label")
+    gr.add_argument("gallery")
+    gr.add_argument("--id", dest="ids", type=int, nargs="+")
+    gr.add_argument("--label")
+    gr.set_defaults(func=_cmd_gallery_remove)
+
+    gl = g.add_parser("relabel", help="give items a new label")
+    gl.add_argument("gallery")
+    gl.add_argument("--id", dest="ids", type=int, nargs="+", required=True)
+    gl.add_argument("--label", required=True)
+    gl.set_defaults(func=_cmd_gallery_relabel)
+
+    gs = g.add_parser("list", help="list items")
+    gs.add_argument("gallery")
+    gs.add_argument("--label")
+    gs.add_argument("--limit", type=int)
+    gs.add_argument("--json", action="store_true")
+    gs.set_defaults(func=_cmd_gallery_list)
+
+    gi = g.add_parser("info", help="gallery summary")
+    gi.add_argument("gallery")
+    gi.add_argument("--json", action="store_true")
+    gi.set_defaults(func=_cmd_gallery_info)
+
+    m = sub.add_parser("models", help="official model archives pinned in models.lock").add_subparsers(dest="models_cmd", metavar="ACTION", required=True)
+    ml = m.add_parser("list")
+    ml.add_argument("--lock", help="models.lock to read (default: the project's)")
+    ml.add_argument("--cache", help="cache directory to report on")
+    ml.set_defaults(func=_cmd_models_list)
+    mf = m.add_parser("fetch")
+    mf.add_argument("name")
+    mf.add_argument("--mirror", help="local directory (or http(s) URL) laid out like the official hosts")
+    mf.add_argument("--cache", help="where models are unpacked (default: ~/.cache/edge-shitu/models)")
+    mf.add_argument("--lock")
+    mf.add_argument("--force", action="store_true", help="fetch again even when cached")
+    mf.set_defaults(func=_cmd_models_fetch)
+
+    rp = sub.add_parser("replicate", help="official graph + deterministic random weights (a replica)")
+    rp.add_argument("graph_dir")
+    rp.add_argument("out_dir")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=_cmd_replicate)
+
+    cv = sub.add_parser("convert", help="Paddle inference models -> bundle")
+    cv.add_argument("--det", help="detector model folder")
+    cv.add_argument("--rec", help="extractor model folder")
+    cv.add_argument("--out", required=True)
+    cv.add_argument("--precision", default="fp32")
+    cv.set_defaults(func=_cmd_convert)
+
+    q = sub.add_parser("quickstart", help="models -> bundle -> drink gallery -> recognise the test images")
+    q.add_argument("--shared", help="shared data folder (default: ../shared or $EDGE_SHITU_SHARED)")
+    q.add_argument("--work", help="where artefacts are kept (default: ~/.cache/edge-shitu/quickstart)")
+    q.add_argument("--models", choices=["auto", "official", "replica"], default="auto",
+                   help="auto: official weights when they can be fetched, else replicas (said loudly)")
+    q.add_argument("--mirror", help="mirror of the official hosts for the official weights")
+    q.add_argument("--limit", type=int, default=None, help="use only the first N gallery images")
+    threads(q)
+    q.set_defaults(func=_cmd_quickstart)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None,
+         stderr: Optional[TextIO] = None) -> int:
+    """Run the command line.
+
+    Args:
+      argv: arguments without the program name; ``None`` reads ``sys.argv``.
+      stdout: where results go (default ``sys.stdout``).
+      stderr: where errors and progress go (default ``sys.stderr``).
+
+    Returns:
+      0 on success, 2 for bad input (missing or undecodable files, bad arguments), 1 for other failures.
+    """
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return args.func(args, out, err)
+    except BackendUnavailableError as exc:
+        _report(exc, args, err)
+        return EXIT_FAILURE
+    except (EdgeShituError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        _report(exc, args, err)
+        return EXIT_BAD_INPUT if isinstance(exc, (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError)) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        err.write("edge-shitu: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug of ours: still one line, unless --debug
+        _report(exc, args, err, unexpected=True)
+        return EXIT_FAILURE
+
+
+def _report(exc: BaseException, args, err: TextIO, *, unexpected: bool = False) -> None:
+    if getattr(args, "debug", False):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=err)
+    prefix = "internal error: " if unexpected else ""
+    err.write(f"edge-shitu: error: {prefix}{exc}\n")
+    if unexpected and not getattr(args, "debug", False):
+        err.write("edge-shitu: run again with --debug for the traceback\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

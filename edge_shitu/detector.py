@@ -1,0 +1,243 @@
+"""PicoDet mainbody detector: pre-process (numpy) -> session (raw heads) -> PicoDet decode + NMS (numpy).
+
+The official model's post-process (decode + multiclass_nms3 inside the Paddle graph) is reproduced
+here exactly, so the bundle's model stops at the eight raw head outputs and needs no custom operator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edge_shitu.backends import Session, create_session
+from edge_shitu.boxes import nms
+from edge_shitu.bundle import Bundle, HeadsSpec, ModelSpec
+from edge_shitu.errors import BundleError
+from edge_shitu.image import load_image
+from edge_shitu.options import DetectorOptions
+from edge_shitu.preprocess import image_to_tensor
+from edge_shitu.types import Detection
+
+__all__ = ["Detector", "decode_picodet"]
+
+
+def _softmax_expectation(logits: np.ndarray, reg_max: int) -> np.ndarray:
+    """Distribution-focal distances: softmax over ``reg_max + 1`` bins, then the expected bin.
+
+    Args:
+      logits: float32 (n, 4 * (reg_max + 1)).
+
+    Returns:
+      float32 (n, 4) distances in cells, ordered left, top, right, bottom.
+    """
+    bins = logits.reshape(-1, 4, reg_max + 1)
+    e = np.exp(bins - bins.max(axis=2, keepdims=True))
+    return (e @ np.arange(reg_max + 1, dtype=np.float32)) / e.sum(axis=2)
+
+
+def decode_picodet(
+    scores: Sequence[np.ndarray],
+    logits: Sequence[np.ndarray],
+    heads: HeadsSpec,
+    *,
+    input_size: Tuple[int, int],
+    scale: Tuple[float, float],
+    options: DetectorOptions,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode raw PicoDet heads and run per-class NMS, as the hosted model's graph does.
+
+    Per level: keep the ``nms_top_k`` anchors with the highest class score, decode them
+    (centre ``(i + cell_offset) * stride``, softmax-integral distances ``* stride``), clip to the
+    network input, divide by the resize scale. Then per class: score > ``score_threshold``, the best
+    ``nms_top_k`` by score, greedy NMS at ``nms_iou``; finally the best ``keep_top_k`` over classes.
+
+    Args:
+      scores: one float32 array per stride, (1, H, W, C) or (1, H*W, C), sigmoid scores.
+      logits: one float32 array per stride, (1, H, W, 4*(reg_max+1)) or (1, H*W, 4*(reg_max+1)).
+      heads: the bundle's head description.
+      input_size: network input ``(width, height)``.
+      scale: resize factors ``(sx, sy)`` = input size / original size.
+      options: thresholds.
+
+    Returns:
+      ``(boxes float32 (n, 4) in original pixels, scores float32 (n,), classes int64 (n,))``,
+      best score first, ``n <= keep_top_k``.
+
+    Raises:
+      BundleError: an output's size does not fit the strides and input size of the manifest.
+    """
+    in_w, in_h = input_size
+    sx, sy = scale
+    c = heads.num_classes
+    bins = 4 * (heads.reg_max + 1)
+    all_boxes, all_scores = [], []
+    for level, stride in enumerate(heads.strides):
+        fm_w, fm_h = math.ceil(in_w / stride), math.ceil(in_h / stride)
+        sc = np.asarray(scores[level], dtype=np.float32)
+        lg = np.asarray(logits[level], dtype=np.float32)
+        if sc.size != fm_w * fm_h * c or lg.size != fm_w * fm_h * bins:
+            raise BundleError(
+                f"detector output for stride {stride} has shapes {sc.shape} and {lg.shape}; expected "
+                f"{fm_h}x{fm_w} cells with {c} scores and {bins} box logits each"
+            )
+        sc = sc.reshape(-1, c)
+        lg = lg.reshape(-1, bins)
+        best = sc.max(axis=1)
+        idx = np.arange(best.size)
+        if best.size > options.nms_top_k:
+            idx = np.argpartition(-best, options.nms_top_k - 1)[: options.nms_top_k]
+        # Anchors whose every class score is under the threshold can never reach the NMS: skip their decode.
+        idx = idx[best[idx] > options.score_threshold]
+        if idx.size == 0:
+            continue
+        idx.sort()
+        d = _softmax_expectation(lg[idx], heads.reg_max) * np.float32(stride)
+        cx = ((idx % fm_w).astype(np.float32) + np.float32(heads.cell_offset)) * np.float32(stride)
+        cy = ((idx // fm_w).astype(np.float32) + np.float32(heads.cell_offset)) * np.float32(stride)
+        b = np.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], axis=1)
+        if options.clip:
+            np.clip(b[:, 0::2], 0, in_w, out=b[:, 0::2])
+            np.clip(b[:, 1::2], 0, in_h, out=b[:, 1::2])
+        all_boxes.append(b / np.array([sx, sy, sx, sy], dtype=np.float32))
+        all_scores.append(sc[idx])
+    if not all_boxes:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64)
+    boxes = np.concatenate(all_boxes)
+    cls_scores = np.concatenate(all_scores)
+
+    kept_boxes, kept_scores, kept_classes = [], [], []
+    for k in range(c):
+        s = cls_scores[:, k]
+        cand = np.flatnonzero(s > options.score_threshold)
+        order = cand[np.argsort(-s[cand], kind="stable")][: options.nms_top_k]
+        keep = nms(boxes, order, options.nms_iou)
+        kept_boxes.append(boxes[keep])
+        kept_scores.append(s[keep])
+        kept_classes.append(np.full(keep.size, k, dtype=np.int64))
+    boxes = np.concatenate(kept_boxes)
+    out_scores = np.concatenate(kept_scores)
+    classes = np.concatenate(kept_classes)
+    order = np.argsort(-out_scores, kind="stable")[: options.keep_top_k]
+    return boxes[order], out_scores[order], classes[order]
+
+
+class Detector:
+    """Mainbody detector of a bundle. Build it with :meth:`from_bundle`; close it (or use ``with``) when done."""
+
+    def __init__(self, spec: ModelSpec, session: Session, options: DetectorOptions) -> None:
+        if not isinstance(spec.output, HeadsSpec):
+            raise BundleError(f"{spec.path}: not a detector (output kind is not picodet_heads)")
+        self.spec = spec
+        self.options = options
+        self._session = session
+        self._outputs = list(spec.output.scores) + list(spec.output.boxes)
+        missing = [n for n in self._outputs if n not in session.output_names]
+        if missing:
+            raise BundleError(f"{spec.path}: model has no output(s) {missing} named by the manifest")
+
+    @classmethod
+    def from_bundle(cls, bundle, *, options: Optional[DetectorOptions] = None,
+                    session: Optional[Session] = None) -> "Detector":
+        """Create the detector of a bundle.
+
+        Args:
+          bundle: a bundle directory or a loaded :class:`Bundle`.
+          options: post-processing settings; ``None`` takes the bundle's defaults.
+          session: an already created session (tests inject fakes); ``None`` creates one.
+
+        Raises:
+          MissingFileError, BundleError, IntegrityError: the bundle is missing, malformed or damaged.
+          BackendUnavailableError: the backend the bundle needs is not installed.
+        """
+        bundle = Bundle.load(bundle)
+        spec = bundle.require("detector")
+        if options is None:
+            options = DetectorOptions.from_mapping(spec.defaults)
+        if session is None:
+            session = create_session(spec, name=options.backend.name, threads=options.backend.threads)
+        return cls(spec, session, options)
+
+    def preprocess(self, image: np.ndarray) -> Tuple[np.ndarray, Tuple[float, float]]:
+        """Turn an RGB image into the network input.
+
+        Args:
+          image: uint8 (H, W, 3) RGB.
+
+        Returns:
+          ``(tensor float32 (1, 3, h, w), (sx, sy))`` where ``(sx, sy)`` are the resize factors.
+        """
+        inp = self.spec.input
+        tensor = image_to_tensor(image, inp)
+        h, w = image.shape[:2]
+        return tensor[None], (inp.width / w, inp.height / h)
+
+    def infer(self, tensor: np.ndarray) -> List[np.ndarray]:
+        """Run the network. Returns the score outputs, then the box outputs, in stride order."""
+        return self._session.run({self.spec.input.name: tensor}, self._outputs)
+
+    def postprocess(self, outputs: Sequence[np.ndarray], *, image_size: Tuple[int, int],
+                    scale: Tuple[float, float]) -> List[Detection]:
+        """Decode raw outputs into detections.
+
+        Args:
+          outputs: what :meth:`infer` returned.
+          image_size: original ``(width, height)``.
+          scale: what :meth:`preprocess` returned.
+
+        Returns:
+          At most ``max_detections`` detections with score >= ``min_score``, best first; boxes clipped
+          to the image, empty boxes dropped.
+        """
+        heads = self.spec.output
+        n = len(heads.strides)
+        boxes, scores, classes = decode_picodet(
+            outputs[:n], outputs[n:], heads, input_size=(self.spec.input.width, self.spec.input.height),
+            scale=scale, options=self.options,
+        )
+        w, h = image_size
+        result = []
+        for box, score, cls in zip(boxes, scores, classes):
+            if len(result) >= self.options.max_detections:
+                break
+            if score < self.options.min_score:
+                break
+            x1, y1, x2, y2 = (float(v) for v in box)
+            if self.options.clip:
+                x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+                y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+            if x2 <= x1 or y2 <= y1:
+                continue
+            label = self.spec.labels[int(cls)]
+            result.append(Detection((x1, y1, x2, y2), float(score), int(cls), label))
+        return result
+
+    def detect(self, image) -> List[Detection]:
+        """Detect the main objects of an image.
+
+        Args:
+          image: a path, bytes, PIL image or uint8 (H, W, 3) RGB array.
+
+        Returns:
+          Detections, best first (empty when nothing passes the thresholds).
+
+        Raises:
+          MissingFileError, ImageDecodeError: the image cannot be read.
+          InvalidInputError, InvalidDtypeError: an array input has the wrong shape or dtype.
+        """
+        img = load_image(image)
+        tensor, scale = self.preprocess(img)
+        return self.postprocess(self.infer(tensor), image_size=(img.shape[1], img.shape[0]), scale=scale)
+
+    def close(self) -> None:
+        """Release the session."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

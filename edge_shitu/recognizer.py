@@ -1,0 +1,200 @@
+"""The whole pipeline: detect -> crop -> one batched embed call -> Hamming search -> accept -> final NMS."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from edge_shitu.boxes import nms
+from edge_shitu.bundle import Bundle
+from edge_shitu.codes import binarize
+from edge_shitu.detector import Detector
+from edge_shitu.embedder import Embedder
+from edge_shitu.errors import FingerprintMismatchError
+from edge_shitu.gallery import Gallery
+from edge_shitu.image import crop, load_image
+from edge_shitu.options import DetectorOptions, RecognizerOptions
+from edge_shitu.types import Match, Recognition, RecognitionResult, WholeImagePolicy
+
+__all__ = ["Recognizer", "STAGES"]
+
+STAGES = ("decode", "det_pre", "det_infer", "det_post", "rec_pre", "rec_infer", "rec_post", "search", "nms", "total")
+"""Keys of :attr:`RecognitionResult.timings_ms`, in pipeline order."""
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.ms: Dict[str, float] = {k: 0.0 for k in STAGES}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] += (now - self._last) * 1000.0
+        self._last = now
+
+    def finish(self) -> Dict[str, float]:
+        self.ms["total"] = (time.perf_counter() - self._start) * 1000.0
+        return self.ms
+
+
+class Recognizer:
+    """Recognises objects on images against a gallery. Build it with :meth:`from_bundle`."""
+
+    def __init__(self, bundle: Bundle, detector: Optional[Detector], embedder: Embedder, gallery: Gallery,
+                 options: RecognizerOptions, *, owns_gallery: bool = False) -> None:
+        if gallery.fingerprint != bundle.code_fingerprint:
+            raise FingerprintMismatchError(
+                f"{gallery.path}: gallery codes were made by model {gallery.fingerprint}, but bundle "
+                f"{bundle.path} makes {bundle.code_fingerprint}; rebuild the gallery with this bundle"
+            )
+        self.bundle = bundle
+        self.detector = detector
+        self.embedder = embedder
+        self.gallery = gallery
+        self.options = options
+        self._owns_gallery = owns_gallery
+
+    @classmethod
+    def from_bundle(cls, bundle, gallery: Union[str, os.PathLike, Gallery], *,
+                    options: Optional[RecognizerOptions] = None) -> "Recognizer":
+        """Create a recogniser.
+
+        Args:
+          bundle: a bundle directory or a loaded :class:`Bundle`. Without a detector model, every image
+            is recognised whole.
+          gallery: a gallery file (opened read-only) or an open :class:`Gallery`.
+          options: pipeline settings; ``None`` takes the bundle's defaults.
+
+        Raises:
+          MissingFileError, BundleError, IntegrityError: the bundle or gallery is missing or damaged.
+          FingerprintMismatchError: the gallery was built with another extractor.
+          BackendUnavailableError: the backend is not installed.
+        """
+        bundle = Bundle.load(bundle)
+        if options is None:
+            rec = bundle.recognition
+            options = RecognizerOptions(top_k=rec.top_k, whole_image=WholeImagePolicy(rec.whole_image),
+                                        final_nms_iou=rec.final_nms_iou)
+        owns = not isinstance(gallery, Gallery)
+        if owns:
+            gallery = Gallery.open(gallery, fingerprint=bundle.code_fingerprint, readonly=True)
+        detector = None
+        try:
+            if bundle.detector is not None:
+                det_opts = options.detector or DetectorOptions.from_mapping(bundle.detector.defaults)
+                detector = Detector.from_bundle(bundle, options=det_opts)
+            embedder = Embedder.from_bundle(bundle, options=options.embedder)
+            return cls(bundle, detector, embedder, gallery, options, owns_gallery=owns)
+        except BaseException:
+            if detector is not None:
+                detector.close()
+            if owns:
+                gallery.close()
+            raise
+
+    @property
+    def max_distance(self) -> int:
+        """Acceptance radius in bits: the option, else the gallery's calibrated value, else the bundle default."""
+        if self.options.max_distance is not None:
+            return self.options.max_distance
+        if self.gallery.max_distance is not None:
+            return int(self.gallery.max_distance)
+        return self.bundle.recognition.max_distance
+
+    def recognize(self, image) -> RecognitionResult:
+        """Recognise the objects on one image.
+
+        Args:
+          image: a path, bytes, PIL image or uint8 (H, W, 3) RGB array.
+
+        Returns:
+          The accepted regions, best match first, and per-stage timings (keys :data:`STAGES`).
+
+        Raises:
+          MissingFileError, ImageDecodeError: the image cannot be read.
+          InvalidInputError, InvalidDtypeError: an array input has the wrong shape or dtype.
+        """
+        clock = _Clock()
+        img = load_image(image)
+        h, w = img.shape[:2]
+        clock.lap("decode")
+
+        regions: List[Tuple[Tuple[float, float, float, float], float, bool]] = []
+        if self.detector is not None:
+            tensor, scale = self.detector.preprocess(img)
+            clock.lap("det_pre")
+            raw = self.detector.infer(tensor)
+            clock.lap("det_infer")
+            regions = [(d.box, d.score, False) for d in
+                       self.detector.postprocess(raw, image_size=(w, h), scale=scale)]
+            clock.lap("det_post")
+        policy = self.options.whole_image
+        if self.detector is None or policy is WholeImagePolicy.ALWAYS or (policy is WholeImagePolicy.IF_NONE and not regions):
+            regions.append(((0.0, 0.0, float(w), float(h)), 1.0, True))
+        if not regions:
+            return RecognitionResult(w, h, (), clock.finish())
+
+        batch = self.embedder.preprocess([crop(img, box) for box, _, _ in regions])
+        clock.lap("rec_pre")
+        feats = self.embedder.infer(batch)
+        clock.lap("rec_infer")
+        codes = binarize(self.embedder.postprocess(feats))
+        clock.lap("rec_post")
+        found = self.gallery.search(codes, k=self.options.top_k)
+        recognitions = self._assemble(regions, found)
+        clock.lap("search")
+        result = self._final_nms(recognitions)
+        clock.lap("nms")
+        return RecognitionResult(w, h, tuple(result), clock.finish())
+
+    def _assemble(self, regions, found) -> List[Recognition]:
+        bits = self.gallery.bits
+        wanted = sorted({int(i) for i in found.ids.ravel() if i >= 0})
+        labels = dict(zip(wanted, self.gallery.labels_of(wanted)))
+        out = []
+        for (box, score, whole), ids, dists, count in zip(regions, found.ids, found.distances, found.counts):
+            cands = tuple(Match(int(i), labels[int(i)], int(d), 1.0 - int(d) / bits)
+                          for i, d in zip(ids[:count], dists[:count]))
+            best = cands[0] if cands else None
+            accepted = best is not None and best.distance <= self.max_distance
+            if not accepted and not self.options.include_unknown:
+                continue
+            out.append(Recognition(
+                box=tuple(float(v) for v in box),
+                label=best.label if accepted else None,
+                distance=best.distance if best else None,
+                similarity=best.similarity if best else None,
+                detection_score=float(score),
+                whole_image=whole,
+                candidates=cands,
+            ))
+        return out
+
+    def _final_nms(self, recognitions: List[Recognition]) -> List[Recognition]:
+        known = [r for r in recognitions if r.label is not None]
+        unknown = [r for r in recognitions if r.label is None]
+        if not known:
+            return unknown
+        boxes = np.array([r.box for r in known], dtype=np.float64)
+        # Best match = smallest distance (the reference sorts Hamming results the wrong way round);
+        # the detector score breaks ties.
+        order = np.lexsort((-np.array([r.detection_score for r in known]), np.array([r.distance for r in known])))
+        keep = nms(boxes, order, self.options.final_nms_iou)
+        return [known[i] for i in keep] + unknown
+
+    def close(self) -> None:
+        """Release the sessions and, when the recogniser opened it, the gallery."""
+        if self.detector is not None:
+            self.detector.close()
+        self.embedder.close()
+        if self._owns_gallery:
+            self.gallery.close()
+
+    def __enter__(self) -> "Recognizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
