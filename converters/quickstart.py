@@ -23,8 +23,7 @@ __all__ = ["run", "default_work_dir"]
 log = logging.getLogger(__name__)
 
 # models.lock names of the official archives the quickstart uses.
-OFFICIAL = {"detector": "picodet_PPLCNet_x2_5_mainbody_lite_v1.0_infer",
-            "extractor": "general_PPLCNetV2_base_pretrained_v1.0_infer"}
+OFFICIAL = {"detector": "picodet-mainbody", "extractor": "ppshituv2-extractor"}
 
 
 def default_work_dir() -> Path:

@@ -299,8 +299,9 @@ def _cmd_models_list(args, out: TextIO, err: TextIO) -> int:
     fetch = _heavy("converters.fetch")
     lock = fetch.load_lock(args.lock)
     for row in fetch.list_models(lock, cache_dir=Path(args.cache) if args.cache else None):
-        out.write(f"{row.name}\t{row.role}\tpinned {row.pinned}/{row.files}\t"
-                  f"{'cached' if row.cached else 'not cached'}\t{row.url}\n")
+        cached = "" if row.cached is None else ("\tcached" if row.cached else "\tnot cached")
+        out.write(f"{row.name}\t{row.role}\tfiles pinned {row.pinned}/{row.pinned + row.unpinned}"
+                  f"{cached}\t{row.url}\n")
     return EXIT_OK
 
 
@@ -316,7 +317,8 @@ def _cmd_models_fetch(args, out: TextIO, err: TextIO) -> int:
 
     report = fetch.fetch(args.name, cache_dir=cache, mirror=args.mirror, lock=lock, force=args.force,
                          progress=progress)
-    out.write(f"{args.name}: {report.model_dir} ({report.source})\n")
+    state = "already cached, verified" if report.cached else f"fetched from {report.source}"
+    out.write(f"{args.name}: {report.model_dir} ({state})\n")
     out.write(f"  archive sha256 {report.archive_sha256}\n")
     for f in report.files:
         out.write(f"  {f.path}: sha256 {f.sha256} ({f.status})\n")
