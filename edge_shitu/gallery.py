@@ -1,0 +1,1159 @@
+"""The on-device gallery: labelled binary codes in one SQLite file, searched exhaustively in memory.
+
+File layout (format version 1)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
+        format_version "1", bits, bit_order "big", metric "hamming", fingerprint (hex, the model and
+        code settings that made the codes), created_by, next_id, and optionally max_distance
+        (calibrated acceptance threshold) and embedding_dim (float embeddings stored beside codes).
+    items(id INTEGER PRIMARY KEY, label TEXT NOT NULL, code BLOB NOT NULL,
+          embedding BLOB NULL (float32 little-endian), source TEXT NULL, added_at REAL)
+        + index items_label(label)
+
+Ids are stable keys, never row positions, and automatic ids are never reused after a removal
+(``next_id`` only grows). Every change is one SQLite transaction (``BEGIN IMMEDIATE`` ...
+``COMMIT``, rolled back on any error) with ``synchronous=FULL``, so a crash or power cut leaves the
+gallery as it was before or after the change, never half-way.
+
+The journal mode is SQLite's default rollback journal rather than WAL: a gallery is a file people
+copy to devices and open from read-only storage, and a WAL database is only complete together with
+its ``-wal``/``-shm`` side files (which a read-only opener leaves behind and cannot create on a
+read-only partition). Changes are batched, so WAL's cheaper commits would not matter.
+
+The codes of all items live in memory as one contiguous ``uint8 (m, bits // 8)`` matrix plus an
+ascending ``int64 (m,)`` id array. They are replaced only after a transaction has committed, and
+reloaded when another connection (another process) has changed the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import abc
+import re
+import sqlite3
+import threading
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
+
+import numpy as np
+
+from edge_shitu import __version__
+from edge_shitu.codes import check_codes, hamming_distances, top_k
+from edge_shitu.errors import (
+    FingerprintMismatchError,
+    GalleryCorruptError,
+    GalleryError,
+    InvalidDtypeError,
+    InvalidInputError,
+    MissingFileError,
+)
+from edge_shitu.types import SearchResult
+
+__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "FORMAT_VERSION"]
+
+FORMAT_VERSION = "1"
+"""The gallery file format this module reads and writes."""
+
+_MEMORY = ":memory:"
+_MAX_ID = np.iinfo(np.int64).max - 1  # next_id = max id + 1 must still fit in SQLite's int64
+# Old SQLite builds allow at most 999 bound parameters per statement.
+_CHUNK = 500
+_REQUIRED_META = ("format_version", "bits", "bit_order", "metric", "fingerprint", "created_by", "next_id")
+_ITEM_COLUMNS = {"id", "label", "code", "embedding", "source", "added_at"}
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_SIDE_FILES = ("-journal", "-wal", "-shm")
+_CONSTRUCT_KEY = object()
+
+_SCHEMA = (
+    "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE items("
+    "id INTEGER PRIMARY KEY, label TEXT NOT NULL, code BLOB NOT NULL, "
+    "embedding BLOB NULL, source TEXT NULL, added_at REAL)",
+    "CREATE INDEX items_label ON items(label)",
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One stored gallery item.
+
+    Attributes:
+      id: stable item id (>= 0).
+      label: the item's label.
+      source: where the item came from (e.g. an image path), or None.
+      added_at: when it was added, seconds since the Unix epoch, or None.
+      has_embedding: whether a float embedding is stored beside the code.
+      code: the packed binary code, ``bits // 8`` bytes, MSB-first.
+    """
+
+    id: int
+    label: str
+    source: Optional[str]
+    added_at: Optional[float]
+    has_embedding: bool
+    code: bytes
+
+
+@dataclass(frozen=True)
+class GalleryInfo:
+    """A summary of a gallery.
+
+    Attributes:
+      path: the gallery file, or None for an in-memory gallery.
+      count: number of items.
+      label_count: number of distinct labels.
+      bits: code length in bits.
+      fingerprint: hex fingerprint of the model and code settings that made the codes.
+      format_version: file format version.
+      max_distance: calibrated acceptance threshold in bits, or None.
+      embedding_dim: dimension of the stored float embeddings, or None when none are stored.
+      created_by: the edge-shitu version that created the file.
+      file_size: size of the database (pages x page size) in bytes.
+      readonly: whether the gallery was opened read-only.
+    """
+
+    path: Optional[Path]
+    count: int
+    label_count: int
+    bits: int
+    fingerprint: str
+    format_version: str
+    max_distance: Optional[int]
+    embedding_dim: Optional[int]
+    created_by: str
+    file_size: int
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class _Meta:
+    bits: int
+    fingerprint: str
+    created_by: str
+    next_id: int
+    max_distance: Optional[int]
+    embedding_dim: Optional[int]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    ids: np.ndarray  # int64 (m,), strictly ascending, read-only
+    codes: np.ndarray  # uint8 (m, nbytes), C-contiguous, read-only
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False
+    return arr
+
+
+def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterable[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _short_list(values: Sequence[int], limit: int = 20) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)} in all)"
+
+
+def _check_fingerprint(fingerprint: object) -> str:
+    if not isinstance(fingerprint, str) or not _HEX.fullmatch(fingerprint):
+        raise InvalidInputError(f"fingerprint must be a non-empty hex string, got {fingerprint!r}")
+    return fingerprint.lower()
+
+
+def _check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
+        raise InvalidInputError(f"bits must be a positive multiple of 8, got {bits!r}")
+    return int(bits)
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def _check_label(label: object, where: str) -> str:
+    # Label files are "path<TAB>label" lines, so labels must survive that format unchanged.
+    if not isinstance(label, str):
+        raise InvalidInputError(f"{where}: a label must be a str, got {type(label).__name__}")
+    if not label or label != label.strip() or _has_control(label):
+        raise InvalidInputError(
+            f"{where}: a label must be non-empty, without leading/trailing spaces and without "
+            f"tabs, newlines or other control characters, got {label!r}"
+        )
+    return label
+
+
+def _check_count(values: object, n: int, name: str) -> list:
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, abc.Sequence):
+        raise InvalidInputError(f"{name} must be a sequence with one entry per code, got {type(values).__name__}")
+    if len(values) != n:
+        raise InvalidInputError(f"{name} must have one entry per code ({n}), got {len(values)}")
+    return list(values)
+
+
+def _check_ids(ids: object, name: str = "ids") -> np.ndarray:
+    if isinstance(ids, (str, bytes)):
+        raise InvalidInputError(f"{name} must be a sequence of integers, got a string")
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{name} must be a 1-D sequence of integers, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidDtypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() > _MAX_ID:
+        raise InvalidInputError(f"{name} must be in [0, {_MAX_ID}], got values in [{arr.min()}, {arr.max()}]")
+    return arr.astype(np.int64)
+
+
+def _parse_int(value: str, key: str, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise GalleryCorruptError(f"{name}: meta {key!r} must be an integer, got {value!r}") from None
+
+
+def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
+    missing = [key for key in _REQUIRED_META if key not in rows]
+    if missing:
+        raise GalleryCorruptError(f"{name}: the meta table lacks {missing}; this is not an edge-shitu gallery")
+    version = rows["format_version"]
+    if version != FORMAT_VERSION:
+        raise GalleryCorruptError(
+            f"{name}: gallery format_version {version!r} is not supported (this edge-shitu reads "
+            f"version {FORMAT_VERSION!r})"
+        )
+    bits = _parse_int(rows["bits"], "bits", name)
+    if bits <= 0 or bits % 8:
+        raise GalleryCorruptError(f"{name}: meta 'bits' must be a positive multiple of 8, got {bits}")
+    if rows["bit_order"] != "big":
+        raise GalleryCorruptError(f"{name}: meta 'bit_order' must be 'big', got {rows['bit_order']!r}")
+    if rows["metric"] != "hamming":
+        raise GalleryCorruptError(f"{name}: meta 'metric' must be 'hamming', got {rows['metric']!r}")
+    if not _HEX.fullmatch(rows["fingerprint"]):
+        raise GalleryCorruptError(f"{name}: meta 'fingerprint' is not a hex string: {rows['fingerprint']!r}")
+    next_id = _parse_int(rows["next_id"], "next_id", name)
+    if not 0 <= next_id <= _MAX_ID + 1:
+        raise GalleryCorruptError(f"{name}: meta 'next_id' out of range: {next_id}")
+    max_distance = None
+    if "max_distance" in rows:
+        max_distance = _parse_int(rows["max_distance"], "max_distance", name)
+        if not 0 <= max_distance <= bits:
+            raise GalleryCorruptError(f"{name}: meta 'max_distance' must be in [0, {bits}], got {max_distance}")
+    embedding_dim = None
+    if "embedding_dim" in rows:
+        embedding_dim = _parse_int(rows["embedding_dim"], "embedding_dim", name)
+        if embedding_dim <= 0:
+            raise GalleryCorruptError(f"{name}: meta 'embedding_dim' must be > 0, got {embedding_dim}")
+    return _Meta(
+        bits=bits,
+        fingerprint=rows["fingerprint"].lower(),
+        created_by=rows["created_by"],
+        next_id=next_id,
+        max_distance=max_distance,
+        embedding_dim=embedding_dim,
+    )
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    """Tells damaged or foreign files apart from transient conditions (locks, permissions, disk full)."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is not None:
+        transient = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM",
+                     "SQLITE_FULL", "SQLITE_NOMEM", "SQLITE_INTERRUPT", "SQLITE_CONSTRAINT", "SQLITE_IOERR")
+        return not name.startswith(transient)
+    text = str(exc).lower()
+    return not any(word in text for word in ("locked", "readonly", "read-only", "unable to open", "disk is full",
+                                              "disk i/o error"))
+
+
+def _read_meta_rows(conn: sqlite3.Connection) -> Dict[str, str]:
+    return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+
+
+def _read_snapshot(conn: sqlite3.Connection, nbytes: int, name: str) -> _Snapshot:
+    rows = conn.execute("SELECT id, code FROM items ORDER BY id").fetchall()
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    blobs = [r[1] for r in rows]
+    bad = [int(i) for i, b in zip(ids, blobs) if not isinstance(b, bytes) or len(b) != nbytes]
+    if bad:
+        raise GalleryCorruptError(
+            f"{name}: items {_short_list(bad)} have codes that are not {nbytes}-byte blobs "
+            f"({nbytes * 8}-bit codes expected)"
+        )
+    codes = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(rows), nbytes).copy()
+    return _Snapshot(ids=_frozen(ids), codes=_frozen(codes))
+
+
+def _check_schema(conn: sqlite3.Connection, name: str) -> None:
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = {"meta", "items"} - tables
+    if missing:
+        raise GalleryCorruptError(
+            f"{name}: not an edge-shitu gallery (SQLite database without the table(s) {sorted(missing)})"
+        )
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(items)")}
+    if not _ITEM_COLUMNS <= columns:
+        raise GalleryCorruptError(
+            f"{name}: the items table lacks the column(s) {sorted(_ITEM_COLUMNS - columns)}"
+        )
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename of a freshly created gallery durable; not possible on every platform.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Gallery:
+    """Labelled binary codes stored in one SQLite file and searched by exhaustive Hamming distance.
+
+    Create one with :meth:`create` or :meth:`open`; close it with :meth:`close` or a ``with``
+    block. A gallery may be shared between threads (calls are serialised) and between processes
+    (changes committed by another process are picked up before the next search).
+
+    Example::
+
+        with Gallery.create("drinks.gallery", fingerprint=bundle_fingerprint) as g:
+            ids = g.add(codes, labels)
+            result = g.search(query_codes, k=5)
+    """
+
+    def __init__(
+        self,
+        key: object,
+        conn: sqlite3.Connection,
+        path: Optional[Path],
+        meta: _Meta,
+        snapshot: _Snapshot,
+        version: int,
+        readonly: bool,
+    ) -> None:
+        """Internal: use :meth:`create` or :meth:`open`.
+
+        Raises:
+          TypeError: when called directly.
+        """
+        if key is not _CONSTRUCT_KEY:
+            raise TypeError("use Gallery.create(...) or Gallery.open(...) to get a Gallery")
+        self._conn: Optional[sqlite3.Connection] = conn
+        self._path = path
+        self._name = str(path) if path is not None else _MEMORY
+        self._meta = meta
+        self._snapshot = snapshot
+        self._version: Optional[int] = version
+        self._readonly = readonly
+        self._lock = threading.RLock()
+
+    @classmethod
+    def create(
+        cls,
+        path: PathLike,
+        *,
+        fingerprint: str,
+        bits: int = 512,
+        overwrite: bool = False,
+    ) -> "Gallery":
+        """Creates an empty gallery file (or an in-memory gallery) and opens it for writing.
+
+        The file is built under a temporary name and renamed into place, so ``path`` never holds
+        a half-made gallery.
+
+        Args:
+          path: the gallery file to create, or ``":memory:"`` for a gallery that lives only in
+            this process.
+          fingerprint: hex fingerprint of the model and code settings that make the codes; every
+            later :meth:`open` can check it.
+          bits: code length in bits, a positive multiple of 8.
+          overwrite: replace an existing file at ``path``.
+
+        Returns:
+          The new, empty, writable gallery.
+
+        Raises:
+          InvalidInputError: bad ``fingerprint`` or ``bits``.
+          MissingFileError: the folder of ``path`` does not exist.
+          GalleryError: ``path`` exists and ``overwrite`` is False, or is a directory, or the file
+            cannot be written.
+        """
+        fingerprint = _check_fingerprint(fingerprint)
+        bits = _check_bits(bits)
+        if str(path) == _MEMORY:
+            conn = sqlite3.connect(_MEMORY, isolation_level=None, check_same_thread=False)
+            try:
+                _init_schema(conn, fingerprint=fingerprint, bits=bits)
+                meta = _parse_meta(_read_meta_rows(conn), _MEMORY)
+            except BaseException:
+                conn.close()
+                raise
+            empty = _Snapshot(_frozen(np.empty(0, np.int64)), _frozen(np.empty((0, bits // 8), np.uint8)))
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            return cls(_CONSTRUCT_KEY, conn, None, meta, empty, version, False)
+
+        target = Path(path)
+        if target.is_dir():
+            raise GalleryError(f"{target} is a directory; give the path of a gallery file")
+        if target.exists() and not overwrite:
+            raise GalleryError(f"{target} already exists; pass overwrite=True to replace it")
+        if not target.parent.is_dir():
+            raise MissingFileError(f"cannot create {target}: folder {target.parent} does not exist")
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            conn = sqlite3.connect(str(tmp), isolation_level=None)
+            try:
+                _init_schema(conn, fingerprint=fingerprint, bits=bits)
+            finally:
+                conn.close()
+            # A stale journal of the old file would be replayed onto the new one.
+            for suffix in _SIDE_FILES:
+                Path(str(target) + suffix).unlink(missing_ok=True)
+            os.replace(tmp, target)
+        except (OSError, sqlite3.Error) as exc:
+            raise GalleryError(f"cannot create gallery {target}: {exc}") from exc
+        finally:
+            for suffix in ("", *_SIDE_FILES):
+                Path(str(tmp) + suffix).unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        return cls.open(target, fingerprint=fingerprint)
+
+    @classmethod
+    def open(
+        cls,
+        path: PathLike,
+        *,
+        fingerprint: Optional[str] = None,
+        readonly: bool = False,
+    ) -> "Gallery":
+        """Opens an existing gallery file and loads its codes into memory.
+
+        Args:
+          path: the gallery file.
+          fingerprint: when given, the fingerprint of the model that will query the gallery; it
+            must equal the one stored in the file.
+          readonly: open without write access (SQLite ``mode=ro``); every change then raises.
+
+        Returns:
+          The opened gallery.
+
+        Raises:
+          InvalidInputError: ``path`` is ``":memory:"`` or ``fingerprint`` is not a hex string.
+          MissingFileError: ``path`` does not exist.
+          GalleryCorruptError: ``path`` is not a SQLite database, lacks the gallery tables, has
+            an unsupported format version, bad meta values or codes of the wrong length.
+          FingerprintMismatchError: ``fingerprint`` differs from the gallery's.
+          GalleryError: the file cannot be opened (locked, unreadable, unfinished transaction on
+            a read-only opening).
+        """
+        if str(path) == _MEMORY:
+            raise InvalidInputError("an in-memory gallery cannot be reopened; use Gallery.create(':memory:', ...)")
+        expected = None if fingerprint is None else _check_fingerprint(fingerprint)
+        target = Path(path)
+        if not target.exists():
+            raise MissingFileError(f"gallery file not found: {target}")
+        if target.is_dir():
+            raise GalleryCorruptError(f"{target} is a directory, not a gallery file")
+        name = str(target)
+        uri = f"{target.resolve().as_uri()}?mode={'ro' if readonly else 'rw'}"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+        except sqlite3.Error as exc:
+            raise GalleryError(f"cannot open gallery {name}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN")
+            meta, snapshot, version = _load(conn, name)
+            conn.execute("COMMIT")
+        except GalleryError:
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            if _is_corruption(exc):
+                raise GalleryCorruptError(f"{name} is not a readable edge-shitu gallery: {exc}") from exc
+            hint = (" (a crash left an unfinished transaction: open it once writable to roll it back)"
+                    if readonly and "readonly" in str(exc).lower() else "")
+            raise GalleryError(f"cannot read gallery {name}: {exc}{hint}") from exc
+        if expected is not None and expected != meta.fingerprint:
+            conn.close()
+            raise FingerprintMismatchError(
+                f"{name} was built with fingerprint {meta.fingerprint} but is being opened for "
+                f"fingerprint {expected}: its codes come from another model or code settings. Rebuild "
+                "the gallery (or re-hash its stored embeddings) with the bundle that queries it."
+            )
+        return cls(_CONSTRUCT_KEY, conn, target, meta, snapshot, version, readonly)
+
+    @property
+    def path(self) -> Optional[Path]:
+        """The gallery file, or None for an in-memory gallery."""
+        return self._path
+
+    @property
+    def bits(self) -> int:
+        """Code length in bits."""
+        return self._meta.bits
+
+    @property
+    def nbytes(self) -> int:
+        """Code length in bytes (``bits // 8``)."""
+        return self._meta.bits // 8
+
+    @property
+    def fingerprint(self) -> str:
+        """Lowercase hex fingerprint of the model and code settings that made the codes."""
+        return self._meta.fingerprint
+
+    @property
+    def max_distance(self) -> Optional[int]:
+        """The calibrated acceptance threshold in bits, or None when none was set.
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            return self._meta.max_distance
+
+    @property
+    def readonly(self) -> bool:
+        """Whether the gallery was opened read-only."""
+        return self._readonly
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._conn is None
+
+    def close(self) -> None:
+        """Closes the database; later calls on this gallery raise. Calling it twice is harmless."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._conn is None:
+            return f"Gallery({self._name!r}, closed)"
+        return (f"Gallery({self._name!r}, items={len(self._snapshot.ids)}, bits={self.bits}, "
+                f"readonly={self._readonly})")
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._sync()
+            return int(self._snapshot.ids.shape[0])
+
+    def __contains__(self, item_id: object) -> bool:
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, np.integer)):
+            return False
+        with self._lock:
+            self._sync()
+            ids = self._snapshot.ids
+        pos = int(np.searchsorted(ids, item_id))
+        return pos < ids.shape[0] and int(ids[pos]) == int(item_id)
+
+    def ids(self) -> np.ndarray:
+        """All item ids.
+
+        Returns:
+          int64 ``(m,)``, ascending (a copy).
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            return self._snapshot.ids.copy()
+
+    def search(self, codes: np.ndarray, k: int = 5, *, max_distance: Optional[int] = None) -> SearchResult:
+        """Finds the k nearest items of each query code by exhaustive Hamming distance.
+
+        Ties are broken by ascending id, so results are deterministic.
+
+        Args:
+          codes: uint8 ``(n, bits // 8)`` query codes (or one code ``(bits // 8,)``).
+          k: matches per query, >= 1; rows are padded with -1 when fewer exist.
+          max_distance: drop matches farther than this many bits. None means no limit; the
+            gallery's calibrated :attr:`max_distance` is *not* applied here, so callers can see
+            rejected candidates too.
+
+        Returns:
+          SearchResult with ids int64 ``(n, k)``, distances int32 ``(n, k)``, counts int64 ``(n,)``.
+
+        Raises:
+          InvalidDtypeError: ``codes`` is not a uint8 ndarray.
+          InvalidInputError: ``codes`` has the wrong width, ``k < 1`` or ``max_distance < 0``.
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            snapshot = self._snapshot
+        queries = check_codes(codes, self.nbytes)
+        distances = hamming_distances(queries, snapshot.codes)
+        return top_k(distances, snapshot.ids, k, max_distance)
+
+    def add(
+        self,
+        codes: np.ndarray,
+        labels: Sequence[str],
+        *,
+        ids: Optional[Sequence[int]] = None,
+        embeddings: Optional[np.ndarray] = None,
+        sources: Optional[Sequence[Optional[str]]] = None,
+    ) -> np.ndarray:
+        """Adds a batch of items in one transaction: all of them or none.
+
+        Args:
+          codes: uint8 ``(n, bits // 8)`` codes (or one code ``(bits // 8,)``).
+          labels: ``n`` labels: non-empty strings without leading/trailing spaces, tabs,
+            newlines or other control characters.
+          ids: ``n`` distinct ids >= 0 not in the gallery; by default new ids are given from
+            ``max(every id ever used) + 1`` upwards (ids of removed items are never reused).
+          embeddings: optional float ``(n, d)`` finite features stored beside the codes as
+            float32 (e.g. to re-hash the gallery later); ``d`` must match earlier embeddings.
+          sources: optional ``n`` strings (e.g. image paths) or None entries.
+
+        Returns:
+          int64 ``(n,)``: the ids of the added items, in input order.
+
+        Raises:
+          InvalidDtypeError: ``codes`` is not uint8, ``ids`` not integers or ``embeddings`` not float.
+          InvalidInputError: wrong shapes or lengths, bad labels, sources or embeddings.
+          GalleryError: ``ids`` repeat or already exist, the gallery is read-only or closed, or
+            the write failed (nothing is written then).
+        """
+        self._require_writable()
+        arr = check_codes(codes, self.nbytes)
+        n = arr.shape[0]
+        labels = list(_check_count(labels, n, "labels"))
+        for i, label in enumerate(labels):
+            _check_label(label, f"labels[{i}]")
+        id_arr = None
+        if ids is not None:
+            id_arr = _check_ids(ids)
+            if id_arr.shape[0] != n:
+                raise InvalidInputError(f"ids must have one entry per code ({n}), got {id_arr.shape[0]}")
+            uniq, counts = np.unique(id_arr, return_counts=True)
+            if (counts > 1).any():
+                raise GalleryError(f"{self._name}: ids repeat within the batch: {_short_list(uniq[counts > 1])}")
+        blobs: List[Optional[bytes]] = [None] * n
+        dim = None
+        if embeddings is not None:
+            emb = np.asarray(embeddings)
+            if not np.issubdtype(emb.dtype, np.floating):
+                raise InvalidDtypeError(f"embeddings must be a float array, got dtype {emb.dtype}")
+            if emb.ndim != 2 or emb.shape[0] != n or emb.shape[1] == 0:
+                raise InvalidInputError(f"embeddings must have shape ({n}, d), got {emb.shape}")
+            if not np.isfinite(emb).all():
+                raise InvalidInputError("embeddings contain NaN or infinite values")
+            with np.errstate(over="ignore"):
+                emb = emb.astype("<f4")
+            if not np.isfinite(emb).all():
+                raise InvalidInputError("embeddings contain values outside the float32 range")
+            dim = emb.shape[1]
+            blobs = [row.tobytes() for row in emb]
+        source_list: List[Optional[str]] = [None] * n
+        if sources is not None:
+            source_list = list(_check_count(sources, n, "sources"))
+            for i, src in enumerate(source_list):
+                if src is not None and (not isinstance(src, str) or _has_control(src)):
+                    raise InvalidInputError(
+                        f"sources[{i}] must be None or a str without tabs, newlines or control characters, got {src!r}"
+                    )
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            if dim is not None and meta.embedding_dim is not None and dim != meta.embedding_dim:
+                raise InvalidInputError(
+                    f"embeddings must have {meta.embedding_dim} columns like those already stored, got {dim}"
+                )
+            if id_arr is None:
+                start = max(meta.next_id, int(snap.ids[-1]) + 1 if snap.ids.size else 0)
+                if start + n - 1 > _MAX_ID:
+                    raise GalleryError(f"{self._name}: no ids left (next id {start})")
+                new_ids = np.arange(start, start + n, dtype=np.int64)
+            else:
+                new_ids = id_arr
+                present = new_ids[np.isin(new_ids, snap.ids)]
+                if present.size:
+                    raise GalleryError(f"{self._name}: ids already in the gallery: {_short_list(np.sort(present))}")
+            now = time.time()
+            conn.executemany(
+                "INSERT INTO items(id, label, code, embedding, source, added_at) VALUES (?, ?, ?, ?, ?, ?)",
+                ((int(i), lab, arr[j].tobytes(), blobs[j], source_list[j], now)
+                 for j, (i, lab) in enumerate(zip(new_ids, labels))),
+            )
+            next_id = max(meta.next_id, int(new_ids.max()) + 1)
+            _set_meta(conn, "next_id", next_id)
+            new_meta = replace(meta, next_id=next_id)
+            if dim is not None and meta.embedding_dim is None:
+                _set_meta(conn, "embedding_dim", dim)
+                new_meta = replace(new_meta, embedding_dim=dim)
+            all_ids = np.concatenate([snap.ids, new_ids])
+            all_codes = np.concatenate([snap.codes, arr])
+            if (snap.ids.size and new_ids.min() < snap.ids[-1]) or np.any(new_ids[1:] < new_ids[:-1]):
+                order = np.argsort(all_ids, kind="stable")
+                all_ids, all_codes = all_ids[order], all_codes[order]
+            return new_ids.copy(), _Snapshot(_frozen(all_ids), _frozen(np.ascontiguousarray(all_codes))), new_meta
+
+        return self._write("add", body)
+
+    def remove(self, ids: Sequence[int]) -> int:
+        """Removes items by id, in one transaction: all of them or none.
+
+        Args:
+          ids: ids to remove (repeats count once).
+
+        Returns:
+          Number of items removed.
+
+        Raises:
+          InvalidDtypeError: ``ids`` are not integers.
+          InvalidInputError: ``ids`` is not a 1-D sequence of ids >= 0.
+          GalleryError: some ids are not in the gallery (nothing is removed then), the gallery is
+            read-only or closed, or the write failed.
+        """
+        self._require_writable()
+        wanted = np.unique(_check_ids(ids))
+        if wanted.size == 0:
+            return 0
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            keep = self._positions(snap, wanted)
+            conn.executemany("DELETE FROM items WHERE id = ?", ((int(i),) for i in wanted))
+            mask = np.ones(snap.ids.shape[0], dtype=bool)
+            mask[keep] = False
+            return int(wanted.size), _Snapshot(_frozen(snap.ids[mask]), _frozen(snap.codes[mask])), None
+
+        return self._write("remove", body)
+
+    def remove_label(self, label: str) -> int:
+        """Removes every item with this label, in one transaction.
+
+        Args:
+          label: the label to remove.
+
+        Returns:
+          Number of items removed (0 when no item has that label).
+
+        Raises:
+          InvalidInputError: ``label`` is not a str.
+          GalleryError: the gallery is read-only or closed, or the write failed.
+        """
+        self._require_writable()
+        if not isinstance(label, str):
+            raise InvalidInputError(f"label must be a str, got {type(label).__name__}")
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            gone = np.fromiter((r[0] for r in conn.execute("SELECT id FROM items WHERE label = ?", (label,))),
+                               dtype=np.int64)
+            if gone.size == 0:
+                return 0, None, None
+            conn.execute("DELETE FROM items WHERE label = ?", (label,))
+            mask = ~np.isin(snap.ids, gone)
+            return int(gone.size), _Snapshot(_frozen(snap.ids[mask]), _frozen(snap.codes[mask])), None
+
+        return self._write("remove_label", body)
+
+    def relabel(self, ids: Sequence[int], label: str) -> int:
+        """Gives items a new label, in one transaction.
+
+        Args:
+          ids: ids of the items to relabel (repeats count once).
+          label: the new label (same rules as in :meth:`add`).
+
+        Returns:
+          Number of items relabelled.
+
+        Raises:
+          InvalidDtypeError: ``ids`` are not integers.
+          InvalidInputError: bad ``ids`` or ``label``.
+          GalleryError: some ids are not in the gallery (nothing changes then), the gallery is
+            read-only or closed, or the write failed.
+        """
+        self._require_writable()
+        _check_label(label, "relabel")
+        wanted = np.unique(_check_ids(ids))
+        if wanted.size == 0:
+            return 0
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            self._positions(snap, wanted)
+            conn.executemany("UPDATE items SET label = ? WHERE id = ?", ((label, int(i)) for i in wanted))
+            return int(wanted.size), None, None
+
+        return self._write("relabel", body)
+
+    def set_max_distance(self, value: Optional[int]) -> None:
+        """Stores (or clears, with None) the calibrated acceptance threshold.
+
+        Args:
+          value: threshold in bits, in ``[0, bits]``, or None.
+
+        Raises:
+          InvalidInputError: ``value`` is out of range or not an integer.
+          GalleryError: the gallery is read-only or closed, or the write failed.
+        """
+        self._require_writable()
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= self.bits:
+                raise InvalidInputError(f"max_distance must be an integer in [0, {self.bits}] or None, got {value!r}")
+            value = int(value)
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = 'max_distance'")
+            else:
+                _set_meta(conn, "max_distance", value)
+            return None, None, replace(meta, max_distance=value)
+
+        self._write("set_max_distance", body)
+
+    def items(self, *, label: Optional[str] = None, limit: Optional[int] = None, offset: int = 0) -> List[GalleryItem]:
+        """Lists items in ascending id order.
+
+        Args:
+          label: only items with this label.
+          limit: at most this many items (None: all).
+          offset: skip this many items first.
+
+        Returns:
+          The items.
+
+        Raises:
+          InvalidInputError: negative ``limit`` or ``offset``, or a non-str ``label``.
+          GalleryError: the gallery is closed or cannot be read.
+        """
+        for name, value in (("limit", limit), ("offset", offset)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+                raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
+        if label is not None and not isinstance(label, str):
+            raise InvalidInputError(f"label must be a str or None, got {type(label).__name__}")
+        sql = "SELECT id, label, source, added_at, embedding IS NOT NULL, code FROM items"
+        params: list = []
+        if label is not None:
+            sql += " WHERE label = ?"
+            params.append(label)
+        sql += " ORDER BY id LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else int(limit), int(offset)]
+        rows = self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [GalleryItem(id=r[0], label=r[1], source=r[2], added_at=r[3], has_embedding=bool(r[4]), code=bytes(r[5]))
+                for r in rows]
+
+    def labels_of(self, ids: Sequence[int]) -> List[Optional[str]]:
+        """Looks up the labels of ids, e.g. of a :class:`SearchResult` row.
+
+        Args:
+          ids: 1-D integer ids; -1 (the search padding) and unknown ids give None.
+
+        Returns:
+          One label or None per id, in input order.
+
+        Raises:
+          InvalidDtypeError: ``ids`` are not integers.
+          InvalidInputError: ``ids`` is not 1-D.
+          GalleryError: the gallery is closed or cannot be read.
+        """
+        arr = np.asarray(ids)
+        if arr.ndim != 1:
+            raise InvalidInputError(f"ids must be 1-D, got shape {arr.shape}")
+        if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+            raise InvalidDtypeError(f"ids must be integers, got dtype {arr.dtype}")
+        wanted = [int(i) for i in np.unique(arr) if 0 <= i <= _MAX_ID] if arr.size else []
+        found = self._read(lambda conn: self._lookup(conn, "label", wanted))
+        return [found.get(int(i)) for i in arr]
+
+    def embeddings(self, ids: Sequence[int]) -> np.ndarray:
+        """Returns the float embeddings stored with items.
+
+        Args:
+          ids: 1-D ids (repeats allowed).
+
+        Returns:
+          float32 ``(len(ids), d)``; ``d`` is 0 when the gallery stores no embeddings.
+
+        Raises:
+          InvalidDtypeError: ``ids`` are not integers.
+          InvalidInputError: ``ids`` is not a 1-D sequence of ids >= 0.
+          GalleryError: some ids are unknown or have no stored embedding, or the gallery is closed.
+          GalleryCorruptError: a stored embedding has the wrong size.
+        """
+        arr = _check_ids(ids)
+        wanted = [int(i) for i in np.unique(arr)]
+        with self._lock:
+            self._require_open()
+            found = self._read(lambda conn: self._lookup(conn, "embedding", wanted))
+            dim = self._meta.embedding_dim
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise GalleryError(f"{self._name}: unknown ids {_short_list(missing)}")
+        absent = [i for i in wanted if found[i] is None]
+        if absent:
+            raise GalleryError(f"{self._name}: items {_short_list(absent)} have no stored embedding")
+        out = np.empty((arr.shape[0], dim or 0), dtype=np.float32)
+        for row, i in enumerate(arr):
+            blob = found[int(i)]
+            if dim is None or len(blob) != 4 * dim:
+                raise GalleryCorruptError(f"{self._name}: item {int(i)} has an embedding of {len(blob)} bytes, expected 4 x {dim}")
+            out[row] = np.frombuffer(blob, dtype="<f4")
+        return out
+
+    def label_counts(self) -> Dict[str, int]:
+        """Counts items per label.
+
+        Returns:
+          ``{label: count}`` in label order.
+
+        Raises:
+          GalleryError: the gallery is closed or cannot be read.
+        """
+        rows = self._read(lambda conn: conn.execute(
+            "SELECT label, count(*) FROM items GROUP BY label ORDER BY label").fetchall())
+        return {label: int(count) for label, count in rows}
+
+    def info(self) -> GalleryInfo:
+        """Summarises the gallery.
+
+        Returns:
+          A GalleryInfo.
+
+        Raises:
+          GalleryError: the gallery is closed or cannot be read.
+        """
+        def query(conn: sqlite3.Connection):
+            count, label_count = conn.execute("SELECT count(*), count(DISTINCT label) FROM items").fetchone()
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            return int(count), int(label_count), int(pages * page_size)
+
+        with self._lock:
+            self._sync()
+            count, label_count, size = self._read(query)
+            meta = self._meta
+        return GalleryInfo(
+            path=self._path, count=count, label_count=label_count, bits=meta.bits, fingerprint=meta.fingerprint,
+            format_version=FORMAT_VERSION, max_distance=meta.max_distance, embedding_dim=meta.embedding_dim,
+            created_by=meta.created_by, file_size=size, readonly=self._readonly,
+        )
+
+    def check(self) -> List[str]:
+        """Looks for damage: SQLite integrity, meta values, code and embedding sizes, labels, ids,
+        and agreement between the file and the in-memory codes.
+
+        Returns:
+          One message per problem found; an empty list when the gallery is healthy.
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            conn = self._require_open()
+            problems: List[str] = []
+            try:
+                self._sync()
+            except GalleryError as exc:
+                problems.append(str(exc))
+            try:
+                conn.execute("BEGIN")
+                try:
+                    problems += self._check_in_transaction(conn)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                problems.append(f"database error: {exc}")
+            return problems
+
+    def _check_in_transaction(self, conn: sqlite3.Connection) -> List[str]:
+        problems = [f"integrity: {r[0]}" for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        try:
+            _check_schema(conn, self._name)
+            meta = _parse_meta(_read_meta_rows(conn), self._name)
+        except GalleryCorruptError as exc:
+            return problems + [str(exc)]
+        nbytes = meta.bits // 8
+        bad_codes = conn.execute(
+            "SELECT count(*) FROM items WHERE typeof(code) != 'blob' OR length(code) != ?", (nbytes,)).fetchone()[0]
+        if bad_codes:
+            problems.append(f"{bad_codes} items have codes that are not {nbytes}-byte blobs")
+        bad_labels = conn.execute(
+            "SELECT count(*) FROM items WHERE typeof(label) != 'text' OR label = ''").fetchone()[0]
+        if bad_labels:
+            problems.append(f"{bad_labels} items have an empty or non-text label")
+        if meta.embedding_dim is None:
+            stray = conn.execute("SELECT count(*) FROM items WHERE embedding IS NOT NULL").fetchone()[0]
+            if stray:
+                problems.append(f"{stray} items have embeddings but meta 'embedding_dim' is missing")
+        else:
+            bad_emb = conn.execute(
+                "SELECT count(*) FROM items WHERE embedding IS NOT NULL AND "
+                "(typeof(embedding) != 'blob' OR length(embedding) != ?)", (4 * meta.embedding_dim,)).fetchone()[0]
+            if bad_emb:
+                problems.append(f"{bad_emb} items have embeddings that are not {meta.embedding_dim} float32 values")
+        low, high = conn.execute("SELECT min(id), max(id) FROM items").fetchone()
+        if low is not None and low < 0:
+            problems.append(f"negative item id {low}")
+        if high is not None and meta.next_id <= high:
+            problems.append(f"meta 'next_id' {meta.next_id} is not above the largest id {high}")
+        if meta.bits != self._meta.bits or meta.fingerprint != self._meta.fingerprint:
+            problems.append("bits or fingerprint changed since the gallery was opened")
+            return problems
+        if not problems:
+            try:
+                stored = _read_snapshot(conn, nbytes, self._name)
+            except GalleryCorruptError as exc:
+                return problems + [str(exc)]
+            snap = self._snapshot
+            if self._version == conn.execute("PRAGMA data_version").fetchone()[0] and (
+                    not np.array_equal(stored.ids, snap.ids) or not np.array_equal(stored.codes, snap.codes)):
+                problems.append(
+                    f"the in-memory codes ({snap.ids.shape[0]} items) disagree with the file ({stored.ids.shape[0]} items)")
+        return problems
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise GalleryError("gallery is closed")
+        return self._conn
+
+    def _require_writable(self) -> None:
+        self._require_open()
+        if self._readonly:
+            raise GalleryError(f"{self._name} was opened read-only; open it with readonly=False to change it")
+
+    def _positions(self, snap: _Snapshot, wanted: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(snap.ids, wanted)
+        clipped = np.minimum(pos, max(snap.ids.shape[0] - 1, 0))
+        found = (pos < snap.ids.shape[0]) & (snap.ids[clipped] == wanted) if snap.ids.size else np.zeros(wanted.shape, bool)
+        if not found.all():
+            raise GalleryError(f"{self._name}: unknown ids {_short_list(wanted[~found])}; nothing was changed")
+        return pos
+
+    def _lookup(self, conn: sqlite3.Connection, column: str, ids: List[int]) -> Dict[int, object]:
+        found: Dict[int, object] = {}
+        for part in _chunks(ids):
+            marks = ",".join("?" * len(part))
+            found.update(conn.execute(f"SELECT id, {column} FROM items WHERE id IN ({marks})", part))
+        return found
+
+    def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            conn = self._require_open()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    return query(conn)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._wrap(exc, "read") from exc
+
+    def _sync(self) -> None:
+        """Reloads meta and codes when another connection has committed changes to the file."""
+        conn = self._require_open()
+        try:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._version:
+                return
+            conn.execute("BEGIN")
+            try:
+                meta, snapshot, version = _load(conn, self._name)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._wrap(exc, "reload") from exc
+        if meta.bits != self._meta.bits or meta.fingerprint != self._meta.fingerprint:
+            raise GalleryCorruptError(f"{self._name}: bits or fingerprint were changed by another process")
+        self._meta, self._snapshot, self._version = meta, snapshot, version
+
+    def _write(self, what: str, body: Callable[[sqlite3.Connection, _Snapshot, _Meta],
+                                                Tuple[T, Optional[_Snapshot], Optional[_Meta]]]) -> T:
+        with self._lock:
+            self._require_writable()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._wrap(exc, what) from exc
+            try:
+                meta, snap, version = self._meta, self._snapshot, self._version
+                current = conn.execute("PRAGMA data_version").fetchone()[0]
+                if current != version:
+                    meta, snap, version = _load(conn, self._name)
+                result, new_snap, new_meta = body(conn, snap, meta)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error):
+                    raise self._wrap(exc, what) from exc
+                raise
+            self._meta = new_meta if new_meta is not None else meta
+            self._snapshot = new_snap if new_snap is not None else snap
+            self._version = version
+            return result
+
+    def _wrap(self, exc: sqlite3.Error, what: str) -> GalleryError:
+        if _is_corruption(exc):
+            return GalleryCorruptError(f"{self._name}: {what} failed, the file looks damaged: {exc}")
+        return GalleryError(f"{self._name}: {what} failed and nothing was changed: {exc}")
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
+
+
+def _init_schema(conn: sqlite3.Connection, *, fingerprint: str, bits: int) -> None:
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?)",
+            [
+                ("format_version", FORMAT_VERSION),
+                ("bits", str(bits)),
+                ("bit_order", "big"),
+                ("metric", "hamming"),
+                ("fingerprint", fingerprint),
+                ("created_by", f"edge-shitu {__version__}"),
+                ("next_id", "0"),
+            ],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _load(conn: sqlite3.Connection, name: str) -> Tuple[_Meta, _Snapshot, int]:
+    """Reads meta and codes; call inside a transaction so both come from the same state."""
+    _check_schema(conn, name)
+    meta = _parse_meta(_read_meta_rows(conn), name)
+    snapshot = _read_snapshot(conn, meta.bits // 8, name)
+    version = conn.execute("PRAGMA data_version").fetchone()[0]
+    return meta, snapshot, version
