@@ -8,6 +8,7 @@ problem, exit code 2 for bad input, 1 for other failures; a traceback only with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -203,6 +204,7 @@ def _cmd_gallery_add(args, out: TextIO, err: TextIO) -> int:
     from edge_shitu.options import BackendOptions, EmbedderOptions
 
     bundle = Bundle.load(args.bundle)
+    args.gallery, args.images = args.paths[0], args.paths[1:]
     if args.labels:
         if args.label or args.images:
             raise InvalidInputError("give either --labels FILE or --label L with image paths, not both")
@@ -353,9 +355,9 @@ def _cmd_quickstart(args, out: TextIO, err: TextIO) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-shitu", description="PP-ShiTu recognition on edge devices.")
-    p.add_argument("--version", action="version", version=f"edge-shitu {__version__}")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def threads(sp):
         sp.add_argument("--threads", type=int, default=None, help="inference threads per model")
@@ -400,11 +402,11 @@ def _parser() -> argparse.ArgumentParser:
     threads(gb)
     gb.set_defaults(func=_cmd_gallery_build)
 
-    ga = g.add_parser("add", help="add images to a gallery")
-    ga.add_argument("gallery")
+    ga = g.add_parser("add", help="add images to a gallery", usage="%(prog)s G.db --bundle B (--label L IMG... | --labels FILE)")
+    # One positional list (gallery first): argparse cannot split two adjacent positionals around options.
+    ga.add_argument("paths", nargs="+", metavar="G.db [IMG ...]")
     ga.add_argument("--bundle", required=True)
     ga.add_argument("--label", help="label of the images given on the command line")
-    ga.add_argument("images", nargs="*", metavar="IMG")
     ga.add_argument("--labels", help="label file instead of --label and IMG")
     ga.add_argument("--images-root", help="root of the label file's relative paths")
     ga.add_argument("--keep-embeddings", action="store_true")
@@ -489,7 +491,21 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
     err = stderr or sys.stderr
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        # argparse writes usage and help to the process streams; send them where the caller asked.
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args, extra = parser.parse_known_args(argv)
+            # argparse stops filling a positional list at the first option; file names that follow
+            # options ("add G.db --label L a.jpg b.jpg") belong to the command's list all the same.
+            target = next((n for n in ("paths", "images") if isinstance(getattr(args, n, None), list)), None)
+            if extra and target and not any(e.startswith("-") for e in extra):
+                setattr(args, target, list(getattr(args, target) or []) + extra)
+            elif extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            if args.version:
+                out.write(f"edge-shitu {__version__}\n")
+                return EXIT_OK
+            if args.command is None:
+                parser.error("a command is required")
     except SystemExit as exc:
         return int(exc.code or 0)
     try:

@@ -54,6 +54,8 @@ def rng() -> np.random.Generator:
 
 
 def _need_paddle():
+    # The official programs are legacy (non-PIR) Paddle programs; choose the mode before paddle is imported.
+    os.environ.setdefault("FLAGS_enable_pir_api", "0")
     pytest.importorskip("paddle", reason="paddlepaddle (the 'convert' extra) is not installed")
     pytest.importorskip("paddle2onnx", reason="paddle2onnx (the 'convert' extra) is not installed")
 

@@ -1,0 +1,799 @@
+"""Convert Paddle PP-ShiTu models (official or replica) into an edge-shitu bundle directory.
+
+A bundle directory holds ``detector.onnx``, ``extractor.onnx`` (either may be absent) and
+``manifest.json``, which records each model's input pre-processing, output layout, file digest and
+provenance, plus the code and recognition settings the runtime needs.
+
+The detector is *not* converted whole: its in-graph post-process (a ``while`` loop over the batch and
+``multiclass_nms3``) is where paddle2onnx fails and what the runtime re-implements in numpy. The
+program is cut at its 8 raw head outputs (``sigmoid_0.tmp_0`` ... ``sigmoid_3.tmp_0``: class scores
+``[N, H, W, 1]``, and ``transpose_1.tmp_0``, ``transpose_3.tmp_0``, ``transpose_5.tmp_0``,
+``transpose_7.tmp_0``: box logits ``[N, H, W, 32]``, strides 8/16/32/64), each reshaped to the
+layout of a PaddleDetection raw export (``export.post_process=False``): ``[1, H*W, C]``, row-major over
+(H, W). The single ``image`` input is fixed at ``1x3x640x640``.
+
+Two incompatibilities of paddle2onnx 2.1 with Paddle 3.3 (which now stores some float attributes as
+doubles) are worked around, and the numerical check below would catch any other: ``nearest_interp``
+``scale`` lists abort the export, so resize ops get their static output size instead; and
+``leaky_relu`` slopes come out as garbage, so they are written back into the ONNX ``LeakyRelu``
+nodes from the Paddle program.
+
+paddle2onnx is called through its Python API, with its optimisation tools off: with a ``save_file`` it
+runs Polygraphy constant folding and sets ``POLYGRAPHY_AUTOINSTALL_DEPS=1``, which lets Polygraphy
+``pip install`` missing packages at run time. Passing ``save_file=None`` returns the ONNX bytes before
+any of that; ``auto_upgrade_opset=False`` keeps the opset asked for. Its own logging prints to stdout
+and its error path calls ``sys.exit``; both are contained here.
+
+Every step is timed and logged (logger ``converters.convert``); a failure is re-raised as
+:class:`~edge_shitu.errors.ConversionError` naming the step and the model folder. Right after each
+export the ONNX file is checked (``onnx.checker``) and run with onnxruntime against Paddle Inference on
+deterministic inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from converters import paddle_io
+from converters.paddle_io import INSTALL_HINT, ModelFiles
+from converters.replica import read_replica_info, sha256_file
+from edge_shitu.errors import (
+    BackendUnavailableError,
+    ConversionError,
+    InvalidInputError,
+    MissingFileError,
+)
+
+__all__ = [
+    "DetectorHeads",
+    "ExportFormat",
+    "EXPORT_FORMATS",
+    "MANIFEST_FILE",
+    "BUNDLE_FORMAT",
+    "BUNDLE_FORMAT_VERSION",
+    "convert",
+    "cut_detector_heads",
+    "validate_export",
+]
+
+_LOG = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+BUNDLE_FORMAT = "edge-shitu-bundle"
+BUNDLE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One target format of the converter.
+
+    Attributes:
+      name: format name, e.g. ``"onnx"``.
+      suffix: model file suffix, e.g. ``".onnx"``.
+      backend: the runtime backend recorded in the manifest.
+      precisions: precisions this converter can write now.
+      planned: precisions known to be coming (rejected as "not supported yet").
+      opsets: inclusive range of ONNX opsets accepted (None when the format has no opset).
+    """
+
+    name: str
+    suffix: str
+    backend: str
+    precisions: Tuple[str, ...]
+    planned: Tuple[str, ...] = ()
+    opsets: Optional[Tuple[int, int]] = None
+
+
+# The one table that drives validation (and, later, the CLI's choices).
+EXPORT_FORMATS: Dict[str, ExportFormat] = {
+    "onnx": ExportFormat(
+        name="onnx",
+        suffix=".onnx",
+        backend="onnxruntime",
+        precisions=("fp32",),
+        planned=("int8",),
+        opsets=(11, 17),
+    ),
+}
+
+
+def validate_export(fmt: str, precision: str, opset: Optional[int]) -> ExportFormat:
+    """Check a (format, precision, opset) request against :data:`EXPORT_FORMATS`.
+
+    Args:
+      fmt: a key of :data:`EXPORT_FORMATS`.
+      precision: e.g. ``"fp32"``.
+      opset: the ONNX opset (int) for formats that have one.
+
+    Returns:
+      The :class:`ExportFormat`.
+
+    Raises:
+      ConversionError: unknown format, or a precision it does not support (yet), or an opset out of
+        its range.
+    """
+    spec = EXPORT_FORMATS.get(fmt) if isinstance(fmt, str) else None
+    if spec is None:
+        raise ConversionError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORT_FORMATS)}")
+    if precision not in spec.precisions:
+        planned = " (planned)" if precision in spec.planned else ""
+        raise ConversionError(
+            f"precision {precision!r}{planned} is not supported yet for {spec.name} bundles; "
+            f"supported: {list(spec.precisions)}"
+        )
+    if spec.opsets is not None:
+        low, high = spec.opsets
+        if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+            raise ConversionError(f"opset must be an int in [{low}, {high}] for {spec.name}, got {opset!r}")
+    return spec
+
+
+# Reference pre-processing (ppshitu-reference.md §1.2, §1.4) when a model folder has no config.
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+_SCALE_1_255 = 1.0 / 255.0
+_CV2_INTERP = {0: "nearest", 1: "linear", 2: "cubic", 3: "area", 4: "lanczos"}
+_DETECTOR_SIZE = (640, 640)
+
+# The official PicoDet mainbody program: raw head outputs per stride (README of shared/, §6.2).
+_HEAD_STRIDES = (8, 16, 32, 64)
+_HEAD_SCORES = ("sigmoid_0.tmp_0", "sigmoid_1.tmp_0", "sigmoid_2.tmp_0", "sigmoid_3.tmp_0")
+_HEAD_BOXES = ("transpose_1.tmp_0", "transpose_3.tmp_0", "transpose_5.tmp_0", "transpose_7.tmp_0")
+
+# The detector's in-graph multiclass_nms3 settings and PaddleClas' filtering (§1.3, §6.3).
+_DETECTOR_DEFAULTS = {
+    "score_threshold": 0.025,
+    "nms_iou": 0.6,
+    "nms_top_k": 1000,
+    "keep_top_k": 100,
+    "max_detections": 5,
+    "min_score": 0.2,
+}
+_CODES = {"bits": 512, "method": "sign", "bit_order": "big"}
+_RECOGNITION = {"max_distance": 100, "final_nms_iou": 0.05, "whole_image": "if_none", "top_k": 5}
+
+# Official programs (sha256 of inference.pdmodel, shared/README.md) -> bundle name family.
+_FAMILY_BY_REC_SHA = {
+    "3e0ade05639ff7b5fe450a55883a8087dc2b5c2349fe6b73897cbe2a5eeb6ee8": "ppshituv2",
+    "67a6c2544357a259996e9aac37464996d6a7f884638329a678641f95afb2703d": "ppshituv1",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+# Deterministic verification inputs: cheap, and enough to catch a wrong conversion.
+_VERIFY_SEED = 20240611
+_EXTRACTOR_VERIFY_BATCH = 2
+
+
+@contextlib.contextmanager
+def _step(name: str, model_dir: Optional[Path], timings: Dict[str, float]) -> Iterator[None]:
+    """Time a conversion step, log it, and re-raise its failure as a ConversionError naming it."""
+    folder = f" ({model_dir})" if model_dir is not None else ""
+    start = time.perf_counter()
+    _LOG.debug("step %s%s: start", name, folder)
+    try:
+        yield
+    except (MissingFileError, BackendUnavailableError, InvalidInputError):
+        raise
+    except (Exception, SystemExit) as exc:  # paddle2onnx calls sys.exit on error
+        where = f" for {model_dir}" if model_dir is not None else ""
+        raise ConversionError(f"conversion step '{name}' failed{where}: {exc}") from exc
+    finally:
+        elapsed = time.perf_counter() - start
+        timings[name] = elapsed
+        _LOG.info("step %s%s: %.2f s", name, folder, elapsed)
+
+
+def _import_runtime_tools() -> Tuple[Any, Any, Any]:
+    paddle_io.import_paddle()
+    p2o = paddle_io.import_paddle2onnx()
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailableError(f"onnx/onnxruntime are not installed ({exc}): {INSTALL_HINT}") from exc
+    return p2o, onnx, onnxruntime
+
+
+def _paddle2onnx(p2o: Any, files: ModelFiles, opset: int) -> bytes:
+    """Export a Paddle program to ONNX bytes with no optimiser, installer or opset upgrade."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        try:
+            model_bytes = p2o.export(
+                str(files.program),
+                str(files.params),
+                save_file=None,
+                opset_version=opset,
+                auto_upgrade_opset=False,
+                verbose=False,
+                enable_onnx_checker=True,
+                enable_experimental_op=False,
+                enable_optimize=True,
+                deploy_backend="onnxruntime",
+                export_fp16_model=False,
+            )
+        except SystemExit as exc:  # its logging.error() exits; the reason is in what it printed
+            errors = [line for line in _plain(captured.getvalue()).splitlines() if "[ERROR]" in line]
+            raise ConversionError(f"paddle2onnx failed on {files.program}: {' '.join(errors) or exc}") from exc
+        finally:
+            text = _plain(captured.getvalue()).strip()
+            if text:
+                _LOG.debug("paddle2onnx said: %s", text)
+    if not isinstance(model_bytes, bytes) or not model_bytes:
+        raise ConversionError(f"paddle2onnx returned no model for {files.program}")
+    return model_bytes
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _rename_outputs(onnx: Any, model_bytes: bytes, names: Sequence[str]) -> Any:
+    """Give the ONNX graph outputs the Paddle fetch names (paddle2onnx calls them fetch_name_<i>)."""
+    model = onnx.load_from_string(model_bytes)
+    outputs = list(model.graph.output)
+    if len(outputs) != len(names):
+        raise ConversionError(f"expected {len(names)} ONNX outputs, paddle2onnx wrote {len(outputs)}")
+    mapping = {o.name: new for o, new in zip(outputs, names)}
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name in mapping:
+                node.output[i] = mapping[name]
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+    for output in outputs:
+        output.name = mapping[output.name]
+    return model
+
+
+def _leaky_relu_slopes(files: ModelFiles) -> List[float]:
+    """The negative slopes of a program's top-level leaky_relu ops, in program order."""
+    paddle = paddle_io.import_paddle()
+    program = paddle_io.load_program(files.program)
+    if files.is_pir:
+        with paddle.pir_utils.IrGuard():
+            return [
+                float(op.attrs()["negative_slope"])
+                for op in program.global_block().ops
+                if op.name() == "pd_op.leaky_relu"
+            ]
+    return [float(op.attr("alpha")) for op in program.global_block().ops if op.type == "leaky_relu"]
+
+
+def _fix_leaky_relu(model: Any, slopes: Sequence[float]) -> None:
+    """Write the Paddle slopes into the ONNX LeakyRelu nodes (paddle2onnx 2.1 loses them).
+
+    Paddle 3.3 stores ``negative_slope`` as a double; paddle2onnx 2.1 reads a float and writes
+    garbage (0.0, or a stale 0.1667) into ``alpha``. Nodes are emitted in program order.
+    """
+    nodes = [n for n in model.graph.node if n.op_type == "LeakyRelu"]
+    if len(nodes) != len(slopes):
+        raise ConversionError(f"paddle2onnx wrote {len(nodes)} LeakyRelu nodes for {len(slopes)} leaky_relu ops")
+    for node, slope in zip(nodes, slopes):
+        attrs = [a for a in node.attribute if a.name == "alpha"]
+        if not attrs:
+            attrs = [node.attribute.add()]
+            attrs[0].name = "alpha"
+            attrs[0].type = attrs[0].FLOAT
+        attrs[0].f = slope
+
+
+def _drop_dead_nodes(model: Any) -> None:
+    """Remove nodes and initializers nothing reads (paddle2onnx leaves unused Constant nodes, and
+    onnxruntime warns about each one whenever a session is created)."""
+    graph = model.graph
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        alive = [node for node in graph.node if any(out in used for out in node.output)]
+        if len(alive) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(alive)
+    kept = [init for init in graph.initializer if init.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
+def _onnx_io_shape(value_info: Any) -> List[int]:
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim]
+
+
+def _ort_session(onnxruntime: Any, path: Path) -> Any:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _max_abs_diff(reference: np.ndarray, actual: np.ndarray, what: str) -> float:
+    if reference.shape != actual.shape:
+        raise ConversionError(f"{what}: Paddle gives shape {reference.shape}, onnxruntime {actual.shape}")
+    diff = float(np.max(np.abs(reference.astype(np.float64) - actual.astype(np.float64))))
+    bound = 1e-4 + 1e-4 * float(np.max(np.abs(reference)))
+    if not math.isfinite(diff) or diff > bound:
+        raise ConversionError(f"{what}: onnxruntime differs from Paddle Inference by {diff:.3g} (allowed {bound:.3g})")
+    return diff
+
+
+def _verification_image(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """A normalised-looking float32 NCHW input: smooth gradients plus noise."""
+    n, c, h, w = shape
+    yy, xx = np.meshgrid(np.linspace(-2, 2, h), np.linspace(-2, 2, w), indexing="ij")
+    base = np.stack([np.sin(xx * (k + 1)) + np.cos(yy * (k + 2)) for k in range(c)])
+    noise = rng.standard_normal((n, c, h, w))
+    return (0.8 * base[None] + 0.5 * noise).astype(np.float32)
+
+
+def _source(files: ModelFiles) -> Dict[str, Any]:
+    """The manifest's provenance record of one model folder."""
+    params_sha = sha256_file(files.params)
+    info = read_replica_info(files.directory)
+    program_sha = sha256_file(files.program)
+    if info is not None:
+        for key, actual in (("source_program_sha256", program_sha), ("params_sha256", params_sha)):
+            recorded = info.get(key)
+            if recorded is not None and recorded != actual:
+                raise ConversionError(
+                    f"{files.directory}: replica.json records {key} {recorded} but the file has {actual}; "
+                    "if these are the official weights, delete replica.json"
+                )
+    return {
+        "kind": "replica" if info is not None else "official",
+        "model_dir_name": files.directory.name,
+        "program_sha256": program_sha,
+        "params_sha256": params_sha,
+        "seed": info["seed"] if info is not None else None,
+    }
+
+
+def _detector_input_spec(model_dir: Path) -> Tuple[Dict[str, Any], List[str]]:
+    """Pre-processing of the detector from its ``infer_cfg.yml`` (or the reference defaults)."""
+    spec: Dict[str, Any] = {
+        "name": "image",
+        "shape": [1, 3, *_DETECTOR_SIZE],
+        "resize": "stretch",
+        "interpolation": "cubic",
+        "channel_order": "RGB",
+        "scale": _SCALE_1_255,
+        "mean": list(_IMAGENET_MEAN),
+        "std": list(_IMAGENET_STD),
+        "layout": "NCHW",
+    }
+    labels = ["foreground"]
+    cfg_path = model_dir / "infer_cfg.yml"
+    if not cfg_path.is_file():
+        _LOG.info("%s has no infer_cfg.yml: using the reference detector pre-processing", model_dir)
+        return spec, labels
+    try:
+        import yaml
+    except ImportError as exc:
+        raise BackendUnavailableError(f"PyYAML is needed to read {cfg_path} ({exc}): {INSTALL_HINT}") from exc
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConversionError(f"{cfg_path}: not readable YAML ({exc})") from exc
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("Preprocess"), list):
+        raise ConversionError(f"{cfg_path}: expected a mapping with a Preprocess list")
+    seen = set()
+    for op in cfg["Preprocess"]:
+        kind = op.get("type") if isinstance(op, dict) else None
+        seen.add(kind)
+        if kind == "Resize":
+            size = op.get("target_size")
+            if op.get("keep_ratio", False) or not (isinstance(size, list) and len(size) == 2):
+                raise ConversionError(f"{cfg_path}: only keep_ratio: false resizes to [h, w] are supported, got {op}")
+            if op.get("interp", 1) not in _CV2_INTERP:
+                raise ConversionError(f"{cfg_path}: unknown cv2 interpolation {op.get('interp')!r}")
+            spec["shape"] = [1, 3, int(size[0]), int(size[1])]
+            spec["interpolation"] = _CV2_INTERP[op.get("interp", 1)]
+        elif kind == "NormalizeImage":
+            if op.get("norm_type", "mean_std") != "mean_std":
+                raise ConversionError(f"{cfg_path}: only norm_type mean_std is supported, got {op}")
+            spec["scale"] = _SCALE_1_255 if op.get("is_scale", True) else 1.0
+            spec["mean"] = [float(v) for v in op.get("mean", _IMAGENET_MEAN)]
+            spec["std"] = [float(v) for v in op.get("std", _IMAGENET_STD)]
+            if len(spec["mean"]) != 3 or len(spec["std"]) != 3:
+                raise ConversionError(f"{cfg_path}: mean/std must have 3 values, got {op}")
+        elif kind == "Permute":
+            spec["layout"] = "NCHW"
+        elif kind == "PadStride":
+            stride = int(op.get("stride", 0))
+            if stride > 0 and any(d % stride for d in spec["shape"][2:]):
+                raise ConversionError(f"{cfg_path}: PadStride {stride} would pad a {spec['shape'][2:]} input")
+        else:
+            raise ConversionError(f"{cfg_path}: unsupported pre-processing step {op!r}")
+    if "Resize" not in seen or "Permute" not in seen:
+        raise ConversionError(f"{cfg_path}: expected Resize and Permute steps, got {sorted(map(str, seen))}")
+    if cfg.get("label_list") is not None:
+        labels = [str(v) for v in cfg["label_list"]]
+    return spec, labels
+
+
+def _pin_interp_sizes(block: Any) -> None:
+    """Replace the ``scale`` of resize ops by their (static) output size.
+
+    paddle2onnx 2.1 cannot read the ``scale`` list of ``nearest_interp`` once Paddle 3.3 has translated
+    it to PIR ("the 0th elementwise MUST be ir::FloatAttribute"); with the input fixed, the output
+    size is known and gives the same result.
+    """
+    for op in block.ops:
+        if op.type not in ("nearest_interp_v2", "bilinear_interp_v2") or not op.attr("scale"):
+            continue
+        if op.input("OutSize") or op.input("SizeTensor") or op.input("Scale"):
+            raise ConversionError(f"{op.type} with tensor-valued sizes cannot be pinned")
+        out_shape = block.var(op.output("Out")[0]).shape
+        if len(out_shape) != 4 or op.attr("data_layout") != "NCHW" or min(out_shape[2:]) <= 0:
+            raise ConversionError(f"{op.type}: cannot pin the output size of shape {out_shape}")
+        op._set_attr("out_h", int(out_shape[2]))
+        op._set_attr("out_w", int(out_shape[3]))
+        op._set_attr("scale", [])
+
+
+@dataclass(frozen=True)
+class DetectorHeads:
+    """A PicoDet program cut at its raw heads (see :func:`cut_detector_heads`).
+
+    Attributes:
+      files: the saved cut program (``inference.pdmodel`` + ``inference.pdiparams``).
+      input_name: ``"image"``.
+      input_shape: ``(1, 3, H, W)``, e.g. ``(1, 3, 640, 640)``.
+      scores: output names of the class scores per stride, each float32 ``[1, H/s * W/s, num_classes]``
+        (already sigmoid-ed).
+      boxes: output names of the box logits per stride, each float32 ``[1, H/s * W/s, 4 * (reg_max + 1)]``
+        (left, top, right, bottom distributions).
+      strides: ``(8, 16, 32, 64)``.
+      reg_max: 7.
+      labels: class names, e.g. ``("foreground",)``.
+    """
+
+    files: ModelFiles
+    input_name: str
+    input_shape: Tuple[int, int, int, int]
+    scores: Tuple[str, ...]
+    boxes: Tuple[str, ...]
+    strides: Tuple[int, ...]
+    reg_max: int
+    labels: Tuple[str, ...]
+
+
+def cut_detector_heads(det_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str") -> DetectorHeads:
+    """Save the PicoDet mainbody detector without its in-graph post-process.
+
+    The program is cut at its 8 raw head outputs; each is reshaped to ``[1, H*W, C]`` (the layout of a
+    PaddleDetection raw export) and the ``image`` input is fixed to the size of ``infer_cfg.yml``
+    (1x3x640x640 for the official model). The result runs in Paddle Inference and is what
+    :func:`convert` exports to ONNX.
+
+    Args:
+      det_dir: the detector folder (``inference.pdmodel``, ``inference.pdiparams``, ``infer_cfg.yml``).
+      out_dir: folder for the cut program (created).
+
+    Returns:
+      The :class:`DetectorHeads`.
+
+    Raises:
+      MissingFileError: a file is missing.
+      ConversionError: not the PicoDet mainbody program (inputs, head names or shapes differ), a PIR
+        program, an unsupported ``infer_cfg.yml``, or Paddle fails.
+      BackendUnavailableError: paddlepaddle or PyYAML is missing.
+    """
+    files = paddle_io.find_model_files(det_dir)
+    if files.is_pir:
+        raise ConversionError(
+            f"{files.program}: cutting a PIR (.json) detector is not supported yet; use inference.pdmodel"
+        )
+    input_spec, labels = _detector_input_spec(files.directory)
+    model = paddle_io.load_inference_model(files.directory)
+    shape = tuple(int(d) for d in input_spec["shape"])
+    cut, scores, boxes, reg_max = _cut_detector(model, (shape[2], shape[3]), len(labels), Path(out_dir))
+    return DetectorHeads(
+        files=cut,
+        input_name="image",
+        input_shape=shape,  # type: ignore[arg-type]
+        scores=tuple(scores),
+        boxes=tuple(boxes),
+        strides=_HEAD_STRIDES,
+        reg_max=reg_max,
+        labels=tuple(labels),
+    )
+
+
+def _cut_detector(
+    model: paddle_io.LoadedModel, size: Tuple[int, int], num_classes: int, out_dir: Path
+) -> Tuple[ModelFiles, List[str], List[str], int]:
+    """Save the detector program cut at its raw heads, reshaped to [1, H*W, C]."""
+    block = model.program.global_block()
+    missing = [n for n in _HEAD_SCORES + _HEAD_BOXES if not block.has_var(n)]
+    if missing or sorted(model.feed_names) != ["im_shape", "image", "scale_factor"]:
+        raise ConversionError(
+            f"not the PicoDet mainbody program: expected inputs image/im_shape/scale_factor and head outputs "
+            f"{list(_HEAD_SCORES + _HEAD_BOXES)}; missing {missing}, inputs {model.feed_names}"
+        )
+    bins = None
+    for stride, score_name, box_name in zip(_HEAD_STRIDES, _HEAD_SCORES, _HEAD_BOXES):
+        h, w = size[0] // stride, size[1] // stride
+        score_shape = tuple(block.var(score_name).shape)
+        box_shape = tuple(block.var(box_name).shape)
+        if score_shape[1:] != (h, w, num_classes) or box_shape[1:3] != (h, w) or box_shape[3] % 4:
+            raise ConversionError(
+                f"stride {stride}: expected {score_name} [N, {h}, {w}, {num_classes}] and {box_name} "
+                f"[N, {h}, {w}, 4*(reg_max+1)], got {score_shape} and {box_shape}"
+            )
+        bins = box_shape[3] if bins is None else bins
+        if box_shape[3] != bins:
+            raise ConversionError(f"box logits of different widths across strides: {box_shape[3]} vs {bins}")
+
+    program = paddle_io.truncated_clone(model, _HEAD_SCORES + _HEAD_BOXES)
+    block = program.global_block()
+    _pin_interp_sizes(block)
+    score_names = [f"scores_stride{s}" for s in _HEAD_STRIDES]
+    box_names = [f"boxes_stride{s}" for s in _HEAD_STRIDES]
+    for stride, src, dst, channels in [
+        *zip(_HEAD_STRIDES, _HEAD_SCORES, score_names, [num_classes] * 4),
+        *zip(_HEAD_STRIDES, _HEAD_BOXES, box_names, [bins] * 4),
+    ]:
+        cells = (size[0] // stride) * (size[1] // stride)
+        source = block.var(src)
+        out = block.create_var(name=dst, shape=(1, cells, channels), dtype=source.dtype)
+        xshape = block.create_var(name=dst + ".xshape", dtype=source.dtype)
+        block.append_op(
+            type="reshape2",
+            inputs={"X": [source]},
+            outputs={"Out": [out], "XShape": [xshape]},
+            attrs={"shape": [1, cells, channels]},
+        )
+    files = paddle_io.save_pruned_inference_model(
+        model,
+        out_dir,
+        feed_names=["image"],
+        fetch_names=score_names + box_names,
+        input_shapes={"image": (1, 3, *size)},
+        program=program,
+    )
+    return files, score_names, box_names, bins // 4 - 1
+
+
+def _convert_extractor(
+    rec_dir: Path, staging: Path, opset: int, precision: str, tools: Tuple[Any, Any, Any], timings: Dict[str, float]
+) -> Dict[str, Any]:
+    p2o, onnx, onnxruntime = tools
+    with _step("extractor: load", rec_dir, timings):
+        files = paddle_io.find_model_files(rec_dir)
+        source = _source(files)
+        predictor = paddle_io.create_predictor(files)
+        input_names = list(predictor.get_input_names())
+        output_names = list(predictor.get_output_names())
+        if len(input_names) != 1 or len(output_names) != 1:
+            raise ConversionError(f"expected one input and one output, got {input_names} -> {output_names}")
+        fetch_name = output_names[0]
+        if files.is_pir or fetch_name.startswith("fetch_name_"):
+            fetch_name = "features"
+    with _step("extractor: paddle2onnx", rec_dir, timings):
+        model = _rename_outputs(onnx, _paddle2onnx(p2o, files, opset), [fetch_name])
+        _fix_leaky_relu(model, _leaky_relu_slopes(files))
+        _drop_dead_nodes(model)
+    path = staging / "extractor.onnx"
+    with _step("extractor: onnx check", rec_dir, timings):
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(path))
+        (graph_input,) = model.graph.input
+        input_shape = _onnx_io_shape(graph_input)
+        output_shape = _onnx_io_shape(model.graph.output[0])
+        if len(input_shape) != 4 or input_shape[1] != 3 or len(output_shape) != 2 or output_shape[1] <= 0:
+            raise ConversionError(f"expected input [N,3,H,W] and output [N,D], got {input_shape} -> {output_shape}")
+    with _step("extractor: verify", rec_dir, timings):
+        rng = np.random.default_rng(_VERIFY_SEED)
+        x = _verification_image((_EXTRACTOR_VERIFY_BATCH, 3, input_shape[2], input_shape[3]), rng)
+        ref = paddle_io.run_predictor(predictor, {input_names[0]: x})[output_names[0]]
+        out = _ort_session(onnxruntime, path).run(None, {graph_input.name: x})[0]
+        diff = _max_abs_diff(ref, out, "extractor")
+        _LOG.info("extractor: onnxruntime vs Paddle Inference max abs diff %.3g on %s", diff, x.shape)
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "backend": EXPORT_FORMATS["onnx"].backend,
+        "precision": precision,
+        "input": {
+            "name": graph_input.name,
+            "shape": input_shape,
+            "resize": "stretch",
+            "interpolation": "linear",
+            "channel_order": "RGB",
+            "scale": _SCALE_1_255,
+            "mean": list(_IMAGENET_MEAN),
+            "std": list(_IMAGENET_STD),
+            "layout": "NCHW",
+        },
+        "output": {"kind": "embedding", "name": fetch_name, "dim": output_shape[1], "normalized": False},
+        "source": source,
+    }
+
+
+def _convert_detector(
+    det_dir: Path,
+    staging: Path,
+    work: Path,
+    opset: int,
+    precision: str,
+    tools: Tuple[Any, Any, Any],
+    timings: Dict[str, float],
+) -> Dict[str, Any]:
+    p2o, onnx, onnxruntime = tools
+    with _step("detector: load", det_dir, timings):
+        source = _source(paddle_io.find_model_files(det_dir))
+        input_spec, labels = _detector_input_spec(det_dir)
+    with _step("detector: cut at raw heads", det_dir, timings):
+        heads = cut_detector_heads(det_dir, work / "detector_heads")
+        cut, score_names, box_names = heads.files, list(heads.scores), list(heads.boxes)
+    with _step("detector: paddle2onnx", det_dir, timings):
+        onnx_model = _rename_outputs(onnx, _paddle2onnx(p2o, cut, opset), score_names + box_names)
+        _fix_leaky_relu(onnx_model, _leaky_relu_slopes(cut))
+        _drop_dead_nodes(onnx_model)
+    path = staging / "detector.onnx"
+    with _step("detector: onnx check", det_dir, timings):
+        onnx.checker.check_model(onnx_model, full_check=True)
+        onnx.save_model(onnx_model, str(path))
+        (graph_input,) = onnx_model.graph.input
+        if graph_input.name != "image" or _onnx_io_shape(graph_input) != input_spec["shape"]:
+            raise ConversionError(
+                f"expected ONNX input image {input_spec['shape']}, got {graph_input.name} {_onnx_io_shape(graph_input)}"
+            )
+    with _step("detector: verify", det_dir, timings):
+        rng = np.random.default_rng(_VERIFY_SEED)
+        image = _verification_image(input_spec["shape"], rng)
+        reference = paddle_io.run_predictor(paddle_io.create_predictor(cut), {"image": image})
+        outputs = _ort_session(onnxruntime, path).run(score_names + box_names, {"image": image})
+        diffs = [_max_abs_diff(reference[n], o, f"detector {n}") for n, o in zip(score_names + box_names, outputs)]
+        _LOG.info("detector: onnxruntime vs Paddle Inference max abs diff %.3g over the 8 heads", max(diffs))
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "backend": EXPORT_FORMATS["onnx"].backend,
+        "precision": precision,
+        "input": input_spec,
+        "output": {
+            "kind": "picodet_heads",
+            "scores": score_names,
+            "boxes": box_names,
+            "strides": list(_HEAD_STRIDES),
+            "reg_max": heads.reg_max,
+            "cell_offset": 0.5,
+            "num_classes": len(labels),
+        },
+        "labels": labels,
+        "defaults": dict(_DETECTOR_DEFAULTS),
+        "source": source,
+    }
+
+
+def _bundle_name(models: Dict[str, Dict[str, Any]], precision: str) -> str:
+    tags = []
+    for role in ("detector", "extractor"):
+        if role in models:
+            src = models[role]["source"]
+            tag = f"replica-s{src['seed']}" if src["kind"] == "replica" else "official"
+            if tag not in tags:
+                tags.append(tag)
+    family = "ppshitu"
+    if "extractor" in models:
+        family = _FAMILY_BY_REC_SHA.get(models["extractor"]["source"]["program_sha256"], "ppshitu")
+    roles = "" if len(models) == 2 else ("-det" if "detector" in models else "-rec")
+    return f"{family}{roles}-{'+'.join(tags)}-{precision}"
+
+
+def _tool_versions(tools: Tuple[Any, Any, Any]) -> Dict[str, str]:
+    import edge_shitu
+
+    p2o, onnx, onnxruntime = tools
+    return {
+        "edge_shitu": edge_shitu.__version__,
+        "paddlepaddle": paddle_io.paddle_version(),
+        "paddle2onnx": str(p2o.__version__),
+        "onnx": str(onnx.__version__),
+        "onnxruntime": str(onnxruntime.__version__),
+    }
+
+
+def convert(
+    det_dir: "os.PathLike[str] | str | None",
+    rec_dir: "os.PathLike[str] | str | None",
+    out_dir: "os.PathLike[str] | str",
+    *,
+    precision: str = "fp32",
+    opset: int = 11,
+    name: Optional[str] = None,
+) -> Path:
+    """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
+
+    Each model folder holds ``inference.pdmodel`` (or, for the extractor, ``inference.json``) and
+    ``inference.pdiparams``: official weights, or a replica from :func:`converters.replica.write_replica`
+    (recognised by its ``replica.json``). The bundle is assembled in a temporary sibling folder and
+    moved to ``out_dir`` only when every step succeeded.
+
+    Args:
+      det_dir: the PicoDet mainbody detector folder, or None for an extractor-only bundle.
+      rec_dir: the feature extractor folder, or None for a detector-only bundle.
+      out_dir: the bundle folder to create; it must not exist or be empty.
+      precision: ``"fp32"`` (the only precision supported so far; see :data:`EXPORT_FORMATS`).
+      opset: ONNX opset, within the ``onnx`` format's range.
+      name: bundle name; default e.g. ``ppshituv2-replica-s0-fp32``.
+
+    Returns:
+      ``out_dir`` as a Path, holding ``detector.onnx`` and/or ``extractor.onnx`` and ``manifest.json``.
+
+    Raises:
+      InvalidInputError: both model folders are None, a bad name, or ``out_dir`` is not empty.
+      MissingFileError: a model folder or one of its files is missing.
+      BackendUnavailableError: paddlepaddle, paddle2onnx, onnx, onnxruntime or PyYAML is missing.
+      ConversionError: an unsupported precision/opset, or a conversion step failed (the message
+        names the step and the model folder).
+    """
+    validate_export("onnx", precision, opset)
+    if det_dir is None and rec_dir is None:
+        raise InvalidInputError("convert needs a detector folder, an extractor folder, or both; got neither")
+    if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)):
+        raise InvalidInputError(f"bundle name must match {_NAME_RE.pattern}, got {name!r}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInputError(f"bundle folder {out} already exists and is not empty")
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+    with _step("import tools", None, timings):
+        tools = _import_runtime_tools()
+    det = Path(det_dir) if det_dir is not None else None
+    rec = Path(rec_dir) if rec_dir is not None else None
+    for role, folder in (("detector", det), ("extractor", rec)):
+        if folder is not None and not folder.is_dir():
+            raise MissingFileError(f"{role} model folder not found: {folder}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(6)
+    staging = out.parent / f".{out.name}.partial-{token}"
+    work = out.parent / f".{out.name}.work-{token}"
+    staging.mkdir()  # with the umask's permissions, unlike tempfile.mkdtemp's 0700
+    work.mkdir()
+    try:
+        models: Dict[str, Dict[str, Any]] = {}
+        if det is not None:
+            models["detector"] = _convert_detector(det, staging, work, opset, precision, tools, timings)
+        if rec is not None:
+            models["extractor"] = _convert_extractor(rec, staging, opset, precision, tools, timings)
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "name": name if name is not None else _bundle_name(models, precision),
+            "models": models,
+            "codes": dict(_CODES),
+            "recognition": dict(_RECOGNITION),
+            "tools": _tool_versions(tools),
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    _LOG.info(
+        "bundle %s written in %.2f s (%s)",
+        out,
+        time.perf_counter() - start,
+        ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
+    )
+    return out
