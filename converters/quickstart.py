@@ -8,9 +8,11 @@ be mistaken for a recognition result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, TextIO, Tuple
 
@@ -30,6 +32,28 @@ def default_work_dir() -> Path:
     """``$XDG_CACHE_HOME/edge-shitu/quickstart`` (``~/.cache/...`` when unset)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "edge-shitu" / "quickstart"
+
+
+@contextlib.contextmanager
+def _native_output_to(log_path: Path):
+    """Send everything written to file descriptors 1 and 2 (Paddle's C++ logging, paddle2onnx's prints,
+    Python log handlers) to ``log_path`` for the duration; the quickstart's own report stays readable."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_path, "ab") as log_file:
+        try:
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _official_models(work: Path, mirror: Optional[str]) -> Dict[str, Path]:
@@ -88,6 +112,7 @@ def run(*, shared: Optional[str] = None, work: Optional[str] = None, models: str
     work_dir.mkdir(parents=True, exist_ok=True)
     out.write(f"[1/4] models (work folder {work_dir})\n")
     kind = "replica"
+    log_path = work_dir / "convert.log"
     if models in ("auto", "official"):
         try:
             model_dirs = _official_models(work_dir, mirror)
@@ -95,16 +120,18 @@ def run(*, shared: Optional[str] = None, work: Optional[str] = None, models: str
         except (FetchError, OSError) as exc:
             if models == "official":
                 raise
-            out.write(f"      official weights unavailable ({exc})\n"
-                      "      -> using REPLICAS: the official graphs with deterministic random weights.\n"
-                      "         Same architecture, cost and code paths; labels below are MEANINGLESS.\n")
+            out.write(f"      official weights unavailable ({exc})\n")
     if kind == "replica":
-        model_dirs = _replica_models(shared_dir, work_dir)
+        out.write("      -> using REPLICAS: the official graphs with deterministic random weights.\n"
+                  "         Same architecture, cost and code paths; labels below are MEANINGLESS.\n")
+        with _native_output_to(log_path):
+            model_dirs = _replica_models(shared_dir, work_dir)
     for role, d in model_dirs.items():
         out.write(f"      {role}: {d}\n")
 
-    out.write("[2/4] bundle (Paddle -> ONNX, detector cut at its raw heads)\n")
-    bundle = _bundle(model_dirs, work_dir / f"bundle-{kind}-fp32")
+    out.write(f"[2/4] bundle (Paddle -> ONNX, detector cut at its raw heads; log: {log_path})\n")
+    with _native_output_to(log_path):
+        bundle = _bundle(model_dirs, work_dir / f"bundle-{kind}-fp32")
     for role, spec in bundle.models.items():
         out.write(f"      {role}: {spec.path.name} {spec.path.stat().st_size / 1e6:.1f} MB sha256 {spec.sha256[:12]}\n")
 
