@@ -50,7 +50,8 @@ import numpy as np
 
 from converters import paddle_io
 from converters.paddle_io import INSTALL_HINT, ModelFiles
-from converters.replica import read_replica_info, sha256_file
+from converters.replica import read_replica_info
+from edge_shitu.bundle import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Bundle, sha256_file
 from edge_shitu.errors import (
     BackendUnavailableError,
     ConversionError,
@@ -72,9 +73,10 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-BUNDLE_FORMAT = "edge-shitu-bundle"
-BUNDLE_FORMAT_VERSION = 1
+# The runtime owns the bundle format; the converter writes what the runtime reads.
+MANIFEST_FILE = MANIFEST_NAME
+BUNDLE_FORMAT = FORMAT
+BUNDLE_FORMAT_VERSION = FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -783,6 +785,8 @@ def convert(
             "tools": _tool_versions(tools),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        # Never hand out a bundle the runtime would refuse.
+        Bundle.load(staging)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
+from edge_shitu.bundle import sha256_file
 from edge_shitu.errors import BundleError, FetchError, InvalidInputError, MissingFileError
 
 __all__ = [
@@ -439,14 +440,6 @@ def load_lock(path: Optional[Union[str, os.PathLike]] = None) -> ModelsLock:
 # sources
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _open_url(url: str, timeout: float):
     """Open ``url`` for reading (the single place that touches the network; tests replace it)."""
     request = urllib.request.Request(url, headers={"User-Agent": "edge-shitu-fetch/1"})
@@ -734,7 +727,7 @@ def _verify_model_dir(entry: ModelEntry, model_dir: Path, display: str) -> Tuple
         if not path.is_file() or path.is_symlink():
             problems.append(f"{spec.path} is listed in models.lock but missing from {display}")
             continue
-        seen = _sha256_file(path)
+        seen = sha256_file(path)
         if spec.sha256 is None:
             checks.append(FileCheck(spec.path, seen, STATUS_UNPINNED))
         elif seen == spec.sha256:
@@ -749,7 +742,7 @@ def _verify_model_dir(entry: ModelEntry, model_dir: Path, display: str) -> Tuple
     listed = {s.path for s in entry.files}
     for rel in present:
         if rel not in listed:
-            checks.append(FileCheck(rel, _sha256_file(model_dir / rel), STATUS_UNLISTED))
+            checks.append(FileCheck(rel, sha256_file(model_dir / rel), STATUS_UNLISTED))
     return tuple(checks)
 
 

@@ -79,6 +79,7 @@ import numpy as np
 
 from converters import paddle_io
 from converters.paddle_io import VarInfo
+from edge_shitu.bundle import sha256_file
 from edge_shitu.errors import ConversionError, InvalidInputError, MissingFileError
 
 __all__ = [
@@ -87,7 +88,6 @@ __all__ = [
     "write_replica",
     "replica_weights",
     "read_replica_info",
-    "sha256_file",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -138,22 +138,6 @@ _RULES = {
     "constants": {"dygraph_tmp_4": "arange(8) (PicoDet distribution projection)"},
     "rng": "numpy PCG64 per variable, SeedSequence([seed, int.from_bytes(sha256(name)[:16], 'little')])",
 }
-
-
-def sha256_file(path: "os.PathLike[str] | str") -> str:
-    """Return the hex sha256 of a file.
-
-    Raises:
-      MissingFileError: the file does not exist.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise MissingFileError(f"file not found: {p}")
-    digest = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
