@@ -45,6 +45,8 @@ def decode_picodet(
     input_size: Tuple[int, int],
     scale: Tuple[float, float],
     options: DetectorOptions,
+    min_score: float = 0.0,
+    max_keep: Optional[int] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode raw PicoDet heads and run per-class NMS, as the hosted model's graph does.
 
@@ -60,6 +62,10 @@ def decode_picodet(
       input_size: network input ``(width, height)``.
       scale: resize factors ``(sx, sy)`` = input size / original size.
       options: thresholds.
+      min_score: drop candidates below this score before NMS. Greedy NMS walks in score order, so
+        lower-scored boxes never suppress higher-scored ones: the boxes at or above ``min_score`` come
+        out exactly as without this cut, only cheaper.
+      max_keep: stop each class's NMS after this many boxes (exact for the best ``max_keep``, same reason).
 
     Returns:
       ``(boxes float32 (n, 4) in original pixels, scores float32 (n,), classes int64 (n,))``,
@@ -89,7 +95,7 @@ def decode_picodet(
         if best.size > options.nms_top_k:
             idx = np.argpartition(-best, options.nms_top_k - 1)[: options.nms_top_k]
         # Anchors whose every class score is under the threshold can never reach the NMS: skip their decode.
-        idx = idx[best[idx] > options.score_threshold]
+        idx = idx[(best[idx] > options.score_threshold) & (best[idx] >= min_score)]
         if idx.size == 0:
             continue
         idx.sort()
@@ -110,9 +116,10 @@ def decode_picodet(
     kept_boxes, kept_scores, kept_classes = [], [], []
     for k in range(c):
         s = cls_scores[:, k]
-        cand = np.flatnonzero(s > options.score_threshold)
+        cand = np.flatnonzero((s > options.score_threshold) & (s >= min_score))
         order = cand[np.argsort(-s[cand], kind="stable")][: options.nms_top_k]
-        keep = nms(boxes, order, options.nms_iou)
+        keep = nms(boxes, order, options.nms_iou,
+                   max_keep=options.keep_top_k if max_keep is None else min(max_keep, options.keep_top_k))
         kept_boxes.append(boxes[keep])
         kept_scores.append(s[keep])
         kept_classes.append(np.full(keep.size, k, dtype=np.int64))
@@ -194,7 +201,8 @@ class Detector:
         n = len(heads.strides)
         boxes, scores, classes = decode_picodet(
             outputs[:n], outputs[n:], heads, input_size=(self.spec.input.width, self.spec.input.height),
-            scale=scale, options=self.options,
+            scale=scale, options=self.options, min_score=self.options.min_score,
+            max_keep=self.options.max_detections,
         )
         w, h = image_size
         result = []

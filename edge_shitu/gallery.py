@@ -272,9 +272,13 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
         transient = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM",
                      "SQLITE_FULL", "SQLITE_NOMEM", "SQLITE_INTERRUPT", "SQLITE_CONSTRAINT", "SQLITE_IOERR")
         return not name.startswith(transient)
+    # Python < 3.11 has no error names: recognise corruption by SQLite's own messages for it, so that
+    # constraint failures, locks and the like are never reported as a damaged file.
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.OperationalError)):
+        text = str(exc).lower()
+        return "malformed" in text or "corrupt" in text
     text = str(exc).lower()
-    return not any(word in text for word in ("locked", "readonly", "read-only", "unable to open", "disk is full",
-                                              "disk i/o error"))
+    return any(word in text for word in ("malformed", "not a database", "corrupt", "encrypted"))
 
 
 def _read_meta_rows(conn: sqlite3.Connection) -> Dict[str, str]:

@@ -161,3 +161,41 @@ def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "paddle", None)
     code, _, err = run("replicate", tmp_path, tmp_path / "out")
     assert code == 1 and 'pip install "edge-shitu[convert]"' in err
+
+
+def test_models_list_and_fetch_from_a_mirror(tmp_path, shared_dir, replica_dirs):
+    import tarfile
+
+    from converters.shared import REC_GRAPH
+
+    code, out, err = run("models", "list")
+    assert code == 0, err
+    names = [line.split("\t")[0] for line in out.splitlines()]
+    assert {"picodet-mainbody", "ppshituv2-extractor"} <= set(names)
+    assert all("https://" in line for line in out.splitlines())
+
+    mirror = tmp_path / "mirror"
+    arch = (mirror / "paddle-imagenet-models-name.bj.bcebos.com" / "dygraph" / "rec" / "models" / "inference"
+            / "PP-ShiTuV2" / f"{REC_GRAPH}.tar")
+    arch.parent.mkdir(parents=True)
+    graph = shared_dir / "models" / "ppshitu-graphs" / REC_GRAPH
+    with tarfile.open(arch, "w") as tar:
+        for n in ("inference.pdmodel", "inference.pdiparams.info"):
+            tar.add(graph / n, arcname=f"{REC_GRAPH}/{n}")
+        tar.add(replica_dirs["extractor"] / "inference.pdiparams", arcname=f"{REC_GRAPH}/inference.pdiparams")
+    cache = tmp_path / "cache"
+    code, out, err = run("models", "fetch", "ppshituv2-extractor", "--mirror", mirror, "--cache", cache)
+    assert code == 0, err
+    assert "inference.pdmodel: sha256 3e0ade05639f" in out and "(pinned-ok)" in out
+    assert "inference.pdiparams: sha256" in out and "(unpinned)" in out  # the hash seen is printed
+    code, out, _ = run("models", "fetch", "ppshituv2-extractor", "--mirror", mirror, "--cache", cache)
+    assert code == 0 and "already cached" in out
+
+    # An archive whose pinned program differs is refused, and nothing is left in the cache.
+    with tarfile.open(arch, "w") as tar:
+        tar.add(replica_dirs["detector"] / "inference.pdmodel", arcname=f"{REC_GRAPH}/inference.pdmodel")
+        tar.add(graph / "inference.pdiparams.info", arcname=f"{REC_GRAPH}/inference.pdiparams.info")
+        tar.add(replica_dirs["extractor"] / "inference.pdiparams", arcname=f"{REC_GRAPH}/inference.pdiparams")
+    code, _, err = run("models", "fetch", "ppshituv2-extractor", "--mirror", mirror, "--cache", tmp_path / "c2", "--force")
+    assert code == 1 and "sha256 mismatch" in err and "inference.pdmodel" in err
+    assert not any((tmp_path / "c2").rglob("inference.pdiparams"))

@@ -128,3 +128,19 @@ def test_nms_edge_cases():
     assert nms(boxes, np.array([], dtype=np.int64), 0.5).tolist() == []
     assert nms(boxes, np.array([1, 0, 2]), 0.5).tolist() == [1, 2]  # identical box suppressed, order kept
     assert nms(boxes, np.array([0, 1, 2]), 0.5, max_keep=1).tolist() == [0]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_pruned_decode_equals_full_decode_then_cut(seed):
+    rng = np.random.default_rng(seed)
+    scores, logits = _random_heads(rng, bias=-1.0)
+    opt = DetectorOptions()
+    full = decode_picodet(scores, logits, HEADS, input_size=(640, 640), scale=(0.5, 0.7), options=opt)
+    for min_score, max_keep in [(0.2, 5), (0.5, 3), (0.0, 100), (0.9, 1)]:
+        keep = full[1] >= min_score
+        want = [a[keep][:max_keep] for a in full]
+        got = decode_picodet(scores, logits, HEADS, input_size=(640, 640), scale=(0.5, 0.7), options=opt,
+                             min_score=min_score, max_keep=max_keep)
+        assert len(want[0]) > 0
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(w, g)
