@@ -12,11 +12,25 @@ program is cut at its 8 raw head outputs (``sigmoid_0.tmp_0`` ... ``sigmoid_3.tm
 layout of a PaddleDetection raw export (``export.post_process=False``): ``[1, H*W, C]``, row-major over
 (H, W). The single ``image`` input is fixed at ``1x3x640x640``.
 
+Both program formats are cut, each in its own IR; the two cuts give the same head outputs (tested):
+
+- a legacy ``inference.pdmodel`` is cut by variable name (above), in a clone truncated after the
+  heads, because a legacy ``while`` op lists the heads among its outputs and pruning would keep it;
+- a Paddle 3 PIR ``inference.json`` has no variable names (they are lost when a program is translated
+  to PIR or exported from dygraph), so the heads are found by structure: the four ``sigmoid`` results
+  whose input is an NHWC ``transpose`` (class scores) and the four NHWC ``transpose`` results that the
+  decode reads and no ``sigmoid`` does (box logits), put in stride order (largest grid first) and
+  validated by their shapes ``[N, H/s, W/s, num_classes]`` and ``[N, H/s, W/s, 4*(reg_max+1)]`` as
+  in the legacy cut. PIR values are SSA, so pruning back from the reshaped heads drops the
+  post-process by itself. The ``image`` feed is replaced by a fixed-shape ``data`` op, and the
+  outputs get the legacy cut's names. Translating the PIR program back to a legacy one to reuse the
+  legacy cut is not possible: Paddle 3.3 has a legacy-to-PIR translator, not the reverse.
+
 Two incompatibilities of paddle2onnx 2.1 with Paddle 3.3 (which now stores some float attributes as
-doubles) are worked around, and the numerical check below would catch any other: ``nearest_interp``
-``scale`` lists abort the export, so resize ops get their static output size instead; and
-``leaky_relu`` slopes come out as garbage, so they are written back into the ONNX ``LeakyRelu``
-nodes from the Paddle program.
+doubles) are worked around, in both IRs, and the numerical check below would catch any other:
+``nearest_interp`` ``scale`` lists abort the export, so resize ops get their static output size
+instead; and ``leaky_relu`` slopes come out as garbage, so they are written back into the ONNX
+``LeakyRelu`` nodes from the Paddle program.
 
 paddle2onnx is called through its Python API, with its optimisation tools off: with a ``save_file`` it
 runs Polygraphy constant folding and sets ``POLYGRAPHY_AUTOINSTALL_DEPS=1``, which lets Polygraphy
@@ -447,6 +461,45 @@ def _pin_interp_sizes(block: Any) -> None:
         op._set_attr("scale", [])
 
 
+_PIR_INTERP_OPS = ("pd_op.nearest_interp", "pd_op.bilinear_interp")
+
+
+def _pin_interp_sizes_pir(paddle: Any, block: Any) -> None:
+    """PIR version of :func:`_pin_interp_sizes`: rebuild resize ops with their static output size.
+
+    PIR ops cannot have a float-list attribute rewritten from Python, so each resize op with a
+    ``scale`` is replaced by the same op with ``out_h``/``out_w`` set and no ``scale``. Call inside
+    ``IrGuard`` and ``program_guard`` of the block's program.
+    """
+    for op in list(block.ops):
+        if op.name() not in _PIR_INTERP_OPS or not op.attrs().get("scale"):
+            continue
+        if any(op.operand_source(i).initialized() for i in range(1, op.num_operands())):
+            raise ConversionError(f"{op.name()} with tensor-valued sizes cannot be pinned")
+        attrs = op.attrs()
+        out_shape = [int(d) for d in op.result(0).shape]
+        if len(out_shape) != 4 or attrs["data_format"] != "NCHW" or min(out_shape[2:]) <= 0:
+            raise ConversionError(f"{op.name()}: cannot pin the output size of shape {out_shape}")
+        make = getattr(paddle._C_ops, op.name().split(".", 1)[1])
+        pinned = make(
+            op.operand_source(0),
+            None,
+            None,
+            None,
+            attrs["data_format"],
+            attrs["out_d"],
+            out_shape[2],
+            out_shape[3],
+            [],
+            attrs["interp_method"],
+            attrs["align_corners"],
+            attrs["align_mode"],
+        )
+        pinned.get_defining_op().move_before(op)
+        op.result(0).replace_all_uses_with(pinned)
+        block.remove_op(op)
+
+
 @dataclass(frozen=True)
 class DetectorHeads:
     """A PicoDet program cut at its raw heads (see :func:`cut_detector_heads`).
@@ -482,8 +535,13 @@ def cut_detector_heads(det_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[
     (1x3x640x640 for the official model). The result runs in Paddle Inference and is what
     :func:`convert` exports to ONNX.
 
+    A legacy ``inference.pdmodel`` gives a legacy cut (``inference.pdmodel``), a Paddle 3 PIR
+    ``inference.json`` a PIR cut (``inference.json``); the heads, their names and their values are
+    the same (see the module docstring for how each is found).
+
     Args:
-      det_dir: the detector folder (``inference.pdmodel``, ``inference.pdiparams``, ``infer_cfg.yml``).
+      det_dir: the detector folder (``inference.pdmodel`` or ``inference.json``, ``inference.pdiparams``,
+        ``infer_cfg.yml``).
       out_dir: folder for the cut program (created).
 
     Returns:
@@ -491,19 +549,16 @@ def cut_detector_heads(det_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[
 
     Raises:
       MissingFileError: a file is missing.
-      ConversionError: not the PicoDet mainbody program (inputs, head names or shapes differ), a PIR
-        program, an unsupported ``infer_cfg.yml``, or Paddle fails.
+      ConversionError: not the PicoDet mainbody program (inputs, heads or their shapes differ), an
+        unsupported ``infer_cfg.yml``, or Paddle fails.
       BackendUnavailableError: paddlepaddle or PyYAML is missing.
     """
     files = paddle_io.find_model_files(det_dir)
-    if files.is_pir:
-        raise ConversionError(
-            f"{files.program}: cutting a PIR (.json) detector is not supported yet; use inference.pdmodel"
-        )
     input_spec, labels = _detector_input_spec(files.directory)
     model = paddle_io.load_inference_model(files.directory)
     shape = tuple(int(d) for d in input_spec["shape"])
-    cut, scores, boxes, reg_max = _cut_detector(model, (shape[2], shape[3]), len(labels), Path(out_dir))
+    cut_program = _cut_detector_pir if files.is_pir else _cut_detector
+    cut, scores, boxes, reg_max = cut_program(model, (shape[2], shape[3]), len(labels), Path(out_dir))
     return DetectorHeads(
         files=cut,
         input_name="image",
@@ -527,19 +582,11 @@ def _cut_detector(
             f"not the PicoDet mainbody program: expected inputs image/im_shape/scale_factor and head outputs "
             f"{list(_HEAD_SCORES + _HEAD_BOXES)}; missing {missing}, inputs {model.feed_names}"
         )
-    bins = None
-    for stride, score_name, box_name in zip(_HEAD_STRIDES, _HEAD_SCORES, _HEAD_BOXES):
-        h, w = size[0] // stride, size[1] // stride
-        score_shape = tuple(block.var(score_name).shape)
-        box_shape = tuple(block.var(box_name).shape)
-        if score_shape[1:] != (h, w, num_classes) or box_shape[1:3] != (h, w) or box_shape[3] % 4:
-            raise ConversionError(
-                f"stride {stride}: expected {score_name} [N, {h}, {w}, {num_classes}] and {box_name} "
-                f"[N, {h}, {w}, 4*(reg_max+1)], got {score_shape} and {box_shape}"
-            )
-        bins = box_shape[3] if bins is None else bins
-        if box_shape[3] != bins:
-            raise ConversionError(f"box logits of different widths across strides: {box_shape[3]} vs {bins}")
+    bins = _check_head_shapes(
+        size,
+        num_classes,
+        [(s, block.var(s).shape, b, block.var(b).shape) for s, b in zip(_HEAD_SCORES, _HEAD_BOXES)],
+    )
 
     program = paddle_io.truncated_clone(model, _HEAD_SCORES + _HEAD_BOXES)
     block = program.global_block()
@@ -568,6 +615,113 @@ def _cut_detector(
         input_shapes={"image": (1, 3, *size)},
         program=program,
     )
+    return files, score_names, box_names, bins // 4 - 1
+
+
+_NHWC = [0, 2, 3, 1]
+
+
+def _check_head_shapes(
+    size: Tuple[int, int], num_classes: int, heads: Sequence[Tuple[str, Sequence[int], str, Sequence[int]]]
+) -> int:
+    """Check per-stride (score name, shape, box name, shape) against the input size; return the bins."""
+    bins = 0
+    for stride, (score_name, score_shape, box_name, box_shape) in zip(_HEAD_STRIDES, heads):
+        h, w = size[0] // stride, size[1] // stride
+        score_shape, box_shape = tuple(score_shape), tuple(box_shape)
+        if (
+            len(score_shape) != 4
+            or len(box_shape) != 4
+            or score_shape[1:] != (h, w, num_classes)
+            or box_shape[1:3] != (h, w)
+            or box_shape[3] <= 0
+            or box_shape[3] % 4
+        ):
+            raise ConversionError(
+                f"stride {stride}: expected {score_name} [N, {h}, {w}, {num_classes}] and {box_name} "
+                f"[N, {h}, {w}, 4*(reg_max+1)], got {score_shape} and {box_shape}"
+            )
+        bins = bins or int(box_shape[3])
+        if box_shape[3] != bins:
+            raise ConversionError(f"box logits of different widths across strides: {box_shape[3]} vs {bins}")
+    return bins
+
+
+def _pir_heads(block: Any, program_path: Path) -> Tuple[List[Any], List[Any]]:
+    """Find the raw head values of a PIR PicoDet program by structure (see the module docstring).
+
+    Returns the score and box values, each in stride order (largest grid first); the caller checks
+    their shapes. Call inside ``IrGuard``.
+    """
+    scores, boxes = [], []
+    for op in block.ops:
+        if op.name() == "pd_op.sigmoid":
+            source = op.operand_source(0).get_defining_op()
+            if source is not None and source.name() == "pd_op.transpose" and list(source.attrs()["perm"]) == _NHWC:
+                scores.append(op.result(0))
+        elif op.name() == "pd_op.transpose" and list(op.attrs()["perm"]) == _NHWC:
+            value = op.result(0)
+            users = [user.name() for user in value.all_used_ops()]
+            if users and "pd_op.sigmoid" not in users:
+                boxes.append(value)
+    count = len(_HEAD_STRIDES)
+    if len(scores) != count or len(boxes) != count:
+        raise ConversionError(
+            f"{program_path}: not the PicoDet mainbody program: expected {count} class-score heads "
+            f"(sigmoid of an NHWC transpose) and {count} box-logit heads (NHWC transposes the decode reads), "
+            f"found {len(scores)} and {len(boxes)}"
+        )
+
+    def grid_order(value: Any) -> int:
+        shape = list(value.shape)
+        return -(shape[1] * shape[2]) if len(shape) == 4 else 0
+
+    # sorted() is stable: equal grids keep program order, and the shape check rejects them anyway.
+    return sorted(scores, key=grid_order), sorted(boxes, key=grid_order)
+
+
+def _cut_detector_pir(
+    model: paddle_io.LoadedModel, size: Tuple[int, int], num_classes: int, out_dir: Path
+) -> Tuple[ModelFiles, List[str], List[str], int]:
+    """The PIR version of :func:`_cut_detector` (edits ``model.program`` in place)."""
+    if sorted(model.feed_names) != ["im_shape", "image", "scale_factor"]:
+        raise ConversionError(
+            f"{model.files.program}: not the PicoDet mainbody program: expected inputs image/im_shape/scale_factor, "
+            f"got {model.feed_names}"
+        )
+    paddle = paddle_io.import_paddle()
+    program = model.program
+    score_names = [f"scores_stride{s}" for s in _HEAD_STRIDES]
+    box_names = [f"boxes_stride{s}" for s in _HEAD_STRIDES]
+    with paddle.pir_utils.IrGuard():
+        block = program.global_block()
+        scores, boxes = _pir_heads(block, model.files.program)
+        bins = _check_head_shapes(
+            size,
+            num_classes,
+            [
+                (f"class scores (sigmoid {i})", list(s.shape), f"box logits (transpose {i})", list(b.shape))
+                for i, (s, b) in enumerate(zip(scores, boxes))
+            ],
+        )
+        feeds = [op for op in block.ops if op.name() in ("pd_op.feed", "pd_op.data") and op.attrs()["name"] == "image"]
+        if len(feeds) != 1:
+            raise ConversionError(f"{model.files.program}: expected one input named image, found {len(feeds)}")
+        feed = feeds[0]
+        with paddle.static.program_guard(program):
+            image = paddle.static.data("image", [1, 3, *size], feed.result(0).dtype)
+            image.get_defining_op().move_before(feed)
+            feed.result(0).replace_all_uses_with(image)
+            block.remove_op(feed)
+            _pin_interp_sizes_pir(paddle, block)
+            fetches = []
+            for stride, name, value, channels in [
+                *zip(_HEAD_STRIDES, score_names, scores, [num_classes] * 4),
+                *zip(_HEAD_STRIDES, box_names, boxes, [bins] * 4),
+            ]:
+                cells = (size[0] // stride) * (size[1] // stride)
+                fetches.append((name, paddle.reshape(value, [1, cells, channels])))
+        files = paddle_io.save_pir_inference_model(model, out_dir, feeds=[image], fetches=fetches, program=program)
     return files, score_names, box_names, bins // 4 - 1
 
 
@@ -723,7 +877,7 @@ def convert(
 ) -> Path:
     """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
 
-    Each model folder holds ``inference.pdmodel`` (or, for the extractor, ``inference.json``) and
+    Each model folder holds ``inference.pdmodel`` (legacy) or ``inference.json`` (Paddle 3 PIR) and
     ``inference.pdiparams``: official weights, or a replica from :func:`converters.replica.write_replica`
     (recognised by its ``replica.json``). The bundle is assembled in a temporary sibling folder and
     moved to ``out_dir`` only when every step succeeded.

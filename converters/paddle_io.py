@@ -6,7 +6,8 @@ Two program formats are handled:
   reads it only in legacy-IR mode, selected by the environment variable ``FLAGS_enable_pir_api=0``
   *before* ``paddle`` is first imported. :func:`import_paddle` does exactly that (and, when ``paddle``
   was already imported in PIR mode, switches the process to legacy IR as ``OldIrGuard`` does).
-- ``inference.json``: the Paddle 3 PIR program. It is read inside ``paddle.pir_utils.IrGuard``.
+- ``inference.json``: the Paddle 3 PIR program. It is read, edited and saved inside
+  ``paddle.pir_utils.IrGuard`` (:func:`save_pir_inference_model`).
 
 Both come with ``inference.pdiparams``: every persistable tensor of the program, sorted by name, each
 as a serialized ``DenseTensor`` (see :func:`write_params`).
@@ -51,6 +52,7 @@ __all__ = [
     "run_program",
     "truncated_clone",
     "save_pruned_inference_model",
+    "save_pir_inference_model",
     "write_params",
     "create_predictor",
     "run_predictor",
@@ -217,7 +219,7 @@ def find_model_files(model_dir: "os.PathLike[str] | str", *, need_params: bool =
     """Locate the program and params files in a Paddle inference model folder.
 
     A folder holding both ``inference.pdmodel`` and ``inference.json`` uses the ``.pdmodel`` (the
-    official archives' format; the detector cut needs it).
+    official archives' format).
 
     Args:
       model_dir: the folder.
@@ -515,7 +517,7 @@ def save_pruned_inference_model(
     """
     if model.files.is_pir:
         raise ConversionError(
-            f"{model.files.program}: pruning PIR (.json) programs is not supported yet; use the .pdmodel form"
+            f"{model.files.program}: a PIR (.json) program; prune it with save_pir_inference_model"
         )
     paddle = import_paddle()
     program = truncated_clone(model, fetch_names) if program is None else program
@@ -537,6 +539,73 @@ def save_pruned_inference_model(
                 model.executor,
                 program=program,
             )
+    except Exception as exc:
+        raise ConversionError(f"cannot save the pruned program of {model.files.directory}: {exc}") from exc
+    return find_model_files(out)
+
+
+def save_pir_inference_model(
+    model: LoadedModel,
+    out_dir: "os.PathLike[str] | str",
+    *,
+    feeds: Sequence[Any],
+    fetches: Sequence[Tuple[str, Any]],
+    program: Any = None,
+) -> ModelFiles:
+    """Save the part of a PIR program that computes ``fetches`` from ``feeds``, with named outputs.
+
+    Ops that the fetches do not depend on (a post-process that consumes them, unused inputs...) are
+    pruned, and so are the weights only they used. PIR values carry no names (Paddle names unnamed
+    outputs ``fetch_name_<i>``), so the saved program's fetch ops are renamed afterwards: a predictor
+    of the result reports the names given here.
+
+    Args:
+      model: from :func:`load_inference_model` (a PIR ``.json`` program).
+      out_dir: folder to write ``inference.json`` and ``inference.pdiparams`` into (created).
+      feeds: the input values of the pruned program (results of ``pd_op.data``/``pd_op.feed`` ops of
+        ``program``), in feed order.
+      fetches: ``(name, value)`` pairs, the outputs of the pruned program in fetch order; names unique.
+      program: an edited ``model.program`` (or a clone) to save instead of it; its weights must live in
+        ``model.scope``.
+
+    Returns:
+      The written :class:`ModelFiles`.
+
+    Raises:
+      InvalidInputError: no fetches, or a name given twice.
+      ConversionError: the program is legacy, or Paddle fails to prune or save.
+      BackendUnavailableError: paddlepaddle is not installed.
+    """
+    if not model.files.is_pir:
+        raise ConversionError(f"{model.files.program}: not a PIR (.json) program; use save_pruned_inference_model")
+    names = [name for name, _ in fetches]
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise InvalidInputError(f"fetches need unique non-empty names, got {names}")
+    paddle = import_paddle()
+    program = model.program if program is None else program
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PIR_JSON
+    try:
+        with paddle.static.scope_guard(model.scope), paddle.pir_utils.IrGuard():
+            paddle.static.save_inference_model(
+                str(out / "inference"),
+                list(feeds),
+                [value for _, value in fetches],
+                model.executor,
+                program=program,
+            )
+            saved = paddle.static.Program()
+            paddle.base.core.deserialize_pir_program(str(path), saved)
+            fetch_ops = [op for op in saved.global_block().ops if op.name() == "pd_op.fetch"]
+            if sorted(int(op.attrs()["col"]) for op in fetch_ops) != list(range(len(names))):
+                raise ConversionError(f"the saved program has {len(fetch_ops)} outputs, expected {len(names)}")
+            for op in fetch_ops:
+                op.set_str_attr("name", names[int(op.attrs()["col"])])
+            # Same flags as save_inference_model: overwrite, not human-readable, trainable attributes kept.
+            paddle.base.core.serialize_pir_program(saved, str(path), True, False, True)
+    except ConversionError:
+        raise
     except Exception as exc:
         raise ConversionError(f"cannot save the pruned program of {model.files.directory}: {exc}") from exc
     return find_model_files(out)

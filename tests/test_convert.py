@@ -411,3 +411,145 @@ def test_reference_runners_reject_bad_inputs(replica_dirs):
         PaddleExtractorReference(replica_dirs["extractor"].parent / "absent")
     with pytest.raises(ConversionError, match="image/im_shape/scale_factor"):
         PaddleDetectorReference(replica_dirs["extractor"])
+
+
+# ---------------------------------------------------------------- Paddle 3 PIR (.json) detector programs
+
+
+def _translate_to_pir(model_dir: Path, out_dir: Path) -> Path:
+    """Save a legacy model folder as a Paddle 3 PIR program (``inference.json``), the way Paddle 3.3
+    loads a legacy program: ``paddle.pir.translate_to_pir`` of the loaded program, then
+    ``save_inference_model`` in PIR mode (as in test_replica.py). The weights are saved with it."""
+    from converters import paddle_io
+
+    paddle = paddle_io.import_paddle()
+    from paddle.static.pir_io import get_pir_parameters
+
+    model = paddle_io.load_inference_model(model_dir)
+    with paddle.static.scope_guard(model.scope), paddle.pir_utils.IrGuard():
+        program = paddle.pir.translate_to_pir(model.program.desc)
+        block = program.global_block()
+        feeds = [op.result(0) for op in block.ops if op.name() in ("pd_op.data", "pd_op.feed")]
+        fetches = [op.operand_source(0) for op in block.ops if op.name() == "pd_op.fetch"]
+        params, _ = get_pir_parameters(program)
+        paddle.base.libpaddle.pir.create_loaded_parameter(
+            [v for v in params if v.persistable], model.scope, model.executor._default_executor
+        )
+        paddle.static.save_inference_model(str(out_dir / "inference"), feeds, fetches, model.executor, program=program)
+    if (model_dir / "infer_cfg.yml").is_file():
+        shutil.copyfile(model_dir / "infer_cfg.yml", out_dir / "infer_cfg.yml")
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def pir_detector_dir(replica_dirs, tmp_path_factory) -> Path:
+    """The detector replica as a PIR program: the official graph translated to ``inference.json``, then
+    given replica weights by write_replica (so it has its own replica.json, naming the .json program)."""
+    from converters.replica import write_replica
+
+    root = tmp_path_factory.mktemp("pir")
+    graph = _translate_to_pir(replica_dirs["detector"], root / "graph")
+    (graph / "inference.pdiparams").unlink()  # a graph folder holds no weights
+    return write_replica(graph, root / DET_GRAPH, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pir_bundle(pir_detector_dir, tmp_path_factory) -> Path:
+    from converters.convert import convert
+
+    return convert(pir_detector_dir, None, tmp_path_factory.mktemp("pir-bundle") / "bundle")
+
+
+@pytest.mark.paddle
+def test_pir_detector_replica_carries_the_legacy_weights(pir_detector_dir, replica_dirs):
+    names = sorted(p.name for p in pir_detector_dir.iterdir())
+    assert names == ["infer_cfg.yml", "inference.json", "inference.pdiparams", "replica.json"]
+    params = pir_detector_dir / "inference.pdiparams"
+    assert _sha(params) == _sha(replica_dirs["detector"] / "inference.pdiparams")
+
+
+@pytest.mark.paddle
+def test_pir_detector_cut_gives_the_legacy_cut_heads(pir_detector_dir, paddle_heads, tmp_path, test_images):
+    pytest.importorskip("cv2", reason="opencv (the 'dev' extra) is needed for the reference pre-processing")
+    from converters import paddle_io
+    from converters.convert import cut_detector_heads
+
+    heads = cut_detector_heads(pir_detector_dir, tmp_path / "heads")
+    assert heads.files.is_pir and heads.files.program.name == "inference.json"
+    assert not paddle_heads.files.is_pir
+    for field in ("input_name", "input_shape", "scores", "boxes", "strides", "reg_max", "labels"):
+        assert getattr(heads, field) == getattr(paddle_heads, field), field
+    pir = paddle_io.create_predictor(heads.files, threads=2)
+    legacy = paddle_io.create_predictor(paddle_heads.files, threads=2)
+    names = list(heads.scores + heads.boxes)
+    assert list(pir.get_input_names()) == ["image"] and list(pir.get_output_names()) == names
+    image = _detector_input(test_images[0])
+    expected = paddle_io.run_predictor(legacy, {"image": image})
+    got = paddle_io.run_predictor(pir, {"image": image})
+    for name in names:
+        assert got[name].shape == expected[name].shape, name
+        scale = max(1.0, float(np.abs(expected[name]).max()))
+        assert float(np.abs(got[name] - expected[name]).max()) <= 1e-5 * scale, name
+    scores = np.concatenate([got[n].reshape(-1) for n in heads.scores])
+    assert np.any(scores > 0.2) and float(np.ptp(got["boxes_stride8"])) > 1.0
+
+
+@pytest.mark.paddle
+def test_pir_detector_bundle_matches_the_legacy_bundle(pir_bundle, pir_detector_dir, replica_bundle, manifest, test_images):
+    pytest.importorskip("cv2", reason="opencv (the 'dev' extra) is needed for the reference pre-processing")
+    assert sorted(p.name for p in pir_bundle.iterdir()) == ["detector.onnx", "manifest.json"]
+    pir_manifest = json.loads((pir_bundle / "manifest.json").read_text(encoding="utf-8"))
+    assert pir_manifest["name"] == "ppshitu-det-replica-s0-fp32"
+    det, legacy = pir_manifest["models"]["detector"], manifest["models"]["detector"]
+    assert det["sha256"] == _sha(pir_bundle / "detector.onnx")
+    assert det["source"] == {
+        "kind": "replica",
+        "model_dir_name": DET_GRAPH,
+        "program_sha256": _sha(pir_detector_dir / "inference.json"),
+        "params_sha256": legacy["source"]["params_sha256"],
+        "seed": 0,
+    }
+    assert det["source"]["program_sha256"] != legacy["source"]["program_sha256"]
+    for key in set(det) - {"sha256", "source"}:
+        assert det[key] == legacy[key], key
+
+    names = det["output"]["scores"] + det["output"]["boxes"]
+    pir, ref = _session(pir_bundle / "detector.onnx"), _session(replica_bundle / "detector.onnx")
+    assert [(i.name, i.shape) for i in pir.get_inputs()] == [("image", [1, 3, 640, 640])]
+    assert [(o.name, o.shape) for o in pir.get_outputs()] == [(o.name, o.shape) for o in ref.get_outputs()]
+    for path in (test_images[0], test_images[-1]):
+        image = _detector_input(path)
+        expected = dict(zip(names, ref.run(names, {"image": image})))
+        got = dict(zip(names, pir.run(names, {"image": image})))
+        for name in names:
+            scale = max(1.0, float(np.abs(expected[name]).max()))
+            assert float(np.abs(got[name] - expected[name]).max()) <= 1e-5 * scale, (path.name, name)
+
+
+@pytest.mark.paddle
+def test_pir_detector_heads_are_validated_by_shape(pir_detector_dir, tmp_path):
+    from converters.convert import cut_detector_heads
+
+    folder = tmp_path / "det"
+    folder.mkdir()
+    for name in ("inference.json", "inference.pdiparams"):
+        os.symlink(pir_detector_dir / name, folder / name)
+    cfg = (pir_detector_dir / "infer_cfg.yml").read_text()
+    assert "640" in cfg
+    (folder / "infer_cfg.yml").write_text(cfg.replace("640", "320"))
+    with pytest.raises(ConversionError, match=r"stride 8: expected class scores .* \[N, 40, 40, 1\]"):
+        cut_detector_heads(folder, tmp_path / "heads")
+
+
+@pytest.mark.paddle
+def test_a_pir_program_that_is_not_the_detector_is_refused(replica_dirs, tmp_path):
+    from converters import paddle_io
+    from converters.convert import _pir_heads, cut_detector_heads
+
+    folder = _translate_to_pir(replica_dirs["extractor"], tmp_path / "rec")
+    with pytest.raises(ConversionError, match="image/im_shape/scale_factor"):
+        cut_detector_heads(folder, tmp_path / "heads")
+    paddle = paddle_io.import_paddle()
+    model = paddle_io.load_inference_model(folder)
+    with paddle.pir_utils.IrGuard(), pytest.raises(ConversionError, match="found 0 and 0"):
+        _pir_heads(model.program.global_block(), model.files.program)
