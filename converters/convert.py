@@ -64,6 +64,7 @@ import numpy as np
 
 from converters import paddle_io
 from converters.paddle_io import INSTALL_HINT, ModelFiles
+from converters.fetch import read_fetch_record
 from converters.replica import read_replica_info
 from edge_shitu.bundle import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Bundle, sha256_file
 from edge_shitu.errors import (
@@ -369,13 +370,17 @@ def _source(files: ModelFiles) -> Dict[str, Any]:
                     f"{files.directory}: replica.json records {key} {recorded} but the file has {actual}; "
                     "if these are the official weights, delete replica.json"
                 )
-    return {
+    source = {
         "kind": "replica" if info is not None else "official",
         "model_dir_name": files.directory.name,
         "program_sha256": program_sha,
         "params_sha256": params_sha,
         "seed": info["seed"] if info is not None else None,
     }
+    archive = read_fetch_record(files.directory)
+    if archive is not None:
+        source["archive"] = archive
+    return source
 
 
 def _detector_input_spec(model_dir: Path) -> Tuple[Dict[str, Any], List[str]]:

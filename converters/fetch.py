@@ -49,6 +49,7 @@ __all__ = [
     "ModelsLock",
     "FileCheck",
     "FetchReport",
+    "read_fetch_record",
     "ModelInfo",
     "default_lock_path",
     "default_cache_dir",
@@ -753,6 +754,24 @@ def _entry_fingerprint(entry: ModelEntry) -> Dict[str, Any]:
         "archive_sha256": entry.archive_sha256,
         "unpack_dir": entry.unpack_dir,
     }
+
+
+def read_fetch_record(model_dir: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
+    """Provenance of a model folder that :func:`fetch` unpacked, or None for any other folder.
+
+    Returns:
+      ``{"name": lock entry name, "archive_sha256": hash of the archive seen, "fetched_from": URL or
+      mirror path}`` read from the fetch record beside the folder.
+    """
+    path = Path(model_dir).parent / _RECORD_NAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("record_version") != _RECORD_VERSION:
+        return None
+    return {"name": record.get("name"), "archive_sha256": record.get("archive_sha256"),
+            "fetched_from": record.get("source")}
 
 
 def _read_record(entry_root: Path, entry: ModelEntry) -> Optional[Dict[str, Any]]:

@@ -62,6 +62,10 @@ def test_quickstart_official_route_through_a_mirror(tmp_path, shared_dir, replic
     assert "REPLICA" not in out and "[4/4]" in out
     manifest = json.loads((work / "bundle-official-fp32" / "manifest.json").read_text())
     assert {m["source"]["kind"] for m in manifest["models"].values()} == {"official"}
+    # The bundle records which pinned archive each model came from, and from where.
+    archives = {m["source"]["archive"]["name"] for m in manifest["models"].values()}
+    assert archives == {"picodet-mainbody", "ppshituv2-extractor"}
+    assert all(str(tmp_path / "mirror") in m["source"]["archive"]["fetched_from"] for m in manifest["models"].values())
     with Gallery.open(work / "drink-gallery-official.db", readonly=True) as g:
         assert len(g) == 40
 
