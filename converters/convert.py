@@ -871,6 +871,23 @@ def _tool_versions(tools: Tuple[Any, Any, Any]) -> Dict[str, str]:
     }
 
 
+def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional[Path],
+                    images: "os.PathLike[str] | str | None", timings: Dict[str, float]) -> None:
+    from converters.verify import VERIFY_FILE, verify_bundle
+
+    if images is None:
+        raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
+    with _step("verify against Paddle Inference on real photos", None, timings):
+        report = verify_bundle(staging, det_dir=det, rec_dir=rec, images_dir=Path(images))
+    if not report["passed"]:
+        failed = out.parent / f"{out.name}.verify-failed.json"
+        os.replace(staging / VERIFY_FILE, failed)
+        raise ConversionError(
+            f"{out}: converted models disagree with their sources: {'; '.join(report['failures'])} "
+            f"(full report: {failed})"
+        )
+
+
 def convert(
     det_dir: "os.PathLike[str] | str | None",
     rec_dir: "os.PathLike[str] | str | None",
@@ -879,6 +896,8 @@ def convert(
     precision: str = "fp32",
     opset: int = 11,
     name: Optional[str] = None,
+    verify: bool = False,
+    verify_images: "os.PathLike[str] | str | None" = None,
 ) -> Path:
     """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
 
@@ -894,6 +913,11 @@ def convert(
       precision: ``"fp32"`` (the only precision supported so far; see :data:`EXPORT_FORMATS`).
       opset: ONNX opset, within the ``onnx`` format's range.
       name: bundle name; default e.g. ``ppshituv2-replica-s0-fp32``.
+      verify: run the source models in Paddle Inference and the converted ones in the runtime on the
+        photos of ``verify_images`` (see :mod:`converters.verify`); the bundle gets ``verify.json``, and a
+        bundle under the thresholds is not published (its report is left beside ``out_dir`` as
+        ``<name>.verify-failed.json``).
+      verify_images: folder of real photos for ``verify``.
 
     Returns:
       ``out_dir`` as a Path, holding ``detector.onnx`` and/or ``extractor.onnx`` and ``manifest.json``.
@@ -946,6 +970,8 @@ def convert(
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         # Never hand out a bundle the runtime would refuse.
         Bundle.load(staging)
+        if verify:
+            _verify_or_fail(staging, out, det, rec, verify_images, timings)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

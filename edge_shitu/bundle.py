@@ -18,6 +18,7 @@ from edge_shitu.errors import BundleError, IntegrityError, MissingFileError
 
 __all__ = [
     "MANIFEST_NAME",
+    "VERIFY_NAME",
     "FORMAT",
     "FORMAT_VERSION",
     "InputSpec",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+VERIFY_NAME = "verify.json"
 FORMAT = "edge-shitu-bundle"
 FORMAT_VERSION = 1
 ROLES = ("detector", "extractor")
@@ -418,6 +420,21 @@ class Bundle:
                     f"{spec.path}: sha256 is {seen}, but {MANIFEST_NAME} records {spec.sha256}; "
                     "the file was changed or damaged after conversion"
                 )
+
+    @property
+    def verification(self) -> Optional[Mapping[str, Any]]:
+        """The converter's ``verify.json`` (agreement with the source models), or None if never verified.
+
+        Raises:
+          BundleError: the file exists but is not valid JSON.
+        """
+        path = self.path / VERIFY_NAME
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{path}: not valid JSON ({exc})") from None
 
     @property
     def detector(self) -> Optional[ModelSpec]:

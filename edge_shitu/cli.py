@@ -338,9 +338,72 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
     convert = _heavy("converters.convert")
     if not args.det and not args.rec:
         raise InvalidInputError("give --det DIR, --rec DIR or both")
+    verify_images = args.verify_images
+    if args.verify and verify_images is None:
+        verify_images = _default_verify_images()
     path = convert.convert(Path(args.det) if args.det else None, Path(args.rec) if args.rec else None,
-                           Path(args.out), precision=args.precision)
+                           Path(args.out), precision=args.precision, verify=args.verify,
+                           verify_images=verify_images)
     out.write(f"bundle written to {path}\n")
+    if args.verify:
+        from edge_shitu.bundle import Bundle
+
+        _print_verification(Bundle.load(path).verification, out)
+    return EXIT_OK
+
+
+def _default_verify_images() -> str:
+    shared = _heavy("converters.shared")
+    try:
+        root = shared.find_shared()
+    except EdgeShituError:
+        raise InvalidInputError("--verify needs real photos: give --verify-images DIR") from None
+    return str(root / "data" / "drink_dataset_v1.0" / "test_images")
+
+
+def _print_verification(report, out: TextIO) -> None:
+    if report is None:
+        out.write("verification: never verified (convert --verify)\n")
+        return
+    state = "PASSED" if report.get("passed") else "FAILED"
+    out.write(f"verification ({report.get('precision')}, {len(report.get('images', []))} photos): {state}"
+              + (" [replica: conversion fidelity, not accuracy]" if report.get("replica") else "") + "\n")
+    ext = report.get("extractor")
+    if ext:
+        out.write(f"  extractor: {ext['crops']} crops, max abs diff {ext['max_abs_diff']:.3g}, cosine mean "
+                  f"{ext['mean_cosine']:.5f} min {ext['min_cosine']:.5f}, code bits equal mean "
+                  f"{ext['mean_bit_agreement']:.4f} min {ext['min_bit_agreement']:.4f}\n")
+    det = report.get("detector")
+    if det:
+        out.write(f"  detector: {det['boxes']} boxes, matched (IoU >= {report.get('match_iou')}) "
+                  f"{det['match_rate']:.4f}, max score diff {det['max_score_diff']:.3g}\n")
+    for failure in report.get("failures", []):
+        out.write(f"  failed: {failure}\n")
+
+
+def _cmd_bundle_info(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    if args.json:
+        json.dump({"manifest": bundle.manifest, "sizes": {r: m.path.stat().st_size for r, m in bundle.models.items()},
+                   "verification": bundle.verification}, out, ensure_ascii=False, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write(f"bundle {bundle.name} ({bundle.path})\n")
+    total = 0
+    for role, m in bundle.models.items():
+        size = m.path.stat().st_size
+        total += size
+        src = m.source
+        origin = (f"replica seed {src.get('seed')}" if m.is_replica else
+                  f"official {src.get('archive', {}).get('name', src.get('model_dir_name'))}")
+        out.write(f"  {role}: {m.path.name} {size / 1e6:.2f} MB, {m.backend} {m.precision} target {m.target}, "
+                  f"input {m.input.name} {list(m.input.shape)} {m.input.interpolation}, {origin}\n")
+    out.write(f"  total {total / 1e6:.2f} MB; codes {bundle.codes.bits} bits ({bundle.codes.method}, "
+              f"{bundle.codes.bit_order}-endian bits); fingerprint {bundle.code_fingerprint if bundle.extractor else '-'}\n")
+    out.write("  tools: " + ", ".join(f"{k} {v}" for k, v in sorted(bundle.tools.items())) + "\n")
+    _print_verification(bundle.verification, out)
     return EXIT_OK
 
 
@@ -461,7 +524,16 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--rec", help="extractor model folder")
     cv.add_argument("--out", required=True)
     cv.add_argument("--precision", default="fp32")
+    cv.add_argument("--verify", action="store_true",
+                    help="compare with Paddle Inference on real photos; fail when agreement is too low")
+    cv.add_argument("--verify-images", help="photos for --verify (default: the shared drink test images)")
     cv.set_defaults(func=_cmd_convert)
+
+    bi = sub.add_parser("bundle", help="inspect bundles").add_subparsers(dest="bundle_cmd", metavar="ACTION", required=True)
+    bif = bi.add_parser("info", help="manifest, sizes and verification figures")
+    bif.add_argument("bundle")
+    bif.add_argument("--json", action="store_true")
+    bif.set_defaults(func=_cmd_bundle_info)
 
     q = sub.add_parser("quickstart", help="models -> bundle -> drink gallery -> recognise the test images")
     q.add_argument("--shared", help="shared data folder (default: ../shared or $EDGE_SHITU_SHARED)")

@@ -1,0 +1,107 @@
+"""convert --verify: converted models are compared with Paddle Inference on real photos, and a damaged
+model fails the check."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from converters import verify as verify_mod
+from converters.verify import match_boxes, verify_bundle
+from edge_shitu.cli import main
+from edge_shitu.errors import ConversionError
+
+pytestmark = pytest.mark.paddle
+
+
+@pytest.fixture(scope="module")
+def photos(test_images, tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    for p in test_images[:3]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+def _copy_bundle(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "verify.json").unlink(missing_ok=True)
+    return dst
+
+
+def _damage(bundle, role, scale):
+    """Multiply one mid-network weight tensor of a model by ``scale`` and re-record its sha256."""
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    path = bundle / manifest["models"][role]["file"]
+    model = onnx.load(str(path))
+    # paddle2onnx stores weights as initializers or as Constant nodes, depending on its version.
+    tensors = list(model.graph.initializer) + [n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"]
+    convs = [t for t in tensors if len(t.dims) == 4 and t.dims[0] >= 64]
+    target = convs[len(convs) // 2]
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * scale, target.name))
+    onnx.save(model, str(path))
+    manifest["models"][role]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_fp32_bundle_passes(replica_bundle, replica_dirs, photos, tmp_path):
+    b = _copy_bundle(replica_bundle, tmp_path / "b")
+    report = verify_bundle(b, det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=photos)
+    assert report["passed"], report["failures"]
+    assert report["extractor"]["min_bit_agreement"] >= 0.99 and report["detector"]["match_rate"] == 1.0
+    assert report["extractor"]["crops"] > 3  # whole photos plus the reference detector's crops
+    assert json.loads((b / "verify.json").read_text())["passed"] is True
+
+
+@pytest.mark.parametrize("role, scale", [("extractor", -1.0), ("detector", 0.5)])
+def test_damaged_model_fails(replica_bundle, replica_dirs, photos, tmp_path, role, scale):
+    b = _copy_bundle(replica_bundle, tmp_path / "b")
+    _damage(b, role, scale)
+    report = verify_bundle(b, det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=photos)
+    assert not report["passed"]
+    assert any(f.startswith(role) for f in report["failures"]), report["failures"]
+
+
+def test_convert_verify_publishes_only_agreeing_bundles(replica_dirs, photos, tmp_path, monkeypatch):
+    from converters.convert import convert
+
+    out = convert(None, replica_dirs["extractor"], tmp_path / "ok", verify=True, verify_images=photos)
+    assert json.loads((out / "verify.json").read_text())["passed"]
+
+    strict = verify_mod.VerifyThresholds(1.01, 1.0, 1.0, 1.0, 0.0)  # a cosine above 1 cannot be reached
+    monkeypatch.setitem(verify_mod.THRESHOLDS, "fp32", strict)
+    with pytest.raises(ConversionError, match="disagree with their sources: extractor min cosine"):
+        convert(None, replica_dirs["extractor"], tmp_path / "bad", verify=True, verify_images=photos)
+    assert not (tmp_path / "bad").exists()
+    assert json.loads((tmp_path / "bad.verify-failed.json").read_text())["passed"] is False
+
+
+def test_cli_convert_verify_and_bundle_info(replica_dirs, photos, tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["convert", "--rec", str(replica_dirs["extractor"]), "--out", str(tmp_path / "b"), "--verify",
+                 "--verify-images", str(photos)], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    assert "PASSED" in out.getvalue() and "code bits equal" in out.getvalue()
+    out = io.StringIO()
+    assert main(["bundle", "info", str(tmp_path / "b")], stdout=out) == 0
+    text = out.getvalue()
+    assert "extractor: extractor.onnx" in text and "replica seed 0" in text and "PASSED" in text
+    out = io.StringIO()
+    assert main(["bundle", "info", str(tmp_path / "b"), "--json"], stdout=out) == 0
+    info = json.loads(out.getvalue())
+    assert info["verification"]["passed"] and info["sizes"]["extractor"] > 1_000_000
+
+
+def test_match_boxes_is_one_to_one():
+    ref = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)
+    ours = np.array([[0, 0, 10, 10.5], [0, 0, 10, 10], [50, 50, 60, 60]], float)
+    pairs = match_boxes(ref, ours)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+    assert match_boxes(ref, np.zeros((0, 4))) == []
