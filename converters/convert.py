@@ -2,7 +2,9 @@
 
 A bundle directory holds ``detector.onnx``, ``extractor.onnx`` (either may be absent) and
 ``manifest.json``, which records each model's input pre-processing, output layout, file digest and
-provenance, plus the code and recognition settings the runtime needs.
+provenance, plus the code and recognition settings the runtime needs. The formats are listed in
+:data:`EXPORT_FORMATS`; ``lite-x86`` and ``lite-arm`` bundles hold Paddle-Lite ``.nb`` files instead
+and are built by :mod:`converters.lite` from the same detector cut.
 
 The detector is *not* converted whole: its in-graph post-process (a ``while`` loop over the batch and
 ``multiclass_nms3``) is where paddle2onnx fails and what the runtime re-implements in numpy. The
@@ -58,7 +60,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -105,6 +107,7 @@ class ExportFormat:
       precisions: precisions this converter can write now.
       planned: precisions known to be coming (rejected as "not supported yet").
       opsets: inclusive range of ONNX opsets accepted (None when the format has no opset).
+      target: machine the model files are built for (``"any"``, ``"x86"``, ``"arm"``).
     """
 
     name: str
@@ -113,6 +116,7 @@ class ExportFormat:
     precisions: Tuple[str, ...]
     planned: Tuple[str, ...] = ()
     opsets: Optional[Tuple[int, int]] = None
+    target: str = "any"
 
 
 # The one table that drives validation (and, later, the CLI's choices).
@@ -124,6 +128,13 @@ EXPORT_FORMATS: Dict[str, ExportFormat] = {
         precisions=("fp32",),
         planned=("int8",),
         opsets=(11, 17),
+    ),
+    # Paddle-Lite naive-buffer models (converters.lite): kernels are compiled in for one machine.
+    "lite-x86": ExportFormat(
+        name="lite-x86", suffix=".nb", backend="paddlelite", precisions=("fp32", "int8"), target="x86"
+    ),
+    "lite-arm": ExportFormat(
+        name="lite-arm", suffix=".nb", backend="paddlelite", precisions=("fp32", "int8"), target="arm"
     ),
 }
 
@@ -770,9 +781,17 @@ def _convert_extractor(
         "sha256": sha256_file(path),
         "backend": EXPORT_FORMATS["onnx"].backend,
         "precision": precision,
+        **_extractor_fields(graph_input.name, input_shape, fetch_name, output_shape[1]),
+        "source": source,
+    }
+
+
+def _extractor_fields(input_name: str, input_shape: Sequence[int], output_name: str, dim: int) -> Dict[str, Any]:
+    """The manifest's ``input`` and ``output`` of a feature extractor (reference pre-processing, §1.4)."""
+    return {
         "input": {
-            "name": graph_input.name,
-            "shape": input_shape,
+            "name": input_name,
+            "shape": [int(d) for d in input_shape],
             "resize": "stretch",
             "interpolation": "linear",
             "channel_order": "RGB",
@@ -781,8 +800,7 @@ def _convert_extractor(
             "std": list(_IMAGENET_STD),
             "layout": "NCHW",
         },
-        "output": {"kind": "embedding", "name": fetch_name, "dim": output_shape[1], "normalized": False},
-        "source": source,
+        "output": {"kind": "embedding", "name": output_name, "dim": int(dim), "normalized": False},
     }
 
 
@@ -798,7 +816,7 @@ def _convert_detector(
     p2o, onnx, onnxruntime = tools
     with _step("detector: load", det_dir, timings):
         source = _source(paddle_io.find_model_files(det_dir))
-        input_spec, labels = _detector_input_spec(det_dir)
+        input_spec, _ = _detector_input_spec(det_dir)
     with _step("detector: cut at raw heads", det_dir, timings):
         heads = cut_detector_heads(det_dir, work / "detector_heads")
         cut, score_names, box_names = heads.files, list(heads.scores), list(heads.boxes)
@@ -827,23 +845,31 @@ def _convert_detector(
         "sha256": sha256_file(path),
         "backend": EXPORT_FORMATS["onnx"].backend,
         "precision": precision,
-        "input": input_spec,
-        "output": {
-            "kind": "picodet_heads",
-            "scores": score_names,
-            "boxes": box_names,
-            "strides": list(_HEAD_STRIDES),
-            "reg_max": heads.reg_max,
-            "cell_offset": 0.5,
-            "num_classes": len(labels),
-        },
-        "labels": labels,
-        "defaults": dict(_DETECTOR_DEFAULTS),
+        **_detector_fields(input_spec, heads),
         "source": source,
     }
 
 
-def _bundle_name(models: Dict[str, Dict[str, Any]], precision: str) -> str:
+def _detector_fields(input_spec: Dict[str, Any], heads: "DetectorHeads") -> Dict[str, Any]:
+    """The manifest's ``input``, ``output``, ``labels`` and ``defaults`` of a detector cut at its heads."""
+    return {
+        "input": dict(input_spec),
+        "output": {
+            "kind": "picodet_heads",
+            "scores": list(heads.scores),
+            "boxes": list(heads.boxes),
+            "strides": list(heads.strides),
+            "reg_max": heads.reg_max,
+            "cell_offset": 0.5,
+            "num_classes": len(heads.labels),
+        },
+        "labels": list(heads.labels),
+        "defaults": dict(_DETECTOR_DEFAULTS),
+    }
+
+
+def _bundle_name(models: Dict[str, Dict[str, Any]], suffix: str) -> str:
+    """Default bundle name, e.g. ``ppshituv2-replica-s0-fp32``; ``suffix`` names format and precision."""
     tags = []
     for role in ("detector", "extractor"):
         if role in models:
@@ -855,7 +881,7 @@ def _bundle_name(models: Dict[str, Dict[str, Any]], precision: str) -> str:
     if "extractor" in models:
         family = _FAMILY_BY_REC_SHA.get(models["extractor"]["source"]["program_sha256"], "ppshitu")
     roles = "" if len(models) == 2 else ("-det" if "detector" in models else "-rec")
-    return f"{family}{roles}-{'+'.join(tags)}-{precision}"
+    return f"{family}{roles}-{'+'.join(tags)}-{suffix}"
 
 
 def _tool_versions(tools: Tuple[Any, Any, Any]) -> Dict[str, str]:
@@ -888,48 +914,13 @@ def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional
         )
 
 
-def convert(
+def _check_request(
     det_dir: "os.PathLike[str] | str | None",
     rec_dir: "os.PathLike[str] | str | None",
     out_dir: "os.PathLike[str] | str",
-    *,
-    precision: str = "fp32",
-    opset: int = 11,
-    name: Optional[str] = None,
-    verify: bool = False,
-    verify_images: "os.PathLike[str] | str | None" = None,
-) -> Path:
-    """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
-
-    Each model folder holds ``inference.pdmodel`` (legacy) or ``inference.json`` (Paddle 3 PIR) and
-    ``inference.pdiparams``: official weights, or a replica from :func:`converters.replica.write_replica`
-    (recognised by its ``replica.json``). The bundle is assembled in a temporary sibling folder and
-    moved to ``out_dir`` only when every step succeeded.
-
-    Args:
-      det_dir: the PicoDet mainbody detector folder, or None for an extractor-only bundle.
-      rec_dir: the feature extractor folder, or None for a detector-only bundle.
-      out_dir: the bundle folder to create; it must not exist or be empty.
-      precision: ``"fp32"`` (the only precision supported so far; see :data:`EXPORT_FORMATS`).
-      opset: ONNX opset, within the ``onnx`` format's range.
-      name: bundle name; default e.g. ``ppshituv2-replica-s0-fp32``.
-      verify: run the source models in Paddle Inference and the converted ones in the runtime on the
-        photos of ``verify_images`` (see :mod:`converters.verify`); the bundle gets ``verify.json``, and a
-        bundle under the thresholds is not published (its report is left beside ``out_dir`` as
-        ``<name>.verify-failed.json``).
-      verify_images: folder of real photos for ``verify``.
-
-    Returns:
-      ``out_dir`` as a Path, holding ``detector.onnx`` and/or ``extractor.onnx`` and ``manifest.json``.
-
-    Raises:
-      InvalidInputError: both model folders are None, a bad name, or ``out_dir`` is not empty.
-      MissingFileError: a model folder or one of its files is missing.
-      BackendUnavailableError: paddlepaddle, paddle2onnx, onnx, onnxruntime or PyYAML is missing.
-      ConversionError: an unsupported precision/opset, or a conversion step failed (the message
-        names the step and the model folder).
-    """
-    validate_export("onnx", precision, opset)
+    name: Optional[str],
+) -> Tuple[Optional[Path], Optional[Path], Path]:
+    """Check the arguments every format shares; return the model folders and the bundle folder."""
     if det_dir is None and rec_dir is None:
         raise InvalidInputError("convert needs a detector folder, an extractor folder, or both; got neither")
     if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)):
@@ -937,15 +928,37 @@ def convert(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInputError(f"bundle folder {out} already exists and is not empty")
-    timings: Dict[str, float] = {}
-    start = time.perf_counter()
-    with _step("import tools", None, timings):
-        tools = _import_runtime_tools()
     det = Path(det_dir) if det_dir is not None else None
     rec = Path(rec_dir) if rec_dir is not None else None
+    return det, rec, out
+
+
+def _check_model_folders(det: Optional[Path], rec: Optional[Path]) -> None:
     for role, folder in (("detector", det), ("extractor", rec)):
         if folder is not None and not folder.is_dir():
             raise MissingFileError(f"{role} model folder not found: {folder}")
+
+
+BuildModels = Callable[[Path, Path, Dict[str, float]], Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]]
+
+
+def _publish_bundle(
+    out: Path,
+    build: BuildModels,
+    *,
+    name: Optional[str],
+    name_suffix: str,
+    timings: Dict[str, float],
+    before_publish: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Build a bundle in a temporary sibling folder and move it to ``out`` only when all went well.
+
+    ``build(staging, work, timings)`` writes the model files into ``staging`` (``work`` is scratch
+    space, removed afterwards) and returns the manifest's ``models`` and ``tools``. The manifest is
+    written and loaded back with :meth:`Bundle.load` (the converter never hands out a bundle the
+    runtime would refuse); ``before_publish(staging)`` may then check it further (``--verify``).
+    """
+    start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(6)
     staging = out.parent / f".{out.name}.partial-{token}"
@@ -953,25 +966,20 @@ def convert(
     staging.mkdir()  # with the umask's permissions, unlike tempfile.mkdtemp's 0700
     work.mkdir()
     try:
-        models: Dict[str, Dict[str, Any]] = {}
-        if det is not None:
-            models["detector"] = _convert_detector(det, staging, work, opset, precision, tools, timings)
-        if rec is not None:
-            models["extractor"] = _convert_extractor(rec, staging, opset, precision, tools, timings)
+        models, tools = build(staging, work, timings)
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
-            "name": name if name is not None else _bundle_name(models, precision),
+            "name": name if name is not None else _bundle_name(models, name_suffix),
             "models": models,
             "codes": dict(_CODES),
             "recognition": dict(_RECOGNITION),
-            "tools": _tool_versions(tools),
+            "tools": tools,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        # Never hand out a bundle the runtime would refuse.
         Bundle.load(staging)
-        if verify:
-            _verify_or_fail(staging, out, det, rec, verify_images, timings)
+        if before_publish is not None:
+            before_publish(staging)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -986,3 +994,104 @@ def convert(
         ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
     )
     return out
+
+
+def convert(
+    det_dir: "os.PathLike[str] | str | None",
+    rec_dir: "os.PathLike[str] | str | None",
+    out_dir: "os.PathLike[str] | str",
+    *,
+    format: str = "onnx",
+    precision: str = "fp32",
+    opset: int = 11,
+    name: Optional[str] = None,
+    verify: bool = False,
+    verify_images: "os.PathLike[str] | str | None" = None,
+    calib_dir: "os.PathLike[str] | str | None" = None,
+    calib_count: Optional[int] = None,
+    lite_algo: Optional[str] = None,
+    lite_opt: "os.PathLike[str] | str | None" = None,
+) -> Path:
+    """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
+
+    Each model folder holds ``inference.pdmodel`` (legacy) or ``inference.json`` (Paddle 3 PIR) and
+    ``inference.pdiparams``: official weights, or a replica from :func:`converters.replica.write_replica`
+    (recognised by its ``replica.json``). The bundle is assembled in a temporary sibling folder and
+    moved to ``out_dir`` only when every step succeeded.
+
+    The format comes from :data:`EXPORT_FORMATS`: ``"onnx"`` (onnxruntime, this module) or
+    ``"lite-x86"`` / ``"lite-arm"`` (Paddle-Lite ``.nb`` files, :func:`converters.lite.convert_lite`;
+    legacy ``.pdmodel`` programs only).
+
+    Args:
+      det_dir: the PicoDet mainbody detector folder, or None for an extractor-only bundle.
+      rec_dir: the feature extractor folder, or None for a detector-only bundle.
+      out_dir: the bundle folder to create; it must not exist or be empty.
+      format: a key of :data:`EXPORT_FORMATS`.
+      precision: a precision the format supports (``"fp32"``; ``"int8"`` for the Lite formats).
+      opset: ONNX opset, within the ``onnx`` format's range (ignored by formats without an opset).
+      name: bundle name; default e.g. ``ppshituv2-replica-s0-fp32`` or ``ppshituv2-replica-s0-lite-x86-int8``.
+      verify: run the source models in Paddle Inference and the converted ones in the runtime on the
+        photos of ``verify_images`` (see :mod:`converters.verify`); the bundle gets ``verify.json``, and a
+        bundle under the thresholds is not published (its report is left beside ``out_dir`` as
+        ``<name>.verify-failed.json``). ONNX bundles only, so far.
+      verify_images: folder of real photos for ``verify``.
+      calib_dir: INT8 only: folder of real photos to calibrate activation ranges on.
+      calib_count: INT8 only: number of calibration photos (default: the format's default).
+      lite_algo: Lite INT8 only: ``"avg"``, ``"hist"`` or ``"KL"`` (see :mod:`converters.lite`).
+      lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`converters.lite.find_opt`).
+
+    Returns:
+      ``out_dir`` as a Path, holding ``detector.<suffix>`` and/or ``extractor.<suffix>`` and ``manifest.json``.
+
+    Raises:
+      InvalidInputError: both model folders are None, a bad name, ``out_dir`` is not empty, or an
+        option that the format or precision does not use.
+      MissingFileError: a model folder or one of its files is missing.
+      BackendUnavailableError: paddlepaddle, paddle2onnx, onnx, onnxruntime, PyYAML or (Lite)
+        ``paddle_lite_opt`` is missing.
+      ConversionError: an unsupported format/precision/opset, or a conversion step failed (the message
+        names the step and the model folder).
+    """
+    spec = validate_export(format, precision, opset)
+    if precision != "int8" and (calib_dir is not None or calib_count is not None):
+        raise InvalidInputError(f"calib_dir and calib_count are for int8 bundles; precision is {precision!r}")
+    if spec.backend == "paddlelite":
+        if verify:
+            raise InvalidInputError(f"verify is not available for {spec.name} bundles yet")
+        from converters.lite import convert_lite
+
+        return convert_lite(
+            det_dir,
+            rec_dir,
+            out_dir,
+            target=spec.target,
+            precision=precision,
+            calib_dir=calib_dir,
+            calib_count=calib_count,
+            algo=lite_algo,
+            opt=lite_opt,
+            name=name,
+        )
+    if lite_algo is not None or lite_opt is not None:
+        raise InvalidInputError(f"lite_algo and lite_opt are for the Paddle-Lite formats, not {spec.name}")
+    det, rec, out = _check_request(det_dir, rec_dir, out_dir, name)
+    timings: Dict[str, float] = {}
+    with _step("import tools", None, timings):
+        tools = _import_runtime_tools()
+    _check_model_folders(det, rec)
+
+    def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+        models: Dict[str, Dict[str, Any]] = {}
+        if det is not None:
+            models["detector"] = _convert_detector(det, staging, work, opset, precision, tools, timings)
+        if rec is not None:
+            models["extractor"] = _convert_extractor(rec, staging, opset, precision, tools, timings)
+        return models, _tool_versions(tools)
+
+    def check(staging: Path) -> None:
+        _verify_or_fail(staging, out, det, rec, verify_images, timings)
+
+    return _publish_bundle(
+        out, build, name=name, name_suffix=precision, timings=timings, before_publish=check if verify else None
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -249,6 +249,7 @@ class ModelSpec:
       labels: detector class names (empty for an extractor).
       defaults: detector post-processing defaults (keys of :class:`DetectorOptions`).
       source: provenance as written by the converter (official archive or replica + seed).
+      quantization: how an int8 model was quantised (tool, method, calibration photos), else empty.
     """
 
     role: str
@@ -262,6 +263,7 @@ class ModelSpec:
     labels: Tuple[str, ...]
     defaults: Mapping[str, Any]
     source: Mapping[str, Any]
+    quantization: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def is_replica(self) -> bool:
@@ -502,5 +504,9 @@ def _parse_model(role: str, r: _Reader, root: Path) -> ModelSpec:
         output = EmbeddingSpec._parse(out_r)
         labels, defaults = (), {}
     source = r.get("source", dict)
+    quantization = r.get("quantization", dict, optional=True, default={})
     r.done()
-    return ModelSpec(role, root / file, sha, backend, precision, target, inp, output, labels, dict(defaults), dict(source))
+    if precision == "int8" and not quantization:
+        raise BundleError(f"{r.manifest}: {r.where} is int8 but does not say how it was quantised (quantization)")
+    return ModelSpec(role, root / file, sha, backend, precision, target, inp, output, labels, dict(defaults),
+                     dict(source), dict(quantization))

@@ -1,0 +1,708 @@
+"""Convert Paddle PP-ShiTu models into Paddle-Lite bundles (``.nb`` naive-buffer files, fp32 or INT8).
+
+A Lite bundle has the layout of an ONNX bundle (:mod:`converters.convert`): ``detector.nb`` and/or
+``extractor.nb`` plus ``manifest.json``, whose models say ``"backend": "paddlelite"``, the
+``"target"`` machine (``"x86"`` or ``"arm"``) and the precision. The detector is the same program cut
+at its raw heads (:func:`converters.convert.cut_detector_heads`); its outputs keep the names
+``scores_stride8`` ... ``boxes_stride64``, and the extractor's output keeps its Paddle fetch name
+(Paddle-Lite reports the names of the variables the program's ``fetch`` ops read).
+
+Paddle-Lite's model optimiser ``paddle_lite_opt`` (``paddlelite==2.13rc0``, the last release with a
+Python wheel) needs Python <= 3.10 and numpy < 2, so it runs in a side environment, as a
+subprocess: it segfaults on programs it cannot handle instead of raising. :func:`find_opt` locates it
+(argument, ``$EDGE_SHITU_LITE_OPT``, ``PATH``) and explains how to install it when it is missing.
+
+Known defects of Paddle-Lite 2.13rc0, handled here:
+
+- Programs re-saved by Paddle 3.x's ``save_inference_model`` lose the ``XShape`` output of
+  ``flatten_contiguous_range``, and ``opt`` dereferences it (segfault, x86 and arm alike).
+  :func:`restore_flatten_xshape` gives it back before every ``opt`` run (the extractor after
+  post-training quantisation is such a program); Paddle Inference outputs are unchanged by it.
+- ``opt`` writes 16 bytes for its version string but initialises only ``v2.13-rc\\0``: the bytes
+  after the NUL are whatever was in memory, so two runs give different files. They are zeroed, so a
+  bundle (and its digests) is reproducible; Paddle-Lite loads and runs the zeroed file identically.
+- Kernels are compiled into the file for one machine: an ARM ``.nb`` run on x86 returns garbage
+  without an error (or crashes). Every written file is checked with
+  :func:`edge_shitu.backends.paddlelite.read_nb_targets` to hold kernels of the requested target
+  only, and the manifest records that target, which the runtime checks against the machine.
+- INT8 on x86: Lite's x86 INT8 kernels give a correct extractor (cosine 0.992-0.995 against fp32 on
+  the replica, no NaN) but a silently wrong detector: its head outputs are unrelated to those of the
+  quantised program run by Paddle Inference (cosine 0.04-0.55 per head; quantising only the
+  ``conv2d`` or only the ``depthwise_conv2d`` ops is just as wrong), so :func:`convert_lite` refuses
+  an x86 INT8 detector. ARM files cannot run on an x86 machine at all: an ARM INT8 bundle is checked
+  structurally here (kernel targets, manifest loaded by the runtime) and its numerical agreement
+  must be measured on an ARM device.
+
+INT8 models come from Paddle's post-training static quantisation
+(``paddle.static.quantization.PostTrainingQuantization``, the implementation behind paddleslim's
+``quant_post_static``, which gives identical files; paddleslim itself is not used because it would
+pull opencv-python and its other training dependencies into the converter's environment). Activation
+ranges are calibrated on real photos, decoded and pre-processed exactly as the runtime does
+(:func:`converters.quantize.calibration_feeds`). Algorithms, measured on the replicas with 20 photos
+on 2 cores: ``avg`` (mean of per-batch absolute maxima; extractor 4 s, detector 37 s), ``hist``
+(99.999th percentile of a histogram; 13 s and 203 s, very slightly closer to fp32) and ``KL``
+(TensorRT-style entropy; 244 s for the extractor alone). ``avg`` is the default. Paddle-Lite needs
+the legacy ``inference.pdmodel`` program: Paddle 3 PIR ``inference.json`` programs are refused (no
+tool converts PIR back to the legacy format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import secrets
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from converters import paddle_io
+from converters.convert import (
+    EXPORT_FORMATS,
+    _check_model_folders,
+    _check_request,
+    _detector_fields,
+    _detector_input_spec,
+    _extractor_fields,
+    _publish_bundle,
+    _source,
+    _step,
+    cut_detector_heads,
+    validate_export,
+)
+from converters.paddle_io import ModelFiles
+from edge_shitu.bundle import InputSpec, sha256_file
+from edge_shitu.errors import (
+    BackendUnavailableError,
+    BundleError,
+    ConversionError,
+    InvalidInputError,
+    MissingFileError,
+)
+
+__all__ = [
+    "LITE_TARGETS",
+    "PTQ_ALGOS",
+    "DEFAULT_ALGO",
+    "DEFAULT_CALIB_COUNT",
+    "OPT_ENV",
+    "OPT_INSTALL_HINT",
+    "find_opt",
+    "run_opt",
+    "restore_flatten_xshape",
+    "quantize_post_training",
+    "convert_lite",
+]
+
+_LOG = logging.getLogger(__name__)
+
+LITE_TARGETS = ("x86", "arm")
+# Paddle's algorithm names; accepted case-insensitively.
+PTQ_ALGOS = ("avg", "hist", "KL")
+DEFAULT_ALGO = "avg"
+DEFAULT_CALIB_COUNT = 32
+OPT_ENV = "EDGE_SHITU_LITE_OPT"
+OPT_NAME = "paddle_lite_opt"
+OPT_INSTALL_HINT = (
+    "paddle_lite_opt comes with paddlelite 2.13rc0, whose wheels need Python <= 3.10 and numpy < 2, so it "
+    "lives in a side environment. Create one with\n"
+    "    scripts/setup-lite-env            (from the edge-shitu repository; creates .venv-lite)\n"
+    "or by hand:\n"
+    "    python3.10 -m venv .venv-lite     (e.g. ~/.pyenv/versions/3.10.13/bin/python -m venv .venv-lite)\n"
+    '    .venv-lite/bin/pip install paddlelite==2.13rc0 "numpy<2"\n'
+    f"then point edge-shitu at it: export {OPT_ENV}=$PWD/.venv-lite/bin/{OPT_NAME}, or pass "
+    "lite_opt= (CLI: --lite-opt .venv-lite/bin/paddle_lite_opt), or put .venv-lite/bin on PATH."
+)
+
+# Weighted ops quantised: paddleslim's defaults plus matmul (the PP-ShiTu programs have convolutions only).
+_QUANTIZABLE_OPS = ("conv2d", "depthwise_conv2d", "mul", "matmul", "matmul_v2")
+_CALIB_SEED = 0
+_PADDLE_LOGGERS = ("paddle.static.quantization.post_training_quantization", "paddle.static.io")
+_OPT_TIMEOUT_S = 900
+_LOG_TAIL_LINES = 25
+# .nb header: uint16 meta version, then a 16-byte version string ("v2.13-rc\0" + uninitialised bytes).
+_NB_VERSION_SLICE = slice(2, 18)
+
+
+def find_opt(explicit: "os.PathLike[str] | str | None" = None) -> Path:
+    """Locate Paddle-Lite's ``paddle_lite_opt``: ``explicit``, then ``$EDGE_SHITU_LITE_OPT``, then ``PATH``.
+
+    A path given explicitly or by the environment variable must exist; it is never replaced by
+    another one found later.
+
+    Args:
+      explicit: path of the executable (e.g. ``.venv-lite/bin/paddle_lite_opt``), or None.
+
+    Returns:
+      The executable's absolute path.
+
+    Raises:
+      BackendUnavailableError: the path given (or the one in the environment variable) is not an
+        executable file, or none was given and ``paddle_lite_opt`` is not on ``PATH``; the message
+        says how to create the side environment (:data:`OPT_INSTALL_HINT`).
+    """
+    for where, value in (("lite_opt", explicit), (f"${OPT_ENV}", os.environ.get(OPT_ENV) or None)):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file() or not os.access(path, os.X_OK):
+            state = "is not an executable file" if path.exists() else "does not exist"
+            raise BackendUnavailableError(f"{where} names {path}, which {state}.\n{OPT_INSTALL_HINT}")
+        return path.absolute()
+    found = shutil.which(OPT_NAME)
+    if found is None:
+        raise BackendUnavailableError(
+            f"Paddle-Lite's model optimiser {OPT_NAME} was not found (no lite_opt argument, ${OPT_ENV} unset, "
+            f"not on PATH).\n{OPT_INSTALL_HINT}"
+        )
+    return Path(found).absolute()
+
+
+def _log_tail(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    tail = lines[-_LOG_TAIL_LINES:]
+    return "\n".join(("  " + line) for line in tail) if tail else "  (no output)"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _opt_env() -> Dict[str, str]:
+    # The side environment has its own Python: our PYTHONPATH/PYTHONHOME would point it at the wrong
+    # site-packages (Python 3.11, numpy 2).
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
+def run_opt(
+    model_file: "os.PathLike[str] | str",
+    params_file: "os.PathLike[str] | str",
+    out_path: "os.PathLike[str] | str",
+    *,
+    target: str,
+    opt: "os.PathLike[str] | str",
+    timeout_s: float = _OPT_TIMEOUT_S,
+) -> Path:
+    """Optimise a legacy Paddle program into a Paddle-Lite ``.nb`` file for one machine.
+
+    ``opt`` runs as a subprocess (it segfaults on programs it cannot handle) with its output
+    captured and logged at debug level. Its output is written next to ``out_path`` under a temporary
+    name and moved there only when it is complete: the uninitialised bytes of the version field are
+    zeroed (so the same program always gives the same file) and the file's kernels are checked to
+    target ``target`` only.
+
+    Args:
+      model_file: the legacy program (``inference.pdmodel``); Paddle 3.x-saved programs should go
+        through :func:`restore_flatten_xshape` first.
+      params_file: its weights (``inference.pdiparams``).
+      out_path: the ``.nb`` file to write (the suffix is required; ``opt`` itself appends ``.nb``
+        to whatever it is given).
+      target: ``"x86"`` or ``"arm"``.
+      opt: the ``paddle_lite_opt`` executable (see :func:`find_opt`).
+      timeout_s: seconds before ``opt`` is killed.
+
+    Returns:
+      ``out_path`` as a Path.
+
+    Raises:
+      InvalidInputError: an unknown target, or ``out_path`` does not end in ``.nb``.
+      MissingFileError: the program or params file does not exist.
+      BackendUnavailableError: ``opt`` cannot be started.
+      ConversionError: ``opt`` failed, crashed, timed out or wrote no file, or the file it wrote has
+        kernels for another target; the message names the program, the target and the end of
+        ``opt``'s log.
+    """
+    if target not in LITE_TARGETS:
+        raise InvalidInputError(f"unknown Paddle-Lite target {target!r}; expected one of {', '.join(LITE_TARGETS)}")
+    # Absolute: opt runs in the output folder.
+    model, params, out = (Path(p).absolute() for p in (model_file, params_file, out_path))
+    if out.suffix != ".nb":
+        raise InvalidInputError(f"{out}: a Paddle-Lite model file name must end in .nb")
+    for kind, path in (("program", model), ("params", params)):
+        if not path.is_file():
+            raise MissingFileError(f"Paddle {kind} file not found: {path}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = out.parent / f".{out.stem}.opt-{secrets.token_hex(6)}"
+    written = prefix.with_name(prefix.name + ".nb")
+    command = [
+        str(opt),
+        f"--model_file={model}",
+        f"--param_file={params}",
+        f"--optimize_out={prefix}",
+        "--optimize_out_type=naive_buffer",
+        f"--valid_targets={target}",
+    ]
+    what = f"Paddle-Lite opt ({target}) on {model}"
+    _LOG.debug("running %s", " ".join(command))
+    try:
+        try:
+            done = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=str(out.parent),
+                env=_opt_env(),
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            output = exc.output.decode("utf-8", "replace") if isinstance(exc.output, bytes) else ""
+            raise ConversionError(f"{what} did not finish in {timeout_s:g} s; its log ends with:\n{_log_tail(output)}") from None
+        except OSError as exc:
+            raise BackendUnavailableError(f"cannot run {opt} ({exc}).\n{OPT_INSTALL_HINT}") from exc
+        log = done.stdout.decode("utf-8", "replace")
+        _LOG.debug("%s said:\n%s", what, log.strip())
+        if done.returncode != 0:
+            # opt aborts or segfaults on programs and ops it cannot handle rather than reporting them.
+            raise ConversionError(
+                f"{what} {_describe_exit(done.returncode)} (Paddle-Lite crashes on programs it cannot handle); "
+                f"its log ends with:\n{_log_tail(log)}"
+            )
+        # paddle_lite_opt's Python wrapper exits with 0 even when it only printed its usage.
+        if not written.is_file() or written.stat().st_size == 0:
+            raise ConversionError(f"{what} wrote no model; its log ends with:\n{_log_tail(log)}")
+        version = _zero_version_padding(written)
+        _check_targets(written, target, what)
+        os.replace(written, out)
+    finally:
+        if written.exists():
+            written.unlink()
+    _LOG.info("%s -> %s (%s, %.1f MB)", what, out, version, out.stat().st_size / 1e6)
+    return out
+
+
+def _zero_version_padding(path: Path) -> str:
+    """Zero the bytes after the NUL of the .nb version field; return the version string."""
+    with open(path, "r+b") as f:
+        head = f.read(_NB_VERSION_SLICE.stop)
+        if len(head) < _NB_VERSION_SLICE.stop:
+            raise ConversionError(f"{path}: Paddle-Lite opt wrote a {len(head)}-byte file, not a .nb model")
+        field = head[_NB_VERSION_SLICE]
+        end = field.find(b"\0")
+        if end < 0:
+            end = len(field)
+        f.seek(_NB_VERSION_SLICE.start + end)
+        f.write(b"\0" * (len(field) - end))
+    return field[:end].decode("ascii", "replace")
+
+
+def _nb_version(path: Path) -> str:
+    with open(path, "rb") as f:
+        field = f.read(_NB_VERSION_SLICE.stop)[_NB_VERSION_SLICE]
+    return field.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def _check_targets(path: Path, target: str, what: str) -> None:
+    from edge_shitu.backends.paddlelite import read_nb_targets
+
+    try:
+        found = read_nb_targets(path)
+    except BundleError as exc:
+        raise ConversionError(f"{what} wrote an unreadable model: {exc}") from exc
+    if found != frozenset({target}):
+        raise ConversionError(f"{what} wrote kernels for {sorted(found)}, expected only {target}")
+
+
+def restore_flatten_xshape(program_bytes: bytes) -> Tuple[bytes, int]:
+    """Give every ``flatten_contiguous_range`` op of a legacy program its ``XShape`` output back.
+
+    Paddle 3.x drops that output when it saves a legacy program (``save_inference_model``, which
+    post-training quantisation uses); Paddle-Lite 2.13rc0's ``FlattenContiguousRangeOp::InferType``
+    dereferences it and segfaults. ``XShape`` only records the input shape for the backward pass,
+    so adding it changes no inference result (tested against Paddle Inference).
+
+    Args:
+      program_bytes: a serialized legacy ``ProgramDesc`` (the bytes of ``inference.pdmodel``).
+
+    Returns:
+      ``(bytes, count)``: the program with the outputs restored and the number of ops changed. When
+      no op needed it, the input bytes are returned unchanged (and ``count`` is 0).
+
+    Raises:
+      ConversionError: the bytes are not a legacy program.
+      BackendUnavailableError: paddlepaddle is not installed.
+    """
+    paddle_io.import_paddle()
+    from paddle.base import core
+
+    try:
+        desc = core.ProgramDesc(program_bytes)
+    except Exception as exc:  # Paddle raises its own C++ error types
+        raise ConversionError(f"not a legacy Paddle program ({type(exc).__name__}: {exc})") from exc
+    # Paddle 3 renamed LOD_TENSOR to DENSE_TENSOR.
+    var_types = core.VarDesc.VarType
+    dense = getattr(var_types, "DENSE_TENSOR", None) or getattr(var_types, "LOD_TENSOR")
+    count = 0
+    for block_index in range(desc.num_blocks()):
+        block = desc.block(block_index)
+        for op_index in range(block.op_size()):
+            op = block.op(op_index)
+            if op.type() != "flatten_contiguous_range" or "XShape" in op.output_names():
+                continue
+            x = block.find_var(op.input("X")[0].encode())
+            name = op.output("Out")[0] + ".xshape"
+            var = block.var(name.encode())
+            var.set_type(dense)
+            var.set_dtype(x.dtype())
+            var.set_shape([0] + list(x.shape()))
+            op.set_output("XShape", [name])
+            count += 1
+    if count == 0:
+        return program_bytes, 0
+    return desc.serialize_to_string(), count
+
+
+def _opt_ready_program(files: ModelFiles, work: Path) -> Path:
+    """The program file to give opt: ``files.program``, or a copy with flatten XShapes restored."""
+    data, count = restore_flatten_xshape(files.program.read_bytes())
+    if count == 0:
+        return files.program
+    work.mkdir(parents=True, exist_ok=True)
+    fixed = work / files.program.name
+    fixed.write_bytes(data)
+    _LOG.info("%s: restored the XShape output of %d flatten_contiguous_range op(s) for Paddle-Lite", files.program, count)
+    return fixed
+
+
+def _normalise_algo(algo: Optional[str]) -> str:
+    if algo is None:
+        return DEFAULT_ALGO
+    by_lower = {a.lower(): a for a in PTQ_ALGOS}
+    if not isinstance(algo, str) or algo.lower() not in by_lower:
+        raise InvalidInputError(f"unknown quantisation algorithm {algo!r}; expected one of {', '.join(PTQ_ALGOS)}")
+    return by_lower[algo.lower()]
+
+
+def quantize_post_training(
+    model_dir: "os.PathLike[str] | str",
+    out_dir: "os.PathLike[str] | str",
+    *,
+    feeds: Sequence[Dict[str, np.ndarray]],
+    algo: str = DEFAULT_ALGO,
+) -> ModelFiles:
+    """Post-training static INT8 quantisation of a legacy Paddle program (for Paddle-Lite).
+
+    Weights get one scale per output channel (``channel_wise_abs_max``); activations one scale per
+    tensor from the calibration ``feeds``, computed by ``algo``. ``conv2d``, ``depthwise_conv2d``,
+    ``mul`` and ``matmul(_v2)`` ops are quantised. The result is a legacy program with
+    fake-quantisation ops, which Paddle Inference runs in simulated INT8 and Paddle-Lite's ``opt``
+    turns into INT8 kernels.
+
+    Args:
+      model_dir: folder with a legacy ``inference.pdmodel`` and ``inference.pdiparams``.
+      out_dir: folder to write the quantised ``inference.pdmodel`` and ``inference.pdiparams`` into
+        (created).
+      feeds: calibration batches ``{input name: float32 (N, 3, H, W)}``, e.g. from
+        :func:`converters.quantize.calibration_feeds`; all of them are used.
+      algo: ``"avg"``, ``"hist"`` or ``"KL"`` (case-insensitive; see the module docstring).
+
+    Returns:
+      The written :class:`~converters.paddle_io.ModelFiles`.
+
+    Raises:
+      InvalidInputError: no feeds, or an unknown algorithm.
+      MissingFileError: a model file is missing.
+      ConversionError: the program is a PIR ``.json`` program, or Paddle fails.
+      BackendUnavailableError: paddlepaddle is not installed.
+    """
+    paddle_algo = _normalise_algo(algo)
+    batches = list(feeds)
+    if not batches:
+        raise InvalidInputError("post-training quantisation needs at least one calibration batch")
+    files = _legacy_files(model_dir, "model")
+    paddle = paddle_io.import_paddle()
+    from paddle.static.quantization import PostTrainingQuantization
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scope = paddle.static.Scope()
+    executor = paddle.static.Executor(paddle.CPUPlace())
+    chatter = io.StringIO()
+    try:
+        # Its progress bars and loggers write to stdout/stderr; they go to our debug log instead.
+        with paddle.static.scope_guard(scope), _paddle_logs_to_debug(), contextlib.redirect_stdout(
+            chatter
+        ), contextlib.redirect_stderr(chatter):
+            ptq = PostTrainingQuantization(
+                executor=executor,
+                model_dir=str(files.directory),
+                scope=scope,
+                model_filename=files.program.name,
+                params_filename=files.params.name,
+                data_loader=lambda: iter(batches),
+                batch_nums=len(batches),
+                algo=paddle_algo,
+                quantizable_op_type=list(_QUANTIZABLE_OPS),
+                # Lite's long-standing fake-quant format; onnx_format=True gives the same extractor
+                # results in Lite but its saved program needs restore_flatten_xshape.
+                onnx_format=False,
+            )
+            ptq.quantize()
+            ptq.save_quantized_model(str(out), model_filename="inference.pdmodel", params_filename="inference.pdiparams")
+    except Exception as exc:
+        raise ConversionError(
+            f"post-training quantisation ({paddle_algo}) of {files.directory} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        text = chatter.getvalue().strip()
+        if text:
+            _LOG.debug("PostTrainingQuantization said:\n%s", text)
+    return paddle_io.find_model_files(out)
+
+
+class _Forward(logging.Handler):
+    """Re-log a Paddle logger's records at debug level under this module's logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _LOG.debug("%s: %s", record.name, record.getMessage())
+
+
+@contextlib.contextmanager
+def _paddle_logs_to_debug() -> Iterator[None]:
+    """Route the loggers of Paddle's quantisation and model I/O (each has its own stderr handler)
+    to this module's debug log for the duration of the block."""
+    forward = _Forward()
+    saved = []
+    for name in _PADDLE_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, list(logger.handlers), logger.propagate))
+        logger.handlers = [forward]
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
+
+
+def _legacy_files(model_dir: "os.PathLike[str] | str", role: str) -> ModelFiles:
+    files = paddle_io.find_model_files(model_dir)
+    if files.is_pir:
+        raise ConversionError(
+            f"{files.program}: Paddle-Lite needs the legacy inference.pdmodel program of the {role}, and this is a "
+            "Paddle 3 PIR program (inference.json); no tool converts PIR back to the legacy format. Export the "
+            "model with FLAGS_enable_pir_api=0 (legacy save_inference_model), use the official inference.pdmodel, "
+            "or convert to the onnx format, which reads .json programs"
+        )
+    return files
+
+
+def _legacy_io(files: ModelFiles) -> Tuple[List[Tuple[str, List[int]]], List[Tuple[str, List[int]]]]:
+    """The (name, shape) of the feeds and fetches of a legacy program, in column order."""
+    program = paddle_io.load_program(files.program)
+    block = program.global_block()
+
+    def described(name: str) -> Tuple[str, List[int]]:
+        return name, [int(d) for d in block.var(name).shape]
+
+    def in_order(op_type: str) -> List[Any]:
+        return sorted((op for op in block.ops if op.type == op_type), key=lambda op: op.attr("col"))
+
+    feeds = [described(op.output("Out")[0]) for op in in_order("feed")]
+    fetches = [described(op.input("X")[0]) for op in in_order("fetch")]
+    return feeds, fetches
+
+
+def _calibration(calib_dir: Path, spec: Dict[str, Any], count: int) -> List[Dict[str, np.ndarray]]:
+    from converters.quantize import calibration_feeds
+
+    input_spec = InputSpec(
+        name=spec["name"],
+        shape=tuple(int(d) for d in spec["shape"]),  # type: ignore[arg-type]
+        resize=spec["resize"],
+        interpolation=spec["interpolation"],
+        channel_order=spec["channel_order"],
+        scale=float(spec["scale"]),
+        mean=tuple(spec["mean"]),  # type: ignore[arg-type]
+        std=tuple(spec["std"]),  # type: ignore[arg-type]
+        layout=spec["layout"],
+    )
+    batch = input_spec.shape[0] if input_spec.shape[0] > 0 else 1
+    return calibration_feeds(calib_dir, input_spec, count=count, seed=_CALIB_SEED, batch=batch)
+
+
+class _LiteJob:
+    """One convert_lite run: its settings and the per-model steps."""
+
+    def __init__(
+        self, target: str, precision: str, calib_dir: Optional[Path], calib_count: int, algo: str, opt: Path
+    ) -> None:
+        self.target, self.precision = target, precision
+        self.calib_dir, self.calib_count, self.algo, self.opt = calib_dir, calib_count, algo, opt
+        self.versions: List[str] = []
+
+    def _finish(
+        self, role: str, folder: Path, files: ModelFiles, input_spec: Dict[str, Any], staging: Path, work: Path,
+        timings: Dict[str, float],
+    ) -> Path:
+        """Quantise (int8) and optimise one program into ``staging/<role>.nb``."""
+        if self.calib_dir is not None:  # int8: convert_lite requires photos
+            with _step(f"{role}: calibration photos", folder, timings):
+                feeds = _calibration(self.calib_dir, input_spec, self.calib_count)
+            with _step(f"{role}: post-training quantisation ({self.algo}, {len(feeds)} batches)", folder, timings):
+                files = quantize_post_training(files.directory, work / f"{role}_int8", feeds=feeds, algo=self.algo)
+        path = staging / f"{role}{EXPORT_FORMATS['lite-' + self.target].suffix}"
+        with _step(f"{role}: paddle_lite_opt {self.target}", folder, timings):
+            program = _opt_ready_program(files, work / f"{role}_opt")
+            run_opt(program, files.params, path, target=self.target, opt=self.opt)
+        self.versions.append(_nb_version(path))
+        return path
+
+    def extractor(self, rec: Path, staging: Path, work: Path, timings: Dict[str, float]) -> Dict[str, Any]:
+        with _step("extractor: load", rec, timings):
+            files = _legacy_files(rec, "extractor")
+            source = _source(files)
+            feeds, fetches = _legacy_io(files)
+            if len(feeds) != 1 or len(fetches) != 1:
+                raise ConversionError(f"expected one input and one output, got {feeds} -> {fetches}")
+            (input_name, input_shape), (output_name, output_shape) = feeds[0], fetches[0]
+            if len(input_shape) != 4 or input_shape[1] != 3 or len(output_shape) != 2 or output_shape[1] <= 0:
+                raise ConversionError(f"expected input [N,3,H,W] and output [N,D], got {input_shape} -> {output_shape}")
+            fields = _extractor_fields(input_name, input_shape, output_name, output_shape[1])
+        path = self._finish("extractor", rec, files, fields["input"], staging, work, timings)
+        return self._entry(path, fields, source)
+
+    def detector(self, det: Path, staging: Path, work: Path, timings: Dict[str, float]) -> Dict[str, Any]:
+        with _step("detector: load", det, timings):
+            files = _legacy_files(det, "detector")
+            source = _source(files)
+            input_spec, _ = _detector_input_spec(det)
+        with _step("detector: cut at raw heads", det, timings):
+            heads = cut_detector_heads(det, work / "detector_heads")
+        fields = _detector_fields(input_spec, heads)
+        path = self._finish("detector", det, heads.files, fields["input"], staging, work, timings)
+        return self._entry(path, fields, source)
+
+    def _entry(self, path: Path, fields: Dict[str, Any], source: Dict[str, Any]) -> Dict[str, Any]:
+        return {
+            "file": path.name,
+            "sha256": sha256_file(path),
+            "backend": EXPORT_FORMATS["lite-" + self.target].backend,
+            "target": self.target,
+            "precision": self.precision,
+            **fields,
+            "source": source,
+            **({"quantization": {
+                "tool": "paddle.static.quantization.PostTrainingQuantization", "algo": self.algo,
+                "calibration_images": self.calib_count, "calibration_folder": Path(self.calib_dir).name,
+                "preprocessing": "edge_shitu runtime",
+            }} if self.precision == "int8" else {}),
+        }
+
+
+def convert_lite(
+    det_dir: "os.PathLike[str] | str | None",
+    rec_dir: "os.PathLike[str] | str | None",
+    out_dir: "os.PathLike[str] | str",
+    *,
+    target: str,
+    precision: str = "fp32",
+    calib_dir: "os.PathLike[str] | str | None" = None,
+    calib_count: Optional[int] = None,
+    algo: Optional[str] = None,
+    opt: "os.PathLike[str] | str | None" = None,
+    name: Optional[str] = None,
+) -> Path:
+    """Convert a detector and/or a feature extractor into a Paddle-Lite bundle for one machine.
+
+    The bundle is built like an ONNX bundle (:func:`converters.convert.convert`): assembled in a
+    temporary sibling folder, its manifest loaded back by the runtime's :class:`~edge_shitu.bundle.Bundle`,
+    then moved to ``out_dir``. Models are not run here (ARM files cannot run on x86); the numerical
+    check of a Lite bundle is a separate step in the Paddle-Lite side environment.
+
+    Args:
+      det_dir: the PicoDet mainbody detector folder (legacy ``inference.pdmodel``), or None.
+      rec_dir: the feature extractor folder (legacy ``inference.pdmodel``), or None.
+      out_dir: the bundle folder to create; it must not exist or be empty.
+      target: ``"x86"`` or ``"arm"``: the machine the bundle runs on.
+      precision: ``"fp32"`` or ``"int8"`` (post-training quantisation, see the module docstring).
+      calib_dir: int8 only, required: folder of real photos (e.g. the drink gallery) to calibrate on.
+      calib_count: int8 only: number of calibration photos (default :data:`DEFAULT_CALIB_COUNT`).
+      algo: int8 only: ``"avg"`` (default), ``"hist"`` or ``"KL"``.
+      opt: the ``paddle_lite_opt`` executable; default: ``$EDGE_SHITU_LITE_OPT``, then ``PATH``.
+      name: bundle name; default e.g. ``ppshituv2-replica-s0-lite-x86-int8``.
+
+    Returns:
+      ``out_dir`` as a Path, holding ``detector.nb`` and/or ``extractor.nb`` and ``manifest.json``.
+
+    Raises:
+      InvalidInputError: both model folders are None, a bad name, ``out_dir`` is not empty, an unknown
+        target or algorithm, a bad ``calib_count``, int8 without ``calib_dir``, calibration options
+        with fp32, or a calibration folder without readable photos.
+      MissingFileError: a model folder, one of its files, or ``calib_dir`` is missing.
+      BackendUnavailableError: ``paddle_lite_opt`` (the message says how to install it),
+        paddlepaddle or PyYAML is missing.
+      ConversionError: an unsupported precision, a Paddle 3 PIR ``.json`` program, an x86 INT8
+        detector (Paddle-Lite 2.13rc0 computes it wrongly), or a conversion step failed (the message
+        names the step and the model folder).
+    """
+    if target not in LITE_TARGETS:
+        raise InvalidInputError(f"unknown Paddle-Lite target {target!r}; expected one of {', '.join(LITE_TARGETS)}")
+    fmt = validate_export(f"lite-{target}", precision, None)
+    det, rec, out = _check_request(det_dir, rec_dir, out_dir, name)
+    calib: Optional[Path] = None
+    count = DEFAULT_CALIB_COUNT
+    if precision == "int8":
+        if calib_dir is None:
+            raise InvalidInputError(
+                "int8 needs calibration photos: pass calib_dir (a folder of real photos, e.g. the drink gallery)"
+            )
+        calib = Path(calib_dir)
+        if not calib.is_dir():
+            raise MissingFileError(f"calibration photo folder not found: {calib}")
+        if calib_count is not None:
+            if isinstance(calib_count, bool) or not isinstance(calib_count, int) or calib_count < 1:
+                raise InvalidInputError(f"calib_count must be an integer >= 1, got {calib_count!r}")
+            count = calib_count
+        if target == "x86" and det is not None:
+            raise ConversionError(
+                "Paddle-Lite 2.13rc0's x86 INT8 kernels compute the detector wrongly, without an error (head scores "
+                "unrelated to the quantised program's): build the detector for x86 in fp32, or for arm in int8"
+            )
+    elif calib_dir is not None or calib_count is not None or algo is not None:
+        raise InvalidInputError(f"calib_dir, calib_count and algo are for int8 bundles; precision is {precision!r}")
+    job_algo = _normalise_algo(algo)
+    opt_path = find_opt(opt)
+    timings: Dict[str, float] = {}
+    with _step("import tools", None, timings):
+        paddle_version = paddle_io.paddle_version()
+    _check_model_folders(det, rec)
+    # Refuse PIR programs before any work.
+    for role, folder in (("detector", det), ("extractor", rec)):
+        if folder is not None:
+            _legacy_files(folder, role)
+    if precision == "int8" and target == "arm":
+        _LOG.warning(
+            "ARM INT8 models cannot run on this machine: only their structure is checked here; measure their "
+            "agreement with the fp32 models on an ARM device"
+        )
+    job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path)
+
+    def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+        import edge_shitu
+
+        models: Dict[str, Dict[str, Any]] = {}
+        if det is not None:
+            models["detector"] = job.detector(det, staging, work, timings)
+        if rec is not None:
+            models["extractor"] = job.extractor(rec, staging, work, timings)
+        tools = {
+            "edge_shitu": edge_shitu.__version__,
+            "paddlepaddle": paddle_version,
+            "paddlelite_opt": "+".join(sorted(set(job.versions))),
+        }
+        return models, tools
+
+    return _publish_bundle(out, build, name=name, name_suffix=f"{fmt.name}-{precision}", timings=timings)

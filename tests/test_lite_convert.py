@@ -1,0 +1,543 @@
+"""Paddle -> Paddle-Lite (.nb) bundle conversion: finding paddle_lite_opt, the manifest, the targets
+compiled into the files, reproducible files, INT8 post-training quantisation, the flatten XShape fix,
+the refusals (PIR programs, an x86 INT8 detector) and opt crashes.
+
+``paddle_lite_opt`` lives in a Python 3.10 side environment: ``$EDGE_SHITU_LITE_OPT``, else
+``<repo>/.venv-lite/bin/paddle_lite_opt`` (made by ``scripts/setup-lite-env``). Checks that run a
+``.nb`` file use that environment's Python (``$EDGE_SHITU_LITE_PYTHON``, else the one next to opt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_shitu.errors import (
+    BackendUnavailableError,
+    ConversionError,
+    InvalidInputError,
+    MissingFileError,
+)
+
+_REPO = Path(__file__).resolve().parents[1]
+_SETUP = "scripts/setup-lite-env"
+
+# Runs in the side environment: load a .nb, run it on each input of an .npz, save the outputs by name.
+_LITE_RUNNER = r"""
+import json, sys
+import numpy as np
+import paddlelite.lite as lite
+nb, inputs, out = sys.argv[1:4]
+config = lite.MobileConfig()
+config.set_model_from_file(nb)
+predictor = lite.create_paddle_predictor(config)
+names = list(predictor.get_output_names())
+results = {n: [] for n in names}
+for x in np.load(inputs)["x"]:
+    predictor.get_input(0).from_numpy(np.ascontiguousarray(x[None], dtype=np.float32))
+    predictor.run()
+    for n in names:
+        results[n].append(predictor.get_output_by_name(n).numpy().copy())
+np.savez(out, **{n: np.concatenate(v) for n, v in results.items()})
+print(json.dumps({"inputs": list(predictor.get_input_names()), "outputs": names}))
+"""
+
+
+def _side_env_opt() -> Path:
+    env = os.environ.get("EDGE_SHITU_LITE_OPT")
+    if env:
+        return Path(env)
+    local = _REPO / ".venv-lite" / "bin" / "paddle_lite_opt"
+    if local.is_file():
+        return local
+    pytest.skip(
+        "Paddle-Lite side environment not found: set EDGE_SHITU_LITE_OPT to its bin/paddle_lite_opt, or run "
+        f"{_SETUP} (Python 3.10 + paddlelite 2.13rc0, creates .venv-lite)"
+    )
+
+
+@pytest.fixture(scope="module")
+def opt() -> Path:
+    return _side_env_opt()
+
+
+@pytest.fixture(scope="module")
+def lite_python(opt) -> Path:
+    env = os.environ.get("EDGE_SHITU_LITE_PYTHON")
+    python = Path(env) if env else opt.parent / "python"
+    if not python.is_file():
+        pytest.skip(f"no Python of the Paddle-Lite side environment next to {opt} (set EDGE_SHITU_LITE_PYTHON)")
+    return python
+
+
+def _run_in_lite(python: Path, nb: Path, x: np.ndarray, tmp: Path):
+    """Run ``nb`` with paddlelite on each row of ``x`` (batch 1); return (io names, outputs by name)."""
+    inputs, outputs = tmp / f"{nb.stem}-in.npz", tmp / f"{nb.stem}-out.npz"
+    np.savez(inputs, x=x.astype(np.float32))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run(
+        [str(python), "-c", _LITE_RUNNER, str(nb), str(inputs), str(outputs)],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = json.loads(done.stdout.strip().splitlines()[-1])
+    with np.load(outputs) as data:
+        return names, {k: data[k] for k in data.files}
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _photos(paths, spec) -> np.ndarray:
+    from edge_shitu.image import load_image
+    from edge_shitu.preprocess import image_to_tensor
+
+    return np.stack([image_to_tensor(load_image(p), spec) for p in paths])
+
+
+def _flatten_ops(program_bytes: bytes):
+    from converters import paddle_io
+
+    paddle_io.import_paddle()
+    from paddle.base import core
+
+    desc = core.ProgramDesc(program_bytes)
+    block = desc.block(0)
+    ops = [block.op(i) for i in range(block.op_size())]
+    return [op for op in ops if op.type() == "flatten_contiguous_range"]
+
+
+@pytest.fixture(scope="module")
+def gallery(drink_dir) -> Path:
+    return drink_dir / "gallery"
+
+
+@pytest.fixture(scope="module")
+def lite_bundles(replica_dirs, opt, tmp_path_factory) -> dict:
+    """fp32 bundles (detector + extractor) from the replicas, for each target."""
+    from converters.lite import convert_lite
+
+    root = tmp_path_factory.mktemp("lite")
+    return {
+        target: convert_lite(replica_dirs["detector"], replica_dirs["extractor"], root / target, target=target, opt=opt)
+        for target in ("x86", "arm")
+    }
+
+
+@pytest.fixture(scope="module")
+def int8_x86_extractor(replica_dirs, opt, gallery, tmp_path_factory) -> Path:
+    from converters.lite import convert_lite
+
+    out = tmp_path_factory.mktemp("lite-int8") / "x86"
+    return convert_lite(
+        None, replica_dirs["extractor"], out, target="x86", precision="int8", calib_dir=gallery, calib_count=4,
+        algo="avg", opt=opt,
+    )
+
+
+@pytest.fixture(scope="module")
+def resaved_extractor(replica_dirs, tmp_path_factory) -> Path:
+    """The extractor replica loaded and saved again by Paddle 3.3 (which drops flatten's XShape)."""
+    from converters import paddle_io
+
+    paddle = paddle_io.import_paddle()
+    out = tmp_path_factory.mktemp("resaved")
+    model = paddle_io.load_inference_model(replica_dirs["extractor"])
+    block = model.program.global_block()
+    with paddle.static.scope_guard(model.scope):
+        paddle.static.save_inference_model(
+            str(out / "inference"), [block.var(n) for n in model.feed_names], model.fetch_targets, model.executor,
+            program=model.program,
+        )
+    return out
+
+
+# ---------------------------------------------------------------- finding paddle_lite_opt
+
+
+def _executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_find_opt_prefers_the_argument_then_the_environment_then_path(tmp_path, monkeypatch):
+    from converters.lite import OPT_ENV, find_opt
+
+    on_path = _executable(tmp_path / "path" / "paddle_lite_opt")
+    in_env = _executable(tmp_path / "env" / "opt")
+    given = _executable(tmp_path / "given" / "opt")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    monkeypatch.delenv(OPT_ENV, raising=False)
+    assert find_opt() == on_path
+    monkeypatch.setenv(OPT_ENV, str(in_env))
+    assert find_opt() == in_env
+    assert find_opt(given) == given
+    assert find_opt(str(given)) == given
+
+
+def _assert_install_hint(message: str) -> None:
+    assert "python3.10 -m venv" in message
+    assert 'pip install paddlelite==2.13rc0 "numpy<2"' in message
+    assert _SETUP in message
+    assert "EDGE_SHITU_LITE_OPT" in message and "--lite-opt" in message
+
+
+def test_missing_opt_says_how_to_install_it(tmp_path, monkeypatch):
+    from converters.lite import OPT_ENV, find_opt
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv(OPT_ENV, raising=False)
+    with pytest.raises(BackendUnavailableError, match="paddle_lite_opt was not found") as info:
+        find_opt()
+    _assert_install_hint(str(info.value))
+    assert isinstance(info.value, ImportError)
+
+
+def test_a_named_opt_that_is_missing_is_not_replaced_by_another(tmp_path, monkeypatch):
+    from converters.lite import OPT_ENV, find_opt
+
+    monkeypatch.setenv("PATH", str(_executable(tmp_path / "path" / "paddle_lite_opt").parent))
+    monkeypatch.setenv(OPT_ENV, str(tmp_path / "absent"))
+    with pytest.raises(BackendUnavailableError, match=r"\$EDGE_SHITU_LITE_OPT names .*absent, which does not exist"):
+        find_opt()
+    plain = tmp_path / "not-executable"
+    plain.write_text("")
+    with pytest.raises(BackendUnavailableError, match="lite_opt names .*not-executable, which is not an executable file") as info:
+        find_opt(plain)
+    _assert_install_hint(str(info.value))
+
+
+def test_convert_without_opt_fails_before_any_work(tmp_path, monkeypatch):
+    from converters.convert import convert
+    from converters.lite import OPT_ENV
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv(OPT_ENV, raising=False)
+    with pytest.raises(BackendUnavailableError, match="setup-lite-env"):
+        convert(None, tmp_path / "rec", tmp_path / "out", format="lite-arm")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- arguments and the formats table
+
+
+def test_the_formats_table_has_the_lite_formats():
+    from converters.convert import EXPORT_FORMATS, validate_export
+
+    for target in ("x86", "arm"):
+        spec = validate_export(f"lite-{target}", "int8", None)
+        assert spec is EXPORT_FORMATS[f"lite-{target}"]
+        assert (spec.suffix, spec.backend, spec.target, spec.precisions) == (".nb", "paddlelite", target, ("fp32", "int8"))
+    with pytest.raises(ConversionError, match="'fp16' is not supported yet for lite-arm"):
+        validate_export("lite-arm", "fp16", None)
+    with pytest.raises(ConversionError, match="unknown export format 'lite-riscv'"):
+        validate_export("lite-riscv", "fp32", None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"target": "riscv"}, InvalidInputError, "unknown Paddle-Lite target 'riscv'"),
+        ({"target": "x86", "precision": "fp16"}, ConversionError, "not supported yet"),
+        ({"target": "arm", "precision": "int8"}, InvalidInputError, "int8 needs calibration photos"),
+        ({"target": "arm", "precision": "int8", "calib_dir": "absent"}, MissingFileError, "calibration photo folder"),
+        ({"target": "arm", "calib_dir": "."}, InvalidInputError, "for int8 bundles"),
+        ({"target": "arm", "algo": "avg"}, InvalidInputError, "for int8 bundles"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "calib_count": 0}, InvalidInputError, "calib_count"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "calib_count": True}, InvalidInputError, "calib_count"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "algo": "mse"}, InvalidInputError, "algorithm 'mse'"),
+        ({"target": "arm", "name": "../evil"}, InvalidInputError, "bundle name"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_path, monkeypatch):
+    from converters.lite import convert_lite
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match):
+        convert_lite(None, tmp_path / "rec", tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_rejects_options_of_other_formats(tmp_path):
+    from converters.convert import convert
+
+    with pytest.raises(InvalidInputError, match="lite_algo and lite_opt are for the Paddle-Lite formats"):
+        convert(None, tmp_path, tmp_path / "out", lite_opt="opt")
+    with pytest.raises(InvalidInputError, match="calib_dir and calib_count are for int8"):
+        convert(None, tmp_path, tmp_path / "out", format="lite-x86", calib_dir=tmp_path)
+    with pytest.raises(InvalidInputError, match="verify is not available for lite-x86"):
+        convert(None, tmp_path, tmp_path / "out", format="lite-x86", verify=True)
+
+
+def test_an_x86_int8_detector_is_refused(tmp_path):
+    from converters.lite import convert_lite
+
+    with pytest.raises(ConversionError, match="x86 INT8 kernels compute the detector wrongly"):
+        convert_lite(tmp_path, None, tmp_path / "out", target="x86", precision="int8", calib_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.paddle
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_pir_json_programs_are_refused(precision, tmp_path, opt, gallery):
+    from converters.lite import convert_lite, quantize_post_training
+
+    pir = tmp_path / "rec"
+    pir.mkdir()
+    (pir / "inference.json").write_text("{}")
+    (pir / "inference.pdiparams").write_bytes(b"")
+    calib = {"calib_dir": gallery} if precision == "int8" else {}
+    with pytest.raises(ConversionError, match="needs the legacy inference.pdmodel program of the extractor.*PIR.*no tool"):
+        convert_lite(None, pir, tmp_path / "out", target="arm", precision=precision, opt=opt, **calib)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec"]
+    with pytest.raises(ConversionError, match="legacy inference.pdmodel"):
+        quantize_post_training(pir, tmp_path / "q", feeds=[{"x": np.zeros((1, 3, 224, 224), np.float32)}])
+
+
+# ---------------------------------------------------------------- fp32 bundles
+
+
+@pytest.mark.paddle
+@pytest.mark.parametrize("target", ["x86", "arm"])
+def test_fp32_bundle_manifest(target, lite_bundles, replica_bundle):
+    from edge_shitu.bundle import Bundle
+
+    root = lite_bundles[target]
+    assert sorted(p.name for p in root.iterdir()) == ["detector.nb", "extractor.nb", "manifest.json"]
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    onnx = json.loads((replica_bundle / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["name"] == f"ppshituv2-replica-s0-lite-{target}-fp32"
+    assert set(manifest["tools"]) == {"edge_shitu", "paddlepaddle", "paddlelite_opt"}
+    assert manifest["tools"]["paddlelite_opt"] == "v2.13-rc"
+    for role in ("detector", "extractor"):
+        model, reference = manifest["models"][role], onnx["models"][role]
+        assert model["file"] == f"{role}.nb"
+        assert (model["backend"], model["target"], model["precision"]) == ("paddlelite", target, "fp32")
+        # Everything but the file itself is what the ONNX bundle says: same inputs, outputs, provenance.
+        for key in set(reference) - {"file", "sha256", "backend"}:
+            assert model[key] == reference[key], key
+        assert set(model) == set(reference) | {"target"}
+    assert manifest["models"]["detector"]["output"]["scores"][0] == "scores_stride8"
+    bundle = Bundle.load(root)
+    bundle.verify()
+    assert {spec.target for spec in bundle.models.values()} == {target}
+    assert {spec.backend for spec in bundle.models.values()} == {"paddlelite"}
+
+
+@pytest.mark.paddle
+@pytest.mark.parametrize("target", ["x86", "arm"])
+def test_nb_files_hold_kernels_of_their_target_only(target, lite_bundles):
+    from edge_shitu.backends.paddlelite import read_nb_targets
+
+    for role in ("detector", "extractor"):
+        path = lite_bundles[target] / f"{role}.nb"
+        assert read_nb_targets(path) == frozenset({target})
+        # The version field's bytes after the NUL are zeroed (opt leaves them uninitialised).
+        assert path.read_bytes()[2:18] == b"v2.13-rc" + bytes(8)
+
+
+@pytest.mark.paddle
+def test_fp32_sizes(lite_bundles):
+    sizes = {(t, r): (lite_bundles[t] / f"{r}.nb").stat().st_size for t in ("x86", "arm") for r in ("detector", "extractor")}
+    for (target, role), size in sizes.items():
+        assert {"detector": 20e6, "extractor": 14e6}[role] < size < {"detector": 32e6, "extractor": 22e6}[role], sizes
+
+
+@pytest.mark.paddle
+def test_identical_inputs_give_identical_files(lite_bundles, replica_dirs, opt, tmp_path):
+    from converters.convert import convert
+
+    # Through convert(): the format table dispatches to convert_lite.
+    again = convert(None, replica_dirs["extractor"], tmp_path / "again", format="lite-x86", lite_opt=opt)
+    first = lite_bundles["x86"]
+    assert (again / "extractor.nb").read_bytes() == (first / "extractor.nb").read_bytes()
+    manifest = json.loads((again / "manifest.json").read_text())
+    assert manifest["name"] == "ppshituv2-rec-replica-s0-lite-x86-fp32"
+    assert manifest["models"]["extractor"] == json.loads((first / "manifest.json").read_text())["models"]["extractor"]
+
+
+@pytest.mark.paddle
+def test_x86_fp32_bundle_runs_in_paddle_lite_like_paddle_inference(
+    lite_bundles, replica_dirs, lite_python, test_images, tmp_path
+):
+    from converters import paddle_io
+    from converters.convert import cut_detector_heads
+    from edge_shitu.bundle import Bundle
+
+    bundle = Bundle.load(lite_bundles["x86"])
+    rec, det = bundle.extractor, bundle.detector
+
+    x = _photos(test_images[:2], rec.input)
+    names, lite_out = _run_in_lite(lite_python, rec.path, x, tmp_path)
+    assert names == {"inputs": [rec.input.name], "outputs": [rec.output.name]}
+    predictor = paddle_io.create_predictor(paddle_io.find_model_files(replica_dirs["extractor"]))
+    reference = paddle_io.run_predictor(predictor, {rec.input.name: x})[rec.output.name]
+    np.testing.assert_allclose(lite_out[rec.output.name], reference, rtol=1e-4, atol=1e-5)
+
+    image = _photos(test_images[:1], det.input)
+    names, lite_out = _run_in_lite(lite_python, det.path, image, tmp_path)
+    assert names == {"inputs": [det.input.name], "outputs": list(det.output.scores + det.output.boxes)}
+    heads = cut_detector_heads(replica_dirs["detector"], tmp_path / "heads")
+    reference = paddle_io.run_predictor(paddle_io.create_predictor(heads.files), {"image": image})
+    for name in names["outputs"]:
+        np.testing.assert_allclose(lite_out[name], reference[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+# ---------------------------------------------------------------- INT8
+
+
+@pytest.mark.paddle
+def test_int8_x86_extractor_bundle(int8_x86_extractor, lite_bundles):
+    from edge_shitu.backends.paddlelite import read_nb_targets
+    from edge_shitu.bundle import Bundle
+
+    manifest = json.loads((int8_x86_extractor / "manifest.json").read_text())
+    assert manifest["name"] == "ppshituv2-rec-replica-s0-lite-x86-int8"
+    model = manifest["models"]["extractor"]
+    assert (model["backend"], model["target"], model["precision"]) == ("paddlelite", "x86", "int8")
+    assert model["output"]["name"] == json.loads((lite_bundles["x86"] / "manifest.json").read_text())["models"][
+        "extractor"]["output"]["name"]
+    path = int8_x86_extractor / "extractor.nb"
+    assert read_nb_targets(path) == frozenset({"x86"})
+    assert path.stat().st_size < 0.35 * (lite_bundles["x86"] / "extractor.nb").stat().st_size
+    Bundle.load(int8_x86_extractor).verify()
+
+
+@pytest.mark.paddle
+def test_int8_x86_extractor_stays_close_to_fp32(int8_x86_extractor, lite_bundles, lite_python, test_images, tmp_path):
+    from edge_shitu.bundle import Bundle
+
+    spec = Bundle.load(int8_x86_extractor).extractor
+    x = _photos(test_images[:3], spec.input)
+    _, fp32 = _run_in_lite(lite_python, lite_bundles["x86"] / "extractor.nb", x, tmp_path)
+    names, int8 = _run_in_lite(lite_python, spec.path, x, tmp_path)
+    assert names["outputs"] == [spec.output.name]
+    a, b = fp32[spec.output.name], int8[spec.output.name]
+    assert np.isfinite(b).all()
+    cos = _cosines(a, b)
+    assert (cos > 0.97).all() and (cos < 1 - 1e-6).all(), cos  # close, and really quantised
+
+
+@pytest.mark.paddle
+def test_int8_arm_detector_bundle(replica_dirs, opt, gallery, lite_bundles, tmp_path):
+    """ARM INT8 cannot run here: checked structurally (targets, size, manifest) only."""
+    from converters.lite import convert_lite
+    from edge_shitu.backends.paddlelite import read_nb_targets
+    from edge_shitu.bundle import Bundle
+
+    out = convert_lite(
+        replica_dirs["detector"], None, tmp_path / "b", target="arm", precision="int8", calib_dir=gallery,
+        calib_count=2, algo="AVG", opt=opt,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "ppshitu-det-replica-s0-lite-arm-int8"
+    assert manifest["models"]["detector"]["precision"] == "int8"
+    assert read_nb_targets(out / "detector.nb") == frozenset({"arm"})
+    assert (out / "detector.nb").stat().st_size < 0.35 * (lite_bundles["arm"] / "detector.nb").stat().st_size
+    assert Bundle.load(out).detector.output.scores[0] == "scores_stride8"
+
+
+# ---------------------------------------------------------------- flatten XShape fix and opt failures
+
+
+@pytest.mark.paddle
+def test_flatten_xshape_fix_keeps_paddle_outputs_identical(resaved_extractor, replica_dirs, tmp_path, rng):
+    from converters import paddle_io
+    from converters.lite import restore_flatten_xshape
+
+    original = (replica_dirs["extractor"] / "inference.pdmodel").read_bytes()
+    assert restore_flatten_xshape(original) == (original, 0)  # official programs keep XShape
+    resaved = (resaved_extractor / "inference.pdmodel").read_bytes()
+    assert [("XShape" in op.output_names()) for op in _flatten_ops(resaved)] == [False, False]
+
+    fixed, count = restore_flatten_xshape(resaved)
+    assert count == 2
+    assert [("XShape" in op.output_names()) for op in _flatten_ops(fixed)] == [True, True]
+    assert restore_flatten_xshape(fixed) == (fixed, 0)
+
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    (folder / "inference.pdmodel").write_bytes(fixed)
+    (folder / "inference.pdiparams").write_bytes((resaved_extractor / "inference.pdiparams").read_bytes())
+    x = rng.standard_normal((2, 3, 224, 224)).astype(np.float32)
+    outputs = []
+    for model_dir in (resaved_extractor, folder):
+        predictor = paddle_io.create_predictor(paddle_io.find_model_files(model_dir))
+        (out,) = paddle_io.run_predictor(predictor, {"x": x}).values()
+        outputs.append(out)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.paddle
+def test_opt_crash_is_a_conversion_error_and_the_fix_avoids_it(resaved_extractor, opt, tmp_path):
+    from converters.lite import restore_flatten_xshape, run_opt
+    from edge_shitu.backends.paddlelite import read_nb_targets
+
+    program, params = resaved_extractor / "inference.pdmodel", resaved_extractor / "inference.pdiparams"
+    out = tmp_path / "nb" / "extractor.nb"
+    with pytest.raises(ConversionError, match=r"(?s)opt \(arm\) on .*inference.pdmodel was killed by SIGSEGV.*Model is successfully loaded") as info:
+        run_opt(program, params, out, target="arm", opt=opt)
+    assert str(resaved_extractor) in str(info.value)
+    assert list(out.parent.iterdir()) == []  # no partial file left behind
+
+    fixed = tmp_path / "fixed.pdmodel"
+    fixed.write_bytes(restore_flatten_xshape(program.read_bytes())[0])
+    assert run_opt(fixed, params, out, target="arm", opt=opt) == out
+    assert read_nb_targets(out) == frozenset({"arm"})
+    assert sorted(p.name for p in out.parent.iterdir()) == ["extractor.nb"]  # not extractor.nb.nb
+
+
+@pytest.mark.paddle
+def test_convert_lite_restores_flatten_xshape_of_paddle3_saved_programs(resaved_extractor, opt, tmp_path):
+    from converters.lite import convert_lite
+    from edge_shitu.backends.paddlelite import read_nb_targets
+
+    out = convert_lite(None, resaved_extractor, tmp_path / "b", target="x86", opt=opt)
+    assert read_nb_targets(out / "extractor.nb") == frozenset({"x86"})
+    # The model folder itself is left as it was.
+    assert [("XShape" in op.output_names()) for op in _flatten_ops((resaved_extractor / "inference.pdmodel").read_bytes())] == [False, False]
+
+
+@pytest.mark.paddle
+def test_corrupt_program_is_a_conversion_error(replica_dirs, opt, tmp_path, rng):
+    from converters.lite import convert_lite, run_opt
+
+    corrupt = tmp_path / "inference.pdmodel"
+    corrupt.write_bytes(rng.bytes(4096))
+    with pytest.raises(ConversionError, match=r"opt \(x86\) on .*inference.pdmodel was killed by SIG.*log ends with"):
+        run_opt(corrupt, replica_dirs["extractor"] / "inference.pdiparams", tmp_path / "x.nb", target="x86", opt=opt)
+    with pytest.raises(InvalidInputError, match="must end in .nb"):
+        run_opt(corrupt, corrupt, tmp_path / "x.bin", target="x86", opt=opt)
+    with pytest.raises(MissingFileError, match="params file not found"):
+        run_opt(corrupt, tmp_path / "absent", tmp_path / "x.nb", target="x86", opt=opt)
+
+    # Inside convert_lite, the failure names the step and the model folder, and nothing is published.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "inference.pdmodel").write_bytes((replica_dirs["extractor"] / "inference.pdmodel").read_bytes())
+    (broken / "inference.pdiparams").write_bytes(b"\0" * 64)
+    with pytest.raises(ConversionError, match=r"step 'extractor: paddle_lite_opt arm' failed for .*broken"):
+        convert_lite(None, broken, tmp_path / "out", target="arm", opt=opt)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "inference.pdmodel"]
+
+
+def test_opt_that_writes_nothing_is_a_conversion_error(tmp_path):
+    from converters.lite import run_opt
+
+    fake = tmp_path / "opt"
+    fake.write_text("#!/bin/sh\necho 'usage: paddle_lite_opt ...'\nexit 0\n")
+    fake.chmod(0o755)
+    (tmp_path / "m.pdmodel").write_bytes(b"x")
+    with pytest.raises(ConversionError, match="(?s)wrote no model.*usage: paddle_lite_opt"):
+        run_opt(tmp_path / "m.pdmodel", tmp_path / "m.pdmodel", tmp_path / "m.nb", target="arm", opt=fake)
