@@ -898,13 +898,33 @@ def _tool_versions(tools: Tuple[Any, Any, Any]) -> Dict[str, str]:
 
 
 def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional[Path],
-                    images: "os.PathLike[str] | str | None", timings: Dict[str, float]) -> None:
-    from converters.verify import VERIFY_FILE, verify_bundle
+                    images: "os.PathLike[str] | str | None", timings: Dict[str, float], *,
+                    lite_python: "os.PathLike[str] | str | None" = None) -> None:
+    import functools
+    import platform
+
+    from converters.verify import VERIFY_FILE, verify_bundle, write_unverifiable
 
     if images is None:
         raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
+    bundle = Bundle.load(staging)
+    factory = None
+    lite = [m for m in bundle.models.values() if m.backend == "paddlelite"]
+    if lite:
+        from edge_shitu.backends.paddlelite import machine_target
+
+        here = machine_target()
+        foreign = sorted({m.target for m in lite if m.target != here})
+        if foreign:
+            write_unverifiable(staging, f"{'/'.join(foreign)} .nb models cannot run on this {platform.machine()} "
+                                        "machine; verify the matching lite-x86 bundle (same program and weights) "
+                                        "here, and the device bundle on the device")
+            return
+        from converters.lite_worker import SideEnvSession, find_lite_python
+
+        factory = functools.partial(SideEnvSession, python=find_lite_python(lite_python))
     with _step("verify against Paddle Inference on real photos", None, timings):
-        report = verify_bundle(staging, det_dir=det, rec_dir=rec, images_dir=Path(images))
+        report = verify_bundle(staging, det_dir=det, rec_dir=rec, images_dir=Path(images), session_factory=factory)
     if not report["passed"]:
         failed = out.parent / f"{out.name}.verify-failed.json"
         os.replace(staging / VERIFY_FILE, failed)
@@ -1011,6 +1031,7 @@ def convert(
     calib_count: Optional[int] = None,
     lite_algo: Optional[str] = None,
     lite_opt: "os.PathLike[str] | str | None" = None,
+    lite_python: "os.PathLike[str] | str | None" = None,
 ) -> Path:
     """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
 
@@ -1034,12 +1055,15 @@ def convert(
       verify: run the source models in Paddle Inference and the converted ones in the runtime on the
         photos of ``verify_images`` (see :mod:`converters.verify`); the bundle gets ``verify.json``, and a
         bundle under the thresholds is not published (its report is left beside ``out_dir`` as
-        ``<name>.verify-failed.json``). ONNX bundles only, so far.
+        ``<name>.verify-failed.json``). Lite x86 bundles run in the side environment; Lite arm bundles
+        cannot run on this machine, so their ``verify.json`` says they are unverified, and why.
       verify_images: folder of real photos for ``verify``.
       calib_dir: INT8 only: folder of real photos to calibrate activation ranges on.
       calib_count: INT8 only: number of calibration photos (default: the format's default).
       lite_algo: Lite INT8 only: ``"avg"``, ``"hist"`` or ``"KL"`` (see :mod:`converters.lite`).
       lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`converters.lite.find_opt`).
+      lite_python: Lite + verify only: the side environment's Python that runs ``.nb`` files
+        (see :func:`converters.lite_worker.find_lite_python`).
 
     Returns:
       ``out_dir`` as a Path, holding ``detector.<suffix>`` and/or ``extractor.<suffix>`` and ``manifest.json``.
@@ -1054,12 +1078,16 @@ def convert(
         names the step and the model folder).
     """
     spec = validate_export(format, precision, opset)
+    if verify and verify_images is None:
+        raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
     if precision != "int8" and (calib_dir is not None or calib_count is not None):
         raise InvalidInputError(f"calib_dir and calib_count are for int8 bundles; precision is {precision!r}")
     if spec.backend == "paddlelite":
-        if verify:
-            raise InvalidInputError(f"verify is not available for {spec.name} bundles yet")
         from converters.lite import convert_lite
+
+        def check_lite(staging: Path) -> None:
+            _verify_or_fail(staging, Path(out_dir), Path(det_dir) if det_dir else None,
+                            Path(rec_dir) if rec_dir else None, verify_images, {}, lite_python=lite_python)
 
         return convert_lite(
             det_dir,
@@ -1072,9 +1100,10 @@ def convert(
             algo=lite_algo,
             opt=lite_opt,
             name=name,
+            before_publish=check_lite if verify else None,
         )
-    if lite_algo is not None or lite_opt is not None:
-        raise InvalidInputError(f"lite_algo and lite_opt are for the Paddle-Lite formats, not {spec.name}")
+    if lite_algo is not None or lite_opt is not None or lite_python is not None:
+        raise InvalidInputError(f"lite_algo, lite_opt and lite_python are for the Paddle-Lite formats, not {spec.name}")
     det, rec, out = _check_request(det_dir, rec_dir, out_dir, name)
     timings: Dict[str, float] = {}
     with _step("import tools", None, timings):

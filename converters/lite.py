@@ -57,7 +57,7 @@ import signal
 import subprocess
 import secrets
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -614,6 +614,7 @@ def convert_lite(
     algo: Optional[str] = None,
     opt: "os.PathLike[str] | str | None" = None,
     name: Optional[str] = None,
+    before_publish: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Convert a detector and/or a feature extractor into a Paddle-Lite bundle for one machine.
 
@@ -705,4 +706,5 @@ def convert_lite(
         }
         return models, tools
 
-    return _publish_bundle(out, build, name=name, name_suffix=f"{fmt.name}-{precision}", timings=timings)
+    return _publish_bundle(out, build, name=name, name_suffix=f"{fmt.name}-{precision}", timings=timings,
+                           before_publish=before_publish)

@@ -43,7 +43,7 @@ from edge_shitu.errors import (
     InvalidInputError,
 )
 
-__all__ = ["SideEnvSession", "WorkerCrashError", "find_lite_python", "find_lite_opt", "PROTOCOL"]
+__all__ = ["SideEnvSession", "WorkerCrashError", "find_lite_python", "PROTOCOL"]
 
 #: Version of the frame protocol; the worker must speak the same one.
 PROTOCOL = 1
@@ -103,34 +103,6 @@ def find_lite_python(explicit: Optional[os.PathLike] = None) -> Path:
         )
     if not candidate.is_file() or not os.access(candidate, os.X_OK):
         raise BackendUnavailableError(f"{candidate} ({source}) is not an executable Python; " + SETUP_HINT)
-    return candidate
-
-
-def find_lite_opt(explicit: Optional[os.PathLike] = None, *, python: Optional[os.PathLike] = None) -> Path:
-    """Return the ``paddle_lite_opt`` tool of the side environment.
-
-    Looks at ``explicit``, then ``$EDGE_SHITU_LITE_OPT``, then beside the side environment's Python
-    (``python`` or :func:`find_lite_python`).
-
-    Args:
-      explicit: path of ``paddle_lite_opt``, or ``None``.
-      python: the side environment's Python, or ``None`` to find it.
-
-    Returns:
-      The ``paddle_lite_opt`` executable.
-
-    Raises:
-      BackendUnavailableError: it was not found; the message says how to create the side environment.
-    """
-    if explicit is not None:
-        source, candidate = "the given paddle_lite_opt", Path(explicit)
-    elif os.environ.get("EDGE_SHITU_LITE_OPT"):
-        source, candidate = "$EDGE_SHITU_LITE_OPT", Path(os.environ["EDGE_SHITU_LITE_OPT"])
-    else:
-        py = find_lite_python(python)
-        source, candidate = f"beside {py}", py.parent / ("paddle_lite_opt.exe" if os.name == "nt" else "paddle_lite_opt")
-    if not candidate.is_file() or not os.access(candidate, os.X_OK):
-        raise BackendUnavailableError(f"{candidate} ({source}) is not an executable paddle_lite_opt; " + SETUP_HINT)
     return candidate
 
 

@@ -33,7 +33,7 @@ from edge_shitu.codes import binarize, l2_normalize
 from edge_shitu.errors import ConversionError, InvalidInputError
 from edge_shitu.image import crop, load_image
 
-__all__ = ["VerifyThresholds", "THRESHOLDS", "VERIFY_FILE", "verify_bundle"]
+__all__ = ["VerifyThresholds", "THRESHOLDS", "VERIFY_FILE", "verify_bundle", "write_unverifiable"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -217,4 +217,14 @@ def verify_bundle(bundle_dir: Path, *, det_dir: Optional[Path], rec_dir: Optiona
     report["replica"] = bundle.is_replica
     (Path(bundle_dir) / VERIFY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _LOG.info("verify %s: %s", bundle_dir, "passed" if not failures else "; ".join(failures))
+    return report
+
+
+def write_unverifiable(bundle_dir: Path, reason: str) -> Dict[str, Any]:
+    """Record in ``verify.json`` that the bundle could not be verified on this machine, and why."""
+    bundle = Bundle.load(bundle_dir)
+    report = {"passed": None, "unverifiable": reason, "failures": [], "replica": bundle.is_replica,
+              "precision": "int8" if any(m.precision == "int8" for m in bundle.models.values()) else "fp32"}
+    (Path(bundle_dir) / VERIFY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _LOG.warning("verify %s: not verified: %s", bundle_dir, reason)
     return report

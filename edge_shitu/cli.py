@@ -341,9 +341,17 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
     verify_images = args.verify_images
     if args.verify and verify_images is None:
         verify_images = _default_verify_images()
+    quant = {}
+    if args.precision == "int8" or args.calib is not None:
+        quant = {"calib_dir": args.calib, "calib_count": args.calib_count}
+    if args.format == "onnx":
+        onnx_quant = {"calib_method": args.calib_method, "quant_mode": args.quant_mode}
+        quant.update({k: v for k, v in onnx_quant.items() if v is not None})
+    else:
+        quant.update({"lite_algo": args.lite_algo, "lite_opt": args.lite_opt, "lite_python": args.lite_python})
     path = convert.convert(Path(args.det) if args.det else None, Path(args.rec) if args.rec else None,
-                           Path(args.out), precision=args.precision, verify=args.verify,
-                           verify_images=verify_images)
+                           Path(args.out), format=args.format, precision=args.precision, verify=args.verify,
+                           verify_images=verify_images, **quant)
     out.write(f"bundle written to {path}\n")
     if args.verify:
         from edge_shitu.bundle import Bundle
@@ -364,6 +372,9 @@ def _default_verify_images() -> str:
 def _print_verification(report, out: TextIO) -> None:
     if report is None:
         out.write("verification: never verified (convert --verify)\n")
+        return
+    if report.get("passed") is None:
+        out.write(f"verification: NOT VERIFIED: {report.get('unverifiable')}\n")
         return
     state = "PASSED" if report.get("passed") else "FAILED"
     out.write(f"verification ({report.get('precision')}, {len(report.get('images', []))} photos): {state}"
@@ -523,7 +534,16 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--det", help="detector model folder")
     cv.add_argument("--rec", help="extractor model folder")
     cv.add_argument("--out", required=True)
-    cv.add_argument("--precision", default="fp32")
+    cv.add_argument("--format", choices=["onnx", "lite-x86", "lite-arm"], default="onnx",
+                    help="onnx (onnxruntime, any machine) or a Paddle-Lite .nb for x86 or arm")
+    cv.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    cv.add_argument("--calib", help="int8: folder of real photos to calibrate on (searched recursively)")
+    cv.add_argument("--calib-count", type=int, help="int8: how many calibration photos")
+    cv.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], help="onnx int8: calibration method")
+    cv.add_argument("--quant-mode", choices=["static", "dynamic"], help="onnx int8: static (calibrated) or dynamic")
+    cv.add_argument("--lite-algo", choices=["avg", "hist", "KL"], help="lite int8: post-training quantisation algorithm")
+    cv.add_argument("--lite-opt", help="lite: the paddle_lite_opt executable (default: $EDGE_SHITU_LITE_OPT, PATH)")
+    cv.add_argument("--lite-python", help="lite --verify: Python of the Lite side environment")
     cv.add_argument("--verify", action="store_true",
                     help="compare with Paddle Inference on real photos; fail when agreement is too low")
     cv.add_argument("--verify-images", help="photos for --verify (default: the shared drink test images)")

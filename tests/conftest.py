@@ -83,6 +83,31 @@ def replica_bundle(replica_dirs: dict, tmp_path_factory) -> Path:
     return convert(replica_dirs["detector"], replica_dirs["extractor"], out, precision="fp32")
 
 
+# ---------------------------------------------------------------- Paddle-Lite side environment
+
+
+@pytest.fixture(scope="session")
+def lite_python() -> Path:
+    """Python of the Paddle-Lite side environment ($EDGE_SHITU_LITE_PYTHON or <repo>/.venv-lite)."""
+    from converters.lite_worker import find_lite_python
+    from edge_shitu.errors import BackendUnavailableError
+
+    try:
+        return find_lite_python()
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def lite_opt(lite_python) -> Path:
+    """paddle_lite_opt: $EDGE_SHITU_LITE_OPT, else the side environment's own."""
+    env = os.environ.get("EDGE_SHITU_LITE_OPT")
+    opt = Path(env) if env else lite_python.parent / "paddle_lite_opt"
+    if not (opt.is_file() and os.access(opt, os.X_OK)):
+        pytest.skip(f"no paddle_lite_opt at {opt}: create the side environment with scripts/setup-lite-env")
+    return opt
+
+
 # ---------------------------------------------------------------- fake bundles and sessions
 # Models are replaced by small deterministic numpy functions, so pipeline logic is tested exactly,
 # without model files; the real models are exercised by the replica tests.

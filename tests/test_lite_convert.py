@@ -49,31 +49,9 @@ print(json.dumps({"inputs": list(predictor.get_input_names()), "outputs": names}
 """
 
 
-def _side_env_opt() -> Path:
-    env = os.environ.get("EDGE_SHITU_LITE_OPT")
-    if env:
-        return Path(env)
-    local = _REPO / ".venv-lite" / "bin" / "paddle_lite_opt"
-    if local.is_file():
-        return local
-    pytest.skip(
-        "Paddle-Lite side environment not found: set EDGE_SHITU_LITE_OPT to its bin/paddle_lite_opt, or run "
-        f"{_SETUP} (Python 3.10 + paddlelite 2.13rc0, creates .venv-lite)"
-    )
-
-
 @pytest.fixture(scope="module")
-def opt() -> Path:
-    return _side_env_opt()
-
-
-@pytest.fixture(scope="module")
-def lite_python(opt) -> Path:
-    env = os.environ.get("EDGE_SHITU_LITE_PYTHON")
-    python = Path(env) if env else opt.parent / "python"
-    if not python.is_file():
-        pytest.skip(f"no Python of the Paddle-Lite side environment next to {opt} (set EDGE_SHITU_LITE_PYTHON)")
-    return python
+def opt(lite_opt) -> Path:
+    return lite_opt
 
 
 def _run_in_lite(python: Path, nb: Path, x: np.ndarray, tmp: Path):
@@ -271,11 +249,12 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_pat
 def test_convert_rejects_options_of_other_formats(tmp_path):
     from converters.convert import convert
 
-    with pytest.raises(InvalidInputError, match="lite_algo and lite_opt are for the Paddle-Lite formats"):
-        convert(None, tmp_path, tmp_path / "out", lite_opt="opt")
+    for option in ("lite_opt", "lite_algo", "lite_python"):
+        with pytest.raises(InvalidInputError, match="lite_algo, lite_opt and lite_python are for the Paddle-Lite"):
+            convert(None, tmp_path, tmp_path / "out", **{option: "x"})
     with pytest.raises(InvalidInputError, match="calib_dir and calib_count are for int8"):
         convert(None, tmp_path, tmp_path / "out", format="lite-x86", calib_dir=tmp_path)
-    with pytest.raises(InvalidInputError, match="verify is not available for lite-x86"):
+    with pytest.raises(InvalidInputError, match="verify needs a folder of real photos"):
         convert(None, tmp_path, tmp_path / "out", format="lite-x86", verify=True)
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import manifest_for
 from converters import lite_worker
-from converters.lite_worker import SideEnvSession, WorkerCrashError, find_lite_opt, find_lite_python
+from converters.lite_worker import SideEnvSession, WorkerCrashError, find_lite_python
 from edge_shitu.backends import create_session
 from edge_shitu.backends import paddlelite as pl
 from edge_shitu.backends.paddlelite import PaddleLiteSession, check_nb_target, machine_target, read_nb_targets
@@ -476,15 +476,6 @@ def test_find_lite_python(monkeypatch, tmp_path):
     assert find_lite_python() == venv_python
 
 
-def test_find_lite_opt(monkeypatch, tmp_path):
-    monkeypatch.delenv("EDGE_SHITU_LITE_OPT", raising=False)
-    with pytest.raises(BackendUnavailableError, match=r"paddle_lite_opt \(beside .*\) is not an executable"):
-        find_lite_opt(python=sys.executable)
-    monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(tmp_path / "opt"))
-    with pytest.raises(BackendUnavailableError, match=r"\$EDGE_SHITU_LITE_OPT"):
-        find_lite_opt()
-
-
 def test_frames_round_trip_without_pickle():
     buf = io.BytesIO()
     feats = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -569,23 +560,12 @@ def test_worker_that_cannot_start(tmp_path):
 # ---------------------------------------------------------------- side environment: real Paddle-Lite runs
 
 @pytest.fixture(scope="session")
-def lite_python() -> Path:
-    try:
-        return find_lite_python()
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="session")
-def lite_bundles(replica_dirs, lite_python, tmp_path_factory) -> dict:
+def lite_bundles(replica_dirs, lite_opt, tmp_path_factory) -> dict:
     """Lite bundles of the replicas, made by the converter with the side environment's opt:
     x86 (detector + extractor) and arm (extractor only, for the refusal)."""
     from converters.lite import convert_lite
 
-    try:
-        opt = find_lite_opt(python=lite_python)
-    except BackendUnavailableError as exc:
-        pytest.skip(f"Paddle-Lite side environment missing paddle_lite_opt: {exc}")
+    opt = lite_opt
     root = tmp_path_factory.mktemp("lite-bundles")
     return {
         "x86": convert_lite(replica_dirs["detector"], replica_dirs["extractor"], root / "x86", target="x86", opt=opt),

@@ -105,3 +105,25 @@ def test_match_boxes_is_one_to_one():
     pairs = match_boxes(ref, ours)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
     assert match_boxes(ref, np.zeros((0, 4))) == []
+
+
+def test_lite_x86_bundle_is_verified_in_the_side_environment(replica_dirs, photos, tmp_path, lite_opt, lite_python):
+    from converters.convert import convert
+
+    out = convert(replica_dirs["detector"], replica_dirs["extractor"], tmp_path / "lite", format="lite-x86",
+                  verify=True, verify_images=photos, lite_opt=lite_opt, lite_python=lite_python)
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] and report["detector"]["match_rate"] == 1.0
+    assert report["extractor"]["min_cosine"] > 0.9999
+
+
+def test_lite_arm_bundle_is_marked_unverifiable(replica_dirs, photos, tmp_path, lite_opt):
+    from converters.convert import convert
+
+    out = convert(None, replica_dirs["extractor"], tmp_path / "arm", format="lite-arm", verify=True,
+                  verify_images=photos, lite_opt=lite_opt)
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] is None and "cannot run on this" in report["unverifiable"]
+    text = io.StringIO()
+    assert main(["bundle", "info", str(out)], stdout=text) == 0
+    assert "NOT VERIFIED" in text.getvalue() and "target arm" in text.getvalue()
