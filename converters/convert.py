@@ -125,8 +125,7 @@ EXPORT_FORMATS: Dict[str, ExportFormat] = {
         name="onnx",
         suffix=".onnx",
         backend="onnxruntime",
-        precisions=("fp32",),
-        planned=("int8",),
+        precisions=("fp32", "int8"),
         opsets=(11, 17),
     ),
     # Paddle-Lite naive-buffer models (converters.lite): kernels are compiled in for one machine.
@@ -897,6 +896,37 @@ def _tool_versions(tools: Tuple[Any, Any, Any]) -> Dict[str, str]:
     }
 
 
+def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: Path, timings: Dict[str, float], *,
+                         calib_dir, calib_count: Optional[int], method: Optional[str], mode: Optional[str]) -> None:
+    """Replace a bundle's fp32 ONNX model by its INT8 version (converters.quantize); update its manifest entry."""
+    from converters.quantize import QuantizeOptions, quantize_model
+    from edge_shitu.bundle import InputSpec
+
+    overrides = {k: v for k, v in (("mode", mode), ("method", method), ("calib_count", calib_count)) if v is not None}
+    options = QuantizeOptions.for_role(role, **overrides)
+    spec = entry["input"]
+    input_spec = InputSpec(name=spec["name"], shape=tuple(spec["shape"]), resize=spec["resize"],
+                           interpolation=spec["interpolation"], channel_order=spec["channel_order"],
+                           scale=float(spec["scale"]), mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+                           layout=spec["layout"])
+    final = staging / entry["file"]
+    fp32 = work / f"{role}.fp32.onnx"
+    os.replace(final, fp32)
+    with _step(f"{role}: int8 quantisation ({options.mode}, {options.method})", None, timings):
+        report = quantize_model(fp32, final, input_spec=input_spec,
+                                calib_dir=calib_dir if options.mode == "static" else None, options=options)
+    static = options.mode == "static"
+    entry["sha256"] = sha256_file(final)
+    entry["precision"] = "int8"
+    entry["quantization"] = {
+        "tool": "onnxruntime.quantization", "mode": options.mode, "method": options.method if static else None,
+        "format": options.quant_format, "per_channel": options.per_channel,
+        "activations": options.activation_type, "weights": options.weight_type,
+        "float_tail_layers": options.float_tail, "calibration_images": report.calib_images,
+        "calibration_folder": Path(calib_dir).name if static else None, "preprocessing": "edge_shitu runtime",
+    }
+
+
 def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional[Path],
                     images: "os.PathLike[str] | str | None", timings: Dict[str, float], *,
                     lite_python: "os.PathLike[str] | str | None" = None) -> None:
@@ -1032,6 +1062,8 @@ def convert(
     lite_algo: Optional[str] = None,
     lite_opt: "os.PathLike[str] | str | None" = None,
     lite_python: "os.PathLike[str] | str | None" = None,
+    calib_method: Optional[str] = None,
+    quant_mode: Optional[str] = None,
 ) -> Path:
     """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
 
@@ -1062,6 +1094,8 @@ def convert(
       calib_count: INT8 only: number of calibration photos (default: the format's default).
       lite_algo: Lite INT8 only: ``"avg"``, ``"hist"`` or ``"KL"`` (see :mod:`converters.lite`).
       lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`converters.lite.find_opt`).
+      calib_method: ONNX int8 only: "minmax" (default), "entropy" or "percentile" (see :mod:`converters.quantize`).
+      quant_mode: ONNX int8 only: "static" (default; calibrated on ``calib_dir``) or "dynamic".
       lite_python: Lite + verify only: the side environment's Python that runs ``.nb`` files
         (see :func:`converters.lite_worker.find_lite_python`).
 
@@ -1082,6 +1116,11 @@ def convert(
         raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
     if precision != "int8" and (calib_dir is not None or calib_count is not None):
         raise InvalidInputError(f"calib_dir and calib_count are for int8 bundles; precision is {precision!r}")
+    if (calib_method is not None or quant_mode is not None) and not (spec.name == "onnx" and precision == "int8"):
+        raise InvalidInputError("calib_method and quant_mode are for onnx int8 bundles")
+    if spec.name == "onnx" and precision == "int8" and (quant_mode or "static") == "static" and calib_dir is None:
+        raise InvalidInputError("static int8 needs calibration photos: give calib_dir (--calib DIR, e.g. the drink "
+                                "gallery), or quant_mode='dynamic'")
     if spec.backend == "paddlelite":
         from converters.lite import convert_lite
 
@@ -1113,9 +1152,13 @@ def convert(
     def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
         models: Dict[str, Dict[str, Any]] = {}
         if det is not None:
-            models["detector"] = _convert_detector(det, staging, work, opset, precision, tools, timings)
+            models["detector"] = _convert_detector(det, staging, work, opset, "fp32", tools, timings)
         if rec is not None:
-            models["extractor"] = _convert_extractor(rec, staging, opset, precision, tools, timings)
+            models["extractor"] = _convert_extractor(rec, staging, opset, "fp32", tools, timings)
+        if precision == "int8":
+            for role, entry in models.items():
+                _quantize_onnx_entry(role, entry, staging, work, timings, calib_dir=calib_dir, calib_count=calib_count,
+                                     method=calib_method, mode=quant_mode)
         return models, _tool_versions(tools)
 
     def check(staging: Path) -> None:
