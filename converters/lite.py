@@ -130,7 +130,8 @@ _NB_VERSION_SLICE = slice(2, 18)
 
 
 def find_opt(explicit: "os.PathLike[str] | str | None" = None) -> Path:
-    """Locate Paddle-Lite's ``paddle_lite_opt``: ``explicit``, then ``$EDGE_SHITU_LITE_OPT``, then ``PATH``.
+    """Locate Paddle-Lite's ``paddle_lite_opt``: ``explicit``, then ``$EDGE_SHITU_LITE_OPT``, then ``PATH``,
+    then the side environment ``scripts/setup-lite-env`` makes (``.venv-lite`` beside ``pyproject.toml``).
 
     A path given explicitly or by the environment variable must exist; it is never replaced by
     another one found later.
@@ -155,12 +156,17 @@ def find_opt(explicit: "os.PathLike[str] | str | None" = None) -> Path:
             raise BackendUnavailableError(f"{where} names {path}, which {state}.\n{OPT_INSTALL_HINT}")
         return path.absolute()
     found = shutil.which(OPT_NAME)
-    if found is None:
-        raise BackendUnavailableError(
-            f"Paddle-Lite's model optimiser {OPT_NAME} was not found (no lite_opt argument, ${OPT_ENV} unset, "
-            f"not on PATH).\n{OPT_INSTALL_HINT}"
-        )
-    return Path(found).absolute()
+    if found is not None:
+        return Path(found).absolute()
+    from converters.lite_worker import _repo_root
+
+    local = _repo_root() / ".venv-lite" / ("Scripts" if os.name == "nt" else "bin") / OPT_NAME
+    if local.is_file() and os.access(local, os.X_OK):
+        return local.absolute()
+    raise BackendUnavailableError(
+        f"Paddle-Lite's model optimiser {OPT_NAME} was not found (no lite_opt argument, ${OPT_ENV} unset, "
+        f"not on PATH, no {local}).\n{OPT_INSTALL_HINT}"
+    )
 
 
 def _log_tail(text: str) -> str:

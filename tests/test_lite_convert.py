@@ -173,12 +173,18 @@ def _assert_install_hint(message: str) -> None:
 def test_missing_opt_says_how_to_install_it(tmp_path, monkeypatch):
     from converters.lite import OPT_ENV, find_opt
 
+    from converters import lite_worker
+
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv(OPT_ENV, raising=False)
+    monkeypatch.setattr(lite_worker, "_repo_root", lambda: tmp_path / "repo")
     with pytest.raises(BackendUnavailableError, match="paddle_lite_opt was not found") as info:
         find_opt()
     _assert_install_hint(str(info.value))
     assert isinstance(info.value, ImportError)
+    # The side environment scripts/setup-lite-env makes is found last.
+    made = _executable(tmp_path / "repo" / ".venv-lite" / "bin" / "paddle_lite_opt")
+    assert find_opt() == made
 
 
 def test_a_named_opt_that_is_missing_is_not_replaced_by_another(tmp_path, monkeypatch):
