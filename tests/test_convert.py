@@ -222,7 +222,7 @@ def test_detector_heads_explain_the_full_graphs_boxes(replica_dirs, paddle_heads
     np.testing.assert_allclose(full[0, 2:], best[1], rtol=1e-4, atol=1e-2)
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp16", "FP32", ""])
+@pytest.mark.parametrize("precision", ["fp16", "FP32", "", "int4"])
 def test_unsupported_precision_raises_before_any_work(precision, tmp_path):
     from converters.convert import convert
 
@@ -243,9 +243,13 @@ def test_the_formats_table_drives_validation():
     from converters.convert import EXPORT_FORMATS, validate_export
 
     spec = validate_export("onnx", "fp32", 11)
-    assert spec is EXPORT_FORMATS["onnx"] and spec.suffix == ".onnx" and "int8" in spec.planned
-    with pytest.raises(ConversionError, match="int8.*planned.*not supported yet"):
-        validate_export("onnx", "int8", 11)
+    assert spec is EXPORT_FORMATS["onnx"] and spec.suffix == ".onnx"
+    assert validate_export("onnx", "int8", 11) is spec
+    for fmt in ("lite-x86", "lite-arm"):
+        lite = validate_export(fmt, "int8", None)
+        assert lite.suffix == ".nb" and lite.backend == "paddlelite" and lite.target == fmt[5:]
+    with pytest.raises(ConversionError, match="'fp16' is not supported yet for onnx"):
+        validate_export("onnx", "fp16", 11)
     with pytest.raises(ConversionError, match="unknown export format"):
         validate_export("tflite", "fp32", None)
 
