@@ -158,7 +158,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
-    rows = run(Path(args.work), Path(args.calib), Path(args.images), args.runs)
+    from converters.paddle_io import native_output_to
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    # Paddle and paddle2onnx print from native code; keep the table on stdout clean.
+    with native_output_to(work / "conversions.log"):
+        rows = run(work, Path(args.calib), Path(args.images), args.runs)
     print(markdown(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")

@@ -18,6 +18,8 @@ as a serialized ``DenseTensor`` (see :func:`write_params`).
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import struct
@@ -37,6 +39,7 @@ from edge_shitu.errors import (
 )
 
 __all__ = [
+    "native_output_to",
     "INSTALL_HINT",
     "PIR_FLAG",
     "ModelFiles",
@@ -733,3 +736,25 @@ def run_predictor(predictor: Any, feeds: Mapping[str, np.ndarray]) -> Dict[str, 
         return {n: predictor.get_output_handle(n).copy_to_cpu() for n in predictor.get_output_names()}
     except Exception as exc:
         raise ConversionError(f"Paddle Inference run failed: {exc}") from exc
+
+
+@contextlib.contextmanager
+def native_output_to(log_path: Path):
+    """Send everything written to file descriptors 1 and 2 (Paddle's C++ logging, paddle2onnx's prints,
+    Python log handlers) to ``log_path`` for the duration; the quickstart's own report stays readable."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_path, "ab") as log_file:
+        try:
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)

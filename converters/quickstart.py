@@ -8,14 +8,13 @@ be mistaken for a recognition result.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, TextIO, Tuple
 
+from converters.paddle_io import native_output_to
 from converters.shared import DET_GRAPH, REC_GRAPH, find_shared
 from edge_shitu.bundle import Bundle
 from edge_shitu.errors import EdgeShituError, FetchError, InvalidInputError
@@ -32,28 +31,6 @@ def default_work_dir() -> Path:
     """``$XDG_CACHE_HOME/edge-shitu/quickstart`` (``~/.cache/...`` when unset)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "edge-shitu" / "quickstart"
-
-
-@contextlib.contextmanager
-def _native_output_to(log_path: Path):
-    """Send everything written to file descriptors 1 and 2 (Paddle's C++ logging, paddle2onnx's prints,
-    Python log handlers) to ``log_path`` for the duration; the quickstart's own report stays readable."""
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(log_path, "ab") as log_file:
-        try:
-            os.dup2(log_file.fileno(), 1)
-            os.dup2(log_file.fileno(), 2)
-            yield
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
 
 
 def _official_models(work: Path, mirror: Optional[str]) -> Dict[str, Path]:
@@ -124,13 +101,13 @@ def run(*, shared: Optional[str] = None, work: Optional[str] = None, models: str
     if kind == "replica":
         out.write("      -> using REPLICAS: the official graphs with deterministic random weights.\n"
                   "         Same architecture, cost and code paths; labels below are MEANINGLESS.\n")
-        with _native_output_to(log_path):
+        with native_output_to(log_path):
             model_dirs = _replica_models(shared_dir, work_dir)
     for role, d in model_dirs.items():
         out.write(f"      {role}: {d}\n")
 
     out.write(f"[2/4] bundle (Paddle -> ONNX, detector cut at its raw heads; log: {log_path})\n")
-    with _native_output_to(log_path):
+    with native_output_to(log_path):
         bundle = _bundle(model_dirs, work_dir / f"bundle-{kind}-fp32")
     for role, spec in bundle.models.items():
         out.write(f"      {role}: {spec.path.name} {spec.path.stat().st_size / 1e6:.1f} MB sha256 {spec.sha256[:12]}\n")

@@ -80,7 +80,7 @@ import numpy as np
 from converters import paddle_io
 from converters.paddle_io import VarInfo
 from edge_shitu.bundle import sha256_file
-from edge_shitu.errors import ConversionError, InvalidInputError, MissingFileError
+from edge_shitu.errors import ConversionError, InvalidInputError
 
 __all__ = [
     "ReplicaOptions",

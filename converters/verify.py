@@ -24,13 +24,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
 from edge_shitu.bundle import VERIFY_NAME, Bundle
 from edge_shitu.codes import binarize, l2_normalize
-from edge_shitu.errors import ConversionError, InvalidInputError
+from edge_shitu.errors import InvalidInputError
 from edge_shitu.image import crop, load_image
 
 __all__ = ["VerifyThresholds", "THRESHOLDS", "VERIFY_FILE", "verify_bundle", "write_unverifiable"]

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, TextIO
+from typing import List, Optional, Sequence, TextIO
 
 from edge_shitu import __version__
 from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidInputError

@@ -10,7 +10,7 @@ import pytest
 
 from edge_shitu.boxes import nms
 from edge_shitu.bundle import HeadsSpec
-from edge_shitu.detector import Detector, decode_picodet
+from edge_shitu.detector import decode_picodet
 from edge_shitu.options import DetectorOptions
 
 HEADS = HeadsSpec(scores=("s8", "s16", "s32", "s64"), boxes=("b8", "b16", "b32", "b64"),

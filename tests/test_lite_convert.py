@@ -202,11 +202,13 @@ def test_a_named_opt_that_is_missing_is_not_replaced_by_another(tmp_path, monkey
 
 
 def test_convert_without_opt_fails_before_any_work(tmp_path, monkeypatch):
+    from converters import lite_worker
     from converters.convert import convert
     from converters.lite import OPT_ENV
 
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv(OPT_ENV, raising=False)
+    monkeypatch.setattr(lite_worker, "_repo_root", lambda: tmp_path / "repo")
     with pytest.raises(BackendUnavailableError, match="setup-lite-env"):
         convert(None, tmp_path / "rec", tmp_path / "out", format="lite-arm")
     assert not (tmp_path / "out").exists()
