@@ -81,16 +81,18 @@ def _photos(paths, spec) -> np.ndarray:
     return np.stack([image_to_tensor(load_image(p), spec) for p in paths])
 
 
-def _flatten_ops(program_bytes: bytes):
+def _flatten_has_xshape(program_bytes: bytes) -> list:
+    """For each flatten_contiguous_range op of the program: whether it has an XShape output."""
     from converters import paddle_io
 
     paddle_io.import_paddle()
     from paddle.base import core
 
+    # Op handles point into the ProgramDesc: read them while it is alive, return plain Python values.
     desc = core.ProgramDesc(program_bytes)
     block = desc.block(0)
     ops = [block.op(i) for i in range(block.op_size())]
-    return [op for op in ops if op.type() == "flatten_contiguous_range"]
+    return [("XShape" in op.output_names()) for op in ops if op.type() == "flatten_contiguous_range"]
 
 
 @pytest.fixture(scope="module")
@@ -445,11 +447,11 @@ def test_flatten_xshape_fix_keeps_paddle_outputs_identical(resaved_extractor, re
     original = (replica_dirs["extractor"] / "inference.pdmodel").read_bytes()
     assert restore_flatten_xshape(original) == (original, 0)  # official programs keep XShape
     resaved = (resaved_extractor / "inference.pdmodel").read_bytes()
-    assert [("XShape" in op.output_names()) for op in _flatten_ops(resaved)] == [False, False]
+    assert _flatten_has_xshape(resaved) == [False, False]
 
     fixed, count = restore_flatten_xshape(resaved)
     assert count == 2
-    assert [("XShape" in op.output_names()) for op in _flatten_ops(fixed)] == [True, True]
+    assert _flatten_has_xshape(fixed) == [True, True]
     assert restore_flatten_xshape(fixed) == (fixed, 0)
 
     folder = tmp_path / "fixed"
@@ -492,7 +494,7 @@ def test_convert_lite_restores_flatten_xshape_of_paddle3_saved_programs(resaved_
     out = convert_lite(None, resaved_extractor, tmp_path / "b", target="x86", opt=opt)
     assert read_nb_targets(out / "extractor.nb") == frozenset({"x86"})
     # The model folder itself is left as it was.
-    assert [("XShape" in op.output_names()) for op in _flatten_ops((resaved_extractor / "inference.pdmodel").read_bytes())] == [False, False]
+    assert _flatten_has_xshape((resaved_extractor / "inference.pdmodel").read_bytes()) == [False, False]
 
 
 @pytest.mark.paddle
