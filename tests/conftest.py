@@ -4,6 +4,7 @@ built once per test session under pytest's temporary directory."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,31 @@ def replica_bundle(replica_dirs: dict, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "replica-fp32"
     return convert(replica_dirs["detector"], replica_dirs["extractor"], out, precision="fp32")
+
+
+def translate_to_pir(model_dir: Path, out_dir: Path) -> Path:
+    """Save a legacy model folder as a Paddle 3 PIR program (``inference.json``), the way Paddle 3.3
+    loads a legacy program: ``paddle.pir.translate_to_pir`` of the loaded program, then
+    ``save_inference_model`` in PIR mode. The weights are saved with it."""
+    from converters import paddle_io
+
+    paddle = paddle_io.import_paddle()
+    from paddle.static.pir_io import get_pir_parameters
+
+    model = paddle_io.load_inference_model(model_dir)
+    with paddle.static.scope_guard(model.scope), paddle.pir_utils.IrGuard():
+        program = paddle.pir.translate_to_pir(model.program.desc)
+        block = program.global_block()
+        feeds = [op.result(0) for op in block.ops if op.name() in ("pd_op.data", "pd_op.feed")]
+        fetches = [op.operand_source(0) for op in block.ops if op.name() == "pd_op.fetch"]
+        params, _ = get_pir_parameters(program)
+        paddle.base.libpaddle.pir.create_loaded_parameter(
+            [v for v in params if v.persistable], model.scope, model.executor._default_executor
+        )
+        paddle.static.save_inference_model(str(out_dir / "inference"), feeds, fetches, model.executor, program=program)
+    if (model_dir / "infer_cfg.yml").is_file():
+        shutil.copyfile(model_dir / "infer_cfg.yml", out_dir / "infer_cfg.yml")
+    return out_dir
 
 
 # ---------------------------------------------------------------- Paddle-Lite side environment

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import translate_to_pir
+
 from converters.shared import DET_GRAPH, REC_GRAPH
 from edge_shitu.errors import ConversionError, InvalidDtypeError, InvalidInputError, MissingFileError
 
@@ -420,31 +422,6 @@ def test_reference_runners_reject_bad_inputs(replica_dirs):
 # ---------------------------------------------------------------- Paddle 3 PIR (.json) detector programs
 
 
-def _translate_to_pir(model_dir: Path, out_dir: Path) -> Path:
-    """Save a legacy model folder as a Paddle 3 PIR program (``inference.json``), the way Paddle 3.3
-    loads a legacy program: ``paddle.pir.translate_to_pir`` of the loaded program, then
-    ``save_inference_model`` in PIR mode (as in test_replica.py). The weights are saved with it."""
-    from converters import paddle_io
-
-    paddle = paddle_io.import_paddle()
-    from paddle.static.pir_io import get_pir_parameters
-
-    model = paddle_io.load_inference_model(model_dir)
-    with paddle.static.scope_guard(model.scope), paddle.pir_utils.IrGuard():
-        program = paddle.pir.translate_to_pir(model.program.desc)
-        block = program.global_block()
-        feeds = [op.result(0) for op in block.ops if op.name() in ("pd_op.data", "pd_op.feed")]
-        fetches = [op.operand_source(0) for op in block.ops if op.name() == "pd_op.fetch"]
-        params, _ = get_pir_parameters(program)
-        paddle.base.libpaddle.pir.create_loaded_parameter(
-            [v for v in params if v.persistable], model.scope, model.executor._default_executor
-        )
-        paddle.static.save_inference_model(str(out_dir / "inference"), feeds, fetches, model.executor, program=program)
-    if (model_dir / "infer_cfg.yml").is_file():
-        shutil.copyfile(model_dir / "infer_cfg.yml", out_dir / "infer_cfg.yml")
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def pir_detector_dir(replica_dirs, tmp_path_factory) -> Path:
     """The detector replica as a PIR program: the official graph translated to ``inference.json``, then
@@ -452,7 +429,7 @@ def pir_detector_dir(replica_dirs, tmp_path_factory) -> Path:
     from converters.replica import write_replica
 
     root = tmp_path_factory.mktemp("pir")
-    graph = _translate_to_pir(replica_dirs["detector"], root / "graph")
+    graph = translate_to_pir(replica_dirs["detector"], root / "graph")
     (graph / "inference.pdiparams").unlink()  # a graph folder holds no weights
     return write_replica(graph, root / DET_GRAPH, seed=0)
 
@@ -550,7 +527,7 @@ def test_a_pir_program_that_is_not_the_detector_is_refused(replica_dirs, tmp_pat
     from converters import paddle_io
     from converters.convert import _pir_heads, cut_detector_heads
 
-    folder = _translate_to_pir(replica_dirs["extractor"], tmp_path / "rec")
+    folder = translate_to_pir(replica_dirs["extractor"], tmp_path / "rec")
     with pytest.raises(ConversionError, match="image/im_shape/scale_factor"):
         cut_detector_heads(folder, tmp_path / "heads")
     paddle = paddle_io.import_paddle()

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import translate_to_pir
+
 from converters.shared import DET_GRAPH, REC_GRAPH
 from edge_shitu.errors import (
     ConversionError,
@@ -266,28 +268,11 @@ def test_bad_arguments(shared_dir, tmp_path):
 
 def test_pir_json_program_gives_the_same_weights(replica_dirs, tmp_path):
     """A Paddle 3 ``inference.json`` program of the same model gets byte-identical replica weights."""
-    from converters import paddle_io
     from converters.replica import write_replica
 
-    paddle = paddle_io.import_paddle()
-    from paddle.static.pir_io import get_pir_parameters
-
-    model = paddle_io.load_inference_model(replica_dirs["extractor"])
     graph = tmp_path / "json_graph"
     graph.mkdir()
-    with paddle.static.scope_guard(model.scope):
-        with paddle.pir_utils.IrGuard():
-            program = paddle.pir.translate_to_pir(model.program.desc)
-            block = program.global_block()
-            feeds = [op.result(0) for op in block.ops if op.name() in ("pd_op.data", "pd_op.feed")]
-            fetches = [op.operand_source(0) for op in block.ops if op.name() == "pd_op.fetch"]
-            params, _ = get_pir_parameters(program)
-            paddle.base.libpaddle.pir.create_loaded_parameter(
-                [v for v in params if v.persistable], model.scope, model.executor._default_executor
-            )
-            paddle.static.save_inference_model(
-                str(graph / "inference"), feeds, fetches, model.executor, program=program
-            )
+    translate_to_pir(replica_dirs["extractor"], graph)
     (graph / "inference.pdiparams").unlink()  # a graph folder holds no weights
     assert (graph / "inference.json").is_file()
 
