@@ -80,9 +80,6 @@ __all__ = [
     "DetectorHeads",
     "ExportFormat",
     "EXPORT_FORMATS",
-    "MANIFEST_FILE",
-    "BUNDLE_FORMAT",
-    "BUNDLE_FORMAT_VERSION",
     "convert",
     "cut_detector_heads",
     "validate_export",
@@ -90,10 +87,6 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-# The runtime owns the bundle format; the converter writes what the runtime reads.
-MANIFEST_FILE = MANIFEST_NAME
-BUNDLE_FORMAT = FORMAT
-BUNDLE_FORMAT_VERSION = FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -740,8 +733,21 @@ def _cut_detector_pir(
     return files, score_names, box_names, bins // 4 - 1
 
 
+def _export_onnx(role: str, model_dir: Path, files: "paddle_io.ModelFiles", output_names: Sequence[str], path: Path,
+                 p2o: Any, onnx: Any, opset: int, timings: Dict[str, float]) -> Any:
+    """paddle2onnx, then our repairs (output names, LeakyRelu slopes, dead nodes), the ONNX checker, and save."""
+    with _step(f"{role}: paddle2onnx", model_dir, timings):
+        model = _rename_outputs(onnx, _paddle2onnx(p2o, files, opset), output_names)
+        _fix_leaky_relu(model, _leaky_relu_slopes(files))
+        _drop_dead_nodes(model)
+    with _step(f"{role}: onnx check and save", model_dir, timings):
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(path))
+    return model
+
+
 def _convert_extractor(
-    rec_dir: Path, staging: Path, opset: int, precision: str, tools: Tuple[Any, Any, Any], timings: Dict[str, float]
+    rec_dir: Path, staging: Path, opset: int, tools: Tuple[Any, Any, Any], timings: Dict[str, float]
 ) -> Dict[str, Any]:
     p2o, onnx, onnxruntime = tools
     with _step("extractor: load", rec_dir, timings):
@@ -755,14 +761,9 @@ def _convert_extractor(
         fetch_name = output_names[0]
         if files.is_pir or fetch_name.startswith("fetch_name_"):
             fetch_name = "features"
-    with _step("extractor: paddle2onnx", rec_dir, timings):
-        model = _rename_outputs(onnx, _paddle2onnx(p2o, files, opset), [fetch_name])
-        _fix_leaky_relu(model, _leaky_relu_slopes(files))
-        _drop_dead_nodes(model)
     path = staging / "extractor.onnx"
+    model = _export_onnx("extractor", rec_dir, files, [fetch_name], path, p2o, onnx, opset, timings)
     with _step("extractor: onnx check", rec_dir, timings):
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save_model(model, str(path))
         (graph_input,) = model.graph.input
         input_shape = _onnx_io_shape(graph_input)
         output_shape = _onnx_io_shape(model.graph.output[0])
@@ -779,7 +780,7 @@ def _convert_extractor(
         "file": path.name,
         "sha256": sha256_file(path),
         "backend": EXPORT_FORMATS["onnx"].backend,
-        "precision": precision,
+        "precision": "fp32",
         **_extractor_fields(graph_input.name, input_shape, fetch_name, output_shape[1]),
         "source": source,
     }
@@ -808,7 +809,6 @@ def _convert_detector(
     staging: Path,
     work: Path,
     opset: int,
-    precision: str,
     tools: Tuple[Any, Any, Any],
     timings: Dict[str, float],
 ) -> Dict[str, Any]:
@@ -819,14 +819,9 @@ def _convert_detector(
     with _step("detector: cut at raw heads", det_dir, timings):
         heads = cut_detector_heads(det_dir, work / "detector_heads")
         cut, score_names, box_names = heads.files, list(heads.scores), list(heads.boxes)
-    with _step("detector: paddle2onnx", det_dir, timings):
-        onnx_model = _rename_outputs(onnx, _paddle2onnx(p2o, cut, opset), score_names + box_names)
-        _fix_leaky_relu(onnx_model, _leaky_relu_slopes(cut))
-        _drop_dead_nodes(onnx_model)
     path = staging / "detector.onnx"
+    onnx_model = _export_onnx("detector", det_dir, cut, score_names + box_names, path, p2o, onnx, opset, timings)
     with _step("detector: onnx check", det_dir, timings):
-        onnx.checker.check_model(onnx_model, full_check=True)
-        onnx.save_model(onnx_model, str(path))
         (graph_input,) = onnx_model.graph.input
         if graph_input.name != "image" or _onnx_io_shape(graph_input) != input_spec["shape"]:
             raise ConversionError(
@@ -843,7 +838,7 @@ def _convert_detector(
         "file": path.name,
         "sha256": sha256_file(path),
         "backend": EXPORT_FORMATS["onnx"].backend,
-        "precision": precision,
+        "precision": "fp32",
         **_detector_fields(input_spec, heads),
         "source": source,
     }
@@ -954,7 +949,7 @@ def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional
 
         factory = functools.partial(SideEnvSession, python=find_lite_python(lite_python))
     with _step("verify against Paddle Inference on real photos", None, timings):
-        report = verify_bundle(staging, det_dir=det, rec_dir=rec, images_dir=Path(images), session_factory=factory)
+        report = verify_bundle(bundle, det_dir=det, rec_dir=rec, images_dir=Path(images), session_factory=factory)
     if not report["passed"]:
         failed = out.parent / f"{out.name}.verify-failed.json"
         os.replace(staging / VERIFY_FILE, failed)
@@ -1018,15 +1013,15 @@ def _publish_bundle(
     try:
         models, tools = build(staging, work, timings)
         manifest = {
-            "format": BUNDLE_FORMAT,
-            "format_version": BUNDLE_FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "name": name if name is not None else _bundle_name(models, name_suffix),
             "models": models,
             "codes": dict(_CODES),
             "recognition": dict(_RECOGNITION),
             "tools": tools,
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         Bundle.load(staging)
         if before_publish is not None:
             before_publish(staging)
@@ -1152,9 +1147,9 @@ def convert(
     def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
         models: Dict[str, Dict[str, Any]] = {}
         if det is not None:
-            models["detector"] = _convert_detector(det, staging, work, opset, "fp32", tools, timings)
+            models["detector"] = _convert_detector(det, staging, work, opset, tools, timings)
         if rec is not None:
-            models["extractor"] = _convert_extractor(rec, staging, opset, "fp32", tools, timings)
+            models["extractor"] = _convert_extractor(rec, staging, opset, tools, timings)
         if precision == "int8":
             for role, entry in models.items():
                 _quantize_onnx_entry(role, entry, staging, work, timings, calib_dir=calib_dir, calib_count=calib_count,

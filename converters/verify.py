@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -111,13 +111,13 @@ def _images(images_dir: Path, limit: int) -> List[Path]:
     return paths[:limit]
 
 
-def verify_bundle(bundle_dir: Path, *, det_dir: Optional[Path], rec_dir: Optional[Path], images_dir: Path,
+def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], rec_dir: Optional[Path], images_dir: Path,
                   max_images: int = 13, thresholds: Optional[VerifyThresholds] = None,
                   session_factory: Optional[Callable[[Any], Any]] = None, threads: int = 2) -> Dict[str, Any]:
     """Compare a bundle's models with their Paddle sources on real photos; write ``verify.json``.
 
     Args:
-      bundle_dir: the converted bundle.
+      bundle_dir: the converted bundle (a folder, or an already loaded :class:`Bundle`).
       det_dir: the detector's Paddle model folder (None when the bundle has no detector).
       rec_dir: the extractor's Paddle model folder (None when the bundle has no extractor).
       images_dir: real photos (searched recursively); the first ``max_images`` in name order are used.
@@ -140,7 +140,7 @@ def verify_bundle(bundle_dir: Path, *, det_dir: Optional[Path], rec_dir: Optiona
     from edge_shitu.embedder import Embedder
     from edge_shitu.options import DetectorOptions, EmbedderOptions
 
-    bundle = Bundle.load(bundle_dir)
+    bundle = Bundle.load(bundle_dir)  # a loaded Bundle is used as is (its files were hashed already)
     precisions = {m.precision for m in bundle.models.values()}
     precision = "int8" if "int8" in precisions else "fp32"
     limits = thresholds or THRESHOLDS[precision]
@@ -215,7 +215,7 @@ def verify_bundle(bundle_dir: Path, *, det_dir: Optional[Path], rec_dir: Optiona
     report["passed"] = not failures
     report["failures"] = failures
     report["replica"] = bundle.is_replica
-    (Path(bundle_dir) / VERIFY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (bundle.path / VERIFY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _LOG.info("verify %s: %s", bundle_dir, "passed" if not failures else "; ".join(failures))
     return report
 
