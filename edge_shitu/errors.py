@@ -24,6 +24,7 @@ __all__ = [
     "LabelFileError",
     "FetchError",
     "ConversionError",
+    "HashHeadError",
 ]
 
 
@@ -85,3 +86,7 @@ class FetchError(EdgeShituError, OSError):
 
 class ConversionError(EdgeShituError, RuntimeError):
     """A model conversion step failed; the message names the step and the model."""
+
+
+class HashHeadError(EdgeShituError, ValueError):
+    """A hash head file (``weight`` [bits, d], ``bias`` [bits]) is malformed or does not fit the features."""

@@ -1,14 +1,20 @@
 """The on-device gallery: labelled binary codes in one SQLite file, searched exhaustively in memory.
 
-File layout (format version 1)::
+File layout (format version 2)::
 
     meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
-        format_version "1", bits, bit_order "big", metric "hamming", fingerprint (hex, the model and
+        format_version "2", bits, bit_order "big", metric "hamming", fingerprint (hex, the model and
         code settings that made the codes), created_by, next_id, and optionally max_distance
         (calibrated acceptance threshold) and embedding_dim (float embeddings stored beside codes).
-    items(id INTEGER PRIMARY KEY, label TEXT NOT NULL, code BLOB NOT NULL,
-          embedding BLOB NULL (float32 little-endian), source TEXT NULL, added_at REAL)
-        + index items_label(label)
+    labels(id INTEGER PRIMARY KEY, label TEXT NOT NULL UNIQUE, count INTEGER NOT NULL)
+    items(id INTEGER PRIMARY KEY, label_id INTEGER NOT NULL, code BLOB NOT NULL,
+          embedding BLOB NULL (float32 little-endian), source TEXT NULL, added_at INTEGER NULL)
+
+Labels are stored once and items refer to them by a small integer, and there is no index on
+``items.label_id``: with 64-byte codes this keeps a million-item gallery under 90 bytes per item
+on disk. Operations by label (remove a label, count per label) read the ``labels`` table, whose
+``count`` is kept exact in the same transaction as every change to ``items``; only
+:meth:`Gallery.remove_label` scans the items.
 
 Ids are stable keys, never row positions, and automatic ids are never reused after a removal
 (``next_id`` only grows). Every change is one SQLite transaction (``BEGIN IMMEDIATE`` ...
@@ -20,15 +26,16 @@ copy to devices and open from read-only storage, and a WAL database is only comp
 its ``-wal``/``-shm`` side files (which a read-only opener leaves behind and cannot create on a
 read-only partition). Changes are batched, so WAL's cheaper commits would not matter.
 
-The codes of all items live in memory as one contiguous ``uint8 (m, bits // 8)`` matrix plus an
-ascending ``int64 (m,)`` id array. They are replaced only after a transaction has committed, and
-reloaded when another connection (another process) has changed the file.
+In memory a gallery holds only an ascending ``int64 (m,)`` id array and one copy of the codes in a
+:class:`~edge_shitu.search.HammingIndex` (numpy or faiss): 72 bytes per 512-bit item. Both are
+replaced only after a transaction has committed, and reloaded when another connection (another
+process) has changed the file.
 """
 
 from __future__ import annotations
 
 import os
-from collections import abc
+from collections import Counter, abc
 import re
 import sqlite3
 import threading
@@ -42,7 +49,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Ty
 import numpy as np
 
 from edge_shitu import __version__
-from edge_shitu.codes import check_codes, hamming_distances, top_k
+from edge_shitu.codes import check_codes
 from edge_shitu.errors import (
     FingerprintMismatchError,
     GalleryCorruptError,
@@ -51,11 +58,12 @@ from edge_shitu.errors import (
     InvalidInputError,
     MissingFileError,
 )
+from edge_shitu.search import HammingIndex, resolve_hamming_backend
 from edge_shitu.types import SearchResult
 
-__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "FORMAT_VERSION"]
+__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "FORMAT_VERSION", "upgrade_gallery"]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 """The gallery file format this module reads and writes."""
 
 _MEMORY = ":memory:"
@@ -63,17 +71,20 @@ _MAX_ID = np.iinfo(np.int64).max - 1  # next_id = max id + 1 must still fit in S
 # Old SQLite builds allow at most 999 bound parameters per statement.
 _CHUNK = 500
 _REQUIRED_META = ("format_version", "bits", "bit_order", "metric", "fingerprint", "created_by", "next_id")
-_ITEM_COLUMNS = {"id", "label", "code", "embedding", "source", "added_at"}
+_ITEM_COLUMNS = {"id", "label_id", "code", "embedding", "source", "added_at"}
+_LABEL_COLUMNS = {"id", "label", "count"}
+# Rows per fetch when loading codes: bounds the Python objects alive at once while opening.
+_FETCH_ROWS = 1 << 15
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 _CONSTRUCT_KEY = object()
 
 _SCHEMA = (
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE labels(id INTEGER PRIMARY KEY, label TEXT NOT NULL UNIQUE, count INTEGER NOT NULL)",
     "CREATE TABLE items("
-    "id INTEGER PRIMARY KEY, label TEXT NOT NULL, code BLOB NOT NULL, "
-    "embedding BLOB NULL, source TEXT NULL, added_at REAL)",
-    "CREATE INDEX items_label ON items(label)",
+    "id INTEGER PRIMARY KEY, label_id INTEGER NOT NULL, code BLOB NOT NULL, "
+    "embedding BLOB NULL, source TEXT NULL, added_at INTEGER NULL)",
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -145,7 +156,7 @@ class _Meta:
 @dataclass(frozen=True)
 class _Snapshot:
     ids: np.ndarray  # int64 (m,), strictly ascending, read-only
-    codes: np.ndarray  # uint8 (m, nbytes), C-contiguous, read-only
+    index: HammingIndex  # the codes, row i belonging to ids[i]; immutable
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -228,6 +239,11 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
     if missing:
         raise GalleryCorruptError(f"{name}: the meta table lacks {missing}; this is not an edge-shitu gallery")
     version = rows["format_version"]
+    if version == "1":
+        raise GalleryError(
+            f"{name} is an edge-shitu gallery of format 1; this edge-shitu uses format {FORMAT_VERSION}. "
+            f"Upgrade it once with `edge-shitu gallery upgrade {name}` (the old file is kept as a backup)"
+        )
     if version != FORMAT_VERSION:
         raise GalleryCorruptError(
             f"{name}: gallery format_version {version!r} is not supported (this edge-shitu reads "
@@ -285,32 +301,55 @@ def _read_meta_rows(conn: sqlite3.Connection) -> Dict[str, str]:
     return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
 
 
-def _read_snapshot(conn: sqlite3.Connection, nbytes: int, name: str) -> _Snapshot:
-    rows = conn.execute("SELECT id, code FROM items ORDER BY id").fetchall()
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    blobs = [r[1] for r in rows]
-    bad = [int(i) for i, b in zip(ids, blobs) if not isinstance(b, bytes) or len(b) != nbytes]
-    if bad:
-        raise GalleryCorruptError(
-            f"{name}: items {_short_list(bad)} have codes that are not {nbytes}-byte blobs "
-            f"({nbytes * 8}-bit codes expected)"
-        )
-    codes = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(rows), nbytes).copy()
-    return _Snapshot(ids=_frozen(ids), codes=_frozen(codes))
+def _read_codes(conn: sqlite3.Connection, nbytes: int, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Reads every (id, code) in id order into preallocated arrays, a bounded batch of rows at a time."""
+    count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+    ids = np.empty(count, dtype=np.int64)
+    codes = np.empty((count, nbytes), dtype=np.uint8)
+    cursor = conn.execute("SELECT id, code FROM items ORDER BY id")
+    done = 0
+    while True:
+        rows = cursor.fetchmany(_FETCH_ROWS)
+        if not rows:
+            break
+        n = len(rows)
+        if done + n > count:
+            raise GalleryCorruptError(f"{name}: the items table changed while it was being read")
+        blobs = [r[1] for r in rows]
+        if any(not isinstance(b, bytes) or len(b) != nbytes for b in blobs):
+            bad = [int(r[0]) for r in rows if not isinstance(r[1], bytes) or len(r[1]) != nbytes]
+            raise GalleryCorruptError(
+                f"{name}: items {_short_list(bad)} have codes that are not {nbytes}-byte blobs "
+                f"({nbytes * 8}-bit codes expected)"
+            )
+        ids[done:done + n] = [r[0] for r in rows]
+        codes[done:done + n] = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(n, nbytes)
+        done += n
+    if done != count:
+        raise GalleryCorruptError(f"{name}: the items table changed while it was being read")
+    return ids, codes
+
+
+def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str) -> _Snapshot:
+    ids, codes = _read_codes(conn, bits // 8, name)
+    index = HammingIndex.build(codes, bits=bits, backend=backend)
+    del codes
+    return _Snapshot(ids=_frozen(ids), index=index)
 
 
 def _check_schema(conn: sqlite3.Connection, name: str) -> None:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = {"meta", "items"} - tables
+    missing = {"meta", "items", "labels"} - tables
     if missing:
         raise GalleryCorruptError(
             f"{name}: not an edge-shitu gallery (SQLite database without the table(s) {sorted(missing)})"
         )
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(items)")}
-    if not _ITEM_COLUMNS <= columns:
-        raise GalleryCorruptError(
-            f"{name}: the items table lacks the column(s) {sorted(_ITEM_COLUMNS - columns)}"
-        )
+    for table, wanted in (("items", _ITEM_COLUMNS), ("labels", _LABEL_COLUMNS)):
+        columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if not wanted <= columns:
+            raise GalleryCorruptError(
+                f"{name}: the {table} table lacks the column(s) {sorted(wanted - columns)}"
+            )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -350,6 +389,7 @@ class Gallery:
         snapshot: _Snapshot,
         version: int,
         readonly: bool,
+        backend: str = "numpy",
     ) -> None:
         """Internal: use :meth:`create` or :meth:`open`.
 
@@ -365,6 +405,7 @@ class Gallery:
         self._snapshot = snapshot
         self._version: Optional[int] = version
         self._readonly = readonly
+        self._backend = backend
         self._lock = threading.RLock()
 
     @classmethod
@@ -375,6 +416,7 @@ class Gallery:
         fingerprint: str,
         bits: int = 512,
         overwrite: bool = False,
+        backend: str = "auto",
     ) -> "Gallery":
         """Creates an empty gallery file (or an in-memory gallery) and opens it for writing.
 
@@ -388,18 +430,22 @@ class Gallery:
             later :meth:`open` can check it.
           bits: code length in bits, a positive multiple of 8.
           overwrite: replace an existing file at ``path``.
+          backend: Hamming search backend: ``"auto"`` (faiss when installed, else numpy),
+            ``"numpy"`` or ``"faiss"``; see :mod:`edge_shitu.search`.
 
         Returns:
           The new, empty, writable gallery.
 
         Raises:
-          InvalidInputError: bad ``fingerprint`` or ``bits``.
+          InvalidInputError: bad ``fingerprint``, ``bits`` or ``backend`` name.
+          BackendUnavailableError: ``backend`` names a library that is not installed.
           MissingFileError: the folder of ``path`` does not exist.
           GalleryError: ``path`` exists and ``overwrite`` is False, or is a directory, or the file
             cannot be written.
         """
         fingerprint = _check_fingerprint(fingerprint)
         bits = _check_bits(bits)
+        backend = resolve_hamming_backend(backend)
         if str(path) == _MEMORY:
             conn = sqlite3.connect(_MEMORY, isolation_level=None, check_same_thread=False)
             try:
@@ -408,9 +454,10 @@ class Gallery:
             except BaseException:
                 conn.close()
                 raise
-            empty = _Snapshot(_frozen(np.empty(0, np.int64)), _frozen(np.empty((0, bits // 8), np.uint8)))
+            empty = _Snapshot(_frozen(np.empty(0, np.int64)),
+                              HammingIndex.build(np.empty((0, bits // 8), np.uint8), bits=bits, backend=backend))
             version = conn.execute("PRAGMA data_version").fetchone()[0]
-            return cls(_CONSTRUCT_KEY, conn, None, meta, empty, version, False)
+            return cls(_CONSTRUCT_KEY, conn, None, meta, empty, version, False, backend)
 
         target = Path(path)
         if target.is_dir():
@@ -436,7 +483,7 @@ class Gallery:
             for suffix in ("", *_SIDE_FILES):
                 Path(str(tmp) + suffix).unlink(missing_ok=True)
         _fsync_dir(target.parent)
-        return cls.open(target, fingerprint=fingerprint)
+        return cls.open(target, fingerprint=fingerprint, backend=backend)
 
     @classmethod
     def open(
@@ -445,6 +492,7 @@ class Gallery:
         *,
         fingerprint: Optional[str] = None,
         readonly: bool = False,
+        backend: str = "auto",
     ) -> "Gallery":
         """Opens an existing gallery file and loads its codes into memory.
 
@@ -453,19 +501,24 @@ class Gallery:
           fingerprint: when given, the fingerprint of the model that will query the gallery; it
             must equal the one stored in the file.
           readonly: open without write access (SQLite ``mode=ro``); every change then raises.
+          backend: Hamming search backend: ``"auto"`` (faiss when installed, else numpy),
+            ``"numpy"`` or ``"faiss"``.
 
         Returns:
           The opened gallery.
 
         Raises:
-          InvalidInputError: ``path`` is ``":memory:"`` or ``fingerprint`` is not a hex string.
+          InvalidInputError: ``path`` is ``":memory:"``, ``fingerprint`` is not a hex string or
+            ``backend`` is not a backend name.
+          BackendUnavailableError: ``backend`` names a library that is not installed.
           MissingFileError: ``path`` does not exist.
           GalleryCorruptError: ``path`` is not a SQLite database, lacks the gallery tables, has
             an unsupported format version, bad meta values or codes of the wrong length.
           FingerprintMismatchError: ``fingerprint`` differs from the gallery's.
           GalleryError: the file cannot be opened (locked, unreadable, unfinished transaction on
-            a read-only opening).
+            a read-only opening), or is of the older format 1 (the message says how to upgrade it).
         """
+        backend = resolve_hamming_backend(backend)
         if str(path) == _MEMORY:
             raise InvalidInputError("an in-memory gallery cannot be reopened; use Gallery.create(':memory:', ...)")
         expected = None if fingerprint is None else _check_fingerprint(fingerprint)
@@ -483,7 +536,7 @@ class Gallery:
         try:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("BEGIN")
-            meta, snapshot, version = _load(conn, name)
+            meta, snapshot, version = _load(conn, name, backend)
             conn.execute("COMMIT")
         except GalleryError:
             conn.close()
@@ -502,7 +555,7 @@ class Gallery:
                 f"fingerprint {expected}: its codes come from another model or code settings. Rebuild "
                 "the gallery (or re-hash its stored embeddings) with the bundle that queries it."
             )
-        return cls(_CONSTRUCT_KEY, conn, target, meta, snapshot, version, readonly)
+        return cls(_CONSTRUCT_KEY, conn, target, meta, snapshot, version, readonly, backend)
 
     @property
     def path(self) -> Optional[Path]:
@@ -536,6 +589,11 @@ class Gallery:
             return self._meta.max_distance
 
     @property
+    def backend(self) -> str:
+        """The Hamming search backend in use (``"numpy"`` or ``"faiss"``)."""
+        return self._backend
+
+    @property
     def readonly(self) -> bool:
         """Whether the gallery was opened read-only."""
         return self._readonly
@@ -562,7 +620,7 @@ class Gallery:
         if self._conn is None:
             return f"Gallery({self._name!r}, closed)"
         return (f"Gallery({self._name!r}, items={len(self._snapshot.ids)}, bits={self.bits}, "
-                f"readonly={self._readonly})")
+                f"backend={self._backend!r}, readonly={self._readonly})")
 
     def __len__(self) -> int:
         with self._lock:
@@ -591,6 +649,21 @@ class Gallery:
             self._sync()
             return self._snapshot.ids.copy()
 
+    def codes(self) -> Tuple[np.ndarray, np.ndarray]:
+        """All ids and codes, as held in memory.
+
+        Returns:
+          ``(ids, codes)``: int64 ``(m,)`` ascending and uint8 ``(m, bits // 8)``, row i the code
+          of ``ids[i]`` (copies).
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            snapshot = self._snapshot
+        return snapshot.ids.copy(), snapshot.index.codes()
+
     def search(self, codes: np.ndarray, k: int = 5, *, max_distance: Optional[int] = None) -> SearchResult:
         """Finds the k nearest items of each query code by exhaustive Hamming distance.
 
@@ -615,8 +688,10 @@ class Gallery:
             self._sync()
             snapshot = self._snapshot
         queries = check_codes(codes, self.nbytes)
-        distances = hamming_distances(queries, snapshot.codes)
-        return top_k(distances, snapshot.ids, k, max_distance)
+        positions, distances, counts = snapshot.index.search(queries, k, max_distance)
+        # Positions follow ascending ids, so the index's ties-by-position are ties-by-id.
+        ids = np.where(positions >= 0, snapshot.ids[np.maximum(positions, 0)] if snapshot.ids.size else -1, -1)
+        return SearchResult(ids=ids.astype(np.int64, copy=False), distances=distances, counts=counts)
 
     def add(
         self,
@@ -704,12 +779,14 @@ class Gallery:
                 present = new_ids[np.isin(new_ids, snap.ids)]
                 if present.size:
                     raise GalleryError(f"{self._name}: ids already in the gallery: {_short_list(np.sort(present))}")
-            now = time.time()
+            now = int(time.time())
+            label_ids = _label_ids(conn, labels)
             conn.executemany(
-                "INSERT INTO items(id, label, code, embedding, source, added_at) VALUES (?, ?, ?, ?, ?, ?)",
-                ((int(i), lab, arr[j].tobytes(), blobs[j], source_list[j], now)
+                "INSERT INTO items(id, label_id, code, embedding, source, added_at) VALUES (?, ?, ?, ?, ?, ?)",
+                ((int(i), label_ids[lab], arr[j].tobytes(), blobs[j], source_list[j], now)
                  for j, (i, lab) in enumerate(zip(new_ids, labels))),
             )
+            _bump_counts(conn, Counter(label_ids[lab] for lab in labels))
             next_id = max(meta.next_id, int(new_ids.max()) + 1)
             _set_meta(conn, "next_id", next_id)
             new_meta = replace(meta, next_id=next_id)
@@ -717,11 +794,11 @@ class Gallery:
                 _set_meta(conn, "embedding_dim", dim)
                 new_meta = replace(new_meta, embedding_dim=dim)
             all_ids = np.concatenate([snap.ids, new_ids])
-            all_codes = np.concatenate([snap.codes, arr])
+            index = snap.index.appended(arr)
             if (snap.ids.size and new_ids.min() < snap.ids[-1]) or np.any(new_ids[1:] < new_ids[:-1]):
                 order = np.argsort(all_ids, kind="stable")
-                all_ids, all_codes = all_ids[order], all_codes[order]
-            return new_ids.copy(), _Snapshot(_frozen(all_ids), _frozen(np.ascontiguousarray(all_codes))), new_meta
+                all_ids, index = all_ids[order], index.reordered(order)
+            return new_ids.copy(), _Snapshot(_frozen(all_ids), index), new_meta
 
         return self._write("add", body)
 
@@ -746,11 +823,17 @@ class Gallery:
             return 0
 
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
-            keep = self._positions(snap, wanted)
-            conn.executemany("DELETE FROM items WHERE id = ?", ((int(i),) for i in wanted))
+            gone = self._positions(snap, wanted)
+            removed: Counter = Counter()
+            for part in _chunks([int(i) for i in wanted]):
+                marks = ",".join("?" * len(part))
+                removed.update(dict(conn.execute(
+                    f"SELECT label_id, count(*) FROM items WHERE id IN ({marks}) GROUP BY label_id", part)))
+                conn.execute(f"DELETE FROM items WHERE id IN ({marks})", part)
+            _bump_counts(conn, Counter({lab: -n for lab, n in removed.items()}))
             mask = np.ones(snap.ids.shape[0], dtype=bool)
-            mask[keep] = False
-            return int(wanted.size), _Snapshot(_frozen(snap.ids[mask]), _frozen(snap.codes[mask])), None
+            mask[gone] = False
+            return int(wanted.size), _Snapshot(_frozen(snap.ids[mask]), snap.index.without(mask)), None
 
         return self._write("remove", body)
 
@@ -772,13 +855,17 @@ class Gallery:
             raise InvalidInputError(f"label must be a str, got {type(label).__name__}")
 
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
-            gone = np.fromiter((r[0] for r in conn.execute("SELECT id FROM items WHERE label = ?", (label,))),
+            row = conn.execute("SELECT id FROM labels WHERE label = ?", (label,)).fetchone()
+            if row is None:
+                return 0, None, None
+            gone = np.fromiter((r[0] for r in conn.execute("SELECT id FROM items WHERE label_id = ?", row)),
                                dtype=np.int64)
+            conn.execute("DELETE FROM items WHERE label_id = ?", row)
+            conn.execute("DELETE FROM labels WHERE id = ?", row)
             if gone.size == 0:
                 return 0, None, None
-            conn.execute("DELETE FROM items WHERE label = ?", (label,))
             mask = ~np.isin(snap.ids, gone)
-            return int(gone.size), _Snapshot(_frozen(snap.ids[mask]), _frozen(snap.codes[mask])), None
+            return int(gone.size), _Snapshot(_frozen(snap.ids[mask]), snap.index.without(mask)), None
 
         return self._write("remove_label", body)
 
@@ -806,10 +893,84 @@ class Gallery:
 
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
             self._positions(snap, wanted)
-            conn.executemany("UPDATE items SET label = ? WHERE id = ?", ((label, int(i)) for i in wanted))
+            target = _label_ids(conn, [label])[label]
+            moved: Counter = Counter()
+            for part in _chunks([int(i) for i in wanted]):
+                marks = ",".join("?" * len(part))
+                moved.update(dict(conn.execute(
+                    f"SELECT label_id, count(*) FROM items WHERE id IN ({marks}) GROUP BY label_id", part)))
+                conn.execute(f"UPDATE items SET label_id = ? WHERE id IN ({marks})", [target, *part])
+            delta = Counter({lab: -n for lab, n in moved.items()})
+            delta[target] += int(wanted.size)
+            _bump_counts(conn, delta)
             return int(wanted.size), None, None
 
         return self._write("relabel", body)
+
+    def rehash(self, encode: Callable[[np.ndarray], np.ndarray], *, fingerprint: str,
+               batch: int = 8192) -> int:
+        """Recomputes every code from the stored float embeddings, in one transaction.
+
+        Use it when the hash head (or the code settings) changes: the codes are rewritten and the
+        gallery takes the new fingerprint, so the new bundle can open it. The calibrated
+        ``max_distance`` is cleared, since it was measured on the old codes.
+
+        Args:
+          encode: maps float32 embeddings ``(n, d)`` to uint8 codes ``(n, bits // 8)``.
+          fingerprint: the fingerprint of the model and code settings of ``encode``.
+          batch: embeddings passed to ``encode`` at a time.
+
+        Returns:
+          The number of items re-hashed.
+
+        Raises:
+          InvalidInputError: bad ``fingerprint`` or ``batch``, or ``encode`` returned codes of the
+            wrong dtype or shape (nothing is changed then).
+          GalleryError: some items have no stored embedding (the gallery was built without
+            ``keep_embeddings``), the gallery is read-only or closed, or the write failed.
+        """
+        self._require_writable()
+        fingerprint = _check_fingerprint(fingerprint)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InvalidInputError(f"batch must be a positive integer, got {batch!r}")
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            missing = conn.execute("SELECT count(*) FROM items WHERE embedding IS NULL").fetchone()[0]
+            if missing:
+                raise GalleryError(
+                    f"{self._name}: {missing} of {snap.ids.shape[0]} items have no stored float embedding, so "
+                    "their codes cannot be recomputed; rebuild the gallery from the images with "
+                    "--keep-embeddings (edge-shitu gallery build ... --keep-embeddings)")
+            dim = meta.embedding_dim or 0
+            codes = np.empty((snap.ids.shape[0], meta.bits // 8), dtype=np.uint8)
+            cursor = conn.execute("SELECT id, embedding FROM items ORDER BY id")
+            done = 0
+            while True:
+                rows = cursor.fetchmany(batch)
+                if not rows:
+                    break
+                if any(len(r[1]) != 4 * dim for r in rows):
+                    raise GalleryCorruptError(f"{self._name}: stored embeddings are not {dim} float32 values")
+                emb = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+                new = encode(emb.astype(np.float32))
+                if not isinstance(new, np.ndarray) or new.dtype != np.uint8 or new.shape != (len(rows), meta.bits // 8):
+                    got = f"{new.dtype} {new.shape}" if isinstance(new, np.ndarray) else type(new).__name__
+                    raise InvalidInputError(
+                        f"encode must return uint8 codes of shape ({len(rows)}, {meta.bits // 8}) "
+                        f"({meta.bits} bits, the gallery's code length), got {got}")
+                codes[done:done + len(rows)] = new
+                done += len(rows)
+            if done != snap.ids.shape[0]:
+                raise GalleryCorruptError(f"{self._name}: the items changed while they were being re-hashed")
+            conn.executemany("UPDATE items SET code = ? WHERE id = ?",
+                             ((codes[j].tobytes(), int(i)) for j, i in enumerate(snap.ids)))
+            _set_meta(conn, "fingerprint", fingerprint)
+            conn.execute("DELETE FROM meta WHERE key = 'max_distance'")
+            index = HammingIndex.build(codes, bits=meta.bits, backend=self._backend)
+            new_meta = replace(meta, fingerprint=fingerprint, max_distance=None)
+            return done, _Snapshot(snap.ids, index), new_meta
+
+        return self._write("rehash", body)
 
     def set_max_distance(self, value: Optional[int]) -> None:
         """Stores (or clears, with None) the calibrated acceptance threshold.
@@ -856,15 +1017,17 @@ class Gallery:
                 raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
         if label is not None and not isinstance(label, str):
             raise InvalidInputError(f"label must be a str or None, got {type(label).__name__}")
-        sql = "SELECT id, label, source, added_at, embedding IS NOT NULL, code FROM items"
+        sql = ("SELECT items.id, labels.label, source, added_at, embedding IS NOT NULL, code "
+               "FROM items JOIN labels ON labels.id = items.label_id")
         params: list = []
         if label is not None:
-            sql += " WHERE label = ?"
+            sql += " WHERE labels.label = ?"
             params.append(label)
-        sql += " ORDER BY id LIMIT ? OFFSET ?"
+        sql += " ORDER BY items.id LIMIT ? OFFSET ?"
         params += [-1 if limit is None else int(limit), int(offset)]
         rows = self._read(lambda conn: conn.execute(sql, params).fetchall())
-        return [GalleryItem(id=r[0], label=r[1], source=r[2], added_at=r[3], has_embedding=bool(r[4]), code=bytes(r[5]))
+        return [GalleryItem(id=r[0], label=r[1], source=r[2], added_at=None if r[3] is None else float(r[3]),
+                            has_embedding=bool(r[4]), code=bytes(r[5]))
                 for r in rows]
 
     def labels_of(self, ids: Sequence[int]) -> List[Optional[str]]:
@@ -887,7 +1050,7 @@ class Gallery:
         if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
             raise InvalidDtypeError(f"ids must be integers, got dtype {arr.dtype}")
         wanted = [int(i) for i in np.unique(arr) if 0 <= i <= _MAX_ID] if arr.size else []
-        found = self._read(lambda conn: self._lookup(conn, "label", wanted))
+        found = self._read(lambda conn: self._lookup(conn, "labels.label", wanted))
         return [found.get(int(i)) for i in arr]
 
     def embeddings(self, ids: Sequence[int]) -> np.ndarray:
@@ -935,7 +1098,7 @@ class Gallery:
           GalleryError: the gallery is closed or cannot be read.
         """
         rows = self._read(lambda conn: conn.execute(
-            "SELECT label, count(*) FROM items GROUP BY label ORDER BY label").fetchall())
+            "SELECT label, count FROM labels WHERE count > 0 ORDER BY label").fetchall())
         return {label: int(count) for label, count in rows}
 
     def info(self) -> GalleryInfo:
@@ -948,7 +1111,8 @@ class Gallery:
           GalleryError: the gallery is closed or cannot be read.
         """
         def query(conn: sqlite3.Connection):
-            count, label_count = conn.execute("SELECT count(*), count(DISTINCT label) FROM items").fetchone()
+            count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+            label_count = conn.execute("SELECT count(*) FROM labels WHERE count > 0").fetchone()[0]
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             return int(count), int(label_count), int(pages * page_size)
@@ -1003,9 +1167,19 @@ class Gallery:
         if bad_codes:
             problems.append(f"{bad_codes} items have codes that are not {nbytes}-byte blobs")
         bad_labels = conn.execute(
-            "SELECT count(*) FROM items WHERE typeof(label) != 'text' OR label = ''").fetchone()[0]
+            "SELECT count(*) FROM labels WHERE typeof(label) != 'text' OR label = ''").fetchone()[0]
         if bad_labels:
-            problems.append(f"{bad_labels} items have an empty or non-text label")
+            problems.append(f"{bad_labels} labels are empty or not text")
+        orphans = conn.execute(
+            "SELECT count(*) FROM items WHERE label_id NOT IN (SELECT id FROM labels)").fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} items refer to a label that does not exist")
+        stored = dict(conn.execute("SELECT id, count FROM labels"))
+        actual = dict(conn.execute("SELECT label_id, count(*) FROM items GROUP BY label_id"))
+        wrong = sorted(i for i in set(stored) | set(actual) if stored.get(i, 0) != actual.get(i, 0))
+        if wrong:
+            problems.append(f"the item counts of {len(wrong)} labels disagree with the items "
+                            f"(label ids {_short_list(wrong)})")
         if meta.embedding_dim is None:
             stray = conn.execute("SELECT count(*) FROM items WHERE embedding IS NOT NULL").fetchone()[0]
             if stray:
@@ -1026,14 +1200,14 @@ class Gallery:
             return problems
         if not problems:
             try:
-                stored = _read_snapshot(conn, nbytes, self._name)
+                ids, codes = _read_codes(conn, nbytes, self._name)
             except GalleryCorruptError as exc:
                 return problems + [str(exc)]
             snap = self._snapshot
             if self._version == conn.execute("PRAGMA data_version").fetchone()[0] and (
-                    not np.array_equal(stored.ids, snap.ids) or not np.array_equal(stored.codes, snap.codes)):
+                    not np.array_equal(ids, snap.ids) or not np.array_equal(codes, snap.index.codes())):
                 problems.append(
-                    f"the in-memory codes ({snap.ids.shape[0]} items) disagree with the file ({stored.ids.shape[0]} items)")
+                    f"the in-memory codes ({snap.ids.shape[0]} items) disagree with the file ({ids.shape[0]} items)")
         return problems
 
     def _require_open(self) -> sqlite3.Connection:
@@ -1056,9 +1230,10 @@ class Gallery:
 
     def _lookup(self, conn: sqlite3.Connection, column: str, ids: List[int]) -> Dict[int, object]:
         found: Dict[int, object] = {}
+        source = "items JOIN labels ON labels.id = items.label_id" if column.startswith("labels.") else "items"
         for part in _chunks(ids):
             marks = ",".join("?" * len(part))
-            found.update(conn.execute(f"SELECT id, {column} FROM items WHERE id IN ({marks})", part))
+            found.update(conn.execute(f"SELECT items.id, {column} FROM {source} WHERE items.id IN ({marks})", part))
         return found
 
     def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
@@ -1082,13 +1257,14 @@ class Gallery:
                 return
             conn.execute("BEGIN")
             try:
-                meta, snapshot, version = _load(conn, self._name)
+                meta, snapshot, version = _load(conn, self._name, self._backend)
             finally:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._wrap(exc, "reload") from exc
         if meta.bits != self._meta.bits or meta.fingerprint != self._meta.fingerprint:
-            raise GalleryCorruptError(f"{self._name}: bits or fingerprint were changed by another process")
+            raise GalleryCorruptError(f"{self._name}: bits or fingerprint were changed by another process "
+                                      "(re-hashed?); open the gallery again")
         self._meta, self._snapshot, self._version = meta, snapshot, version
 
     def _write(self, what: str, body: Callable[[sqlite3.Connection, _Snapshot, _Meta],
@@ -1104,7 +1280,7 @@ class Gallery:
                 meta, snap, version = self._meta, self._snapshot, self._version
                 current = conn.execute("PRAGMA data_version").fetchone()[0]
                 if current != version:
-                    meta, snap, version = _load(conn, self._name)
+                    meta, snap, version = _load(conn, self._name, self._backend)
                 result, new_snap, new_meta = body(conn, snap, meta)
                 conn.execute("COMMIT")
             except BaseException as exc:
@@ -1124,6 +1300,30 @@ class Gallery:
         if _is_corruption(exc):
             return GalleryCorruptError(f"{self._name}: {what} failed, the file looks damaged: {exc}")
         return GalleryError(f"{self._name}: {what} failed and nothing was changed: {exc}")
+
+
+def _label_ids(conn: sqlite3.Connection, labels: Iterable[str]) -> Dict[str, int]:
+    """Ids of labels in the labels table, creating the missing ones (count 0)."""
+    wanted = sorted(set(labels))
+    found: Dict[str, int] = {}
+    for part in _chunks(wanted):
+        marks = ",".join("?" * len(part))
+        found.update(conn.execute(f"SELECT label, id FROM labels WHERE label IN ({marks})", part))
+    missing = [lab for lab in wanted if lab not in found]
+    if missing:
+        conn.executemany("INSERT INTO labels(label, count) VALUES (?, 0)", ((lab,) for lab in missing))
+        for part in _chunks(missing):
+            marks = ",".join("?" * len(part))
+            found.update(conn.execute(f"SELECT label, id FROM labels WHERE label IN ({marks})", part))
+    return found
+
+
+def _bump_counts(conn: sqlite3.Connection, delta: Counter) -> None:
+    """Adds ``delta[label_id]`` to each label's item count; labels left with no item are deleted."""
+    changes = [(int(n), int(lab)) for lab, n in delta.items() if n]
+    conn.executemany("UPDATE labels SET count = count + ? WHERE id = ?", changes)
+    if any(n < 0 for n, _ in changes):
+        conn.execute("DELETE FROM labels WHERE count <= 0")
 
 
 def _set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
@@ -1154,10 +1354,84 @@ def _init_schema(conn: sqlite3.Connection, *, fingerprint: str, bits: int) -> No
         raise
 
 
-def _load(conn: sqlite3.Connection, name: str) -> Tuple[_Meta, _Snapshot, int]:
+def _load(conn: sqlite3.Connection, name: str, backend: str) -> Tuple[_Meta, _Snapshot, int]:
     """Reads meta and codes; call inside a transaction so both come from the same state."""
+    if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()[0]:
+        # A gallery of an older format has other tables: say how to upgrade it rather than "corrupt".
+        version = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+        if version is not None and version[0] == "1":
+            _parse_meta({"format_version": "1", **{k: "" for k in _REQUIRED_META if k != "format_version"}}, name)
     _check_schema(conn, name)
     meta = _parse_meta(_read_meta_rows(conn), name)
-    snapshot = _read_snapshot(conn, meta.bits // 8, name)
+    snapshot = _read_snapshot(conn, meta.bits, backend, name)
     version = conn.execute("PRAGMA data_version").fetchone()[0]
     return meta, snapshot, version
+
+
+def upgrade_gallery(path: PathLike) -> Path:
+    """Rewrites a format-1 gallery file in the current format, keeping the old file as a backup.
+
+    Ids, labels, codes, embeddings, sources, the fingerprint, ``next_id`` and a calibrated
+    ``max_distance`` are carried over unchanged (``added_at`` is rounded to whole seconds). The
+    new file is written beside the old one and renamed over it only when complete, so a crash
+    leaves either the old gallery or the new one.
+
+    Args:
+      path: the format-1 gallery file.
+
+    Returns:
+      The backup of the old file (``path`` + ``.v1.bak``).
+
+    Raises:
+      MissingFileError: ``path`` does not exist.
+      GalleryError: ``path`` is not a format-1 gallery (already current, or not a gallery), the
+        backup file exists already, or the new file cannot be written.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise MissingFileError(f"gallery file not found: {source}")
+    backup = source.with_name(source.name + ".v1.bak")
+    name = str(source)
+    tmp = source.with_name(f".{source.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        old = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        try:
+            rows = _read_meta_rows(old)
+        except sqlite3.Error as exc:
+            raise GalleryCorruptError(f"{name} is not an edge-shitu gallery: {exc}") from exc
+        finally:
+            old.close()
+        if rows.get("format_version") != "1":
+            raise GalleryError(f"{name} is not a format-1 gallery (format_version {rows.get('format_version')!r}); "
+                               "nothing to upgrade")
+        if backup.exists():
+            raise GalleryError(f"{backup} exists already; move it away before upgrading {source}")
+        conn = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            _init_schema(conn, fingerprint=_check_fingerprint(rows["fingerprint"]), bits=_check_bits(int(rows["bits"])))
+            conn.execute("ATTACH DATABASE ? AS old", (f"{source.resolve().as_uri()}?mode=ro",))
+            conn.execute("BEGIN IMMEDIATE")
+            for key in ("created_by", "next_id", "max_distance", "embedding_dim"):
+                if key in rows:
+                    _set_meta(conn, key, rows[key])
+            conn.execute("INSERT INTO labels(label, count) SELECT label, count(*) FROM old.items GROUP BY label "
+                         "ORDER BY label")
+            conn.execute(
+                "INSERT INTO items(id, label_id, code, embedding, source, added_at) "
+                "SELECT o.id, l.id, o.code, o.embedding, o.source, CAST(o.added_at AS INTEGER) "
+                "FROM old.items AS o JOIN labels AS l ON l.label = o.label ORDER BY o.id")
+            conn.execute("COMMIT")
+            conn.execute("DETACH DATABASE old")
+        finally:
+            conn.close()
+        os.replace(source, backup)
+        os.replace(tmp, source)
+    except (OSError, sqlite3.Error, ValueError) as exc:
+        if isinstance(exc, GalleryError):
+            raise
+        raise GalleryError(f"cannot upgrade gallery {name}: {exc}") from exc
+    finally:
+        for suffix in ("", *_SIDE_FILES):
+            Path(str(tmp) + suffix).unlink(missing_ok=True)
+    _fsync_dir(source.parent)
+    return backup

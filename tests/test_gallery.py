@@ -21,7 +21,7 @@ from edge_shitu.errors import (
     InvalidInputError,
     MissingFileError,
 )
-from edge_shitu.gallery import Gallery, GalleryInfo, GalleryItem
+from edge_shitu.gallery import FORMAT_VERSION, Gallery, GalleryInfo, GalleryItem, upgrade_gallery
 
 FP = "0123abcd"
 OTHER_FP = "feedbeef"
@@ -104,7 +104,7 @@ class TestCreateOpen:
             info = g.info()
         assert isinstance(info, GalleryInfo)
         assert (info.path, info.count, info.label_count, info.bits) == (path, 30, 3, 512)
-        assert (info.fingerprint, info.format_version, info.max_distance) == (FP, "1", None)
+        assert (info.fingerprint, info.format_version, info.max_distance) == (FP, FORMAT_VERSION, None)
         assert info.readonly and info.embedding_dim is None and info.created_by.startswith("edge-shitu ")
         assert 0 < info.file_size <= path.stat().st_size
 
@@ -113,7 +113,7 @@ class TestCreateOpen:
         with _raw(path) as conn:
             meta = dict(conn.execute("SELECT key, value FROM meta"))
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-        assert meta["format_version"] == "1" and meta["bits"] == "512" and meta["bit_order"] == "big"
+        assert meta["format_version"] == FORMAT_VERSION and meta["bits"] == "512" and meta["bit_order"] == "big"
         assert meta["metric"] == "hamming" and meta["fingerprint"] == FP and meta["next_id"] == "30"
 
     def test_existing_file_refused_unless_overwrite(self, filled):
@@ -190,7 +190,7 @@ class TestCorruptFiles:
         path = tmp_path / "foreign.db"
         with _raw(path) as conn:
             conn.execute("CREATE TABLE songs(title TEXT)")
-        with pytest.raises(GalleryCorruptError, match=r"foreign.db: not an edge-shitu gallery.*\['items', 'meta'\]"):
+        with pytest.raises(GalleryCorruptError, match=r"foreign.db: not an edge-shitu gallery.*\['items', 'labels', 'meta'\]"):
             Gallery.open(path)
 
     def test_foreign_tables_with_our_names(self, tmp_path):
@@ -198,6 +198,7 @@ class TestCorruptFiles:
         with _raw(path) as conn:
             conn.execute("CREATE TABLE meta(key, value)")
             conn.execute("CREATE TABLE items(id, name)")
+            conn.execute("CREATE TABLE labels(id, label, count)")
         with pytest.raises(GalleryCorruptError, match="items table lacks the column"):
             Gallery.open(path)
 
@@ -214,8 +215,8 @@ class TestCorruptFiles:
     def test_wrong_format_version(self, filled):
         path, _, _ = filled
         with _raw(path) as conn:
-            conn.execute("UPDATE meta SET value = '2' WHERE key = 'format_version'")
-        with pytest.raises(GalleryCorruptError, match="format_version '2' is not supported"):
+            conn.execute("UPDATE meta SET value = '7' WHERE key = 'format_version'")
+        with pytest.raises(GalleryCorruptError, match="format_version '7' is not supported"):
             Gallery.open(path)
 
     @pytest.mark.parametrize(
@@ -417,7 +418,8 @@ class TestIdsAndAtomicity:
         path, codes, _ = filled
         with _raw(path) as conn:
             conn.execute(
-                "CREATE TRIGGER boom BEFORE INSERT ON items WHEN NEW.label = 'boom' "
+                "CREATE TRIGGER boom BEFORE INSERT ON items WHEN NEW.label_id = "
+                "(SELECT id FROM labels WHERE label = 'boom') "
                 "BEGIN SELECT RAISE(ABORT, 'boom trigger'); END"
             )
         with Gallery.open(path) as g:
@@ -433,7 +435,7 @@ class TestIdsAndAtomicity:
             assert g.check() == []
             assert g.add(new[:1], ["fine"]).tolist() == [30]
         with _raw(path) as conn:
-            assert conn.execute("SELECT count(*) FROM items WHERE label = 'fine'").fetchone()[0] == 1
+            assert conn.execute("SELECT count FROM labels WHERE label = 'fine'").fetchone()[0] == 1
             assert conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()[0] == "31"
 
     def test_remove_unknown_ids_removes_nothing(self, filled):
@@ -548,10 +550,14 @@ class TestAccessModes:
             assert g.check() == []
             with _raw(path) as conn:
                 conn.execute("UPDATE meta SET value = '3' WHERE key = 'next_id'")
-                conn.execute("UPDATE items SET label = '' WHERE id = 4")
+                conn.execute("UPDATE labels SET label = '' WHERE label = 'label1'")
+                conn.execute("UPDATE labels SET count = count + 1 WHERE label = 'label0'")
+                conn.execute("UPDATE items SET label_id = 999 WHERE id = 5")
             problems = g.check()
         assert any("next_id" in p for p in problems)
-        assert any("empty or non-text label" in p for p in problems)
+        assert any("labels are empty or not text" in p for p in problems)
+        assert any("refer to a label that does not exist" in p for p in problems)
+        assert any("item counts of" in p for p in problems)
 
     def test_check_reports_bad_codes_added_behind_its_back(self, filled):
         path, _, _ = filled
@@ -702,3 +708,137 @@ def test_crash_while_removing_leaves_whole_batches(tmp_path):
                 for it in kept:
                     assert it.label == labels[it.id % batch] and it.code == codes[it.id % batch].tobytes()
     assert removed_groups >= 1
+
+
+_BIG_ADD_CHILD = _BATCH_SOURCE + """
+import sys
+from pathlib import Path
+from edge_shitu.gallery import Gallery
+path, marker, big = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+with Gallery.open(path) as g:
+    for j in range(3):
+        codes, labels, _ = make_batch(j, 1000, 512)
+        g.add(codes, labels)
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, (big, 64), dtype=np.uint8)
+    labels = [f"big{i % 997}" for i in range(big)]
+    marker.write_text("big add started")
+    g.add(codes, labels)
+    marker.write_text("big add committed")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_crash_in_the_middle_of_one_large_add(tmp_path):
+    """SIGKILL while one 400,000-item transaction is being written: the reopened gallery holds
+    exactly the three committed batches, is consistent, and takes new items."""
+    path = tmp_path / "big.gallery"
+    Gallery.create(path, fingerprint=FP).close()
+    marker = tmp_path / "big.txt"
+    _run_and_kill([_BIG_ADD_CHILD, str(path), str(marker), "400000"], marker, 0.4)
+    assert marker.read_text() == "big add started"  # killed inside the large transaction
+    with Gallery.open(path) as g:
+        assert g.check() == []
+        assert len(g) == 3000 and g.ids().tolist() == list(range(3000))
+        assert g.label_counts() == {lab: 1 for j in range(3) for lab in _make_batch(j, 1000, 512)[1]}
+        for j in range(3):
+            codes, labels, _ = _make_batch(j, 1000, 512)
+            assert [it.label for it in g.items(offset=j * 1000, limit=1000)] == labels
+            np.testing.assert_array_equal(g.codes()[1][j * 1000:(j + 1) * 1000], codes)
+        assert g.add(np.zeros((1, 64), np.uint8), ["after"]).tolist() == [3000]
+
+
+class TestFormat2:
+    def test_labels_are_stored_once_with_exact_counts(self, gallery_path, rng):
+        with Gallery.create(gallery_path, fingerprint=FP) as g:
+            ids = g.add(_codes(rng, 12), [f"l{i % 4}" for i in range(12)])
+            assert g.label_counts() == {"l0": 3, "l1": 3, "l2": 3, "l3": 3}
+            g.remove(ids[:2])
+            g.relabel(ids[2:5], "l0")
+            assert g.label_counts() == {"l0": 4, "l1": 2, "l2": 2, "l3": 2}
+            assert g.remove_label("l3") == 2
+            g.relabel(ids[[5, 9]], "new")
+            assert g.label_counts() == {"l0": 4, "l2": 2, "new": 2}
+            assert g.info().label_count == 3
+            assert g.labels_of([int(ids[5]), int(ids[2]), -1]) == ["new", "l0", None]
+            assert g.check() == []
+        with _raw(gallery_path) as conn:
+            assert conn.execute("SELECT count(*) FROM labels").fetchone()[0] == 3  # emptied labels are gone
+            assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'items'"
+                                ).fetchone()[0] == 0
+
+    @pytest.mark.parametrize("backend", ["numpy", "faiss"])
+    def test_backends_give_identical_results_through_the_gallery(self, gallery_path, backend, rng):
+        base = _codes(rng, 5)
+        codes = base[rng.integers(0, 5, 400)]  # many ties
+        with Gallery.create(gallery_path, fingerprint=FP, backend=backend) as g:
+            assert g.backend == backend
+            g.add(codes[:200], ["a"] * 200, ids=np.arange(1000, 1200))
+            g.add(codes[200:], ["b"] * 200, ids=np.arange(0, 200))  # below the existing ids
+            g.remove(np.arange(1000, 1200, 7))
+            ids, stored = g.codes()
+            got = g.search(base, k=12)
+        assert got.ids.tolist() == _oracle_search(base, stored, ids, 12)
+        with Gallery.open(gallery_path, backend="numpy") as a, Gallery.open(gallery_path, backend="faiss") as b:
+            ra, rb = a.search(codes[:20], k=7, max_distance=40), b.search(codes[:20], k=7, max_distance=40)
+            np.testing.assert_array_equal(ra.ids, rb.ids)
+            np.testing.assert_array_equal(ra.distances, rb.distances)
+
+    def test_bad_backend_name(self, filled):
+        path, _, _ = filled
+        with pytest.raises(InvalidInputError, match="unknown Hamming backend"):
+            Gallery.open(path, backend="annoy")
+
+    def test_rehash_rewrites_codes_and_fingerprint(self, gallery_path, rng):
+        emb = rng.standard_normal((50, 16)).astype(np.float32)
+        flip = np.diag(np.where(np.arange(16) % 2 == 0, -1.0, 1.0)).astype(np.float32)
+        with Gallery.create(gallery_path, fingerprint=FP, bits=16) as g:
+            g.add(np.packbits(emb > 0, axis=1), [f"c{i % 5}" for i in range(50)], embeddings=emb)
+            g.set_max_distance(3)
+            n = g.rehash(lambda e: np.packbits(e @ flip > 0, axis=1), fingerprint=OTHER_FP, batch=7)
+            assert n == 50 and g.fingerprint == OTHER_FP and g.max_distance is None
+            np.testing.assert_array_equal(g.codes()[1], np.packbits(emb @ flip > 0, axis=1))
+            assert g.search(np.packbits(emb[:3] @ flip > 0, axis=1), k=1).ids[:, 0].tolist() == [0, 1, 2]
+        with pytest.raises(FingerprintMismatchError):
+            Gallery.open(gallery_path, fingerprint=FP)
+        with Gallery.open(gallery_path, fingerprint=OTHER_FP) as g:
+            assert g.check() == []
+
+    def test_rehash_refuses_without_embeddings_and_bad_encoders(self, filled, rng):
+        path, _, _ = filled
+        with Gallery.open(path) as g:
+            with pytest.raises(GalleryError, match="30 of 30 items have no stored float embedding.*--keep-embeddings"):
+                g.rehash(lambda e: e, fingerprint=OTHER_FP)
+            assert g.fingerprint == FP
+        emb = rng.standard_normal((4, 64)).astype(np.float32)
+        with Gallery.create(":memory:", fingerprint=FP, bits=64) as g:
+            g.add(np.packbits(emb > 0, axis=1), ["x"] * 4, embeddings=emb)
+            with pytest.raises(InvalidInputError, match=r"encode must return uint8 codes of shape \(4, 8\)"):
+                g.rehash(lambda e: np.packbits(e > 0, axis=1)[:, :4], fingerprint=OTHER_FP)
+            assert g.fingerprint == FP
+
+    def test_upgrade_from_format_1(self, tmp_path):
+        path = tmp_path / "old.gallery"
+        with _raw(path) as conn:
+            conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, label TEXT NOT NULL, code BLOB NOT NULL, "
+                         "embedding BLOB NULL, source TEXT NULL, added_at REAL)")
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("format_version", "1"), ("bits", "64"), ("bit_order", "big"), ("metric", "hamming"),
+                ("fingerprint", FP), ("created_by", "edge-shitu 0.0.9"), ("next_id", "12"), ("max_distance", "9"),
+                ("embedding_dim", "2")])
+            conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", [
+                (i, f"drink {i % 2}", bytes([i] * 8), np.array([i, 1], "<f4").tobytes() if i < 3 else None,
+                 f"img{i}.jpg", 1700000000.7) for i in (0, 1, 2, 5, 7)])
+        with pytest.raises(GalleryError, match="format 1.*edge-shitu gallery upgrade"):
+            Gallery.open(path)
+        backup = upgrade_gallery(path)
+        assert backup.name == "old.gallery.v1.bak" and backup.exists()
+        with Gallery.open(path) as g:
+            assert g.check() == [] and g.ids().tolist() == [0, 1, 2, 5, 7] and g.max_distance == 9
+            assert g.label_counts() == {"drink 0": 2, "drink 1": 3}
+            assert [it.source for it in g.items()] == [f"img{i}.jpg" for i in (0, 1, 2, 5, 7)]
+            np.testing.assert_array_equal(g.embeddings([2]), [[2.0, 1.0]])
+            assert g.add(np.zeros((1, 8), np.uint8), ["x"]).tolist() == [12]
+        with pytest.raises(GalleryError, match="not a format-1 gallery"):
+            upgrade_gallery(path)

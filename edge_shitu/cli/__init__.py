@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence, TextIO
+from typing import List, Optional, Sequence, TextIO, Tuple
 
 from edge_shitu import __version__
 from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidInputError
@@ -22,6 +22,10 @@ from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidIn
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+# Modules of this package that each add commands: ``register(subparsers, groups)`` where
+# ``groups["gallery"]`` is the ``gallery`` command's own subparsers.
+_EXTENSIONS: Tuple[str, ...] = ()
 
 
 class _Progress:
@@ -563,6 +567,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=None, help="use only the first N gallery images")
     threads(q)
     q.set_defaults(func=_cmd_quickstart)
+
+    # Commands of the other concerns live in their own modules and attach to the same parser.
+    import importlib
+
+    groups = {"gallery": g}
+    for name in _EXTENSIONS:
+        importlib.import_module(f"edge_shitu.cli.{name}").register(sub, groups)
     return p
 
 

@@ -1,0 +1,408 @@
+"""Exhaustive Hamming search over packed binary codes, with a pure-numpy backend and faiss.
+
+A :class:`HammingIndex` holds the codes of a gallery, row ``i`` being the ``i``-th item, and finds
+the ``k`` nearest rows of each query. Results are the same on every backend, ties included: rows
+are ranked by ascending distance, then ascending position. The gallery keeps its rows in ascending
+id order, so ties are broken by id there.
+
+Backends (``backend=`` of :meth:`HammingIndex.build`):
+
+``numpy``
+    Always available. The codes are stored word-major: ``words[w, i]`` is the ``w``-th 64-bit word
+    of row ``i`` (one contiguous array per word), and are scanned in blocks of rows that fit in the
+    CPU cache. For each block and query, the XOR of all words is one ufunc call over the block, the
+    popcount another, and the sum over words a third (an add-reduce along the word axis, which
+    numpy vectorises across rows); all buffers are reused in place. Top-k selection is done per
+    block against the running k-th distance, so only rows that can still enter the result are
+    ever sorted. Codes whose width is not a multiple of 64 bits are scanned byte-wise with a
+    256-entry table, as are all codes under numpy < 2 (which has no ``bitwise_count``).
+``faiss``
+    ``faiss.IndexBinaryFlat`` (faiss-cpu, which has wheels for x86-64 and aarch64). faiss does not
+    define the order of equal distances, so the index asks for a few more neighbours than needed
+    and, in the rare case that the tie at the k-th distance extends past them, collects the whole
+    tie with a range search; both are then ordered by (distance, position).
+``auto``
+    faiss when it can be imported, else numpy.
+
+Each backend holds exactly one copy of the codes (64 bytes per 512-bit item), and an index never
+changes after it is built: :meth:`HammingIndex.appended` and :meth:`HammingIndex.without` return
+new indexes, so a search running on one index is never disturbed by a writer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Tuple
+
+import numpy as np
+
+from edge_shitu.errors import BackendUnavailableError, InvalidDtypeError, InvalidInputError
+
+__all__ = ["HammingIndex", "BACKENDS", "resolve_hamming_backend", "available_backends"]
+
+BACKENDS = ("numpy", "faiss")
+"""Names of the Hamming search backends, besides ``"auto"``."""
+
+# Rows per block of the numpy scan: 8 words x 8192 rows of uint64 is 512 KiB of XOR buffer plus
+# 64 KiB of counts, which stays in a typical L2 cache (measured: 8192 beats 4096 and 32768).
+_BLOCK_ROWS = 8192
+# Extra neighbours asked of faiss so that ties at the k-th distance are almost always complete.
+_FAISS_EXTRA = 16
+
+_POPCOUNT_TABLE = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _faiss():
+    try:
+        return importlib.import_module("faiss")
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"the faiss Hamming backend needs faiss-cpu ({exc}); run: pip install \"edge-shitu[fast]\""
+        ) from None
+
+
+def available_backends() -> Tuple[str, ...]:
+    """The backends that can be used here.
+
+    Returns:
+      A subset of :data:`BACKENDS`, ``"numpy"`` always included.
+    """
+    found = ["numpy"]
+    try:
+        _faiss()
+        found.append("faiss")
+    except BackendUnavailableError:
+        pass
+    return tuple(found)
+
+
+def resolve_hamming_backend(name: str) -> str:
+    """Turns a backend name into the backend that will be used.
+
+    Args:
+      name: ``"auto"``, ``"numpy"`` or ``"faiss"``.
+
+    Returns:
+      ``"numpy"`` or ``"faiss"``.
+
+    Raises:
+      InvalidInputError: ``name`` is not a backend name.
+      BackendUnavailableError: ``name`` is ``"faiss"`` and faiss-cpu is not installed.
+    """
+    if name == "auto":
+        return "faiss" if "faiss" in available_backends() else "numpy"
+    if name not in BACKENDS:
+        raise InvalidInputError(f"unknown Hamming backend {name!r}; expected auto, {', '.join(BACKENDS)}")
+    if name == "faiss":
+        _faiss()
+    return name
+
+
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _check_max_distance(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidInputError(f"max_distance must be an integer >= 0 or None, got {value!r}")
+    return int(value)
+
+
+def _check_matrix(codes: object, nbytes: Optional[int], name: str) -> np.ndarray:
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
+        got = codes.dtype if isinstance(codes, np.ndarray) else type(codes).__name__
+        raise InvalidDtypeError(f"{name} must be a numpy uint8 array of packed bits, got {got}")
+    if codes.ndim == 1 and nbytes is not None and codes.shape[0] == nbytes:
+        codes = codes.reshape(1, nbytes)
+    if codes.ndim != 2 or (nbytes is not None and codes.shape[1] != nbytes):
+        want = f"(n, {nbytes})" if nbytes is not None else "(n, bytes)"
+        raise InvalidInputError(f"{name} must have shape {want}, got {codes.shape}")
+    return np.ascontiguousarray(codes)
+
+
+class _Selector:
+    """Running top-k of one query over blocks seen in ascending position order."""
+
+    __slots__ = ("k", "limit", "dist", "pos")
+
+    def __init__(self, k: int, max_distance: Optional[int]) -> None:
+        self.k = k
+        self.limit = max_distance
+        self.dist = np.empty(0, dtype=np.int64)
+        self.pos = np.empty(0, dtype=np.int64)
+
+    def offer(self, block_dist: np.ndarray, start: int) -> None:
+        if self.dist.shape[0] >= self.k:
+            # A later row equal to the current k-th distance loses the tie (larger position).
+            keep = np.flatnonzero(block_dist < self.dist[-1])
+        elif self.limit is not None:
+            keep = np.flatnonzero(block_dist <= self.limit)
+        else:
+            keep = None
+        if keep is None:
+            cand_d = block_dist.astype(np.int64)
+            cand_p = np.arange(start, start + block_dist.shape[0], dtype=np.int64)
+        else:
+            if keep.size == 0:
+                return
+            cand_d = block_dist[keep].astype(np.int64)
+            cand_p = keep.astype(np.int64) + start
+        if self.limit is not None:
+            ok = cand_d <= self.limit
+            cand_d, cand_p = cand_d[ok], cand_p[ok]
+        d = np.concatenate([self.dist, cand_d])
+        p = np.concatenate([self.pos, cand_p])
+        if d.shape[0] > self.k:
+            # Positions are below 2**40 and distances below 2**20 for any code that fits in memory.
+            key = (d << 40) | p
+            part = np.argpartition(key, self.k - 1)[: self.k]
+            d, p = d[part], p[part]
+        order = np.lexsort((p, d))
+        self.dist, self.pos = d[order], p[order]
+
+
+class HammingIndex:
+    """An immutable set of packed codes searchable by Hamming distance.
+
+    Build one with :meth:`build`; see the module docstring for the backends.
+    """
+
+    def __init__(self, _key: object, backend: str, bits: int, size: int, data: object) -> None:
+        """Internal: use :meth:`build`."""
+        if _key is not _BUILD_KEY:
+            raise TypeError("use HammingIndex.build(codes, bits=..., backend=...)")
+        self._backend = backend
+        self._bits = bits
+        self._size = size
+        self._data = data
+
+    @classmethod
+    def build(cls, codes: np.ndarray, *, bits: int, backend: str = "auto") -> "HammingIndex":
+        """Builds an index holding a copy of ``codes``.
+
+        Args:
+          codes: uint8 ``(m, bits // 8)``, packed MSB-first; ``m`` may be 0.
+          bits: code length in bits, a positive multiple of 8.
+          backend: ``"auto"``, ``"numpy"`` or ``"faiss"``.
+
+        Returns:
+          The index; row ``i`` is ``codes[i]``.
+
+        Raises:
+          InvalidDtypeError: ``codes`` is not a uint8 ndarray.
+          InvalidInputError: bad ``bits``, shape or backend name.
+          BackendUnavailableError: ``backend="faiss"`` without faiss-cpu.
+        """
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
+            raise InvalidInputError(f"bits must be a positive multiple of 8, got {bits!r}")
+        bits = int(bits)
+        arr = _check_matrix(codes, bits // 8, "codes")
+        name = resolve_hamming_backend(backend)
+        if name == "faiss":
+            faiss = _faiss()
+            index = faiss.IndexBinaryFlat(bits)
+            if arr.shape[0]:
+                index.add(arr)
+            data: object = index
+        elif bits % 64 == 0 and _HAVE_BITWISE_COUNT:
+            data = np.ascontiguousarray(arr.view(np.uint64).T)
+        else:
+            data = arr.copy()
+        return cls(_BUILD_KEY, name, bits, int(arr.shape[0]), data)
+
+    @property
+    def backend(self) -> str:
+        """``"numpy"`` or ``"faiss"``."""
+        return self._backend
+
+    @property
+    def bits(self) -> int:
+        """Code length in bits."""
+        return self._bits
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held for the codes (``len(self) * bits // 8``)."""
+        return self._size * (self._bits // 8)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"HammingIndex(backend={self._backend!r}, bits={self._bits}, size={self._size})"
+
+    def codes(self) -> np.ndarray:
+        """A copy of the codes.
+
+        Returns:
+          uint8 ``(len(self), bits // 8)``, C-contiguous.
+        """
+        nbytes = self._bits // 8
+        if self._size == 0:
+            return np.empty((0, nbytes), dtype=np.uint8)
+        if self._backend == "faiss":
+            faiss = _faiss()
+            return faiss.vector_to_array(self._data.xb).reshape(self._size, nbytes).copy()
+        if isinstance(self._data, np.ndarray) and self._data.dtype == np.uint64:
+            return np.ascontiguousarray(self._data.T).view(np.uint8).reshape(self._size, nbytes)
+        return self._data.copy()
+
+    def appended(self, codes: np.ndarray) -> "HammingIndex":
+        """A new index with ``codes`` added after the existing rows.
+
+        Args:
+          codes: uint8 ``(n, bits // 8)``.
+
+        Returns:
+          A new index of ``len(self) + n`` rows on the same backend.
+
+        Raises:
+          InvalidDtypeError: ``codes`` is not a uint8 ndarray.
+          InvalidInputError: wrong shape.
+        """
+        arr = _check_matrix(codes, self._bits // 8, "codes")
+        if self._backend == "numpy" and self._data.dtype == np.uint64:
+            data = np.concatenate([self._data, arr.view(np.uint64).T], axis=1)
+            return HammingIndex(_BUILD_KEY, "numpy", self._bits, self._size + arr.shape[0], data)
+        return HammingIndex.build(np.concatenate([self.codes(), arr]), bits=self._bits, backend=self._backend)
+
+    def without(self, keep: np.ndarray) -> "HammingIndex":
+        """A new index holding only the rows where ``keep`` is True, in the same order.
+
+        Args:
+          keep: bool ``(len(self),)``.
+
+        Returns:
+          A new index on the same backend.
+
+        Raises:
+          InvalidInputError: ``keep`` is not a bool array of the right length.
+        """
+        mask = np.asarray(keep)
+        if mask.dtype != np.bool_ or mask.shape != (self._size,):
+            raise InvalidInputError(f"keep must be a bool array of shape ({self._size},), got {mask.dtype} {mask.shape}")
+        if self._backend == "numpy" and self._data.dtype == np.uint64:
+            return HammingIndex(_BUILD_KEY, "numpy", self._bits, int(mask.sum()), self._data[:, mask])
+        return HammingIndex.build(self.codes()[mask], bits=self._bits, backend=self._backend)
+
+    def reordered(self, order: np.ndarray) -> "HammingIndex":
+        """A new index whose row ``i`` is this index's row ``order[i]``.
+
+        Args:
+          order: int ``(len(self),)``, a permutation.
+
+        Returns:
+          A new index on the same backend.
+
+        Raises:
+          InvalidInputError: ``order`` is not a permutation of the rows.
+        """
+        perm = np.asarray(order)
+        if perm.shape != (self._size,) or not np.array_equal(np.sort(perm), np.arange(self._size)):
+            raise InvalidInputError(f"order must be a permutation of {self._size} rows")
+        if self._backend == "numpy" and self._data.dtype == np.uint64:
+            return HammingIndex(_BUILD_KEY, "numpy", self._bits, self._size, np.ascontiguousarray(self._data[:, perm]))
+        return HammingIndex.build(self.codes()[perm], bits=self._bits, backend=self._backend)
+
+    def search(
+        self, queries: np.ndarray, k: int = 5, max_distance: Optional[int] = None
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k nearest rows of every query, by ascending distance, then ascending position.
+
+        Args:
+          queries: uint8 ``(n, bits // 8)`` or one code ``(bits // 8,)``.
+          k: neighbours per query, >= 1; rows with fewer matches are padded with -1.
+          max_distance: when given, only rows within this many bits are returned.
+
+        Returns:
+          ``(positions, distances, counts)``: int64 ``(n, k)`` row positions, int32 ``(n, k)``
+          distances (both -1 where padded) and int64 ``(n,)`` the number of real matches.
+
+        Raises:
+          InvalidDtypeError: ``queries`` is not a uint8 ndarray.
+          InvalidInputError: wrong width, ``k < 1`` or ``max_distance < 0``.
+        """
+        k = _check_k(k)
+        limit = _check_max_distance(max_distance)
+        q = _check_matrix(queries, self._bits // 8, "queries")
+        n = q.shape[0]
+        positions = np.full((n, k), -1, dtype=np.int64)
+        distances = np.full((n, k), -1, dtype=np.int32)
+        counts = np.zeros(n, dtype=np.int64)
+        if n == 0 or self._size == 0:
+            return positions, distances, counts
+        if self._backend == "faiss":
+            found = self._search_faiss(q, k, limit)
+        else:
+            found = self._search_numpy(q, k, limit)
+        for row, (d, p) in enumerate(found):
+            c = d.shape[0]
+            positions[row, :c] = p
+            distances[row, :c] = d
+            counts[row] = c
+        return positions, distances, counts
+
+    def _search_numpy(self, q: np.ndarray, k: int, limit: Optional[int]):
+        selectors = [_Selector(k, limit) for _ in range(q.shape[0])]
+        m = self._size
+        rows = min(_BLOCK_ROWS, m)
+        if self._data.dtype == np.uint64:
+            words = self._data  # (W, m)
+            qw = q.view(np.uint64)  # (n, W); popcount ignores byte order
+            xor_buf = np.empty((words.shape[0], rows), dtype=np.uint64)
+            count_buf = np.empty((words.shape[0], rows), dtype=np.uint8)
+            dist_buf = np.empty(rows, dtype=np.uint16 if self._bits < 65536 else np.uint32)
+            for start in range(0, m, rows):
+                stop = min(m, start + rows)
+                width = stop - start
+                block = words[:, start:stop]
+                x, c, d = xor_buf[:, :width], count_buf[:, :width], dist_buf[:width]
+                for j, sel in enumerate(selectors):
+                    np.bitwise_xor(block, qw[j][:, None], out=x)
+                    np.bitwise_count(x, out=c)
+                    np.add.reduce(c, axis=0, dtype=d.dtype, out=d)
+                    sel.offer(d, start)
+        else:
+            codes = self._data  # (m, B) uint8
+            for start in range(0, m, rows):
+                stop = min(m, start + rows)
+                block = codes[start:stop]
+                for j, sel in enumerate(selectors):
+                    d = _POPCOUNT_TABLE[np.bitwise_xor(block, q[j])].sum(axis=1, dtype=np.int64)
+                    sel.offer(d, start)
+        return [(s.dist, s.pos) for s in selectors]
+
+    def _search_faiss(self, q: np.ndarray, k: int, limit: Optional[int]):
+        index = self._data
+        m = self._size
+        wanted = min(m, k + _FAISS_EXTRA)
+        dist, lab = index.search(q, wanted)
+        out = []
+        for row in range(q.shape[0]):
+            d = dist[row].astype(np.int64)
+            p = lab[row].astype(np.int64)
+            valid = p >= 0
+            d, p = d[valid], p[valid]
+            order = np.lexsort((p, d))
+            d, p = d[order], p[order]
+            if wanted < m and d.shape[0] >= k and d[-1] == d[k - 1]:
+                # The tie at the k-th distance may continue past what faiss returned: take it whole.
+                lims, rd, rl = index.range_search(q[row:row + 1], int(d[k - 1]) + 1)
+                d, p = rd.astype(np.int64), rl.astype(np.int64)
+                order = np.lexsort((p, d))
+                d, p = d[order], p[order]
+            d, p = d[:k], p[:k]
+            if limit is not None:
+                ok = d <= limit
+                d, p = d[ok], p[ok]
+            out.append((d, p))
+        return out
+
+
+_BUILD_KEY = object()
+# numpy < 2 has no bitwise_count; codes are then kept row-major and counted with the byte table.
+_HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")

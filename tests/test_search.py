@@ -1,0 +1,157 @@
+"""HammingIndex: oracle tests against slow obvious code, backend equivalence, ties, edges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_shitu import search as search_mod
+from edge_shitu.errors import BackendUnavailableError, InvalidDtypeError, InvalidInputError
+from edge_shitu.search import HammingIndex, available_backends, resolve_hamming_backend
+
+BACKENDS = ["numpy", "faiss"]
+
+
+def _oracle(queries: np.ndarray, codes: np.ndarray, k: int, max_distance=None):
+    """Python loops: distance of every pair, then sort by (distance, position)."""
+    out = []
+    for q in queries:
+        pairs = []
+        for pos, c in enumerate(codes):
+            d = sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(q, c))
+            if max_distance is None or d <= max_distance:
+                pairs.append((d, pos))
+        pairs.sort()
+        out.append(pairs[:k])
+    return out
+
+
+def _as_pairs(positions, distances, counts):
+    return [[(int(distances[r, i]), int(positions[r, i])) for i in range(int(counts[r]))]
+            for r in range(positions.shape[0])]
+
+
+def _tied_codes(rng, m: int, nbytes: int) -> np.ndarray:
+    # Few distinct codes, many copies: ties everywhere, including at the k-th distance.
+    base = rng.integers(0, 256, (7, nbytes), dtype=np.uint8)
+    return base[rng.integers(0, 7, m)]
+
+
+def test_faiss_is_installed_for_ci():
+    # The fast extra is part of CI's install: equivalence tests below must really run faiss.
+    assert "faiss" in available_backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [512, 64, 24])
+def test_matches_oracle_random(backend, bits, rng):
+    codes = rng.integers(0, 256, (300, bits // 8), dtype=np.uint8)
+    queries = np.concatenate([codes[:3], rng.integers(0, 256, (4, bits // 8), dtype=np.uint8)])
+    index = HammingIndex.build(codes, bits=bits, backend=backend)
+    for k in (1, 5, 40):
+        got = _as_pairs(*index.search(queries, k))
+        assert got == _oracle(queries, codes, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_are_broken_by_position(backend, rng):
+    codes = _tied_codes(rng, 2000, 64)
+    queries = np.concatenate([codes[:2], rng.integers(0, 256, (2, 64), dtype=np.uint8)])
+    index = HammingIndex.build(codes, bits=512, backend=backend)
+    for k in (1, 5, 30, 300):
+        assert _as_pairs(*index.search(queries, k)) == _oracle(queries, codes, k)
+
+
+def test_backends_agree_on_a_large_index(rng):
+    # More rows than one numpy block, queries near and far; identical arrays from both backends.
+    codes = rng.integers(0, 256, (50_000, 64), dtype=np.uint8)
+    codes[30_000:30_050] = codes[5]  # a tie spanning blocks
+    queries = np.concatenate([codes[[5, 17, 49_999]], rng.integers(0, 256, (3, 64), dtype=np.uint8)])
+    results = [HammingIndex.build(codes, bits=512, backend=b).search(queries, 10) for b in BACKENDS]
+    for a, b in zip(results[0], results[1]):
+        np.testing.assert_array_equal(a, b)
+    pos, dist, counts = results[0]
+    assert pos[0, 0] == 5 and (dist[0] == 0).all() and pos[0, 1] == 30_000
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_distance(backend, rng):
+    codes = rng.integers(0, 256, (500, 8), dtype=np.uint8)
+    queries = codes[:4] ^ np.uint8(1)
+    index = HammingIndex.build(codes, bits=64, backend=backend)
+    for limit in (0, 1, 20, 64):
+        got = _as_pairs(*index.search(queries, 5, max_distance=limit))
+        assert got == _oracle(queries, codes, 5, max_distance=limit)
+    pos, dist, counts = index.search(queries, 5, max_distance=0)
+    assert (counts == 0).all() and (pos == -1).all() and (dist == -1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edges(backend, rng):
+    empty = HammingIndex.build(np.empty((0, 64), np.uint8), bits=512, backend=backend)
+    pos, dist, counts = empty.search(rng.integers(0, 256, (2, 64), dtype=np.uint8), 3)
+    assert pos.shape == (2, 3) and (pos == -1).all() and (dist == -1).all() and (counts == 0).all()
+    assert pos.dtype == np.int64 and dist.dtype == np.int32 and counts.dtype == np.int64
+    codes = rng.integers(0, 256, (3, 64), dtype=np.uint8)
+    index = HammingIndex.build(codes, bits=512, backend=backend)
+    pos, dist, counts = index.search(codes[1], 10)  # one code, k > size
+    assert counts.tolist() == [3] and pos[0, 0] == 1 and (pos[0, 3:] == -1).all()
+    pos, _, _ = index.search(np.empty((0, 64), np.uint8), 2)
+    assert pos.shape == (0, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_appended_without_reordered_and_codes(backend, rng):
+    codes = rng.integers(0, 256, (100, 64), dtype=np.uint8)
+    index = HammingIndex.build(codes[:60], bits=512, backend=backend)
+    grown = index.appended(codes[60:])
+    assert len(index) == 60 and len(grown) == 100
+    np.testing.assert_array_equal(grown.codes(), codes)
+    keep = np.arange(100) % 3 != 0
+    shrunk = grown.without(keep)
+    np.testing.assert_array_equal(shrunk.codes(), codes[keep])
+    perm = rng.permutation(100)
+    np.testing.assert_array_equal(grown.reordered(perm).codes(), codes[perm])
+    assert grown.memory_bytes == 100 * 64 and shrunk.backend == backend
+    q = codes[:5]
+    assert _as_pairs(*shrunk.search(q, 4)) == _oracle(q, codes[keep], 4)
+
+
+def test_byte_table_path_when_numpy_lacks_bitwise_count(monkeypatch, rng):
+    monkeypatch.setattr(search_mod, "_HAVE_BITWISE_COUNT", False)
+    codes = _tied_codes(rng, 400, 64)
+    index = HammingIndex.build(codes, bits=512, backend="numpy")
+    assert index._data.dtype == np.uint8
+    q = codes[:3] ^ np.uint8(3)
+    assert _as_pairs(*index.search(q, 7)) == _oracle(q, codes, 7)
+
+
+def test_bad_input():
+    codes = np.zeros((4, 64), np.uint8)
+    index = HammingIndex.build(codes, bits=512, backend="numpy")
+    with pytest.raises(InvalidDtypeError, match="uint8"):
+        index.search(np.zeros((1, 64), np.int64), 1)
+    with pytest.raises(InvalidInputError, match=r"shape \(n, 64\)"):
+        index.search(np.zeros((1, 32), np.uint8), 1)
+    with pytest.raises(InvalidInputError, match="k must be"):
+        index.search(codes, 0)
+    with pytest.raises(InvalidInputError, match="max_distance"):
+        index.search(codes, 1, max_distance=-1)
+    with pytest.raises(InvalidInputError, match="bits"):
+        HammingIndex.build(codes, bits=500)
+    with pytest.raises(InvalidInputError, match="unknown Hamming backend"):
+        resolve_hamming_backend("annoy")
+    with pytest.raises(InvalidInputError, match="keep"):
+        index.without(np.ones(3, bool))
+    with pytest.raises(TypeError, match="build"):
+        HammingIndex(object(), "numpy", 512, 0, None)
+
+
+def test_missing_faiss_is_named(monkeypatch):
+    def no_faiss():
+        raise BackendUnavailableError("the faiss Hamming backend needs faiss-cpu; run: pip install \"edge-shitu[fast]\"")
+
+    monkeypatch.setattr(search_mod, "_faiss", no_faiss)
+    assert resolve_hamming_backend("auto") == "numpy"
+    with pytest.raises(BackendUnavailableError, match=r"edge-shitu\[fast\]"):
+        HammingIndex.build(np.zeros((1, 8), np.uint8), bits=64, backend="faiss")
