@@ -61,7 +61,7 @@ from edge_shitu.errors import (
 from edge_shitu.search import HammingIndex, resolve_hamming_backend
 from edge_shitu.types import SearchResult
 
-__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "FORMAT_VERSION", "upgrade_gallery"]
+__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "FORMAT_VERSION", "check_gallery", "upgrade_gallery"]
 
 FORMAT_VERSION = "2"
 """The gallery file format this module reads and writes."""
@@ -1155,52 +1155,15 @@ class Gallery:
             return problems
 
     def _check_in_transaction(self, conn: sqlite3.Connection) -> List[str]:
-        problems = [f"integrity: {r[0]}" for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
-        try:
-            _check_schema(conn, self._name)
-            meta = _parse_meta(_read_meta_rows(conn), self._name)
-        except GalleryCorruptError as exc:
-            return problems + [str(exc)]
-        nbytes = meta.bits // 8
-        bad_codes = conn.execute(
-            "SELECT count(*) FROM items WHERE typeof(code) != 'blob' OR length(code) != ?", (nbytes,)).fetchone()[0]
-        if bad_codes:
-            problems.append(f"{bad_codes} items have codes that are not {nbytes}-byte blobs")
-        bad_labels = conn.execute(
-            "SELECT count(*) FROM labels WHERE typeof(label) != 'text' OR label = ''").fetchone()[0]
-        if bad_labels:
-            problems.append(f"{bad_labels} labels are empty or not text")
-        orphans = conn.execute(
-            "SELECT count(*) FROM items WHERE label_id NOT IN (SELECT id FROM labels)").fetchone()[0]
-        if orphans:
-            problems.append(f"{orphans} items refer to a label that does not exist")
-        stored = dict(conn.execute("SELECT id, count FROM labels"))
-        actual = dict(conn.execute("SELECT label_id, count(*) FROM items GROUP BY label_id"))
-        wrong = sorted(i for i in set(stored) | set(actual) if stored.get(i, 0) != actual.get(i, 0))
-        if wrong:
-            problems.append(f"the item counts of {len(wrong)} labels disagree with the items "
-                            f"(label ids {_short_list(wrong)})")
-        if meta.embedding_dim is None:
-            stray = conn.execute("SELECT count(*) FROM items WHERE embedding IS NOT NULL").fetchone()[0]
-            if stray:
-                problems.append(f"{stray} items have embeddings but meta 'embedding_dim' is missing")
-        else:
-            bad_emb = conn.execute(
-                "SELECT count(*) FROM items WHERE embedding IS NOT NULL AND "
-                "(typeof(embedding) != 'blob' OR length(embedding) != ?)", (4 * meta.embedding_dim,)).fetchone()[0]
-            if bad_emb:
-                problems.append(f"{bad_emb} items have embeddings that are not {meta.embedding_dim} float32 values")
-        low, high = conn.execute("SELECT min(id), max(id) FROM items").fetchone()
-        if low is not None and low < 0:
-            problems.append(f"negative item id {low}")
-        if high is not None and meta.next_id <= high:
-            problems.append(f"meta 'next_id' {meta.next_id} is not above the largest id {high}")
+        problems, meta = _check_contents(conn, self._name)
+        if meta is None:
+            return problems
         if meta.bits != self._meta.bits or meta.fingerprint != self._meta.fingerprint:
             problems.append("bits or fingerprint changed since the gallery was opened")
             return problems
         if not problems:
             try:
-                ids, codes = _read_codes(conn, nbytes, self._name)
+                ids, codes = _read_codes(conn, meta.bits // 8, self._name)
             except GalleryCorruptError as exc:
                 return problems + [str(exc)]
             snap = self._snapshot
@@ -1326,6 +1289,51 @@ def _bump_counts(conn: sqlite3.Connection, delta: Counter) -> None:
         conn.execute("DELETE FROM labels WHERE count <= 0")
 
 
+def _check_contents(conn: sqlite3.Connection, name: str) -> Tuple[List[str], Optional[_Meta]]:
+    """File-level checks (call inside a transaction); the meta is None when it could not be read."""
+    problems = [f"integrity: {r[0]}" for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
+    try:
+        _check_schema(conn, name)
+        meta = _parse_meta(_read_meta_rows(conn), name)
+    except GalleryCorruptError as exc:
+        return problems + [str(exc)], None
+    nbytes = meta.bits // 8
+    bad_codes = conn.execute(
+        "SELECT count(*) FROM items WHERE typeof(code) != 'blob' OR length(code) != ?", (nbytes,)).fetchone()[0]
+    if bad_codes:
+        problems.append(f"{bad_codes} items have codes that are not {nbytes}-byte blobs")
+    bad_labels = conn.execute(
+        "SELECT count(*) FROM labels WHERE typeof(label) != 'text' OR label = ''").fetchone()[0]
+    if bad_labels:
+        problems.append(f"{bad_labels} labels are empty or not text")
+    orphans = conn.execute(
+        "SELECT count(*) FROM items WHERE label_id NOT IN (SELECT id FROM labels)").fetchone()[0]
+    if orphans:
+        problems.append(f"{orphans} items refer to a label that does not exist")
+    stored = dict(conn.execute("SELECT id, count FROM labels"))
+    actual = dict(conn.execute("SELECT label_id, count(*) FROM items GROUP BY label_id"))
+    wrong = sorted(i for i in set(stored) | set(actual) if stored.get(i, 0) != actual.get(i, 0))
+    if wrong:
+        problems.append(f"the item counts of {len(wrong)} labels disagree with the items "
+                        f"(label ids {_short_list(wrong)})")
+    if meta.embedding_dim is None:
+        stray = conn.execute("SELECT count(*) FROM items WHERE embedding IS NOT NULL").fetchone()[0]
+        if stray:
+            problems.append(f"{stray} items have embeddings but meta 'embedding_dim' is missing")
+    else:
+        bad_emb = conn.execute(
+            "SELECT count(*) FROM items WHERE embedding IS NOT NULL AND "
+            "(typeof(embedding) != 'blob' OR length(embedding) != ?)", (4 * meta.embedding_dim,)).fetchone()[0]
+        if bad_emb:
+            problems.append(f"{bad_emb} items have embeddings that are not {meta.embedding_dim} float32 values")
+    low, high = conn.execute("SELECT min(id), max(id) FROM items").fetchone()
+    if low is not None and low < 0:
+        problems.append(f"negative item id {low}")
+    if high is not None and meta.next_id <= high:
+        problems.append(f"meta 'next_id' {meta.next_id} is not above the largest id {high}")
+    return problems, meta
+
+
 def _set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
     conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
 
@@ -1435,3 +1443,50 @@ def upgrade_gallery(path: PathLike) -> Path:
             Path(str(tmp) + suffix).unlink(missing_ok=True)
     _fsync_dir(source.parent)
     return backup
+
+
+def check_gallery(path: PathLike) -> List[str]:
+    """Checks a gallery file without loading it: useful when it is too damaged to open.
+
+    Runs SQLite's integrity check and the gallery's own checks (schema, meta values, code and
+    embedding sizes, labels and their counts, ids), then reads every code. Opening the file
+    writable first lets SQLite roll back a transaction that a crashed writer left unfinished;
+    a file that cannot be written is checked read-only.
+
+    Args:
+      path: the gallery file.
+
+    Returns:
+      One message per problem; an empty list for a healthy gallery.
+
+    Raises:
+      MissingFileError: ``path`` does not exist.
+      GalleryError: ``path`` is a directory or cannot be opened at all.
+    """
+    target = Path(path)
+    if not target.exists():
+        raise MissingFileError(f"gallery file not found: {target}")
+    if target.is_dir():
+        raise GalleryError(f"{target} is a directory, not a gallery file")
+    name = str(target)
+    mode = "rw" if os.access(target, os.W_OK) else "ro"
+    try:
+        conn = sqlite3.connect(f"{target.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None, timeout=10.0)
+    except sqlite3.Error as exc:
+        raise GalleryError(f"cannot open gallery {name}: {exc}") from exc
+    try:
+        conn.execute("BEGIN")
+        try:
+            problems, meta = _check_contents(conn, name)
+            if meta is not None and not any("codes that are not" in p for p in problems):
+                try:
+                    _read_codes(conn, meta.bits // 8, name)
+                except GalleryCorruptError as exc:
+                    problems.append(str(exc))
+        finally:
+            conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        return [f"{name}: not a readable SQLite gallery: {exc}"]
+    finally:
+        conn.close()
+    return problems

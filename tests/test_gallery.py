@@ -21,7 +21,7 @@ from edge_shitu.errors import (
     InvalidInputError,
     MissingFileError,
 )
-from edge_shitu.gallery import FORMAT_VERSION, Gallery, GalleryInfo, GalleryItem, upgrade_gallery
+from edge_shitu.gallery import FORMAT_VERSION, Gallery, GalleryInfo, GalleryItem, check_gallery, upgrade_gallery
 
 FP = "0123abcd"
 OTHER_FP = "feedbeef"
@@ -737,6 +737,7 @@ def test_crash_in_the_middle_of_one_large_add(tmp_path):
     marker = tmp_path / "big.txt"
     _run_and_kill([_BIG_ADD_CHILD, str(path), str(marker), "400000"], marker, 0.4)
     assert marker.read_text() == "big add started"  # killed inside the large transaction
+    assert check_gallery(path) == []  # rolls the unfinished transaction back, then finds nothing wrong
     with Gallery.open(path) as g:
         assert g.check() == []
         assert len(g) == 3000 and g.ids().tolist() == list(range(3000))

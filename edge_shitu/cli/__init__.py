@@ -297,6 +297,38 @@ def _cmd_gallery_info(args, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _cmd_gallery_check(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.gallery import Gallery, check_gallery
+
+    problems = check_gallery(args.gallery)
+    info = None
+    if not problems:
+        with Gallery.open(args.gallery, readonly=True) as gallery:
+            info = gallery.info()
+    if args.json:
+        record = {"path": str(args.gallery), "ok": not problems, "problems": problems}
+        if info is not None:
+            record.update(items=info.count, labels=info.label_count, bits=info.bits, fingerprint=info.fingerprint)
+        json.dump(record, out, indent=2)
+        out.write("\n")
+    elif problems:
+        out.write(f"{args.gallery}: {len(problems)} problem(s)\n")
+        for p in problems:
+            out.write(f"  {p}\n")
+    else:
+        out.write(f"{args.gallery}: ok ({info.count} items, {info.label_count} labels, {info.bits}-bit codes, "
+                  f"fingerprint {info.fingerprint})\n")
+    return EXIT_OK if not problems else EXIT_FAILURE
+
+
+def _cmd_gallery_upgrade(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.gallery import FORMAT_VERSION, upgrade_gallery
+
+    backup = upgrade_gallery(args.gallery)
+    out.write(f"{args.gallery}: upgraded to format {FORMAT_VERSION}; the old file is kept as {backup}\n")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- models / replicate / convert
 
 
@@ -513,6 +545,15 @@ def _parser() -> argparse.ArgumentParser:
     gi.add_argument("gallery")
     gi.add_argument("--json", action="store_true")
     gi.set_defaults(func=_cmd_gallery_info)
+
+    gc = g.add_parser("check", help="integrity: SQLite check, counts, code lengths, fingerprint (exit 1 on damage)")
+    gc.add_argument("gallery")
+    gc.add_argument("--json", action="store_true")
+    gc.set_defaults(func=_cmd_gallery_check)
+
+    gu = g.add_parser("upgrade", help="rewrite a format-1 gallery in the current format (keeps a .v1.bak)")
+    gu.add_argument("gallery")
+    gu.set_defaults(func=_cmd_gallery_upgrade)
 
     m = sub.add_parser("models", help="official model archives pinned in models.lock").add_subparsers(dest="models_cmd", metavar="ACTION", required=True)
     ml = m.add_parser("list")
