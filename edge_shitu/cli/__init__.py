@@ -25,7 +25,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 # Modules of this package that each add commands: ``register(subparsers, groups)`` where
 # ``groups["gallery"]`` is the ``gallery`` command's own subparsers.
-_EXTENSIONS: Tuple[str, ...] = ()
+_EXTENSIONS: Tuple[str, ...] = ("bench",)
 
 
 class _Progress:
