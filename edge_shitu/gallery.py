@@ -42,11 +42,10 @@ import re
 import sqlite3
 import threading
 import time
-import unicodedata
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -78,6 +77,8 @@ _LABEL_COLUMNS = {"id", "label", "count"}
 # Rows per fetch when loading codes: bounds the Python objects alive at once while opening.
 _FETCH_ROWS = 1 << 15
 _HEX = re.compile(r"[0-9a-fA-F]+")
+# Unicode category Cc, exactly: C0 controls, DEL and C1 controls.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 _CONSTRUCT_KEY = object()
 
@@ -189,7 +190,7 @@ def _check_bits(bits: object) -> int:
 
 
 def _has_control(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
+    return _CONTROL.search(text) is not None
 
 
 def _check_label(label: object, where: str) -> str:
@@ -303,11 +304,12 @@ def _read_meta_rows(conn: sqlite3.Connection) -> Dict[str, str]:
     return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
 
 
-def _read_codes(conn: sqlite3.Connection, nbytes: int, name: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Reads every (id, code) in id order into preallocated arrays, a bounded batch of rows at a time."""
-    count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
-    ids = np.empty(count, dtype=np.int64)
-    codes = np.empty((count, nbytes), dtype=np.uint8)
+def _code_chunks(conn: sqlite3.Connection, nbytes: int, name: str, ids: np.ndarray) -> Iterator[np.ndarray]:
+    """Yields the codes in id order, a bounded batch of rows at a time, filling ``ids`` on the way.
+
+    ``ids`` must have one slot per item (``SELECT count(*)`` in the same transaction).
+    """
+    count = ids.shape[0]
     cursor = conn.execute("SELECT id, code FROM items ORDER BY id")
     done = 0
     while True:
@@ -317,25 +319,38 @@ def _read_codes(conn: sqlite3.Connection, nbytes: int, name: str) -> Tuple[np.nd
         n = len(rows)
         if done + n > count:
             raise GalleryCorruptError(f"{name}: the items table changed while it was being read")
-        blobs = [r[1] for r in rows]
-        if any(not isinstance(b, bytes) or len(b) != nbytes for b in blobs):
+        id_list, blobs = zip(*rows)
+        try:
+            joined = b"".join(blobs)
+            lengths_ok = set(map(len, blobs)) == {nbytes}
+        except TypeError:
+            lengths_ok = False
+        if not lengths_ok:
             bad = [int(r[0]) for r in rows if not isinstance(r[1], bytes) or len(r[1]) != nbytes]
             raise GalleryCorruptError(
                 f"{name}: items {_short_list(bad)} have codes that are not {nbytes}-byte blobs "
                 f"({nbytes * 8}-bit codes expected)"
             )
-        ids[done:done + n] = [r[0] for r in rows]
-        codes[done:done + n] = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(n, nbytes)
+        ids[done:done + n] = id_list
         done += n
+        yield np.frombuffer(joined, dtype=np.uint8).reshape(n, nbytes)
     if done != count:
         raise GalleryCorruptError(f"{name}: the items table changed while it was being read")
+
+
+def _read_codes(conn: sqlite3.Connection, nbytes: int, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Reads every (id, code) in id order: int64 ``(m,)`` and uint8 ``(m, nbytes)``."""
+    ids = np.empty(conn.execute("SELECT count(*) FROM items").fetchone()[0], dtype=np.int64)
+    chunks = list(_code_chunks(conn, nbytes, name, ids))
+    codes = np.concatenate(chunks) if chunks else np.empty((0, nbytes), dtype=np.uint8)
     return ids, codes
 
 
 def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str) -> _Snapshot:
-    ids, codes = _read_codes(conn, bits // 8, name)
-    index = HammingIndex.build(codes, bits=bits, backend=backend)
-    del codes
+    ids = np.empty(conn.execute("SELECT count(*) FROM items").fetchone()[0], dtype=np.int64)
+    # Chunk by chunk, so opening never holds a second full copy of the codes.
+    index = HammingIndex.from_chunks(_code_chunks(conn, bits // 8, name, ids), size=ids.shape[0], bits=bits,
+                                     backend=backend)
     return _Snapshot(ids=_frozen(ids), index=index)
 
 
@@ -729,8 +744,10 @@ class Gallery:
         arr = check_codes(codes, self.nbytes)
         n = arr.shape[0]
         labels = list(_check_count(labels, n, "labels"))
+        checked = set()
         for i, label in enumerate(labels):
-            _check_label(label, f"labels[{i}]")
+            if label not in checked:
+                checked.add(_check_label(label, f"labels[{i}]"))
         id_arr = None
         if ids is not None:
             id_arr = _check_ids(ids)
@@ -1270,9 +1287,14 @@ class Gallery:
 def _label_ids(conn: sqlite3.Connection, labels: Iterable[str]) -> Dict[str, int]:
     """Ids of labels in the labels table, creating the missing ones (count 0)."""
     wanted = set(labels)
-    # One scan of the (unindexed) labels table serves the whole batch.
-    found: Dict[str, int] = {label: int(i) for i, label in conn.execute("SELECT id, label FROM labels")
-                             if label in wanted}
+    # One scan of the (unindexed) labels table, in SQLite, against an indexed temporary list of
+    # the batch's labels serves the whole batch.
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted_labels(label TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM temp.wanted_labels")
+    conn.executemany("INSERT INTO temp.wanted_labels(label) VALUES (?)", ((lab,) for lab in wanted))
+    found: Dict[str, int] = {label: int(i) for i, label in conn.execute(
+        "SELECT l.id, l.label FROM labels AS l WHERE l.label IN (SELECT label FROM temp.wanted_labels)")}
+    conn.execute("DELETE FROM temp.wanted_labels")
     missing = sorted(wanted - found.keys())
     if missing:
         start = (conn.execute("SELECT max(id) FROM labels").fetchone()[0] or 0) + 1

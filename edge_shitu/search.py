@@ -32,7 +32,7 @@ new indexes, so a search running on one index is never disturbed by a writer.
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -138,6 +138,9 @@ class _Selector:
     def offer(self, block_dist: np.ndarray, start: int) -> None:
         if self.dist.shape[0] >= self.k:
             # A later row equal to the current k-th distance loses the tie (larger position).
+            # Most blocks hold no better row: one min() rules them out without building an index list.
+            if block_dist.min() >= self.dist[-1]:
+                return
             keep = np.flatnonzero(block_dist < self.dist[-1])
         elif self.limit is not None:
             keep = np.flatnonzero(block_dist <= self.limit)
@@ -213,6 +216,55 @@ class HammingIndex:
         else:
             data = arr.copy()
         return cls(_BUILD_KEY, name, bits, int(arr.shape[0]), data)
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[np.ndarray], *, size: int, bits: int,
+                    backend: str = "auto") -> "HammingIndex":
+        """Builds an index from consecutive blocks of rows without first joining them.
+
+        Opening a large gallery this way never holds a second full copy of the codes.
+
+        Args:
+          chunks: uint8 ``(n_i, bits // 8)`` arrays whose rows, in order, are the index's rows.
+          size: total number of rows (the sum of ``n_i``).
+          bits: code length in bits, a positive multiple of 8.
+          backend: ``"auto"``, ``"numpy"`` or ``"faiss"``.
+
+        Returns:
+          The index.
+
+        Raises:
+          InvalidDtypeError: a chunk is not a uint8 ndarray.
+          InvalidInputError: bad ``bits``, chunk shape, backend name, or the chunks do not add up to ``size``.
+          BackendUnavailableError: ``backend="faiss"`` without faiss-cpu.
+        """
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
+            raise InvalidInputError(f"bits must be a positive multiple of 8, got {bits!r}")
+        bits, nbytes = int(bits), int(bits) // 8
+        name = resolve_hamming_backend(backend)
+        done = 0
+        if name == "faiss":
+            data: object = _faiss().IndexBinaryFlat(bits)
+        elif bits % 64 == 0 and _HAVE_BITWISE_COUNT:
+            data = np.empty((bits // 64, size), dtype=np.uint64)
+        else:
+            data = np.empty((size, nbytes), dtype=np.uint8)
+        for chunk in chunks:
+            arr = _check_matrix(chunk, nbytes, "codes")
+            n = arr.shape[0]
+            if done + n > size:
+                raise InvalidInputError(f"the chunks hold more than size={size} rows")
+            if name == "faiss":
+                if n:
+                    data.add(arr)
+            elif data.dtype == np.uint64:
+                data[:, done:done + n] = arr.view(np.uint64).T
+            else:
+                data[done:done + n] = arr
+            done += n
+        if done != size:
+            raise InvalidInputError(f"the chunks hold {done} rows, not size={size}")
+        return cls(_BUILD_KEY, name, bits, size, data)
 
     @property
     def backend(self) -> str:
@@ -356,6 +408,9 @@ class HammingIndex:
             xor_buf = np.empty((words.shape[0], rows), dtype=np.uint64)
             count_buf = np.empty((words.shape[0], rows), dtype=np.uint8)
             dist_buf = np.empty(rows, dtype=np.uint16 if self._bits < 65536 else np.uint32)
+            # Words are summed pairwise in uint8 first (2 x 64 bits <= 128 fits), halving the
+            # widening additions; only 8-word codes (512 bits) take that route.
+            pairwise = words.shape[0] == 8
             for start in range(0, m, rows):
                 stop = min(m, start + rows)
                 width = stop - start
@@ -364,7 +419,13 @@ class HammingIndex:
                 for j, sel in enumerate(selectors):
                     np.bitwise_xor(block, qw[j][:, None], out=x)
                     np.bitwise_count(x, out=c)
-                    np.add.reduce(c, axis=0, dtype=d.dtype, out=d)
+                    if pairwise:
+                        np.add(c[:4], c[4:], out=c[:4])
+                        np.add(c[0], c[1], out=d, dtype=d.dtype)
+                        np.add(d, c[2], out=d, casting="unsafe")
+                        np.add(d, c[3], out=d, casting="unsafe")
+                    else:
+                        np.add.reduce(c, axis=0, dtype=d.dtype, out=d)
                     sel.offer(d, start)
         else:
             codes = self._data  # (m, B) uint8

@@ -155,3 +155,18 @@ def test_missing_faiss_is_named(monkeypatch):
     assert resolve_hamming_backend("auto") == "numpy"
     with pytest.raises(BackendUnavailableError, match=r"edge-shitu\[fast\]"):
         HammingIndex.build(np.zeros((1, 8), np.uint8), bits=64, backend="faiss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_chunks_equals_build(backend, rng):
+    codes = rng.integers(0, 256, (1000, 64), dtype=np.uint8)
+    chunks = [codes[:0], codes[:333], codes[333:334], codes[334:]]
+    index = HammingIndex.from_chunks(iter(chunks), size=1000, bits=512, backend=backend)
+    np.testing.assert_array_equal(index.codes(), codes)
+    q = codes[[3, 500]] ^ np.uint8(7)
+    for a, b in zip(index.search(q, 9), HammingIndex.build(codes, bits=512, backend=backend).search(q, 9)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidInputError, match="not size=1001"):
+        HammingIndex.from_chunks(iter(chunks), size=1001, bits=512, backend=backend)
+    with pytest.raises(InvalidInputError, match="more than size=999"):
+        HammingIndex.from_chunks(iter(chunks), size=999, bits=512, backend=backend)
