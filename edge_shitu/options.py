@@ -11,6 +11,7 @@ from edge_shitu.types import WholeImagePolicy
 __all__ = ["BackendOptions", "DetectorOptions", "EmbedderOptions", "RecognizerOptions"]
 
 _BACKENDS = ("onnxruntime", "paddlelite")
+_SEARCH_BACKENDS = ("auto", "numpy", "faiss")
 
 
 def _unit(name: str, value: float) -> None:
@@ -123,6 +124,8 @@ class RecognizerOptions:
       embedder: extractor settings.
       include_unknown: also return regions whose best match is farther than ``max_distance``
         (with ``label=None``); by default they are dropped, as in the reference.
+      search_backend: Hamming search backend of a gallery the recogniser opens itself: "auto"
+        (faiss when installed, else numpy), "numpy" or "faiss" (see :mod:`edge_shitu.search`).
     """
 
     max_distance: Optional[int] = None
@@ -132,6 +135,7 @@ class RecognizerOptions:
     detector: Optional[DetectorOptions] = None
     embedder: EmbedderOptions = field(default_factory=EmbedderOptions)
     include_unknown: bool = False
+    search_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_distance is not None and (isinstance(self.max_distance, bool) or not isinstance(self.max_distance, int) or self.max_distance < 0):
@@ -143,3 +147,6 @@ class RecognizerOptions:
         except ValueError:
             choices = ", ".join(p.value for p in WholeImagePolicy)
             raise InvalidInputError(f"whole_image must be one of {choices}, got {self.whole_image!r}") from None
+        if self.search_backend not in _SEARCH_BACKENDS:
+            raise InvalidInputError(
+                f"search_backend must be one of {', '.join(_SEARCH_BACKENDS)}, got {self.search_backend!r}")

@@ -107,6 +107,11 @@ def test_recognize_json_and_timings(small_gallery, replica_bundle, test_images, 
                                           "search", "nms", "total"}
         for r in rec["results"]:
             assert set(r) == {"box", "label", "distance", "similarity"} and r["distance"] <= 100
+    # The pure-numpy search gives the same answers as the default (faiss) one.
+    code, out_numpy, err = run("recognize", "--bundle", replica_bundle, "--gallery", db, "--json",
+                               "--whole-image", "always", "--search-backend", "numpy", test_images[0], test_images[1])
+    assert code == 0, err
+    assert [r["results"] for r in json.loads(out_numpy)] == [first["results"], second["results"]]
 
 
 def test_recognize_text_output(small_gallery, replica_bundle, test_images):

@@ -149,3 +149,9 @@ def test_embedder_chunks_large_batches(fake_bundle, image):
     assert feats.shape == (10, 512) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
     assert emb.features([]).shape == (0, 512)
+
+
+def test_search_backend_option_is_checked():
+    assert RecognizerOptions(search_backend="numpy").search_backend == "numpy"
+    with pytest.raises(ValueError, match="search_backend must be one of auto, numpy, faiss"):
+        RecognizerOptions(search_backend="annoy")

@@ -130,6 +130,7 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
         final_nms_iou=rec.final_nms_iou,
         embedder=EmbedderOptions(backend=BackendOptions(threads=args.threads)),
         include_unknown=args.include_unknown,
+        search_backend=args.search_backend,
     )
     if bundle.detector is not None and args.threads is not None:
         from edge_shitu.options import DetectorOptions
@@ -497,6 +498,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=None)
     r.add_argument("--whole-image", choices=["if_none", "always", "never"], default=None)
     r.add_argument("--include-unknown", action="store_true", help="also list regions with no accepted match")
+    r.add_argument("--search-backend", choices=["auto", "numpy", "faiss"], default="auto",
+                   help="Hamming search: faiss when installed (auto), or pure numpy")
     threads(r)
     r.set_defaults(func=_cmd_recognize)
 
