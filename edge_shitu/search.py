@@ -438,9 +438,21 @@ class HammingIndex:
         return [(s.dist, s.pos) for s in selectors]
 
     def _search_faiss(self, q: np.ndarray, k: int, limit: Optional[int]):
+        faiss = _faiss()
         index = self._data
         m = self._size
         wanted = min(m, k + _FAISS_EXTRA)
+        # faiss's OpenMP threads busy-wait: beside the model sessions' own threads they turned a
+        # 5 us search into 36 ms on 2 cores. One query batch of a recogniser is one thread's work.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._collect_faiss(index, q, k, limit, wanted, m)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    @staticmethod
+    def _collect_faiss(index, q: np.ndarray, k: int, limit: Optional[int], wanted: int, m: int):
         dist, lab = index.search(q, wanted)
         out = []
         for row in range(q.shape[0]):
