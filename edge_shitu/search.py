@@ -43,9 +43,9 @@ __all__ = ["HammingIndex", "BACKENDS", "resolve_hamming_backend", "available_bac
 BACKENDS = ("numpy", "faiss")
 """Names of the Hamming search backends, besides ``"auto"``."""
 
-# Rows per block of the numpy scan: 8 words x 8192 rows of uint64 is 512 KiB of XOR buffer plus
-# 64 KiB of counts, which stays in a typical L2 cache (measured: 8192 beats 4096 and 32768).
-_BLOCK_ROWS = 8192
+# Rows per block of the numpy scan. Measured over 1M codes on one x86-64 core: 32768 rows (2 MiB of
+# XOR buffer) beat 8192 by ~15%: fewer ufunc calls outweigh the L2 misses of the larger buffer.
+_BLOCK_ROWS = 32768
 # Extra neighbours asked of faiss so that ties at the k-th distance are almost always complete.
 _FAISS_EXTRA = 16
 
