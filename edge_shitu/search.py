@@ -9,11 +9,11 @@ Backends (``backend=`` of :meth:`HammingIndex.build`):
 
 ``numpy``
     Always available. The codes are stored word-major: ``words[w, i]`` is the ``w``-th 64-bit word
-    of row ``i`` (one contiguous array per word), and are scanned in blocks of rows that fit in the
-    CPU cache. For each block and query, the XOR of all words is one ufunc call over the block, the
-    popcount another, and the sum over words a third (an add-reduce along the word axis, which
-    numpy vectorises across rows); all buffers are reused in place. Top-k selection is done per
-    block against the running k-th distance, so only rows that can still enter the result are
+    of row ``i`` (one contiguous array per word), and are scanned in blocks of 32768 rows. For each
+    block and query, the XOR of all words is one ufunc call over the block, the popcount another,
+    and the sum over words three more (pairwise uint8 sums, then uint16), all into reused buffers.
+    Top-k selection is done per block against the running k-th distance (a block with no closer
+    row costs one ``min``), so only rows that can still enter the result are
     ever sorted. Codes whose width is not a multiple of 64 bits are scanned byte-wise with a
     256-entry table, as are all codes under numpy < 2 (which has no ``bitwise_count``).
 ``faiss``
