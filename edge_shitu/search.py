@@ -222,7 +222,8 @@ class HammingIndex:
                     backend: str = "auto") -> "HammingIndex":
         """Builds an index from consecutive blocks of rows without first joining them.
 
-        Opening a large gallery this way never holds a second full copy of the codes.
+        With the numpy backend, opening a large gallery this way never holds a second full copy of
+        the codes; faiss gets them in one ``add`` (a second copy while it copies them in).
 
         Args:
           chunks: uint8 ``(n_i, bits // 8)`` arrays whose rows, in order, are the index's rows.
@@ -244,7 +245,9 @@ class HammingIndex:
         name = resolve_hamming_backend(backend)
         done = 0
         if name == "faiss":
-            data: object = _faiss().IndexBinaryFlat(bits)
+            # One add of all rows: faiss's code vector then has exactly their size, where growing it
+            # chunk by chunk left ~30% of freed capacity resident (93 instead of 72 bytes per item).
+            data: object = np.empty((size, nbytes), dtype=np.uint8)
         elif bits % 64 == 0 and _HAVE_BITWISE_COUNT:
             data = np.empty((bits // 64, size), dtype=np.uint64)
         else:
@@ -254,16 +257,15 @@ class HammingIndex:
             n = arr.shape[0]
             if done + n > size:
                 raise InvalidInputError(f"the chunks hold more than size={size} rows")
-            if name == "faiss":
-                if n:
-                    data.add(arr)
-            elif data.dtype == np.uint64:
+            if data.dtype == np.uint64:
                 data[:, done:done + n] = arr.view(np.uint64).T
             else:
                 data[done:done + n] = arr
             done += n
         if done != size:
             raise InvalidInputError(f"the chunks hold {done} rows, not size={size}")
+        if name == "faiss":
+            return cls.build(data, bits=bits, backend="faiss")
         return cls(_BUILD_KEY, name, bits, size, data)
 
     @property
