@@ -1059,6 +1059,7 @@ def convert(
     lite_python: "os.PathLike[str] | str | None" = None,
     calib_method: Optional[str] = None,
     quant_mode: Optional[str] = None,
+    hash_head: "os.PathLike[str] | str | None" = None,
 ) -> Path:
     """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
 
@@ -1093,13 +1094,17 @@ def convert(
       quant_mode: ONNX int8 only: "static" (default; calibrated on ``calib_dir``) or "dynamic".
       lite_python: Lite + verify only: the side environment's Python that runs ``.nb`` files
         (see :func:`converters.lite_worker.find_lite_python`).
+      hash_head: a learned hash head file (``edge-shitu hash train``) to put into the bundle as
+        ``hash.npz`` (see :mod:`edge_shitu.hashing`); it needs the extractor. It is read and checked
+        before anything is converted.
 
     Returns:
       ``out_dir`` as a Path, holding ``detector.<suffix>`` and/or ``extractor.<suffix>`` and ``manifest.json``.
 
     Raises:
-      InvalidInputError: both model folders are None, a bad name, ``out_dir`` is not empty, or an
-        option that the format or precision does not use.
+      InvalidInputError: both model folders are None, a bad name, ``out_dir`` is not empty, an
+        option that the format or precision does not use, or a hash head without an extractor.
+      HashHeadError: ``hash_head`` is malformed or does not take the extractor's features.
       MissingFileError: a model folder or one of its files is missing.
       BackendUnavailableError: paddlepaddle, paddle2onnx, onnx, onnxruntime, PyYAML or (Lite)
         ``paddle_lite_opt`` is missing.
@@ -1107,6 +1112,7 @@ def convert(
         names the step and the model folder).
     """
     spec = validate_export(format, precision, opset)
+    head = _read_hash_head(hash_head, rec_dir)
     if verify and verify_images is None:
         raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
     if precision != "int8" and (calib_dir is not None or calib_count is not None):
@@ -1134,7 +1140,7 @@ def convert(
             algo=lite_algo,
             opt=lite_opt,
             name=name,
-            before_publish=check_lite if verify else None,
+            before_publish=_with_head(head, hash_head, check_lite if verify else None),
         )
     if lite_algo is not None or lite_opt is not None or lite_python is not None:
         raise InvalidInputError(f"lite_algo, lite_opt and lite_python are for the Paddle-Lite formats, not {spec.name}")
@@ -1160,5 +1166,33 @@ def convert(
         _verify_or_fail(staging, out, det, rec, verify_images, timings)
 
     return _publish_bundle(
-        out, build, name=name, name_suffix=precision, timings=timings, before_publish=check if verify else None
+        out, build, name=name, name_suffix=precision, timings=timings,
+        before_publish=_with_head(head, hash_head, check if verify else None),
     )
+
+
+def _read_hash_head(path: "os.PathLike[str] | str | None", rec_dir: "os.PathLike[str] | str | None"):
+    """The hash head to put into the bundle, read and checked before any conversion work."""
+    if path is None:
+        return None
+    if rec_dir is None:
+        raise InvalidInputError("a hash head needs the extractor: give rec_dir (--rec) with hash_head (--hash-head)")
+    from edge_shitu.hashing import HashHead
+
+    return HashHead.load(path)
+
+
+def _with_head(head: Any, path: "os.PathLike[str] | str | None",
+               then: Optional[Callable[[Path], None]]) -> Optional[Callable[[Path], None]]:
+    """A ``before_publish`` step that installs the hash head into the staging bundle, then runs ``then``."""
+    if head is None:
+        return then
+
+    def step(staging: Path) -> None:
+        from edge_shitu.hashing import install_head
+
+        install_head(staging, head, source={"installed_from": Path(path).name})
+        if then is not None:
+            then(staging)
+
+    return step

@@ -26,6 +26,7 @@ __all__ = [
     "EmbeddingSpec",
     "ModelSpec",
     "CodeSpec",
+    "HashSpec",
     "RecognitionDefaults",
     "Bundle",
     "sha256_file",
@@ -290,6 +291,41 @@ class CodeSpec:
 
 
 @dataclass(frozen=True)
+class HashSpec:
+    """A learned hash head between the L2-normalised feature and its code (see :mod:`edge_shitu.hashing`).
+
+    Attributes:
+      path: absolute path of the head file (``hash.npz``).
+      sha256: hex digest recorded in the manifest (verified at load; part of the code fingerprint).
+      bits: code length the head gives (rows of its weight).
+      dim: feature dimension it takes (columns of its weight; the extractor's dim).
+      source: provenance (e.g. training method, seed, data) as recorded when it was installed.
+    """
+
+    path: Path
+    sha256: str
+    bits: int
+    dim: int
+    source: Mapping[str, Any]
+
+    @classmethod
+    def _parse(cls, r: _Reader, root: Path) -> "HashSpec":
+        file = r.get("file", str)
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise BundleError(f"{r.manifest}: {r.where}.file must be a path inside the bundle, got {file!r}")
+        sha = r.get("sha256", str)
+        if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+            raise BundleError(f"{r.manifest}: {r.where}.sha256 must be 64 lowercase hex digits, got {sha!r}")
+        spec = cls(path=root / file, sha256=sha, bits=r.get("bits", int), dim=r.get("dim", int),
+                   source=dict(r.get("source", dict, optional=True, default={})))
+        r.done()
+        if spec.bits <= 0 or spec.bits % 8 or spec.dim <= 0:
+            raise BundleError(f"{r.manifest}: {r.where} must have bits a positive multiple of 8 and dim >= 1, "
+                              f"got bits {spec.bits}, dim {spec.dim}")
+        return spec
+
+
+@dataclass(frozen=True)
 class RecognitionDefaults:
     """Recogniser defaults recorded in the bundle.
 
@@ -318,6 +354,7 @@ class Bundle:
       recognition: recogniser defaults.
       tools: versions of the tools that built the bundle.
       manifest: the raw manifest mapping.
+      hash: the learned hash head, or None for plain sign codes of the features.
     """
 
     path: Path
@@ -327,6 +364,7 @@ class Bundle:
     recognition: RecognitionDefaults
     tools: Mapping[str, str]
     manifest: Mapping[str, Any]
+    hash: Optional[HashSpec] = None
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike, "Bundle"], *, verify: bool = True) -> "Bundle":
@@ -339,7 +377,7 @@ class Bundle:
         Raises:
           MissingFileError: the directory, its manifest or a model file is missing.
           BundleError: the manifest is not valid JSON or breaks the schema.
-          IntegrityError: a model file's sha256 differs from the manifest.
+          IntegrityError: a model file's (or the hash head's) sha256 differs from the manifest.
         """
         if isinstance(path, Bundle):
             return path
@@ -389,10 +427,22 @@ class Bundle:
         if codes.bits <= 0 or codes.bits % 8:
             raise BundleError(f"{manifest_path}: codes.bits must be a positive multiple of 8, got {codes.bits}")
         ext = models.get("extractor")
-        if ext is not None and ext.output.dim != codes.bits:
-            raise BundleError(
-                f"{manifest_path}: codes.bits ({codes.bits}) differs from the extractor dim ({ext.output.dim})"
-            )
+        h = r.sub("hash", optional=True)
+        head = None if h is None else HashSpec._parse(h, root)
+        if head is None:
+            if ext is not None and ext.output.dim != codes.bits:
+                raise BundleError(
+                    f"{manifest_path}: codes.bits ({codes.bits}) differs from the extractor dim ({ext.output.dim})"
+                )
+        else:
+            if ext is None:
+                raise BundleError(f"{manifest_path}: a hash head needs an extractor, and the bundle has none")
+            if head.bits != codes.bits:
+                raise BundleError(f"{manifest_path}: codes.bits ({codes.bits}) differs from the hash head's bits "
+                                  f"({head.bits})")
+            if head.dim != ext.output.dim:
+                raise BundleError(f"{manifest_path}: hash.dim ({head.dim}) differs from the extractor dim "
+                                  f"({ext.output.dim})")
 
         g = r.sub("recognition")
         recognition = RecognitionDefaults(
@@ -404,24 +454,58 @@ class Bundle:
         g.done()
         tools = r.get("tools", dict)
         r.done()
-        return cls(root, name, models, codes, recognition, dict(tools), data)
+        return cls(root, name, models, codes, recognition, dict(tools), data, head)
 
     def verify(self) -> None:
-        """Check every model file against its recorded sha256.
+        """Check every model file (and the hash head) against its recorded sha256.
 
         Raises:
-          MissingFileError: a model file is missing.
+          MissingFileError: a model file or the hash head file is missing.
           IntegrityError: a digest differs.
         """
-        for spec in self.models.values():
-            if not spec.path.is_file():
-                raise MissingFileError(f"{spec.path}: model file named by {self.path / MANIFEST_NAME} is missing")
-            seen = sha256_file(spec.path)
-            if seen != spec.sha256:
+        files = [(spec.path, spec.sha256, "model") for spec in self.models.values()]
+        if self.hash is not None:
+            files.append((self.hash.path, self.hash.sha256, "hash head"))
+        for path, sha, what in files:
+            if not path.is_file():
+                raise MissingFileError(f"{path}: {what} file named by {self.path / MANIFEST_NAME} is missing")
+            seen = sha256_file(path)
+            if seen != sha:
                 raise IntegrityError(
-                    f"{spec.path}: sha256 is {seen}, but {MANIFEST_NAME} records {spec.sha256}; "
+                    f"{path}: sha256 is {seen}, but {MANIFEST_NAME} records {sha}; "
                     "the file was changed or damaged after conversion"
                 )
+
+    def load_hash_head(self):
+        """The bundle's hash head (:class:`edge_shitu.hashing.HashHead`), or None for plain sign codes.
+
+        The file's sha256 is checked again here, so the head used is the one the fingerprint names.
+
+        Raises:
+          MissingFileError: the head file is missing.
+          IntegrityError: its sha256 differs from the manifest.
+          HashHeadError: the file is malformed.
+          BundleError: its shape differs from what the manifest records.
+        """
+        if self.hash is None:
+            return None
+        from edge_shitu.hashing import HashHead
+
+        spec = self.hash
+        if not spec.path.is_file():
+            raise MissingFileError(f"{spec.path}: hash head file named by {self.path / MANIFEST_NAME} is missing")
+        data = spec.path.read_bytes()
+        seen = hashlib.sha256(data).hexdigest()
+        if seen != spec.sha256:
+            raise IntegrityError(
+                f"{spec.path}: sha256 is {seen}, but {MANIFEST_NAME} records {spec.sha256}; "
+                "the file was changed or damaged after it was installed"
+            )
+        head = HashHead.from_bytes(data, where=str(spec.path))
+        if (head.bits, head.dim) != (spec.bits, spec.dim):
+            raise BundleError(f"{spec.path}: weight is [{head.bits}, {head.dim}], but {MANIFEST_NAME} records "
+                              f"bits {spec.bits}, dim {spec.dim}")
+        return head
 
     @property
     def verification(self) -> Optional[Mapping[str, Any]]:
@@ -466,17 +550,18 @@ class Bundle:
     def code_fingerprint(self) -> str:
         """Identity of the codes this bundle makes: galleries record it and refuse other models' queries.
 
-        It depends on the extractor file and the code layout, not on the detector.
+        It depends on the extractor file, the code layout and the hash head file (when there is one),
+        not on the detector. A bundle without a head has the fingerprint it always had.
 
         Raises:
           BundleError: the bundle has no extractor.
         """
         ext = self.require("extractor")
-        payload = json.dumps(
-            {"extractor_sha256": ext.sha256, "bits": self.codes.bits, "method": self.codes.method,
-             "bit_order": self.codes.bit_order},
-            sort_keys=True,
-        )
+        fields = {"extractor_sha256": ext.sha256, "bits": self.codes.bits, "method": self.codes.method,
+                  "bit_order": self.codes.bit_order}
+        if self.hash is not None:
+            fields["hash_sha256"] = self.hash.sha256
+        payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 

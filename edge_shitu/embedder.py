@@ -1,8 +1,12 @@
-"""Feature extractor: crops -> one batched session call -> L2-normalised features -> packed binary codes."""
+"""Feature extractor: crops -> one batched session call -> L2-normalised features -> packed binary codes.
+
+The codes are the sign bits of the features, or of a learned hash head's outputs when the bundle has
+one (:mod:`edge_shitu.hashing`); the head is applied after L2 normalisation.
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import numpy as np
 
@@ -14,19 +18,27 @@ from edge_shitu.image import load_image
 from edge_shitu.options import EmbedderOptions
 from edge_shitu.preprocess import image_to_tensor
 
+if TYPE_CHECKING:
+    from edge_shitu.hashing import HashHead
+
 __all__ = ["Embedder"]
 
 
 class Embedder:
     """PP-LCNetV2 (or any embedding) extractor of a bundle. Build it with :meth:`from_bundle`."""
 
-    def __init__(self, spec: ModelSpec, codes: CodeSpec, session: Session, options: EmbedderOptions) -> None:
+    def __init__(self, spec: ModelSpec, codes: CodeSpec, session: Session, options: EmbedderOptions,
+                 head: Optional["HashHead"] = None) -> None:
         if not isinstance(spec.output, EmbeddingSpec):
             raise BundleError(f"{spec.path}: not an extractor (output kind is not embedding)")
         if spec.output.name not in session.output_names:
             raise BundleError(f"{spec.path}: model has no output {spec.output.name!r} named by the manifest")
+        if head is not None and (head.dim != spec.output.dim or head.bits != codes.bits):
+            raise BundleError(f"{spec.path}: hash head [{head.bits}, {head.dim}] does not fit the extractor "
+                              f"({spec.output.dim}-d) and codes ({codes.bits} bits)")
         self.spec = spec
         self.codes = codes
+        self.head = head
         self.options = options
         self._session = session
         batch = spec.input.shape[0]
@@ -46,14 +58,16 @@ class Embedder:
 
         Raises:
           MissingFileError, BundleError, IntegrityError: the bundle is missing, malformed or damaged.
+          HashHeadError: the bundle's hash head file is malformed.
           BackendUnavailableError: the backend the bundle needs is not installed.
         """
         bundle = Bundle.load(bundle)
         spec = bundle.require("extractor")
         options = options or EmbedderOptions()
+        head = bundle.load_hash_head()
         if session is None:
             session = create_session(spec, name=options.backend.name, threads=options.backend.threads)
-        return cls(spec, bundle.codes, session, options)
+        return cls(spec, bundle.codes, session, options, head)
 
     @property
     def dim(self) -> int:
@@ -117,8 +131,28 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.postprocess(self.infer(self.preprocess(crops)))
 
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """Binary codes of L2-normalised features (as :meth:`postprocess` returns them).
+
+        Bit ``j`` is ``feature[j] > 0`` (plain sign), or ``(features @ W.T + b)[j] > 0`` when the bundle
+        has a hash head ``(W, b)``; packed MSB-first.
+
+        Args:
+          features: float32 (n, dim).
+
+        Returns:
+          uint8 (n, bits // 8).
+
+        Raises:
+          InvalidDtypeError, InvalidInputError: ``features`` has the wrong dtype or shape, or holds NaN.
+          HashHeadError: ``features`` does not have the head's dimension.
+        """
+        if self.head is None:
+            return binarize(features)
+        return self.head.encode(features)
+
     def embed(self, images: Sequence) -> np.ndarray:
-        """Binary codes of whole images or crops: bit = feature > 0, packed MSB-first.
+        """Binary codes of whole images or crops (see :meth:`encode`).
 
         Args:
           images: as for :meth:`features`.
@@ -129,7 +163,7 @@ class Embedder:
         Raises:
           As :meth:`features`.
         """
-        return binarize(self.features(images))
+        return self.encode(self.features(images))
 
     def close(self) -> None:
         """Release the session."""

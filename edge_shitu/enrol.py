@@ -9,7 +9,6 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_shitu.codes import binarize
 from edge_shitu.embedder import Embedder
 from edge_shitu.errors import ImageDecodeError, InvalidInputError, MissingFileError
 from edge_shitu.gallery import Gallery
@@ -61,7 +60,7 @@ def embed_files(embedder: Embedder, paths: Sequence[Path], *, batch: int,
                     on_skip(paths[i], str(exc))
         if crops:
             feats = embedder.postprocess(embedder.infer(embedder.preprocess(crops)))
-            yield idx, binarize(feats), feats
+            yield idx, embedder.encode(feats), feats
         if on_progress is not None:
             on_progress(min(start + batch, len(paths)), len(paths))
 

@@ -10,7 +10,6 @@ import numpy as np
 
 from edge_shitu.boxes import nms
 from edge_shitu.bundle import Bundle
-from edge_shitu.codes import binarize
 from edge_shitu.detector import Detector
 from edge_shitu.embedder import Embedder
 from edge_shitu.errors import FingerprintMismatchError
@@ -80,7 +79,8 @@ class Recognizer:
                                         final_nms_iou=rec.final_nms_iou)
         owns = not isinstance(gallery, Gallery)
         if owns:
-            gallery = Gallery.open(gallery, fingerprint=bundle.code_fingerprint, readonly=True)
+            gallery = Gallery.open(gallery, fingerprint=bundle.code_fingerprint, readonly=True,
+                                   backend=options.search_backend)
         detector = None
         try:
             if bundle.detector is not None:
@@ -141,7 +141,7 @@ class Recognizer:
         clock.lap("rec_pre")
         feats = self.embedder.infer(batch)
         clock.lap("rec_infer")
-        codes = binarize(self.embedder.postprocess(feats))
+        codes = self.embedder.encode(self.embedder.postprocess(feats))
         clock.lap("rec_post")
         found = self.gallery.search(codes, k=self.options.top_k)
         recognitions = self._assemble(regions, found)

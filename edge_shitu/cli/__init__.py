@@ -25,7 +25,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 # Modules of this package that each add commands: ``register(subparsers, groups)`` where
 # ``groups["gallery"]`` is the ``gallery`` command's own subparsers.
-_EXTENSIONS: Tuple[str, ...] = ("bench",)
+_EXTENSIONS: Tuple[str, ...] = ("calibrate", "hashing", "bench")
 
 
 class _Progress:
@@ -387,7 +387,7 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
         quant.update({"lite_algo": args.lite_algo, "lite_opt": args.lite_opt, "lite_python": args.lite_python})
     path = convert.convert(Path(args.det) if args.det else None, Path(args.rec) if args.rec else None,
                            Path(args.out), format=args.format, precision=args.precision, verify=args.verify,
-                           verify_images=verify_images, **quant)
+                           verify_images=verify_images, hash_head=args.hash_head, **quant)
     out.write(f"bundle written to {path}\n")
     if args.verify:
         from edge_shitu.bundle import Bundle
@@ -449,6 +449,9 @@ def _cmd_bundle_info(args, out: TextIO, err: TextIO) -> int:
                   f"input {m.input.name} {list(m.input.shape)} {m.input.interpolation}, {origin}\n")
     out.write(f"  total {total / 1e6:.2f} MB; codes {bundle.codes.bits} bits ({bundle.codes.method}, "
               f"{bundle.codes.bit_order}-endian bits); fingerprint {bundle.code_fingerprint if bundle.extractor else '-'}\n")
+    if bundle.hash is not None:
+        out.write(f"  hash head: {bundle.hash.path.name} [{bundle.hash.bits}, {bundle.hash.dim}] "
+                  f"sha256 {bundle.hash.sha256[:16]}...\n")
     out.write("  tools: " + ", ".join(f"{k} {v}" for k, v in sorted(bundle.tools.items())) + "\n")
     _print_verification(bundle.verification, out)
     return EXIT_OK
@@ -581,6 +584,8 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--det", help="detector model folder")
     cv.add_argument("--rec", help="extractor model folder")
     cv.add_argument("--out", required=True)
+    cv.add_argument("--hash-head", metavar="HEAD.npz",
+                    help="learned hash head (edge-shitu hash train) to put into the bundle as hash.npz")
     cv.add_argument("--format", choices=["onnx", "lite-x86", "lite-arm"], default="onnx",
                     help="onnx (onnxruntime, any machine) or a Paddle-Lite .nb for x86 or arm")
     cv.add_argument("--precision", choices=["fp32", "int8"], default="fp32")

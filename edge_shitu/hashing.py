@@ -1,0 +1,384 @@
+"""Learned hash heads: a linear layer between the L2-normalised feature and its binary code.
+
+A head is ``weight`` float32 ``(bits, d)`` and ``bias`` float32 ``(bits,)``; the code of a feature
+row ``x`` is ``np.packbits((x @ weight.T + bias) > 0, axis=1)`` (MSB-first, the layout of
+:mod:`edge_shitu.codes`). Plain sign binarisation is the identity head (``weight = I``,
+``bias = 0``), which gives bit-for-bit the codes of :func:`edge_shitu.codes.binarize`.
+
+On disk a head is an ``.npz`` archive holding exactly ``weight.npy`` and ``bias.npy`` (numpy's
+format, never pickled). :meth:`HashHead.save` writes it byte-for-byte reproducibly (fixed zip
+timestamps, no compression), so the same head always has the same sha256: a bundle records that
+digest, and it is part of the bundle's code fingerprint.
+
+In a bundle the head is the file ``hash.npz``, named in ``manifest.json`` under ``"hash"``;
+:func:`install_head` puts one into an existing bundle and :func:`remove_head` takes it out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+import numpy as np
+
+from edge_shitu.errors import HashHeadError, InvalidDtypeError, InvalidInputError, MissingFileError
+
+__all__ = ["HashHead", "HEAD_FILE", "encoder_for", "install_head", "remove_head"]
+
+HEAD_FILE = "hash.npz"
+"""Name of the head file inside a bundle directory."""
+
+_MEMBERS = {"weight.npy": "weight", "bias.npy": "bias"}
+# 1980-01-01 is the earliest zip timestamp: a fixed one makes saved files reproducible.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_EXPECTED = "an .npz with exactly 'weight' float32 [bits, d] and 'bias' float32 [bits], bits a positive multiple of 8"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True, eq=False)
+class HashHead:
+    """A validated linear hash head. Build it with :meth:`from_arrays`, :meth:`identity` or :meth:`load`.
+
+    Attributes:
+      weight: float32 ``(bits, d)``, C-contiguous, read-only.
+      bias: float32 ``(bits,)``, read-only.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, weight: np.ndarray, bias: np.ndarray, *, where: str = "hash head") -> "HashHead":
+        """Validate and freeze a head given as arrays.
+
+        Args:
+          weight: float32 ``(bits, d)``, finite.
+          bias: float32 ``(bits,)``, finite.
+          where: what to call the head in error messages (a file name, usually).
+
+        Returns:
+          The head, holding read-only copies of the arrays.
+
+        Raises:
+          HashHeadError: a wrong dtype (only float32 is accepted, never cast), shape, ``bits`` not a
+            positive multiple of 8, or non-finite values.
+        """
+        for name, arr, ndim in (("weight", weight, 2), ("bias", bias, 1)):
+            if not isinstance(arr, np.ndarray):
+                raise HashHeadError(f"{where}: {name} must be a numpy array, got {type(arr).__name__}; "
+                                    f"expected {_EXPECTED}")
+            if arr.dtype != np.float32:
+                raise HashHeadError(f"{where}: {name} has dtype {arr.dtype}, expected float32 ({_EXPECTED})")
+            if arr.ndim != ndim:
+                raise HashHeadError(f"{where}: {name} has shape {arr.shape}, expected {ndim}-D ({_EXPECTED})")
+        bits, dim = weight.shape
+        if bits == 0 or bits % 8 or dim == 0:
+            raise HashHeadError(f"{where}: weight has shape {weight.shape}; expected [bits, d] with bits a positive "
+                                f"multiple of 8 and d >= 1")
+        if bias.shape != (bits,):
+            raise HashHeadError(f"{where}: bias has shape {bias.shape}, expected [{bits}] (one per row of weight)")
+        for name, arr in (("weight", weight), ("bias", bias)):
+            if not np.isfinite(arr).all():
+                raise HashHeadError(f"{where}: {name} holds NaN or infinite values; expected finite float32 values")
+        w = np.array(weight, dtype=np.float32, order="C", copy=True)
+        b = np.array(bias, dtype=np.float32, copy=True)
+        w.flags.writeable = False
+        b.flags.writeable = False
+        return cls(w, b)
+
+    @classmethod
+    def identity(cls, dim: int) -> "HashHead":
+        """The head of plain sign binarisation: ``weight = I (dim, dim)``, ``bias = 0``.
+
+        Raises:
+          HashHeadError: ``dim`` is not a positive multiple of 8.
+        """
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0 or dim % 8:
+            raise HashHeadError(f"identity head: dim must be a positive multiple of 8, got {dim!r}")
+        return cls.from_arrays(np.eye(int(dim), dtype=np.float32), np.zeros(int(dim), dtype=np.float32),
+                               where="identity head")
+
+    @classmethod
+    def load(cls, path: PathLike) -> "HashHead":
+        """Read and validate a head file.
+
+        The archive must hold exactly ``weight.npy`` and ``bias.npy``; their headers are checked
+        (dtype, shape) before any data is read, and nothing is ever unpickled.
+
+        Args:
+          path: an ``.npz`` file as written by :meth:`save` (or ``np.savez``).
+
+        Returns:
+          The head.
+
+        Raises:
+          MissingFileError: ``path`` does not exist.
+          HashHeadError: the file is not such an archive; the message names the file and what was
+            expected.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise MissingFileError(f"{path}: no such hash head file")
+        if path.is_dir():
+            raise HashHeadError(f"{path}: is a directory; expected {_EXPECTED}")
+        return cls.from_bytes(path.read_bytes(), where=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "hash head") -> "HashHead":
+        """Parse and validate the bytes of a head file (see :meth:`load`).
+
+        Args:
+          data: the file's bytes.
+          where: what to call the file in error messages.
+
+        Raises:
+          HashHeadError: the bytes are not such an archive.
+        """
+        arrays = {}
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                names = sorted(zf.namelist())
+                if names != sorted(_MEMBERS):
+                    shown = ", ".join(n[:-4] if n.endswith(".npy") else n for n in names) or "nothing"
+                    raise HashHeadError(f"{where}: holds {shown}; expected {_EXPECTED}")
+                for member, key in _MEMBERS.items():
+                    with zf.open(member) as f:
+                        arrays[key] = _read_member(f, key, where)
+        except HashHeadError:
+            raise
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, NotImplementedError) as exc:
+            raise HashHeadError(f"{where}: not a valid hash head archive ({exc}); expected {_EXPECTED}") from None
+        return cls.from_arrays(arrays["weight"], arrays["bias"], where=where)
+
+    def save(self, path: PathLike) -> Path:
+        """Write the head as a reproducible ``.npz`` (same head, same bytes), atomically.
+
+        Args:
+          path: destination file; its folder must exist.
+
+        Returns:
+          ``path`` as a Path.
+
+        Raises:
+          MissingFileError: the folder of ``path`` does not exist.
+        """
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise MissingFileError(f"{path.parent}: no such folder to write {path.name} into")
+        data = self.to_bytes()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes :meth:`save` writes (an uncompressed zip with fixed timestamps)."""
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+            for member, key in _MEMBERS.items():
+                info = zipfile.ZipInfo(member, date_time=_ZIP_EPOCH)
+                info.external_attr = 0o644 << 16
+                body = io.BytesIO()
+                np.lib.format.write_array(body, getattr(self, key), allow_pickle=False)
+                zf.writestr(info, body.getvalue())
+        return buf.getvalue()
+
+    @property
+    def bits(self) -> int:
+        """Code length in bits (rows of ``weight``)."""
+        return int(self.weight.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension the head expects (columns of ``weight``)."""
+        return int(self.weight.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per packed code."""
+        return self.bits // 8
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """The head's real-valued outputs ``features @ weight.T + bias``, in float32.
+
+        Args:
+          features: floating-point ``(n, d)`` without NaN (L2-normalised features, normally).
+
+        Returns:
+          float32 ``(n, bits)``.
+
+        Raises:
+          InvalidDtypeError: ``features`` is not a floating-point array.
+          InvalidInputError: ``features`` is not 2-D or holds NaN.
+          HashHeadError: ``features`` has another dimension than the head's ``d``.
+        """
+        arr = np.asarray(features)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InvalidDtypeError(f"features must be a floating-point array, got dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise InvalidInputError(f"features must be 2-D (n, d), got shape {arr.shape}")
+        if arr.shape[1] != self.dim:
+            raise HashHeadError(
+                f"hash head expects {self.dim}-d features (weight [{self.bits}, {self.dim}]), got {arr.shape[1]}-d"
+            )
+        if np.isnan(arr).any():
+            raise InvalidInputError("features contain NaN")
+        out = arr.astype(np.float32, copy=False) @ self.weight.T
+        out += self.bias
+        return out
+
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """Binary codes: bit ``j`` = ``project(features)[:, j] > 0``, packed MSB-first.
+
+        Args:
+          features: as for :meth:`project`.
+
+        Returns:
+          uint8 ``(n, bits // 8)``, C-contiguous.
+
+        Raises:
+          As :meth:`project`.
+        """
+        return np.ascontiguousarray(np.packbits(self.project(features) > 0, axis=1, bitorder="big"))
+
+    def sha256(self) -> str:
+        """Hex sha256 of :meth:`to_bytes` (what a bundle records for the file :meth:`save` writes)."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+def _read_member(f, key: str, where: str) -> np.ndarray:
+    """One array of the archive: header checked before the data is read; never unpickled."""
+    try:
+        version = np.lib.format.read_magic(f)
+    except ValueError as exc:
+        raise HashHeadError(f"{where}: {key} is not a .npy array ({exc}); expected {_EXPECTED}") from None
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise HashHeadError(f"{where}: {key} uses .npy format version {version}; expected 1.0 or 2.0")
+    if dtype != np.float32:
+        raise HashHeadError(f"{where}: {key} has dtype {dtype}, expected float32 ({_EXPECTED})")
+    ndim = 2 if key == "weight" else 1
+    if len(shape) != ndim:
+        raise HashHeadError(f"{where}: {key} has shape {list(shape)}, expected {ndim}-D ({_EXPECTED})")
+    count = int(np.prod(shape, dtype=np.int64))
+    data = f.read(4 * count)
+    if len(data) != 4 * count:
+        raise HashHeadError(f"{where}: {key} is truncated ({len(data)} of {4 * count} bytes)")
+    arr = np.frombuffer(data, dtype=np.float32)
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    return np.ascontiguousarray(arr)
+
+
+def encoder_for(head: Optional[HashHead]) -> Callable[[np.ndarray], np.ndarray]:
+    """The function from L2-normalised features to packed codes: the head's, or plain sign.
+
+    Args:
+      head: a head, or None for plain sign binarisation (:func:`edge_shitu.codes.binarize`).
+
+    Returns:
+      ``encode(features float (n, d)) -> uint8 (n, bits // 8)``.
+    """
+    if head is None:
+        from edge_shitu.codes import binarize
+
+        return binarize
+    return head.encode
+
+
+def install_head(bundle_dir: PathLike, head: Union[HashHead, PathLike], *,
+                 source: Optional[Mapping[str, Any]] = None) -> Path:
+    """Put a hash head into an existing bundle (replacing any head it had).
+
+    Writes ``hash.npz`` and rewrites ``manifest.json`` (``hash`` entry with the file's sha256,
+    ``codes.bits`` = the head's bits), each atomically. The codes and the code fingerprint of the
+    bundle change, so galleries made with it before must be re-hashed (``edge-shitu gallery
+    rehash``) or rebuilt. A crash between the two writes leaves a bundle the runtime refuses (the
+    sha256 check), never one that makes wrong codes.
+
+    Args:
+      bundle_dir: a bundle directory with an extractor.
+      head: a :class:`HashHead`, or the path of a head file.
+      source: provenance to record in the manifest (e.g. how the head was trained); JSON values.
+
+    Returns:
+      The path of the head file inside the bundle.
+
+    Raises:
+      MissingFileError, BundleError, IntegrityError: the bundle is missing, malformed or damaged.
+      HashHeadError: the head file is malformed, or its ``d`` differs from the extractor's dim.
+    """
+    from edge_shitu.bundle import MANIFEST_NAME, Bundle
+
+    bundle = Bundle.load(bundle_dir)
+    if not isinstance(head, HashHead):
+        head = HashHead.load(head)
+    ext = bundle.require("extractor")
+    if head.dim != ext.output.dim:
+        raise HashHeadError(
+            f"hash head takes {head.dim}-d features (weight [{head.bits}, {head.dim}]), but the extractor of "
+            f"{bundle.path} gives {ext.output.dim}-d features"
+        )
+    record = {"file": HEAD_FILE, "sha256": head.sha256(), "bits": head.bits, "dim": head.dim,
+              "source": dict(source or {})}
+    try:
+        json.dumps(record)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"hash head source must hold JSON values only ({exc})") from None
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["hash"] = record
+    manifest["codes"]["bits"] = head.bits
+    head.save(bundle.path / HEAD_FILE)
+    _write_manifest(bundle.path / MANIFEST_NAME, manifest)
+    Bundle.load(bundle.path)
+    return bundle.path / HEAD_FILE
+
+
+def remove_head(bundle_dir: PathLike) -> bool:
+    """Take the hash head out of a bundle: its codes become plain sign codes again.
+
+    Returns:
+      True when a head was removed, False when the bundle had none.
+
+    Raises:
+      MissingFileError, BundleError, IntegrityError: the bundle is missing, malformed or damaged.
+    """
+    from edge_shitu.bundle import MANIFEST_NAME, Bundle
+
+    bundle = Bundle.load(bundle_dir)
+    if bundle.hash is None:
+        return False
+    manifest = json.loads(json.dumps(bundle.manifest))
+    del manifest["hash"]
+    manifest["codes"]["bits"] = bundle.require("extractor").output.dim
+    _write_manifest(bundle.path / MANIFEST_NAME, manifest)
+    (bundle.path / HEAD_FILE).unlink(missing_ok=True)
+    Bundle.load(bundle.path)
+    return True
+
+
+def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
