@@ -22,7 +22,9 @@ Backends (``backend=`` of :meth:`HammingIndex.build`):
     and, in the rare case that the tie at the k-th distance extends past them, collects the whole
     tie with a range search; both are then ordered by (distance, position).
 ``auto``
-    faiss when it can be imported, else numpy.
+    faiss when it can be imported and passes a self-check of its Hamming kernels (done once per
+    process: faiss-cpu's aarch64 wheels 1.15.1 miscount codes that differ in a whole 256-bit block),
+    else numpy.
 
 Each backend holds exactly one copy of the codes (64 bytes per 512-bit item), and an index never
 changes after it is built: :meth:`HammingIndex.appended` and :meth:`HammingIndex.without` return
@@ -54,11 +56,42 @@ _POPCOUNT_TABLE = np.array([bin(i).count("1") for i in range(256)], dtype=np.uin
 
 def _faiss():
     try:
-        return importlib.import_module("faiss")
+        faiss = importlib.import_module("faiss")
     except ImportError as exc:
         raise BackendUnavailableError(
             f"the faiss Hamming backend needs faiss-cpu ({exc}); run: pip install \"edge-shitu[fast]\""
         ) from None
+    problem = _faiss_problem(faiss)
+    if problem:
+        raise BackendUnavailableError(f"the installed faiss-cpu is not used: {problem}; the numpy backend is")
+    return faiss
+
+
+_FAISS_VERDICT: dict = {}
+
+
+def _faiss_problem(faiss) -> str:
+    """Checks once per process that faiss computes Hamming distances right; returns what is wrong, or ``""``.
+
+    faiss-cpu 1.15.1's aarch64 wheels sum the byte popcounts of a 256-bit block into a uint8, so a block
+    whose 256 bits all differ counts 0 (see bench/arm/README.md). The check covers every code width
+    faiss has a specialised kernel for, with codes that differ in every bit and in no bit.
+    """
+    if "problem" not in _FAISS_VERDICT:
+        problem = ""
+        for bits in (64, 128, 256, 512):
+            nbytes = bits // 8
+            codes = np.zeros((2, nbytes), np.uint8)
+            codes[1] = 0xFF
+            index = faiss.IndexBinaryFlat(bits)
+            index.add(codes)
+            distances, _ = index.search(np.full((1, nbytes), 0xFF, np.uint8), 2)
+            if sorted(distances[0].tolist()) != [0, bits]:
+                problem = (f"faiss {getattr(faiss, '__version__', '?')} gives Hamming distances "
+                           f"{sorted(distances[0].tolist())} instead of [0, {bits}] for {bits}-bit codes")
+                break
+        _FAISS_VERDICT["problem"] = problem
+    return _FAISS_VERDICT["problem"]
 
 
 def available_backends() -> Tuple[str, ...]:
@@ -87,7 +120,8 @@ def resolve_hamming_backend(name: str) -> str:
 
     Raises:
       InvalidInputError: ``name`` is not a backend name.
-      BackendUnavailableError: ``name`` is ``"faiss"`` and faiss-cpu is not installed.
+      BackendUnavailableError: ``name`` is ``"faiss"`` and faiss-cpu is not installed or fails its
+        self-check.
     """
     if name == "auto":
         return "faiss" if "faiss" in available_backends() else "numpy"

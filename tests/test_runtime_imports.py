@@ -51,3 +51,10 @@ def test_lazy_package_attributes():
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         edge_shitu.Nope  # noqa: B018
+
+
+def test_python_dash_m_runs_the_cli():
+    # Side environments (Paddle-Lite's Python 3.10) call the CLI this way, without the console script.
+    proc = subprocess.run([sys.executable, "-m", "edge_shitu.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("edge-shitu ")

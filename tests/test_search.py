@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import platform
+import types
+
 import numpy as np
 import pytest
 
@@ -9,7 +13,9 @@ from edge_shitu import search as search_mod
 from edge_shitu.errors import BackendUnavailableError, InvalidDtypeError, InvalidInputError
 from edge_shitu.search import HammingIndex, available_backends, resolve_hamming_backend
 
-BACKENDS = ["numpy", "faiss"]
+# faiss only where it is installed and passes its self-check: on aarch64, faiss-cpu 1.15.1 fails it,
+# which test_faiss_is_installed_for_ci checks is detected.
+BACKENDS = [b for b in ("numpy", "faiss") if b in available_backends()]
 
 
 def _oracle(queries: np.ndarray, codes: np.ndarray, k: int, max_distance=None):
@@ -39,7 +45,57 @@ def _tied_codes(rng, m: int, nbytes: int) -> np.ndarray:
 
 def test_faiss_is_installed_for_ci():
     # The fast extra is part of CI's install: equivalence tests below must really run faiss.
-    assert "faiss" in available_backends()
+    assert importlib.util.find_spec("faiss") is not None
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "faiss" in available_backends()
+    elif "faiss" not in available_backends():
+        # The aarch64 wheels miscount whole differing 256-bit blocks: the self-check must say so.
+        with pytest.raises(BackendUnavailableError, match="instead of"):
+            resolve_hamming_backend("faiss")
+        assert resolve_hamming_backend("auto") == "numpy"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [512, 256, 128, 64, 24])
+def test_complementary_codes_are_at_full_distance(backend, bits, rng):
+    codes = rng.integers(0, 256, (50, bits // 8), dtype=np.uint8)
+    index = HammingIndex.build(np.concatenate([codes, ~codes]), bits=bits, backend=backend)
+    positions, distances, counts = index.search(~codes[:5], 100)
+    assert (counts == 100).all()
+    # Each query's farthest row is its own complement's complement, at distance == bits.
+    assert (distances[:, -1] == bits).all() and (positions[:, -1] == np.arange(5)).all()
+    assert (distances[:, 0] == 0).all() and (positions[:, 0] == np.arange(50, 55)).all()
+
+
+class _MiscountingFaiss:
+    """A faiss stand-in with the aarch64 1.15.1 bug: a whole differing 256-bit block counts 0."""
+
+    __version__ = "fake"
+
+    class IndexBinaryFlat:
+        def __init__(self, bits):
+            self.bits, self.rows = bits, []
+
+        def add(self, codes):
+            self.rows.extend(codes)
+
+        def search(self, q, k):
+            d = []
+            for row in self.rows:
+                diff = np.unpackbits(row ^ q[0]).reshape(-1, 256) if self.bits >= 256 else np.unpackbits(row ^ q[0])[None]
+                d.append(sum(int(b.sum()) % 256 for b in diff))
+            order = np.argsort(d, kind="stable")[:k]
+            return np.array([d])[:, order], order[None]
+
+
+def test_a_miscounting_faiss_is_not_used(monkeypatch):
+    monkeypatch.setattr(search_mod, "_FAISS_VERDICT", {})
+    monkeypatch.setattr(search_mod, "importlib", types.SimpleNamespace(
+        import_module=lambda name: _MiscountingFaiss if name == "faiss" else importlib.import_module(name)))
+    assert available_backends() == ("numpy",)
+    assert resolve_hamming_backend("auto") == "numpy"
+    with pytest.raises(BackendUnavailableError, match=r"\[0, 0\] instead of \[0, 256\] for 256-bit"):
+        HammingIndex.build(np.zeros((1, 32), np.uint8), bits=256, backend="faiss")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

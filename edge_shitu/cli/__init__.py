@@ -682,7 +682,3 @@ def _report(exc: BaseException, args, err: TextIO, *, unexpected: bool = False) 
     err.write(f"edge-shitu: error: {prefix}{exc}\n")
     if unexpected and not getattr(args, "debug", False):
         err.write("edge-shitu: run again with --debug for the traceback\n")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
