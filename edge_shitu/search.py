@@ -33,6 +33,7 @@ new indexes, so a search running on one index is never disturbed by a writer.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Iterable, Optional, Tuple
 
@@ -67,9 +68,7 @@ def _faiss():
     return faiss
 
 
-_FAISS_VERDICT: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _faiss_problem(faiss) -> str:
     """Checks once per process that faiss computes Hamming distances right; returns what is wrong, or ``""``.
 
@@ -77,21 +76,17 @@ def _faiss_problem(faiss) -> str:
     whose 256 bits all differ counts 0 (see bench/arm/README.md). The check covers every code width
     faiss has a specialised kernel for, with codes that differ in every bit and in no bit.
     """
-    if "problem" not in _FAISS_VERDICT:
-        problem = ""
-        for bits in (64, 128, 256, 512):
-            nbytes = bits // 8
-            codes = np.zeros((2, nbytes), np.uint8)
-            codes[1] = 0xFF
-            index = faiss.IndexBinaryFlat(bits)
-            index.add(codes)
-            distances, _ = index.search(np.full((1, nbytes), 0xFF, np.uint8), 2)
-            if sorted(distances[0].tolist()) != [0, bits]:
-                problem = (f"faiss {getattr(faiss, '__version__', '?')} gives Hamming distances "
-                           f"{sorted(distances[0].tolist())} instead of [0, {bits}] for {bits}-bit codes")
-                break
-        _FAISS_VERDICT["problem"] = problem
-    return _FAISS_VERDICT["problem"]
+    for bits in (64, 128, 256, 512):
+        nbytes = bits // 8
+        codes = np.zeros((2, nbytes), np.uint8)
+        codes[1] = 0xFF
+        index = faiss.IndexBinaryFlat(bits)
+        index.add(codes)
+        found = sorted(index.search(np.full((1, nbytes), 0xFF, np.uint8), 2)[0][0].tolist())
+        if found != [0, bits]:
+            return (f"faiss {getattr(faiss, '__version__', '?')} gives Hamming distances {found} "
+                    f"instead of [0, {bits}] for {bits}-bit codes")
+    return ""
 
 
 def available_backends() -> Tuple[str, ...]:

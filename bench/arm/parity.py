@@ -90,9 +90,9 @@ def collect(bundle: Path, images: Sequence[Path], *, gallery: Optional[Path] = N
 
     def one(path: Path) -> dict:
         t = time.perf_counter()
-        dets = det.detect(path)
+        img = load_image(path)  # decoded once for detection and crops; detect_ms includes it, as before
+        dets = det.detect(img)
         t_det = time.perf_counter()
-        img = load_image(path)
         codes = emb.embed([img] + ([crop(img, dets[0].box)] if dets else []))
         t_emb = time.perf_counter()
         hexes = codes_to_hex(codes)
@@ -233,9 +233,12 @@ def hamming_hex(a: str, b: str) -> int:
     Raises:
       ValueError: the codes differ in length.
     """
+    from edge_shitu.codes import hamming_distances, hex_to_codes
+
     if len(a) != len(b):
         raise ValueError(f"codes of different lengths: {len(a)} and {len(b)} hex digits")
-    return bin(int(a, 16) ^ int(b, 16)).count("1")
+    codes = hex_to_codes([a, b], len(a) // 2)
+    return int(hamming_distances(codes[:1], codes[1:])[0, 0])
 
 
 @dataclass
