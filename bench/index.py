@@ -20,8 +20,11 @@ Data: synthetic, deterministic. Embeddings are drawn around ``size / 5`` random 
 (unit-normalised, so clusters of about five views of one product, like a real gallery), codes are
 their signs packed MSB-first, labels are the drink data set's real product names with a suffix
 per centre. Queries are fresh draws around existing centres. Memory is the growth of the resident
-set of a fresh child process across opening the index, so each measurement holds only its own
-data. Float indexes are built only up to ``--float-max`` items (hnswlib's build is slow on 2 cores).
+set of a fresh child process across opening the index, after a warm-up search on a one-item index of
+the same kind, so each measurement holds only its own data and not the library code a first search
+loads. The search times of the three Hamming indexes (ours with numpy, ours with faiss, raw faiss)
+are taken in one process that alternates them query by query, so that their ratios do not depend on
+when each one ran on a shared machine. Float indexes are built only up to ``--float-max`` items (hnswlib's build is slow on 2 cores).
 
 Run ``python -m bench.index --out DIR`` or ``edge-shitu bench index``; it writes ``index.json``,
 ``index.md`` and ``index.png``.
@@ -166,9 +169,74 @@ def _rss_bytes() -> int:
 # ---------------------------------------------------------------- child measurements
 
 
+HAMMING_KINDS = ("ours-numpy", "ours-faiss", "faiss-binary-flat")
+"""The binary indexes whose search times are taken together by :func:`_interleaved`."""
+
+
+def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Times the Hamming indexes of :data:`HAMMING_KINDS` in one process, turn by turn.
+
+    Each round searches the same query (then the same batch) on every index, the order rotating from
+    round to round. On a shared machine whose speed drifts from second to second, a slow spell then
+    hits all three alike, and their ratios stay meaningful where timings taken one index after the
+    other were not (one such run showed raw faiss 40% slower than our wrapper around it).
+    """
+    import faiss
+
+    from edge_shitu.gallery import Gallery
+
+    faiss.omp_set_num_threads(1)
+    runs, warmup, k, batch = (spec[n] for n in ("runs", "warmup", "k", "batch"))
+    work = Path(spec["work"])
+    qcodes = np.load(work / "queries.npy")
+    n = qcodes.shape[0]
+    numpy_gallery = Gallery.open(work / "ours.gallery", backend="numpy")
+    faiss_gallery = Gallery.open(work / "ours.gallery", backend="faiss")
+    raw = faiss.read_index_binary(str(work / "faiss.bindex"))
+    searches = {"ours-numpy": lambda q: numpy_gallery.search(q, k),
+                "ours-faiss": lambda q: faiss_gallery.search(q, k),
+                "faiss-binary-flat": lambda q: raw.search(q, k)}
+    out: Dict[str, Any] = {}
+    for key, pick in (("search_1_ms", lambda i: qcodes[i % n:i % n + 1]),
+                      ("search_batch_ms", lambda i: qcodes[[(i + j) % n for j in range(batch)]])):
+        samples: Dict[str, List[float]] = {kind: [] for kind in HAMMING_KINDS}
+        for i in range(warmup + runs):
+            q = pick(i)
+            for turn in range(len(HAMMING_KINDS)):
+                kind = HAMMING_KINDS[(i + turn) % len(HAMMING_KINDS)]
+                t0 = time.perf_counter()
+                searches[kind](q)
+                if i >= warmup:
+                    samples[kind].append((time.perf_counter() - t0) * 1e3)
+        for kind in HAMMING_KINDS:
+            out.setdefault(kind, {})[key] = report.summarize(samples[kind])
+    out["ours-numpy"]["searched_items"] = len(numpy_gallery)
+    out["ours-faiss"]["searched_items"] = len(faiss_gallery)
+    out["faiss-binary-flat"]["searched_items"] = int(raw.ntotal)
+    numpy_gallery.close()
+    faiss_gallery.close()
+    return out
+
+
+def _warm_ours(work: Path, backend: str, query: np.ndarray, k: int) -> None:
+    """Creates, searches and deletes a one-item gallery, so that the memory then measured for the real
+    one is its own: the code pages of SQLite, faiss and numpy that the first search touches (several
+    MB with faiss, as much as 5 bytes per item at 1M) are a cost per process, not per item."""
+    from edge_shitu.gallery import Gallery
+
+    path = work / "warm.gallery"
+    with Gallery.create(path, fingerprint=FP, bits=BITS, overwrite=True, backend=backend) as g:
+        g.add(query, ["warm-up"])
+        g.search(query, k)
+    for leftover in work.glob("warm.gallery*"):
+        leftover.unlink()
+
+
 def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Opens one index in this (fresh) process and times its searches."""
     kind, size, runs, warmup, k, batch = (spec[n] for n in ("kind", "size", "runs", "warmup", "k", "batch"))
+    if kind == "hamming-interleaved":
+        return _interleaved(spec)
     work = Path(spec["work"])
     qcodes = np.load(work / "queries.npy")
     out: Dict[str, Any] = {}
@@ -180,6 +248,7 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
             import faiss
 
             faiss.omp_set_num_threads(1)
+        _warm_ours(work, backend, qcodes[:1], k)
         before = _rss_bytes()
         t0 = time.perf_counter()
         gallery = Gallery.open(work / "ours.gallery", backend=backend)
@@ -190,6 +259,10 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
         import faiss
 
         faiss.omp_set_num_threads(1)
+        warm = faiss.IndexBinaryFlat(BITS)
+        warm.add(qcodes)
+        warm.search(qcodes[:1], k)
+        del warm
         before = _rss_bytes()
         t0 = time.perf_counter()
         index = faiss.read_index_binary(str(work / "faiss.bindex"))
@@ -326,12 +399,18 @@ def _measure_size(size: int, o: IndexBenchOptions, work: Path) -> Dict[str, Any]
 
     build_s = _build_ours(work, codes, labels, o.add_batch)
     disk = (work / "ours.gallery").stat().st_size
-    for kind in ("ours-numpy", "ours-faiss"):
-        res = _run_child({**base, "kind": kind, "remove": o.remove if kind == "ours-numpy" else 0})
-        rows[kind] = {"build_s": build_s, "file_bytes": disk, **res}
     faiss_build = _build_faiss(work, codes)
     rows["faiss-binary-flat"] = {"build_s": faiss_build, "file_bytes": (work / "faiss.bindex").stat().st_size,
                                  **_run_child({**base, "kind": "faiss-binary-flat"})}
+    rows["ours-faiss"] = {"build_s": build_s, "file_bytes": disk, **_run_child({**base, "kind": "ours-faiss"})}
+    # Opening, memory and removal come from each index's own process; search times from one process
+    # that alternates the three (see _interleaved). The removal changes the gallery file: it runs last.
+    timings = _run_child({**base, "kind": "hamming-interleaved"})
+    rows["ours-numpy"] = {"build_s": build_s, "file_bytes": disk,
+                          **_run_child({**base, "kind": "ours-numpy", "remove": o.remove})}
+    for kind, found in timings.items():
+        rows[kind].update(found)
+    rows = {kind: rows[kind] for kind in HAMMING_KINDS}
     rows["reference-files"] = {"file_bytes": _reference_files_bytes(work, codes, labels, owner)}
     if want_float:
         built = _build_float(work, emb, qfloat)

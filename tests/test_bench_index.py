@@ -45,6 +45,9 @@ def test_short_run_writes_json_markdown_and_chart(tmp_path):
             assert r["search_1_ratio_to_faiss"] == pytest.approx(r["search_1_ms"]["p50"] / base["search_1_ms"]["p50"])
             assert r["batch_over_single"] == pytest.approx(r["search_batch_ms"]["p50"] / r["search_1_ms"]["p50"])
             assert r["open_s"] >= 0 and "memory_bytes_per_item" in r
+        for kind in ("ours-numpy", "ours-faiss", "faiss-binary-flat"):
+            # timed on the whole gallery, before the removal at the end changes its file
+            assert entry["indexes"][kind]["searched_items"] == entry["size"]
         ours = entry["indexes"]["ours-numpy"]
         assert ours["removed"] == min(10_000, entry["size"] - 1) and ours["remove_s"] >= 0
         # codes are 64 bytes; anything under 64 would mean the file lost data

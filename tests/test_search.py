@@ -234,3 +234,26 @@ def test_from_chunks_equals_build(backend, rng):
         HammingIndex.from_chunks(iter(chunks), size=1001, bits=512, backend=backend)
     with pytest.raises(InvalidInputError, match="more than size=999"):
         HammingIndex.from_chunks(iter(chunks), size=999, bits=512, backend=backend)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64])
+def test_numpy_blocks_of_any_size_give_the_oracle(monkeypatch, rng, block_rows):
+    # Small blocks put block edges everywhere: appends that fill a partial last block, removals and
+    # permutations that gather across blocks, ties and the first block's bound that span them.
+    monkeypatch.setattr(search_mod, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(search_mod, "_SEED_ROWS", 3)
+    codes = np.concatenate([_tied_codes(rng, 150, 64), rng.integers(0, 256, (150, 64), dtype=np.uint8)])
+    codes = codes[rng.permutation(300)]
+    queries = np.concatenate([codes[[0, 150, 299]], rng.integers(0, 256, (2, 64), dtype=np.uint8)])
+    index = HammingIndex.build(codes[:101], bits=512, backend="numpy").appended(codes[101:250]).appended(codes[250:])
+    chunked = HammingIndex.from_chunks(iter([codes[:5], codes[5:6], codes[6:]]), size=300, bits=512, backend="numpy")
+    for idx in (index, chunked):
+        np.testing.assert_array_equal(idx.codes(), codes)
+        for k, limit in ((1, None), (5, None), (40, None), (5, 200), (300, 250)):
+            assert _as_pairs(*idx.search(queries, k, max_distance=limit)) == _oracle(queries, codes, k, limit)
+    keep = rng.random(300) < 0.6
+    perm = rng.permutation(300)
+    for derived, want in ((index.without(keep), codes[keep]), (index.reordered(perm), codes[perm])):
+        np.testing.assert_array_equal(derived.codes(), want)
+        assert _as_pairs(*derived.search(queries, 9)) == _oracle(queries, want, 9)
+    assert index.memory_bytes == 300 * 64 and index._data.flat.nbytes == 300 * 64
