@@ -24,7 +24,8 @@ set of a fresh child process across opening the index, after a warm-up search on
 the same kind, so each measurement holds only its own data and not the library code a first search
 loads. The search times of the three Hamming indexes (ours with numpy, ours with faiss, raw faiss)
 are taken in one process that alternates them query by query, so that their ratios do not depend on
-when each one ran on a shared machine. Float indexes are built only up to ``--float-max`` items (hnswlib's build is slow on 2 cores).
+when each one ran on a shared machine. Float indexes are built only up to ``--float-max`` items
+(hnswlib's build is slow on 2 cores).
 
 Run ``python -m bench.index --out DIR`` or ``edge-shitu bench index``; it writes ``index.json``,
 ``index.md`` and ``index.png``.
@@ -233,7 +234,8 @@ def _warm_ours(work: Path, backend: str, query: np.ndarray, k: int) -> None:
 
 
 def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Opens one index in this (fresh) process and times its searches."""
+    """Opens one index in this (fresh) process: opening time and memory, and its search times unless
+    :func:`_interleaved` takes them (the Hamming indexes), and the removal for ours-numpy."""
     kind, size, runs, warmup, k, batch = (spec[n] for n in ("kind", "size", "runs", "warmup", "k", "batch"))
     if kind == "hamming-interleaved":
         return _interleaved(spec)
@@ -300,8 +302,9 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     else:
         raise InvalidInputError(f"unknown benchmark child kind {kind!r}")
     n = qcodes.shape[0]
-    out["search_1_ms"] = _timed(lambda i: search(qcodes[i % n:i % n + 1]), runs, warmup)
-    out["search_batch_ms"] = _timed(lambda i: search(qcodes[[(i + j) % n for j in range(batch)]]), runs, warmup)
+    if kind not in HAMMING_KINDS:  # those are timed together by _interleaved
+        out["search_1_ms"] = _timed(lambda i: search(qcodes[i % n:i % n + 1]), runs, warmup)
+        out["search_batch_ms"] = _timed(lambda i: search(qcodes[[(i + j) % n for j in range(batch)]]), runs, warmup)
     if kind in ("ours-numpy", "ours-faiss") and spec.get("remove"):
         ids = gallery.ids()
         gone = np.random.default_rng(1).choice(ids, size=min(spec["remove"], ids.size - 1), replace=False)
