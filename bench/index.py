@@ -6,8 +6,12 @@ For each gallery size it measures, on one thread:
   once with the pure-numpy search and once with the faiss backend: bytes per item on disk and in
   memory once open, build time (batched ``add``), open time, search p50 for one query and for a
   batch of 6 (top-5), and, at the end, the time to remove 10,000 items and search again;
-- **faiss-binary-flat**: ``faiss.IndexBinaryFlat`` on the same codes, the baseline every Hamming
-  speed ratio is computed against;
+- **faiss-binary-flat**: ``faiss.IndexBinaryFlat`` on the same codes, as faiss allocates them (4 KiB
+  pages), the baseline every Hamming speed ratio is computed against; beside it, the same index with
+  its codes on huge pages as our indexes have them (:mod:`edge_shitu.hugepages`), so that our faiss
+  wrapper's own cost can be told from the pages';
+- **the numpy scan's floor**: its first pass alone (the XOR of the query with every code), which
+  any numpy scan must make: its time over faiss's is as close as numpy can come to faiss;
 - **hnswlib-float**: ``hnswlib`` inner product, M = 32, ef_construction 40 and ef_search 64 (the
   reference's HNSW32 with its efSearch raised from faiss's default 16), with its recall@1 against
   exact search; its graph is built on every core (searches, like all others, on one thread);
@@ -20,9 +24,10 @@ Data: synthetic, deterministic. Embeddings are drawn around ``size / 5`` random 
 (unit-normalised, so clusters of about five views of one product, like a real gallery), codes are
 their signs packed MSB-first, labels are the drink data set's real product names with a suffix
 per centre. Queries are fresh draws around existing centres. Memory is the growth of the resident
-set of a fresh child process across opening the index, after a warm-up search on a one-item index of
-the same kind, so each measurement holds only its own data and not the library code a first search
-loads. The search times of the three Hamming indexes (ours with numpy, ours with faiss, raw faiss)
+set (exact, from ``/proc/self/smaps_rollup`` where there is one) of a fresh child process across
+opening the index, after a warm-up search on a one-item index of the same kind, so each measurement
+holds only its own data and not the library code a first search loads. The search times of the
+Hamming indexes (ours with numpy, ours with faiss, raw faiss on either kind of page, the XOR pass)
 are taken in one process that alternates them query by query, so that their ratios do not depend on
 when each one ran on a shared machine. Float indexes are built only up to ``--float-max`` items
 (hnswlib's build is slow on 2 cores).
@@ -158,6 +163,15 @@ def _timed(fn, runs: int, warmup: int) -> Dict[str, float]:
 
 def _rss_bytes() -> int:
     gc.collect()
+    # smaps_rollup walks the page tables: exact. statm (and psutil) read per-CPU counters that lag
+    # (Linux 6.2+): right after huge pages were collapsed they read 1-2 MB high.
+    try:
+        with open("/proc/self/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Rss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import psutil
 
@@ -185,6 +199,7 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
     import faiss
 
     from edge_shitu.gallery import Gallery
+    from edge_shitu.search import _advise_huge_pages
 
     faiss.omp_set_num_threads(1)
     runs, warmup, k, batch = (spec[n] for n in ("runs", "warmup", "k", "batch"))
@@ -194,29 +209,72 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
     numpy_gallery = Gallery.open(work / "ours.gallery", backend="numpy")
     faiss_gallery = Gallery.open(work / "ours.gallery", backend="faiss")
     raw = faiss.read_index_binary(str(work / "faiss.bindex"))
+    raw_huge = faiss.read_index_binary(str(work / "faiss.bindex"))
+    # The same advice as our faiss backend's, so that its wrapper's own cost can be told from the pages'.
+    huge = _advise_huge_pages(raw_huge, raw_huge.ntotal * raw_huge.code_size)
     searches = {"ours-numpy": lambda q: numpy_gallery.search(q, k),
                 "ours-faiss": lambda q: faiss_gallery.search(q, k),
-                "faiss-binary-flat": lambda q: raw.search(q, k)}
+                "faiss-binary-flat": lambda q: raw.search(q, k),
+                RAW_HUGE: lambda q: raw_huge.search(q, k),
+                XOR_PASS: _xor_pass(faiss.vector_to_array(raw.xb).reshape(-1, BITS // 8))}
     out: Dict[str, Any] = {}
-    for key, pick in (("search_1_ms", lambda i: qcodes[i % n:i % n + 1]),
-                      ("search_batch_ms", lambda i: qcodes[[(i + j) % n for j in range(batch)]])):
-        samples: Dict[str, List[float]] = {kind: [] for kind in HAMMING_KINDS}
+    for key, pick, kinds in (
+            ("search_1_ms", lambda i: qcodes[i % n:i % n + 1], HAMMING_KINDS + (RAW_HUGE, XOR_PASS)),
+            ("search_batch_ms", lambda i: qcodes[[(i + j) % n for j in range(batch)]], HAMMING_KINDS + (RAW_HUGE,))):
+        samples: Dict[str, List[float]] = {kind: [] for kind in kinds}
         for i in range(warmup + runs):
             q = pick(i)
-            for turn in range(len(HAMMING_KINDS)):
-                kind = HAMMING_KINDS[(i + turn) % len(HAMMING_KINDS)]
+            for turn in range(len(kinds)):
+                kind = kinds[(i + turn) % len(kinds)]
                 t0 = time.perf_counter()
                 searches[kind](q)
                 if i >= warmup:
                     samples[kind].append((time.perf_counter() - t0) * 1e3)
-        for kind in HAMMING_KINDS:
+        for kind in kinds:
             out.setdefault(kind, {})[key] = report.summarize(samples[kind])
+    out["ours-numpy"]["xor_pass_ms"] = out.pop(XOR_PASS)["search_1_ms"]
+    out["faiss-binary-flat"]["huge_pages"] = {"advised": huge, **out.pop(RAW_HUGE)}
     out["ours-numpy"]["searched_items"] = len(numpy_gallery)
     out["ours-faiss"]["searched_items"] = len(faiss_gallery)
     out["faiss-binary-flat"]["searched_items"] = int(raw.ntotal)
     numpy_gallery.close()
     faiss_gallery.close()
     return out
+
+
+RAW_HUGE = "faiss-binary-flat-huge-pages"
+"""Timed beside the Hamming indexes: raw faiss whose codes were given huge pages as our backends' are."""
+
+XOR_PASS = "numpy-xor-pass"
+"""Timed beside the Hamming indexes: the first pass of the numpy scan alone (see :func:`_xor_pass`)."""
+
+
+def _xor_pass(codes: np.ndarray):
+    """The first pass of our numpy scan and nothing else: the XOR of one query with every code, in the
+    numpy backend's block layout, into a reused buffer. Every numpy scan reads each code at least
+    once like this, so its time over faiss's whole search is the closest numpy can come to faiss.
+
+    Args:
+      codes: uint8 ``(m, BITS // 8)``, m >= 1.
+
+    Returns:
+      A function of one uint8 ``(1, BITS // 8)`` query that returns the number of codes it XORed.
+    """
+    from edge_shitu.search import _BLOCK_ROWS
+
+    words = codes.view(np.uint64)
+    blocks = [np.ascontiguousarray(words[s:s + _BLOCK_ROWS].T) for s in range(0, words.shape[0], _BLOCK_ROWS)]
+    buf = np.empty(blocks[0].shape, dtype=np.uint64)
+
+    def run(q: np.ndarray) -> int:
+        qw = q.view(np.uint64).T
+        done = 0
+        for block in blocks:
+            np.bitwise_xor(block, qw, out=buf[:, :block.shape[1]])
+            done += block.shape[1]
+        return done
+
+    return run
 
 
 def _warm_ours(work: Path, backend: str, query: np.ndarray, k: int) -> None:
@@ -431,6 +489,12 @@ def _measure_size(size: int, o: IndexBenchOptions, work: Path) -> Dict[str, Any]
         for key in ("search_1_ms", "search_batch_ms"):
             if key in row:
                 row[key.replace("_ms", "_ratio_to_faiss")] = report.ratio(row[key]["p50"], baseline[key]["p50"])
+        if "huge_pages" in row:
+            hp = row["huge_pages"]
+            for key in ("search_1_ms", "search_batch_ms"):
+                hp[key.replace("_ms", "_ratio_to_faiss")] = report.ratio(hp[key]["p50"], baseline[key]["p50"])
+        if "xor_pass_ms" in row:
+            row["xor_pass_ratio_to_faiss"] = report.ratio(row["xor_pass_ms"]["p50"], baseline["search_1_ms"]["p50"])
         if "search_1_ms" in row:
             row["batch_over_single"] = report.ratio(row["search_batch_ms"]["p50"], row["search_1_ms"]["p50"])
     return {"size": size, "float_built": want_float, "indexes": rows}
@@ -453,6 +517,23 @@ def markdown(result: Dict[str, Any]) -> str:
              f"Machine: {result['machine'].get('cpu_model')}, {result['machine'].get('logical_cpus')} logical CPUs; "
              f"one search thread; top-{result['options']['k']}; synthetic clustered 512-d data (see bench/index.py).",
              "", report.markdown_table(headers, rows), ""]
+    floors = [(e["size"], e["indexes"]["ours-numpy"]) for e in result["sizes"]
+              if "xor_pass_ms" in e["indexes"]["ours-numpy"]]
+    if floors:
+        lines += ["The numpy scan's floor: its first pass alone (the XOR of the query with every code, no "
+                  "popcount, no top-k), against raw faiss's whole one-query search:", "",
+                  report.markdown_table(["size", "XOR pass p50 ms", "× faiss", "whole numpy search × faiss"],
+                                        [[f"{s:,}", f"{r['xor_pass_ms']['p50']:.2f}",
+                                          f"{r['xor_pass_ratio_to_faiss']:.2f}",
+                                          f"{r['search_1_ratio_to_faiss']:.2f}"] for s, r in floors]), ""]
+    huge = [[f"{e['size']:,}", *_huge_pages_row(e["indexes"])] for e in result["sizes"]
+            if "huge_pages" in e["indexes"]["faiss-binary-flat"]]
+    if huge:
+        lines += ["Raw faiss with its codes on huge pages, as our indexes have them (same process, alternated), "
+                  "and our indexes against it:", "",
+                  report.markdown_table(["size", "advised", "1 query p50 ms", "× faiss", "ours-faiss ÷ it",
+                                         "ours-numpy ÷ it", f"batch of {result['options']['batch']} p50 ms"],
+                                        huge), ""]
     removes = [(e["size"], e["indexes"]["ours-numpy"]) for e in result["sizes"] if "remove_s" in e["indexes"]["ours-numpy"]]
     if removes:
         lines += ["Our gallery after removing items (one transaction):", "",
@@ -460,6 +541,14 @@ def markdown(result: Dict[str, Any]) -> str:
                                         [[f"{s:,}", r["removed"], f"{r['remove_s']:.2f}",
                                           f"{r['search_1_after_remove_ms']['p50']:.2f}"] for s, r in removes]), ""]
     return "\n".join(lines)
+
+
+def _huge_pages_row(indexes: Dict[str, Any]) -> List[str]:
+    hp = indexes["faiss-binary-flat"]["huge_pages"]
+    one = hp["search_1_ms"]["p50"]
+    return ["yes" if hp["advised"] else "no", f"{one:.2f}", f"{hp['search_1_ratio_to_faiss']:.2f}",
+            f"{indexes['ours-faiss']['search_1_ms']['p50'] / one:.2f}",
+            f"{indexes['ours-numpy']['search_1_ms']['p50'] / one:.2f}", f"{hp['search_batch_ms']['p50']:.2f}"]
 
 
 def _chart(result: Dict[str, Any], path: Path) -> Path:

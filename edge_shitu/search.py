@@ -26,6 +26,10 @@ Backends (``backend=`` of :meth:`HammingIndex.build`):
     process: faiss-cpu's aarch64 wheels 1.15.1 miscount codes that differ in a whole 256-bit block),
     else numpy.
 
+Codes of 4 MiB and more are backed by transparent huge pages, from their first search, where the OS
+allows (:mod:`edge_shitu.hugepages`): numpy asks for them itself, faiss does not, and on 4 KiB pages its search
+over 1M codes took 2.5-3.0 ms instead of 2.1-2.2 ms (one x86-64 core).
+
 Each backend holds exactly one copy of the codes (64 bytes per 512-bit item), and an index never
 changes after it is built: :meth:`HammingIndex.appended` and :meth:`HammingIndex.without` return
 new indexes, so a search running on one index is never disturbed by a writer.
@@ -39,6 +43,7 @@ from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
+from edge_shitu import hugepages
 from edge_shitu.errors import BackendUnavailableError, InvalidDtypeError, InvalidInputError
 
 __all__ = ["HammingIndex", "BACKENDS", "resolve_hamming_backend", "available_backends"]
@@ -157,55 +162,57 @@ def _check_matrix(codes: object, nbytes: Optional[int], name: str) -> np.ndarray
 
 
 class _Selector:
-    """Running top-k of one query over blocks seen in ascending position order."""
+    """Running top-k of one query over blocks seen in ascending position order.
 
-    __slots__ = ("k", "limit", "dist", "pos")
+    The result is kept as one sorted int64 array of keys ``distance << 40 | position``: sorting keys
+    orders by distance, then position, and merging a block's few candidates is one concatenate and
+    one sort. Positions are below 2**40 and distances below 2**20 for any code that fits in memory.
+    """
+
+    __slots__ = ("k", "limit", "keys", "worst")
 
     def __init__(self, k: int, max_distance: Optional[int]) -> None:
         self.k = k
         self.limit = max_distance
-        self.dist = np.empty(0, dtype=np.int64)
-        self.pos = np.empty(0, dtype=np.int64)
+        self.keys = np.empty(0, dtype=np.int64)
+        self.worst = -1  # distance of the k-th key once there are k, else -1
 
     def offer(self, block_dist: np.ndarray, start: int) -> None:
-        if self.dist.shape[0] >= self.k:
+        if self.worst >= 0:
             # A later row equal to the current k-th distance loses the tie (larger position).
             # Most blocks hold no better row: one min() rules them out without building an index list.
-            if block_dist.min() >= self.dist[-1]:
+            if block_dist.min() >= self.worst:
                 return
-            keep = np.flatnonzero(block_dist < self.dist[-1])
+            keep = np.flatnonzero(block_dist < self.worst)
         elif block_dist.shape[0] > self.k:
             # No row beyond the block's k-th smallest distance can enter; the k-th smallest of a prefix
             # bounds it from above and is far cheaper to find.
             seed = block_dist[: max(self.k, _SEED_ROWS)]
-            bound = np.partition(seed, self.k - 1)[self.k - 1]
+            bound = int(np.partition(seed, self.k - 1)[self.k - 1])
             if self.limit is not None:
-                bound = min(int(bound), self.limit)
+                bound = min(bound, self.limit)
             keep = np.flatnonzero(block_dist <= bound)
         elif self.limit is not None:
             keep = np.flatnonzero(block_dist <= self.limit)
         else:
-            keep = None
-        if keep is None:
-            cand_d = block_dist.astype(np.int64)
-            cand_p = np.arange(start, start + block_dist.shape[0], dtype=np.int64)
-        else:
-            if keep.size == 0:
-                return
-            cand_d = block_dist[keep].astype(np.int64)
-            cand_p = keep.astype(np.int64) + start
-        if self.limit is not None:
-            ok = cand_d <= self.limit
-            cand_d, cand_p = cand_d[ok], cand_p[ok]
-        d = np.concatenate([self.dist, cand_d])
-        p = np.concatenate([self.pos, cand_p])
-        if d.shape[0] > self.k:
-            # Positions are below 2**40 and distances below 2**20 for any code that fits in memory.
-            key = (d << 40) | p
-            part = np.argpartition(key, self.k - 1)[: self.k]
-            d, p = d[part], p[part]
-        order = np.lexsort((p, d))
-        self.dist, self.pos = d[order], p[order]
+            keep = np.arange(block_dist.shape[0])
+        if keep.size == 0:
+            return
+        # Every path above admits only rows within the limit: the running k-th distance never exceeds it.
+        new = block_dist[keep].astype(np.int64)
+        new <<= 40
+        new |= keep + start
+        keys = np.concatenate([self.keys, new])
+        if keys.shape[0] > self.k:
+            keys = np.partition(keys, self.k - 1)[: self.k]
+        keys.sort()
+        self.keys = keys
+        if keys.shape[0] == self.k:
+            self.worst = int(keys[-1] >> 40)
+
+    def result(self) -> Tuple[np.ndarray, np.ndarray]:
+        """int64 ``(distances, positions)``, ascending."""
+        return self.keys >> 40, self.keys & ((1 << 40) - 1)
 
 
 class _WordBlocks:
@@ -295,6 +302,10 @@ class HammingIndex:
         self._bits = bits
         self._size = size
         self._data = data
+        # Advised at the first search rather than here: given while a gallery was still being opened,
+        # the advice left 2 MB more resident at 1M codes (0.1 MB once open), and indexes replaced
+        # before they are searched never pay for it.
+        self._huge_pages_due = size * (bits // 8) >= hugepages.MIN_BYTES
 
     @classmethod
     def build(cls, codes: np.ndarray, *, bits: int, backend: str = "auto") -> "HammingIndex":
@@ -504,6 +515,9 @@ class HammingIndex:
         counts = np.zeros(n, dtype=np.int64)
         if n == 0 or self._size == 0:
             return positions, distances, counts
+        if self._huge_pages_due:
+            self._huge_pages_due = False
+            _advise_huge_pages(self._data, self.memory_bytes)
         if self._backend == "faiss":
             found = self._search_faiss(q, k, limit)
         else:
@@ -551,7 +565,7 @@ class HammingIndex:
                 for j, sel in enumerate(selectors):
                     d = _POPCOUNT_TABLE[np.bitwise_xor(block, q[j])].sum(axis=1, dtype=np.int64)
                     sel.offer(d, start)
-        return [(s.dist, s.pos) for s in selectors]
+        return [s.result() for s in selectors]
 
     def _search_faiss(self, q: np.ndarray, k: int, limit: Optional[int]):
         faiss = _faiss()
@@ -595,3 +609,18 @@ class HammingIndex:
 _BUILD_KEY = object()
 # numpy < 2 has no bitwise_count; codes are then kept row-major and counted with the byte table.
 _HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
+
+
+def _advise_huge_pages(data: object, nbytes: int) -> bool:
+    """Backs an index's codes with huge pages (see :mod:`edge_shitu.hugepages`); a hint, never an error."""
+    if isinstance(data, _WordBlocks):
+        return hugepages.advise_array(data.flat)
+    if isinstance(data, np.ndarray):
+        return hugepages.advise_array(data)
+    try:
+        # faiss keeps the codes in its own vector, immutable once built: its address stays valid.
+        view = _faiss().rev_swig_ptr(data.xb.data(), 1)
+        address = int(view.__array_interface__["data"][0])
+    except (AttributeError, TypeError, ValueError, BackendUnavailableError):
+        return False
+    return hugepages.advise_huge_pages(address, nbytes)

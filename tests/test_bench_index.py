@@ -48,13 +48,19 @@ def test_short_run_writes_json_markdown_and_chart(tmp_path):
         for kind in ("ours-numpy", "ours-faiss", "faiss-binary-flat"):
             # timed on the whole gallery, before the removal at the end changes its file
             assert entry["indexes"][kind]["searched_items"] == entry["size"]
+        hp = base["huge_pages"]
+        assert isinstance(hp["advised"], bool) and hp["search_1_ms"]["n"] == hp["search_batch_ms"]["n"] == 3
+        assert hp["search_1_ratio_to_faiss"] == pytest.approx(hp["search_1_ms"]["p50"] / base["search_1_ms"]["p50"])
         ours = entry["indexes"]["ours-numpy"]
+        assert ours["xor_pass_ms"]["n"] == 3 and ours["xor_pass_ms"]["p50"] > 0
+        assert ours["xor_pass_ratio_to_faiss"] == pytest.approx(ours["xor_pass_ms"]["p50"] / base["search_1_ms"]["p50"])
         assert ours["removed"] == min(10_000, entry["size"] - 1) and ours["remove_s"] >= 0
         # codes are 64 bytes; anything under 64 would mean the file lost data
         assert 64 < ours["file_bytes_per_item"] < 400
     assert 0.0 <= first["indexes"]["hnswlib-float"]["recall_at_1"] <= 1.0
     md = (out_dir / "index.md").read_text(encoding="utf-8")
     assert "| 1,200 | ours-numpy |" in md and "reference-files" in md and md in out + "\n"
+    assert "XOR pass" in md and "huge pages" in md
     assert (out_dir / "index.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -70,3 +76,14 @@ def test_options_are_checked():
         bench_index.IndexBenchOptions(batch=100, queries=10)
     with pytest.raises(InvalidInputError, match="runs"):
         bench_index.IndexBenchOptions(runs=0)
+
+
+def test_xor_pass_reads_every_code_once_in_the_numpy_block_layout(monkeypatch):
+    import numpy as np
+
+    from edge_shitu import search
+
+    monkeypatch.setattr(search, "_BLOCK_ROWS", 7)
+    codes = np.random.default_rng(0).integers(0, 256, (23, bench_index.BITS // 8), dtype=np.uint8)
+    run = bench_index._xor_pass(codes)
+    assert run(codes[:1]) == 23
