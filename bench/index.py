@@ -260,10 +260,9 @@ def _xor_pass(codes: np.ndarray):
     Returns:
       A function of one uint8 ``(1, BITS // 8)`` query that returns the number of codes it XORed.
     """
-    from edge_shitu.search import _BLOCK_ROWS
+    from edge_shitu.search import _WordBlocks
 
-    words = codes.view(np.uint64)
-    blocks = [np.ascontiguousarray(words[s:s + _BLOCK_ROWS].T) for s in range(0, words.shape[0], _BLOCK_ROWS)]
+    blocks = [block for _, block in _WordBlocks.from_codes(np.ascontiguousarray(codes)).blocks()]
     buf = np.empty(blocks[0].shape, dtype=np.uint64)
 
     def run(q: np.ndarray) -> int:
@@ -482,17 +481,14 @@ def _measure_size(size: int, o: IndexBenchOptions, work: Path) -> Dict[str, Any]
         (work / name).unlink()
 
     baseline = rows["faiss-binary-flat"]
-    for row in rows.values():
+    huge_pages = [baseline["huge_pages"]] if "huge_pages" in baseline else []
+    for row in [*rows.values(), *huge_pages]:
         for key in ("file_bytes", "memory_bytes"):
             if key in row:
                 row[key.replace("_bytes", "_bytes_per_item")] = row[key] / size
         for key in ("search_1_ms", "search_batch_ms"):
             if key in row:
                 row[key.replace("_ms", "_ratio_to_faiss")] = report.ratio(row[key]["p50"], baseline[key]["p50"])
-        if "huge_pages" in row:
-            hp = row["huge_pages"]
-            for key in ("search_1_ms", "search_batch_ms"):
-                hp[key.replace("_ms", "_ratio_to_faiss")] = report.ratio(hp[key]["p50"], baseline[key]["p50"])
         if "xor_pass_ms" in row:
             row["xor_pass_ratio_to_faiss"] = report.ratio(row["xor_pass_ms"]["p50"], baseline["search_1_ms"]["p50"])
         if "search_1_ms" in row:
