@@ -47,6 +47,7 @@ from bench import report
 from bench.report import BenchmarkError
 from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidInputError, MissingFileError
 from edge_shitu.recognizer import STAGES
+from edge_shitu.options import check_threads
 
 __all__ = ["LatencyOptions", "LatencyRun", "STAGE_TITLES", "IMAGE_SUFFIXES", "parse_threads", "list_images",
            "run", "summarize_configuration", "markdown", "chart", "options_from_args", "main"]
@@ -108,8 +109,10 @@ class LatencyOptions:
 
     def __post_init__(self) -> None:
         threads = tuple(self.threads)
-        if not threads or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in threads):
-            raise InvalidInputError(f"threads must be one or more ints >= 1, got {self.threads!r}")
+        if not threads:
+            raise InvalidInputError("threads must be one or more thread counts")
+        for t in threads:
+            check_threads(t, name="--threads")
         if len(set(threads)) != len(threads):
             raise InvalidInputError(f"threads repeat a value: {list(threads)}")
         object.__setattr__(self, "threads", threads)

@@ -8,7 +8,9 @@ An archive is downloaded (or copied) to a temporary file inside the cache direct
 its pinned sha256, unpacked into a temporary directory with every member validated (no absolute
 paths, no ``..``, no links, no devices, a size cap), the pinned member hashes are checked, and only
 then is the directory renamed into place as ``<cache_dir>/<name>/<unpack_dir>``. A refused archive
-leaves nothing behind.
+leaves nothing behind. Archive metadata is bounded before it is read: the size of each tar
+extended header (GNU long name/link, PAX) and of all of them, the length of names, the number of
+members and the size of a zip's central directory.
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ _RECORD_VERSION = 1
 _CHUNK = 1 << 20
 _DEFAULT_MAX_BYTES = 1 << 30
 _MAX_MEMBERS = 10_000
+# PATH_MAX and NAME_MAX of Linux: a longer name cannot be created on the target anyway.
+_MAX_NAME_BYTES = 4096
+_MAX_NAME_PART_BYTES = 255
+# One GNU long name/link or PAX header: room for a PATH_MAX path and link path plus the usual
+# records. tarfile reads the whole payload into memory, and before CPython 3.11.10/3.12.6
+# (CVE-2024-6232) its PAX parsing is quadratic in it, so it stays small.
+_MAX_HEADER_BYTES = 16 << 10
+# All extended headers of an archive together, and a zip's central directory: tarfile keeps every
+# member (with its PAX records) in memory, and zipfile reads the whole directory before we see it.
+_MAX_METADATA_BYTES = 2 << 20
+# Extended headers stacked before one member (tar writes at most global + PAX + long name + long
+# link); tarfile follows them by recursion.
+_MAX_HEADER_CHAIN = 8
+_MAX_PAX_RECORDS = 64
+_QUOTE_CHARS = 80
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -526,11 +544,11 @@ def _retrieve(
         resp = _open_url(location, timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
-        raise FetchError(f"download failed: {location}: HTTP {exc.code} {exc.reason}") from exc
+        raise FetchError(f"download failed: {location}: HTTP {exc.code} {_one_line(exc.reason)}") from exc
     except urllib.error.URLError as exc:
-        raise FetchError(f"download failed: {location}: {exc.reason}") from exc
+        raise FetchError(f"download failed: {location}: {_one_line(exc.reason)}") from exc
     except (OSError, ValueError) as exc:
-        raise FetchError(f"download failed: {location}: {exc}") from exc
+        raise FetchError(f"download failed: {location}: {_one_line(exc)}") from exc
     try:
         with resp:
             length = resp.headers.get("Content-Length")
@@ -541,7 +559,7 @@ def _retrieve(
     except FetchError:
         raise
     except (OSError, http.client.HTTPException, ValueError) as exc:  # timeouts, resets, IncompleteRead
-        raise FetchError(f"download failed: {location}: {exc!r}") from exc
+        raise FetchError(f"download failed: {location}: {_one_line(repr(exc))}") from exc
     if total is not None and size != total:
         raise FetchError(f"download truncated: {location}: got {size} of {total} bytes")
     return digest, size
@@ -551,17 +569,47 @@ def _retrieve(
 # safe unpacking
 
 
+def _quote(text: str, limit: int = _QUOTE_CHARS) -> str:
+    """``repr`` of an archive-supplied string, cut to about ``limit`` characters, for one-line messages."""
+    shown = repr(text[:limit])
+    if len(text) <= limit and len(shown) <= limit + 2:
+        return shown
+    return f"{shown[:limit]}... ({len(text)} characters)"
+
+
+def _one_line(value: object, limit: int = 2 * _QUOTE_CHARS) -> str:
+    """``str(value)`` (an exception, a server's reason phrase) on one line, cut to ``limit`` characters."""
+    text = " ".join(_CONTROL_RE.sub(" ", str(value)[: 4 * limit]).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _member_path(name: str, archive: str) -> Optional[PurePosixPath]:
     """Validate an archive member name; return its relative path (None for the archive root)."""
     if not name or "\x00" in name:
-        raise FetchError(f"unsafe member in {archive}: empty or NUL-containing name {name!r}")
+        raise FetchError(f"unsafe member in {archive}: empty or NUL-containing name {_quote(name)}")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > _MAX_NAME_BYTES:
+        raise FetchError(
+            f"unsafe member in {archive}: {_quote(name)} is a {size}-byte name, over the {_MAX_NAME_BYTES}-byte limit"
+        )
+    if _CONTROL_RE.search(name):
+        raise FetchError(f"unsafe member in {archive}: {_quote(name)} contains control characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile decodes bytes that are not UTF-8 to lone surrogates
+        raise FetchError(f"unsafe member in {archive}: {_quote(name)} is not a UTF-8 name") from None
     if "\\" in name:
-        raise FetchError(f"unsafe member in {archive}: {name!r} contains a backslash")
+        raise FetchError(f"unsafe member in {archive}: {_quote(name)} contains a backslash")
     if name.startswith("/") or PureWindowsPath(name).drive:
-        raise FetchError(f"unsafe member in {archive}: {name!r} is an absolute path")
+        raise FetchError(f"unsafe member in {archive}: {_quote(name)} is an absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise FetchError(f"unsafe member in {archive}: {name!r} has a '..' component")
+        raise FetchError(f"unsafe member in {archive}: {_quote(name)} has a '..' component")
+    for part in parts:
+        if len(part.encode("utf-8", "surrogatepass")) > _MAX_NAME_PART_BYTES:
+            raise FetchError(
+                f"unsafe member in {archive}: {_quote(name)} has a path component over {_MAX_NAME_PART_BYTES} bytes"
+            )
     return PurePosixPath(*parts) if parts else None
 
 
@@ -579,13 +627,13 @@ class _Unpacker:
     def _count(self, name: str) -> None:
         self.count += 1
         if self.count > _MAX_MEMBERS:
-            raise FetchError(f"{self.archive}: more than {_MAX_MEMBERS} members (at {name!r}); refusing it")
+            raise FetchError(f"{self.archive}: more than {_MAX_MEMBERS} members (at {_quote(name)}); refusing it")
 
     def _reserve(self, name: str, size: int) -> None:
         self.total += size
         if self.total > self.max_bytes:
             raise FetchError(
-                f"{self.archive}: unpacked size exceeds the {self.max_bytes}-byte limit at member {name!r}"
+                f"{self.archive}: unpacked size exceeds the {self.max_bytes}-byte limit at member {_quote(name)}"
             )
 
     def _mkdirs(self, rel: PurePosixPath, name: str) -> Path:
@@ -593,7 +641,9 @@ class _Unpacker:
         for part in rel.parts:
             target = target / part
             if target.is_symlink() or (target.exists() and not target.is_dir()):
-                raise FetchError(f"unsafe member in {self.archive}: {name!r} conflicts with a file of the archive")
+                raise FetchError(
+                    f"unsafe member in {self.archive}: {_quote(name)} conflicts with a file of the archive"
+                )
             if not target.exists():
                 target.mkdir()
         return target
@@ -606,32 +656,115 @@ class _Unpacker:
     def file(self, rel: Optional[PurePosixPath], name: str, size: int, src: BinaryIO) -> None:
         self._count(name)
         if rel is None:
-            raise FetchError(f"unsafe member in {self.archive}: file member {name!r} has no name")
+            raise FetchError(f"unsafe member in {self.archive}: file member {_quote(name)} has no name")
         key = rel.as_posix()
         if key in self.files:
-            raise FetchError(f"unsafe member in {self.archive}: {name!r} appears twice")
+            raise FetchError(f"unsafe member in {self.archive}: {_quote(name)} appears twice")
         self._reserve(name, size)
         parent = self._mkdirs(rel.parent, name) if rel.parent.parts else self.root
         target = parent / rel.name
         if target.exists() or target.is_symlink():
-            raise FetchError(f"unsafe member in {self.archive}: {name!r} conflicts with a directory of the archive")
+            raise FetchError(
+                f"unsafe member in {self.archive}: {_quote(name)} conflicts with a directory of the archive"
+            )
         written = 0
         with open(target, "xb") as dst:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 written += len(chunk)
                 if written > size:
-                    raise FetchError(f"{self.archive}: member {name!r} holds more bytes than its header says")
+                    raise FetchError(f"{self.archive}: member {_quote(name)} holds more bytes than its header says")
                 dst.write(chunk)
         if written != size:
-            raise FetchError(f"{self.archive}: member {name!r} is truncated ({written} of {size} bytes)")
+            raise FetchError(f"{self.archive}: member {_quote(name)} is truncated ({written} of {size} bytes)")
         self.files.add(key)
+
+
+_EXTENDED_HEADERS = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link name",
+    tarfile.XHDTYPE: "PAX",
+    tarfile.XGLTYPE: "PAX global",
+    tarfile.SOLARIS_XHDTYPE: "Solaris extended",
+}
+_SPARSE_REFUSED = "the member at offset {offset} is a GNU sparse file, which is not supported"
+
+
+class _HeaderRefused(Exception):
+    """A tar header over a bound, raised while tarfile parses it.
+
+    Not an OSError (as FetchError is) because ``tarfile.open`` reports any OSError of the gzip
+    reader as "not a gzip file" and goes on trying other formats.
+    """
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """TarInfo that bounds extended headers before tarfile reads their payload.
+
+    tarfile reads the whole payload of a GNU long name/link or PAX header into memory, and follows
+    a run of them by recursion, before it returns the member they describe; ``_proc_member`` is
+    the hook tarfile documents for subclasses, and sees each header before its payload is read.
+    """
+
+    __slots__ = ()
+
+    def _proc_member(self, tar: _BoundedTarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _HeaderRefused(_SPARSE_REFUSED.format(offset=self.offset))
+        kind = _EXTENDED_HEADERS.get(self.type)
+        if kind is not None:
+            if self.size > _MAX_HEADER_BYTES:
+                raise _HeaderRefused(
+                    f"{kind} header at offset {self.offset} declares {self.size} bytes, "
+                    f"over the {_MAX_HEADER_BYTES}-byte limit"
+                )
+            tar.header_bytes += self.size
+            if tar.header_bytes > _MAX_METADATA_BYTES:
+                raise _HeaderRefused(
+                    f"extended headers exceed the {_MAX_METADATA_BYTES}-byte limit at offset {self.offset}"
+                )
+            tar.header_depth += 1
+            if tar.header_depth > _MAX_HEADER_CHAIN:
+                raise _HeaderRefused(f"more than {_MAX_HEADER_CHAIN} extended headers in a row at offset {self.offset}")
+        try:
+            member = super()._proc_member(tar)
+        except ValueError as exc:
+            # tarfile lets int() and decoding errors of header fields through unchanged.
+            raise _HeaderRefused(f"malformed header at offset {self.offset}: {_one_line(exc)}") from exc
+        finally:
+            if kind is not None:
+                tar.header_depth -= 1
+        if member.sparse is not None:
+            raise _HeaderRefused(_SPARSE_REFUSED.format(offset=member.offset))
+        if len(member.pax_headers) > _MAX_PAX_RECORDS:
+            raise _HeaderRefused(
+                f"the member at offset {member.offset} has {len(member.pax_headers)} PAX records, "
+                f"over the limit of {_MAX_PAX_RECORDS}"
+            )
+        return member
+
+    def _proc_gnusparse_10(self, *args: Any) -> None:
+        # Refused before tarfile reads the sparse map, whose length only the archive bounds.
+        raise _HeaderRefused(_SPARSE_REFUSED.format(offset=self.offset))
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    """TarFile reading members as :class:`_BoundedTarInfo`, with the per-archive header budget."""
+
+    tarinfo = _BoundedTarInfo
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.header_bytes = 0
+        self.header_depth = 0
+        super().__init__(*args, **kwargs)
 
 
 def _unpack_tar(archive: Path, display: str, dest: Path, max_bytes: int) -> None:
     try:
-        tf = tarfile.open(archive, mode="r:*")
+        tf = _BoundedTarFile.open(archive, mode="r:*")
+    except _HeaderRefused as exc:
+        raise FetchError(f"{display}: {exc}; refusing it") from exc
     except (tarfile.TarError, OSError) as exc:
-        raise FetchError(f"{display} is not a readable tar archive: {exc}") from exc
+        raise FetchError(f"{display} is not a readable tar archive: {_one_line(exc)}") from exc
     out = _Unpacker(dest, display, max_bytes)
     data_filter = getattr(tarfile, "data_filter", None)
     with tf:
@@ -642,38 +775,66 @@ def _unpack_tar(archive: Path, display: str, dest: Path, max_bytes: int) -> None
                 if member.issym() or member.islnk():
                     kind = "symlink" if member.issym() else "hardlink"
                     raise FetchError(
-                        f"unsafe member in {display}: {name!r} is a {kind} (to {member.linkname!r}); links are refused"
+                        f"unsafe member in {display}: {_quote(name)} is a {kind} (to {_quote(member.linkname)}); "
+                        "links are refused"
                     )
                 if member.isdev():
-                    raise FetchError(f"unsafe member in {display}: {name!r} is a device or FIFO")
+                    raise FetchError(f"unsafe member in {display}: {_quote(name)} is a device or FIFO")
                 if not (member.isreg() or member.isdir()):
-                    raise FetchError(f"unsafe member in {display}: {name!r} has unsupported type {member.type!r}")
+                    raise FetchError(
+                        f"unsafe member in {display}: {_quote(name)} has unsupported type {member.type!r}"
+                    )
                 if data_filter is not None:
                     # Second opinion from the stdlib where it exists (3.12+, backported to 3.9.17/3.10.12):
                     # our own checks above are the ones that must hold everywhere.
                     try:
                         data_filter(member, str(dest))
                     except tarfile.FilterError as exc:
-                        raise FetchError(f"unsafe member in {display}: {name!r}: {exc}") from exc
+                        raise FetchError(f"unsafe member in {display}: {_quote(name)}: {_one_line(exc)}") from exc
                 if member.isdir():
                     out.directory(rel, name)
                     continue
                 src = tf.extractfile(member)
                 if src is None:
-                    raise FetchError(f"{display}: member {name!r} has no data")
+                    raise FetchError(f"{display}: member {_quote(name)} has no data")
                 with src:
                     out.file(rel, name, member.size, src)
         except FetchError:
             raise
+        except _HeaderRefused as exc:
+            raise FetchError(f"{display}: {exc}; refusing it") from exc
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-            raise FetchError(f"{display} is corrupt or truncated: {exc}") from exc
+            raise FetchError(f"{display} is corrupt or truncated: {_one_line(exc)}") from exc
+
+
+def _check_zip_directory(archive: Path, display: str) -> None:
+    """Refuse a zip whose central directory is over the bounds before zipfile reads all of it."""
+    # zipfile's own lookup of the end record, so the bound applies to the directory it will read;
+    # a Python without it keeps only the per-member bounds.
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if end_record is None:
+        return
+    with open(archive, "rb") as fh:
+        record = end_record(fh)
+    if not record:
+        return
+    entries, size = record[zipfile._ECD_ENTRIES_TOTAL], record[zipfile._ECD_SIZE]
+    if entries > _MAX_MEMBERS:
+        raise FetchError(f"{display}: its central directory lists {entries} members, over the limit of {_MAX_MEMBERS}")
+    if size > _MAX_METADATA_BYTES:
+        raise FetchError(
+            f"{display}: its central directory takes {size} bytes, over the {_MAX_METADATA_BYTES}-byte limit"
+        )
 
 
 def _unpack_zip(archive: Path, display: str, dest: Path, max_bytes: int) -> None:
     try:
+        _check_zip_directory(archive, display)
         zf = zipfile.ZipFile(archive)
+    except FetchError:
+        raise
     except (zipfile.BadZipFile, OSError) as exc:
-        raise FetchError(f"{display} is not a readable zip archive: {exc}") from exc
+        raise FetchError(f"{display} is not a readable zip archive: {_one_line(exc)}") from exc
     out = _Unpacker(dest, display, max_bytes)
     with zf:
         try:
@@ -682,11 +843,11 @@ def _unpack_zip(archive: Path, display: str, dest: Path, max_bytes: int) -> None
                 rel = _member_path(name, display)
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
-                    raise FetchError(f"unsafe member in {display}: {name!r} is a symlink; links are refused")
+                    raise FetchError(f"unsafe member in {display}: {_quote(name)} is a symlink; links are refused")
                 if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                    raise FetchError(f"unsafe member in {display}: {name!r} is a device, FIFO or socket")
+                    raise FetchError(f"unsafe member in {display}: {_quote(name)} is a device, FIFO or socket")
                 if info.flag_bits & 0x1:
-                    raise FetchError(f"{display}: member {name!r} is encrypted")
+                    raise FetchError(f"{display}: member {_quote(name)} is encrypted")
                 if info.is_dir():
                     out.directory(rel, name)
                     continue
@@ -695,7 +856,7 @@ def _unpack_zip(archive: Path, display: str, dest: Path, max_bytes: int) -> None
         except FetchError:
             raise
         except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, zlib.error) as exc:
-            raise FetchError(f"{display} is corrupt or truncated: {exc}") from exc
+            raise FetchError(f"{display} is corrupt or truncated: {_one_line(exc)}") from exc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -712,13 +873,19 @@ def _scan_files(model_dir: Path) -> List[str]:
     return sorted(found)
 
 
+def _some_names(names: List[str], shown: int = 3) -> str:
+    """The first ``shown`` names, quoted and cut, then how many there are in all."""
+    text = ", ".join(_quote(n, _QUOTE_CHARS // 2) for n in names[:shown])
+    return text + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
 def _verify_model_dir(entry: ModelEntry, model_dir: Path, display: str) -> Tuple[FileCheck, ...]:
     """Hash every file; raise when a listed file is missing or a pinned one differs."""
     if not model_dir.is_dir():
         top = sorted(p.name for p in model_dir.parent.iterdir()) if model_dir.parent.is_dir() else []
         raise FetchError(
             f"{display} does not unpack to {entry.unpack_dir}/ as models.lock expects for {entry.name!r} "
-            f"(found at its top: {', '.join(top) or 'nothing'})"
+            f"(found at its top: {_some_names(top) or 'nothing'})"
         )
     present = _scan_files(model_dir)
     problems = []
@@ -736,10 +903,8 @@ def _verify_model_dir(entry: ModelEntry, model_dir: Path, display: str) -> Tuple
         else:
             problems.append(f"sha256 mismatch for {spec.path} in {display}: expected {spec.sha256}, got {seen}")
     if problems:
-        shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
-        raise FetchError(
-            f"refusing model {entry.name!r}: " + "; ".join(problems) + f" (files found: {shown or 'none'})"
-        )
+        found = _some_names(present, 5) or "none"
+        raise FetchError(f"refusing model {entry.name!r}: " + "; ".join(problems) + f" (files found: {found})")
     listed = {s.path for s in entry.files}
     for rel in present:
         if rel not in listed:
@@ -883,9 +1048,10 @@ def fetch(
       InvalidInputError: unknown model name (the message lists the known ones), or a bad argument.
       MissingFileError, BundleError: the default lock cannot be read.
       FetchError: the source is unreachable or lacks the archive; the archive is too large, not a
-        tar/zip, holds an unsafe member (absolute path, ``..``, link, device) or does not unpack to
-        ``unpack_dir``; a pinned sha256 differs; a listed member is missing. Nothing is left in
-        the cache when it is raised.
+        tar/zip, holds an unsafe member (absolute path, ``..``, link, device, sparse file, a name
+        with control characters or over 4096 bytes), has too many members or oversized headers,
+        or does not unpack to ``unpack_dir``; a pinned sha256 differs; a listed member is missing.
+        Nothing is left in the cache when it is raised.
     """
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}")

@@ -42,6 +42,7 @@ from edge_shitu.errors import (
     InvalidDtypeError,
     InvalidInputError,
 )
+from edge_shitu.options import check_threads
 
 __all__ = ["SideEnvSession", "WorkerCrashError", "find_lite_python", "PROTOCOL"]
 
@@ -246,6 +247,8 @@ class SideEnvSession:
             raise BundleError(f"{spec.path}: a {spec.backend} model cannot run in the Paddle-Lite side environment")
         if not (timeout > 0 and start_timeout > 0):
             raise InvalidInputError(f"timeouts must be positive, got timeout={timeout}, start_timeout={start_timeout}")
+        if threads is not None:
+            check_threads(threads)  # before a worker process is started for nothing
         self._python = find_lite_python(python)
         self._path = Path(spec.path)
         self._input_name = spec.input.name

@@ -1,26 +1,37 @@
 """Model bundles: a directory with ``manifest.json`` and the model files it names.
 
 The manifest says everything the runtime needs (input size, resize kind, mean/std, output meaning,
-default thresholds, code layout, provenance); nothing is guessed. It is parsed strictly: unknown or
-missing keys are errors, and every model file's sha256 is checked at load.
+default thresholds, code layout, provenance); nothing is guessed. It is parsed strictly: unknown,
+missing or duplicate keys are errors, every value's type and range is checked at load (the
+defaults by building the :mod:`edge_shitu.options` dataclasses they configure), sizes are bounded
+so a manifest cannot make the runtime allocate without limit, and every model file's sha256 is
+checked at load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from edge_shitu.errors import BundleError, IntegrityError, MissingFileError
+from edge_shitu.errors import BundleError, IntegrityError, InvalidInputError, MissingFileError
+from edge_shitu.options import DetectorOptions, RecognizerOptions
 
 __all__ = [
     "MANIFEST_NAME",
     "VERIFY_NAME",
     "FORMAT",
     "FORMAT_VERSION",
+    "MAX_JSON_BYTES",
+    "MAX_INPUT_SIDE",
+    "MAX_FIXED_BATCH",
+    "MAX_INPUT_BYTES",
+    "MAX_FEATURE_DIM",
     "InputSpec",
     "HeadsSpec",
     "EmbeddingSpec",
@@ -38,6 +49,23 @@ FORMAT = "edge-shitu-bundle"
 FORMAT_VERSION = 1
 ROLES = ("detector", "extractor")
 
+MAX_JSON_BYTES = 1 << 20
+"""Largest ``manifest.json`` or ``verify.json`` read; the converter's are a few KiB."""
+_MAX_JSON_DEPTH = 32
+MAX_INPUT_SIDE = 4096
+"""Largest input height or width a manifest may declare."""
+MAX_FIXED_BATCH = 256
+"""Largest fixed batch a manifest may declare (-1, any batch, is always allowed): a fixed batch is
+padded to on every call."""
+MAX_INPUT_BYTES = 256 << 20
+"""Largest float32 input tensor a fixed shape may describe (one 4096x4096 image is 192 MiB)."""
+MAX_FEATURE_DIM = 8192
+"""Largest embedding dimension (and so plain sign code length) a manifest may declare."""
+_MAX_LEVELS = 8
+_MAX_REG_MAX = 64
+_MAX_CLASSES = 10_000
+_MAX_PIXEL = 255.0
+
 
 def sha256_file(path: Union[str, os.PathLike], *, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in chunks.
@@ -53,6 +81,109 @@ def sha256_file(path: Union[str, os.PathLike], *, chunk: int = 1 << 20) -> str:
     except FileNotFoundError:
         raise MissingFileError(f"{path}: no such file") from None
     return h.hexdigest()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Refused(ValueError):
+    """A JSON text the strict reader refuses (duplicate key, non-finite number)."""
+
+
+def _unique_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Refused(f"duplicate key {_short(key)} in one object")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str):
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"number {text[:40]} is out of range")
+    return value
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _read_json(path: Path, *, finite: bool = True) -> Any:
+    """The value of a bundle's small JSON file, read strictly.
+
+    Args:
+      path: the file.
+      finite: refuse NaN, Infinity and numbers beyond float range (a manifest); verify.json, which
+        the converter writes with Python's json, may hold NaN figures.
+
+    Raises:
+      FileNotFoundError: no such file (callers say what was missing).
+      BundleError: a one-line message naming the file: not a regular file, over
+        :data:`MAX_JSON_BYTES`, not UTF-8, not JSON, a duplicate key, a non-finite number, or
+        nesting deeper than 32 levels.
+    """
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{path}: not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise BundleError(f"{path}: {info.st_size} bytes, more than the {MAX_JSON_BYTES} a bundle's JSON file "
+                              "may have")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise BundleError(f"{path}: more than the {MAX_JSON_BYTES} bytes a bundle's JSON file may have")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    hooks = {"parse_constant": _no_constant, "parse_float": _finite_float} if finite else {}
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys, **hooks)
+    except RecursionError:
+        data = None
+    except _Refused as exc:
+        raise BundleError(f"{path}: not valid JSON for a bundle ({exc})") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    else:
+        if not _too_deep(data, _MAX_JSON_DEPTH):
+            return data
+    raise BundleError(f"{path}: not valid JSON for a bundle (nested deeper than {_MAX_JSON_DEPTH} levels)")
+
+
+def _relative_file(r: "_Reader", key: str) -> str:
+    file = r.get(key, str)
+    parts = Path(file).parts
+    if not file or "\0" in file or Path(file).is_absolute() or ".." in parts or not parts:
+        raise r._err(key, f"must be a path inside the bundle, got {_short(file)}")
+    return file
+
+
+def _sha256(r: "_Reader", key: str) -> str:
+    sha = r.get(key, str)
+    if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise r._err(key, f"must be 64 lowercase hex digits, got {_short(sha)}")
+    return sha
 
 
 class _Reader:
@@ -83,6 +214,24 @@ class _Reader:
             raise self._err(key, f"must be {want}, got {type(value).__name__}")
         return value
 
+    def integer(self, key: str, low: int, high: int) -> int:
+        value = self.get(key, int)
+        if not low <= value <= high:
+            raise self._err(key, f"must be an integer from {low} to {high}, got {value}")
+        return value
+
+    def number(self, key: str, low: float, high: float) -> float:
+        value = float(self.get(key, (int, float)))
+        if not low <= value <= high:
+            raise self._err(key, f"must be a number from {low} to {high}, got {value}")
+        return value
+
+    def name(self, key: str) -> str:
+        value = self.get(key, str)
+        if not value:
+            raise self._err(key, "must be a non-empty string")
+        return value
+
     def numbers(self, key: str, length: Optional[int] = None, kind: type = float) -> Tuple:
         values = self.get(key, list)
         ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -90,19 +239,19 @@ class _Reader:
             ok = ok and all(isinstance(v, int) for v in values)
         if not ok or (length is not None and len(values) != length):
             n = f"{length} " if length is not None else ""
-            raise self._err(key, f"must be a list of {n}{kind.__name__}s, got {values!r}")
+            raise self._err(key, f"must be a list of {n}{kind.__name__}s, got {_short(values)}")
         return tuple(kind(v) for v in values)
 
     def strings(self, key: str) -> Tuple[str, ...]:
         values = self.get(key, list)
-        if not all(isinstance(v, str) for v in values):
-            raise self._err(key, f"must be a list of strings, got {values!r}")
+        if not all(isinstance(v, str) and v for v in values):
+            raise self._err(key, f"must be a list of non-empty strings, got {_short(values)}")
         return tuple(values)
 
     def choice(self, key: str, choices: Tuple[str, ...]) -> str:
         value = self.get(key, str)
         if value not in choices:
-            raise self._err(key, f"must be one of {', '.join(choices)}, got {value!r}")
+            raise self._err(key, f"must be one of {', '.join(choices)}, got {_short(value)}")
         return value
 
     def sub(self, key: str, *, optional: bool = False) -> Optional["_Reader"]:
@@ -121,13 +270,14 @@ class InputSpec:
 
     Attributes:
       name: the model's input tensor name.
-      shape: (N, 3, H, W); N = -1 for a dynamic batch.
+      shape: (N, 3, H, W); N = -1 for a dynamic batch, else at most :data:`MAX_FIXED_BATCH`; H and W
+        at most :data:`MAX_INPUT_SIDE`; a fixed shape at most :data:`MAX_INPUT_BYTES` of float32.
       resize: "stretch" (aspect ratio not kept, as the reference).
       interpolation: "cubic" (cv2 INTER_CUBIC semantics) or "linear" (cv2 INTER_LINEAR semantics).
       channel_order: "RGB" or "BGR".
-      scale: pixel multiplier applied before mean/std (1/255).
-      mean: per-channel mean, in ``channel_order``.
-      std: per-channel standard deviation, in ``channel_order``.
+      scale: pixel multiplier applied before mean/std (1/255), in (0, 1].
+      mean: per-channel mean, in ``channel_order``, each in [-255, 255].
+      std: per-channel standard deviation, in ``channel_order``, each in (0, 255].
       layout: "NCHW".
     """
 
@@ -152,7 +302,7 @@ class InputSpec:
     @classmethod
     def _parse(cls, r: _Reader) -> "InputSpec":
         spec = cls(
-            name=r.get("name", str),
+            name=r.name("name"),
             shape=r.numbers("shape", 4, int),
             resize=r.choice("resize", ("stretch",)),
             interpolation=r.choice("interpolation", ("cubic", "linear")),
@@ -163,10 +313,20 @@ class InputSpec:
             layout=r.choice("layout", ("NCHW",)),
         )
         r.done()
-        if spec.shape[1] != 3 or spec.shape[2] < 1 or spec.shape[3] < 1:
-            raise BundleError(f"{r.manifest}: {r.where}.shape must be [N, 3, H, W], got {list(spec.shape)}")
-        if any(s <= 0 for s in spec.std):
-            raise BundleError(f"{r.manifest}: {r.where}.std must be positive, got {list(spec.std)}")
+        n, c, h, w = spec.shape
+        batch_ok = n == -1 or 1 <= n <= MAX_FIXED_BATCH
+        if c != 3 or not batch_ok or not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
+            raise r._err("shape", f"must be [N, 3, H, W] with N = -1 (any batch) or 1 to {MAX_FIXED_BATCH} and "
+                                  f"H, W from 1 to {MAX_INPUT_SIDE}, got {list(spec.shape)}")
+        if max(n, 1) * c * h * w * 4 > MAX_INPUT_BYTES:
+            raise r._err("shape", f"{list(spec.shape)} describes a float32 input of {max(n, 1) * c * h * w * 4} bytes, "
+                                  f"more than {MAX_INPUT_BYTES}")
+        if not 0 < spec.scale <= 1:
+            raise r._err("scale", f"must be in (0, 1], got {spec.scale}")
+        if not all(-_MAX_PIXEL <= m <= _MAX_PIXEL for m in spec.mean):
+            raise r._err("mean", f"must be numbers in [-255, 255], got {list(spec.mean)}")
+        if not all(0 < v <= _MAX_PIXEL for v in spec.std):
+            raise r._err("std", f"must be positive numbers at most 255, got {list(spec.std)}")
         return spec
 
 
@@ -197,16 +357,19 @@ class HeadsSpec:
             scores=r.strings("scores"),
             boxes=r.strings("boxes"),
             strides=r.numbers("strides", None, int),
-            reg_max=r.get("reg_max", int),
-            cell_offset=float(r.get("cell_offset", (int, float))),
-            num_classes=r.get("num_classes", int),
+            reg_max=r.integer("reg_max", 1, _MAX_REG_MAX),
+            cell_offset=r.number("cell_offset", 0.0, 1.0),
+            num_classes=r.integer("num_classes", 1, _MAX_CLASSES),
         )
         r.done()
         n = len(spec.strides)
         if n == 0 or len(spec.scores) != n or len(spec.boxes) != n:
             raise BundleError(f"{r.manifest}: {r.where} needs one scores and one boxes output per stride")
-        if spec.reg_max < 1 or spec.num_classes < 1 or min(spec.strides) < 1:
-            raise BundleError(f"{r.manifest}: {r.where} has a non-positive reg_max, num_classes or stride")
+        if n > _MAX_LEVELS or not all(1 <= s <= MAX_INPUT_SIDE for s in spec.strides):
+            raise r._err("strides", f"must be 1 to {_MAX_LEVELS} strides from 1 to {MAX_INPUT_SIDE}, "
+                                    f"got {list(spec.strides)}")
+        if len(set(spec.scores + spec.boxes)) != 2 * n:
+            raise BundleError(f"{r.manifest}: {r.where} names an output twice")
         return spec
 
 
@@ -216,7 +379,7 @@ class EmbeddingSpec:
 
     Attributes:
       name: output tensor name, float32 (N, dim).
-      dim: embedding dimension.
+      dim: embedding dimension, from 8 to :data:`MAX_FEATURE_DIM`.
       normalized: whether the model already L2-normalises (the official models do not).
     """
 
@@ -227,10 +390,8 @@ class EmbeddingSpec:
     @classmethod
     def _parse(cls, r: _Reader) -> "EmbeddingSpec":
         r.choice("kind", ("embedding",))
-        spec = cls(name=r.get("name", str), dim=r.get("dim", int), normalized=r.get("normalized", bool))
+        spec = cls(name=r.name("name"), dim=r.integer("dim", 8, MAX_FEATURE_DIM), normalized=r.get("normalized", bool))
         r.done()
-        if spec.dim < 8:
-            raise BundleError(f"{r.manifest}: {r.where}.dim must be >= 8, got {spec.dim}")
         return spec
 
 
@@ -248,9 +409,11 @@ class ModelSpec:
       input: how images become inputs.
       output: what the outputs mean.
       labels: detector class names (empty for an extractor).
-      defaults: detector post-processing defaults (keys of :class:`DetectorOptions`).
+      defaults: detector post-processing defaults (keys of :class:`DetectorOptions`, checked by
+        building one at load; ``backend`` is not among them).
       source: provenance as written by the converter (official archive or replica + seed).
       quantization: how an int8 model was quantised (tool, method, calibration photos), else empty.
+      manifest: the manifest that describes the model, for messages.
     """
 
     role: str
@@ -265,6 +428,7 @@ class ModelSpec:
     defaults: Mapping[str, Any]
     source: Mapping[str, Any]
     quantization: Mapping[str, Any] = field(default_factory=dict)
+    manifest: Optional[Path] = None
 
     @property
     def is_replica(self) -> bool:
@@ -276,7 +440,7 @@ class CodeSpec:
     """Binary code layout.
 
     Attributes:
-      bits: code length in bits (a multiple of 8).
+      bits: code length in bits (a multiple of 8, at most :data:`MAX_FEATURE_DIM`).
       method: "sign" (bit = feature > 0).
       bit_order: "big" (MSB-first, the reference's packing).
     """
@@ -310,18 +474,16 @@ class HashSpec:
 
     @classmethod
     def _parse(cls, r: _Reader, root: Path) -> "HashSpec":
-        file = r.get("file", str)
-        if Path(file).is_absolute() or ".." in Path(file).parts:
-            raise BundleError(f"{r.manifest}: {r.where}.file must be a path inside the bundle, got {file!r}")
-        sha = r.get("sha256", str)
-        if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
-            raise BundleError(f"{r.manifest}: {r.where}.sha256 must be 64 lowercase hex digits, got {sha!r}")
+        from edge_shitu.hashing import MAX_BITS, MAX_DIM
+
+        file = _relative_file(r, "file")
+        sha = _sha256(r, "sha256")
         spec = cls(path=root / file, sha256=sha, bits=r.get("bits", int), dim=r.get("dim", int),
                    source=dict(r.get("source", dict, optional=True, default={})))
         r.done()
-        if spec.bits <= 0 or spec.bits % 8 or spec.dim <= 0:
-            raise BundleError(f"{r.manifest}: {r.where} must have bits a positive multiple of 8 and dim >= 1, "
-                              f"got bits {spec.bits}, dim {spec.dim}")
+        if not 0 < spec.bits <= MAX_BITS or spec.bits % 8 or not 1 <= spec.dim <= MAX_DIM:
+            raise BundleError(f"{r.manifest}: {r.where} must have bits a positive multiple of 8 up to {MAX_BITS} and "
+                              f"dim from 1 to {MAX_DIM}, got bits {spec.bits}, dim {spec.dim}")
         return spec
 
 
@@ -329,8 +491,10 @@ class HashSpec:
 class RecognitionDefaults:
     """Recogniser defaults recorded in the bundle.
 
+    Checked at load by building the :class:`edge_shitu.options.RecognizerOptions` they configure.
+
     Attributes:
-      max_distance: Hamming acceptance radius in bits.
+      max_distance: Hamming acceptance radius in bits, from 0 to :data:`MAX_FEATURE_DIM`.
       final_nms_iou: IoU of the final NMS.
       whole_image: whole-image policy name.
       top_k: candidates per region.
@@ -376,7 +540,10 @@ class Bundle:
 
         Raises:
           MissingFileError: the directory, its manifest or a model file is missing.
-          BundleError: the manifest is not valid JSON or breaks the schema.
+          BundleError: the manifest is larger than :data:`MAX_JSON_BYTES`, not UTF-8, not valid JSON
+            (duplicate keys, NaN/Infinity and nesting deeper than 32 levels included), or breaks the
+            schema: a missing or unknown key, or a value of the wrong type or out of range. The
+            message names the manifest and the key.
           IntegrityError: a model file's (or the hash head's) sha256 differs from the manifest.
         """
         if isinstance(path, Bundle):
@@ -386,13 +553,9 @@ class Bundle:
         if not root.is_dir():
             raise MissingFileError(f"{root}: bundle directory not found (expected a folder with {MANIFEST_NAME})")
         try:
-            text = manifest_path.read_text(encoding="utf-8")
+            data = _read_json(manifest_path)
         except FileNotFoundError:
             raise MissingFileError(f"{manifest_path}: no manifest; {root} is not an edge-shitu bundle") from None
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
         bundle = cls._parse(data, root.resolve(), manifest_path)
         if verify:
             bundle.verify()
@@ -403,14 +566,14 @@ class Bundle:
         r = _Reader(data, "manifest", manifest_path)
         fmt = r.get("format", str)
         if fmt != FORMAT:
-            raise BundleError(f"{manifest_path}: format is {fmt!r}, expected {FORMAT!r}")
+            raise BundleError(f"{manifest_path}: format is {_short(fmt)}, expected {FORMAT!r}")
         version = r.get("format_version", int)
         if version != FORMAT_VERSION:
             raise BundleError(
                 f"{manifest_path}: format_version {version} is not supported by this edge-shitu "
                 f"(supports {FORMAT_VERSION}); convert the models again or upgrade edge-shitu"
             )
-        name = r.get("name", str)
+        name = r.name("name")
         models_r = r.sub("models")
         models: Dict[str, ModelSpec] = {}
         for role in ROLES:
@@ -424,8 +587,9 @@ class Bundle:
         c = r.sub("codes")
         codes = CodeSpec(bits=c.get("bits", int), method=c.choice("method", ("sign",)), bit_order=c.choice("bit_order", ("big",)))
         c.done()
-        if codes.bits <= 0 or codes.bits % 8:
-            raise BundleError(f"{manifest_path}: codes.bits must be a positive multiple of 8, got {codes.bits}")
+        if not 0 < codes.bits <= MAX_FEATURE_DIM or codes.bits % 8:
+            raise BundleError(f"{manifest_path}: codes.bits must be a positive multiple of 8 up to {MAX_FEATURE_DIM}, "
+                              f"got {codes.bits}")
         ext = models.get("extractor")
         h = r.sub("hash", optional=True)
         head = None if h is None else HashSpec._parse(h, root)
@@ -446,13 +610,20 @@ class Bundle:
 
         g = r.sub("recognition")
         recognition = RecognitionDefaults(
-            max_distance=g.get("max_distance", int),
+            max_distance=g.integer("max_distance", 0, MAX_FEATURE_DIM),
             final_nms_iou=float(g.get("final_nms_iou", (int, float))),
             whole_image=g.choice("whole_image", ("if_none", "always", "never")),
             top_k=g.get("top_k", int),
         )
         g.done()
+        try:
+            RecognizerOptions(max_distance=recognition.max_distance, top_k=recognition.top_k,
+                              whole_image=recognition.whole_image, final_nms_iou=recognition.final_nms_iou)
+        except InvalidInputError as exc:
+            raise BundleError(f"{manifest_path}: manifest.recognition: {exc}") from None
         tools = r.get("tools", dict)
+        if not all(isinstance(v, str) for v in tools.values()):
+            raise BundleError(f"{manifest_path}: manifest.tools must map tool names to version strings")
         r.done()
         return cls(root, name, models, codes, recognition, dict(tools), data, head)
 
@@ -484,16 +655,22 @@ class Bundle:
         Raises:
           MissingFileError: the head file is missing.
           IntegrityError: its sha256 differs from the manifest.
-          HashHeadError: the file is malformed.
+          HashHeadError: the file is malformed, or larger than the largest head
+            (:data:`edge_shitu.hashing.MAX_FILE_BYTES`).
           BundleError: its shape differs from what the manifest records.
         """
         if self.hash is None:
             return None
-        from edge_shitu.hashing import HashHead
+        from edge_shitu.errors import HashHeadError
+        from edge_shitu.hashing import MAX_FILE_BYTES, HashHead
 
         spec = self.hash
         if not spec.path.is_file():
             raise MissingFileError(f"{spec.path}: hash head file named by {self.path / MANIFEST_NAME} is missing")
+        size = spec.path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise HashHeadError(f"{spec.path}: {size} bytes, more than the {MAX_FILE_BYTES} the largest hash head "
+                                "takes")
         data = spec.path.read_bytes()
         seen = hashlib.sha256(data).hexdigest()
         if seen != spec.sha256:
@@ -512,15 +689,12 @@ class Bundle:
         """The converter's ``verify.json`` (agreement with the source models), or None if never verified.
 
         Raises:
-          BundleError: the file exists but is not valid JSON.
+          BundleError: the file exists but is not valid JSON (or is larger than :data:`MAX_JSON_BYTES`).
         """
-        path = self.path / VERIFY_NAME
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return _read_json(self.path / VERIFY_NAME, finite=False)
         except FileNotFoundError:
             return None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{path}: not valid JSON ({exc})") from None
 
     @property
     def detector(self) -> Optional[ModelSpec]:
@@ -556,27 +730,51 @@ class Bundle:
         Raises:
           BundleError: the bundle has no extractor.
         """
+        return self._code_fingerprint(with_head=True)
+
+    def _code_fingerprint(self, *, with_head: bool) -> str:
         ext = self.require("extractor")
         fields = {"extractor_sha256": ext.sha256, "bits": self.codes.bits, "method": self.codes.method,
                   "bit_order": self.codes.bit_order}
-        if self.hash is not None:
+        if with_head and self.hash is not None:
             fields["hash_sha256"] = self.hash.sha256
         payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
+    @property
+    def embedding_fingerprint(self) -> str:
+        """Identity of the float features this bundle's extractor makes (galleries record it beside
+        stored embeddings, so they are never re-hashed with another model's head).
+
+        It depends on the extractor file and the feature size only: bundles that differ only in
+        their hash head share it.
+
+        Raises:
+          BundleError: the bundle has no extractor.
+        """
+        ext = self.require("extractor")
+        payload = json.dumps({"extractor_sha256": ext.sha256, "dim": ext.output.dim, "kind": "embedding"},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+    @property
+    def plain_code_fingerprint(self) -> str:
+        """The code fingerprint this bundle's extractor has with plain sign codes (no hash head).
+
+        Raises:
+          BundleError: the bundle has no extractor.
+        """
+        return self._code_fingerprint(with_head=False)
+
 
 def _parse_model(role: str, r: _Reader, root: Path) -> ModelSpec:
-    file = r.get("file", str)
-    if Path(file).is_absolute() or ".." in Path(file).parts:
-        raise BundleError(f"{r.manifest}: {r.where}.file must be a path inside the bundle, got {file!r}")
-    sha = r.get("sha256", str)
-    if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
-        raise BundleError(f"{r.manifest}: {r.where}.sha256 must be 64 lowercase hex digits, got {sha!r}")
+    file = _relative_file(r, "file")
+    sha = _sha256(r, "sha256")
     backend = r.choice("backend", ("onnxruntime", "paddlelite"))
     precision = r.choice("precision", ("fp32", "fp16", "int8"))
     target = r.get("target", str, optional=True, default="any")
     if target not in ("any", "x86", "arm"):
-        raise BundleError(f"{r.manifest}: {r.where}.target must be any, x86 or arm, got {target!r}")
+        raise BundleError(f"{r.manifest}: {r.where}.target must be any, x86 or arm, got {_short(target)}")
     inp = InputSpec._parse(r.sub("input"))
     out_r = r.sub("output")
     if role == "detector":
@@ -585,6 +783,14 @@ def _parse_model(role: str, r: _Reader, root: Path) -> ModelSpec:
         defaults = r.get("defaults", dict)
         if len(labels) != output.num_classes:
             raise BundleError(f"{r.manifest}: {r.where}.labels has {len(labels)} names for {output.num_classes} classes")
+        device_keys = sorted({"backend", "max_pixels"} & set(defaults))
+        if device_keys:
+            raise BundleError(f"{r.manifest}: unknown key(s) in {r.where}.defaults: {', '.join(device_keys)} (sessions "
+                              "and image limits are chosen by the device, not the manifest)")
+        try:
+            DetectorOptions.from_mapping(defaults)
+        except InvalidInputError as exc:
+            raise BundleError(f"{r.manifest}: {r.where}.defaults: {exc}") from None
     else:
         output = EmbeddingSpec._parse(out_r)
         labels, defaults = (), {}
@@ -594,4 +800,4 @@ def _parse_model(role: str, r: _Reader, root: Path) -> ModelSpec:
     if precision == "int8" and not quantization:
         raise BundleError(f"{r.manifest}: {r.where} is int8 but does not say how it was quantised (quantization)")
     return ModelSpec(role, root / file, sha, backend, precision, target, inp, output, labels, dict(defaults),
-                     dict(source), dict(quantization))
+                     dict(source), dict(quantization), r.manifest)

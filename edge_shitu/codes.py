@@ -218,11 +218,12 @@ def top_k(
     Args:
       distances: integer ``(n, m)``, non-negative Hamming distances.
       ids: integer ``(m,)``, the id of each column (stable gallery keys, not positions).
-      k: matches to return per query, >= 1; rows are padded with -1 when fewer exist.
+      k: matches to return per query, >= 1; capped at the number of codes ``m``, so the result
+        has ``c = min(k, m)`` columns.
       max_distance: when given, matches with a larger distance are dropped (padded with -1).
 
     Returns:
-      SearchResult with ids int64 ``(n, k)``, distances int32 ``(n, k)`` and counts int64 ``(n,)``.
+      SearchResult with ids int64 ``(n, c)``, distances int32 ``(n, c)`` and counts int64 ``(n,)``.
 
     Raises:
       InvalidDtypeError: ``distances`` or ``ids`` is not an integer array.
@@ -241,6 +242,7 @@ def top_k(
     n, m = dist.shape
     if id_arr.shape[0] != m:
         raise InvalidInputError(f"ids must have one entry per column of distances ({m}), got {id_arr.shape[0]}")
+    k = min(k, m)
     out_ids = np.full((n, k), -1, dtype=np.int64)
     out_dist = np.full((n, k), -1, dtype=np.int32)
     counts = np.zeros(n, dtype=np.int64)

@@ -14,7 +14,7 @@ import numpy as np
 from edge_shitu.backends import Session, create_session
 from edge_shitu.boxes import nms
 from edge_shitu.bundle import Bundle, HeadsSpec, ModelSpec
-from edge_shitu.errors import BundleError
+from edge_shitu.errors import BundleError, ClosedError
 from edge_shitu.image import load_image
 from edge_shitu.options import DetectorOptions
 from edge_shitu.preprocess import image_to_tensor
@@ -182,6 +182,8 @@ class Detector:
 
     def infer(self, tensor: np.ndarray) -> List[np.ndarray]:
         """Run the network. Returns the score outputs, then the box outputs, in stride order."""
+        if self._session is None:
+            raise ClosedError(f"{self.spec.path}: this detector is closed")
         return self._session.run({self.spec.input.name: tensor}, self._outputs)
 
     def postprocess(self, outputs: Sequence[np.ndarray], *, image_size: Tuple[int, int],
@@ -234,7 +236,7 @@ class Detector:
           MissingFileError, ImageDecodeError: the image cannot be read.
           InvalidInputError, InvalidDtypeError: an array input has the wrong shape or dtype.
         """
-        img = load_image(image)
+        img = load_image(image, max_pixels=self.options.max_pixels)
         tensor, scale = self.preprocess(img)
         return self.postprocess(self.infer(tensor), image_size=(img.shape[1], img.shape[0]), scale=scale)
 

@@ -13,7 +13,7 @@ import numpy as np
 from edge_shitu.backends import Session, create_session
 from edge_shitu.bundle import Bundle, CodeSpec, EmbeddingSpec, ModelSpec
 from edge_shitu.codes import binarize, l2_normalize
-from edge_shitu.errors import BundleError
+from edge_shitu.errors import BundleError, ClosedError
 from edge_shitu.image import load_image
 from edge_shitu.options import EmbedderOptions
 from edge_shitu.preprocess import image_to_tensor
@@ -105,6 +105,8 @@ class Embedder:
             if self._fixed_batch is not None and real < self._fixed_batch:
                 pad = np.zeros((self._fixed_batch - real,) + chunk.shape[1:], dtype=np.float32)
                 chunk = np.concatenate([chunk, pad])
+            if self._session is None:
+                raise ClosedError(f"{self.spec.path}: this embedder is closed")
             feats = self._session.run({self.spec.input.name: chunk}, [self.spec.output.name])[0]
             out[start:start + real] = np.asarray(feats, dtype=np.float32).reshape(chunk.shape[0], -1)[:real]
         return out
@@ -126,7 +128,7 @@ class Embedder:
           MissingFileError, ImageDecodeError: an image cannot be read.
           InvalidInputError, InvalidDtypeError: an array has the wrong shape or dtype.
         """
-        crops: List[np.ndarray] = [load_image(im) for im in images]
+        crops: List[np.ndarray] = [load_image(im, max_pixels=self.options.max_pixels) for im in images]
         if not crops:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.postprocess(self.infer(self.preprocess(crops)))

@@ -25,6 +25,7 @@ __all__ = [
     "FetchError",
     "ConversionError",
     "HashHeadError",
+    "ClosedError",
 ]
 
 
@@ -37,7 +38,8 @@ class MissingFileError(EdgeShituError, FileNotFoundError):
 
 
 class ImageDecodeError(EdgeShituError, ValueError):
-    """An image file is empty, truncated, of an unsupported format or too large to decode."""
+    """An image file cannot be read (permissions, a link loop, an I/O error), or is empty, truncated, of an
+    unsupported format or too large to decode."""
 
 
 class InvalidInputError(EdgeShituError, ValueError):
@@ -86,6 +88,11 @@ class FetchError(EdgeShituError, OSError):
 
 class ConversionError(EdgeShituError, RuntimeError):
     """A model conversion step failed; the message names the step and the model."""
+
+
+class ClosedError(EdgeShituError, ValueError):
+    """A detector, embedder, recogniser or gallery was used after :meth:`close` (as Python's files do,
+    this is a ``ValueError``)."""
 
 
 class HashHeadError(EdgeShituError, ValueError):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 from collections import Counter, abc
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -59,10 +60,11 @@ from edge_shitu.errors import (
     InvalidInputError,
     MissingFileError,
 )
+from edge_shitu.labelfile import check_label, has_breaking_characters
 from edge_shitu.search import HammingIndex, resolve_hamming_backend
 from edge_shitu.types import SearchResult
 
-__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "FORMAT_VERSION", "check_gallery", "upgrade_gallery"]
+__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "ItemBatch", "FORMAT_VERSION", "check_gallery", "upgrade_gallery"]
 
 FORMAT_VERSION = "2"
 """The gallery file format this module reads and writes."""
@@ -77,8 +79,6 @@ _LABEL_COLUMNS = {"id", "label", "count"}
 # Rows per fetch when loading codes: bounds the Python objects alive at once while opening.
 _FETCH_ROWS = 1 << 15
 _HEX = re.compile(r"[0-9a-fA-F]+")
-# Unicode category Cc, exactly: C0 controls, DEL and C1 controls.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SIDE_FILES = ("-journal", "-wal", "-shm")
 _CONSTRUCT_KEY = object()
 
@@ -128,6 +128,8 @@ class GalleryInfo:
       format_version: file format version.
       max_distance: calibrated acceptance threshold in bits, or None.
       embedding_dim: dimension of the stored float embeddings, or None when none are stored.
+      embedding_fingerprint: identity of the extractor that made the stored embeddings, or None
+        (no embeddings, or stored by an edge-shitu that did not record it).
       created_by: the edge-shitu version that created the file.
       file_size: size of the database (pages x page size) in bytes.
       readonly: whether the gallery was opened read-only.
@@ -144,6 +146,37 @@ class GalleryInfo:
     created_by: str
     file_size: int
     readonly: bool
+    embedding_fingerprint: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ItemBatch:
+    """New items for :meth:`Gallery.add_batches`.
+
+    Attributes:
+      codes: uint8 ``(n, bits // 8)`` packed codes.
+      labels: ``n`` labels (same rules as :meth:`Gallery.add`).
+      embeddings: optional float ``(n, d)`` features to store beside the codes.
+      sources: optional ``n`` strings (e.g. image paths) or None entries.
+    """
+
+    codes: np.ndarray
+    labels: Sequence[str]
+    embeddings: Optional[np.ndarray] = None
+    sources: Optional[Sequence[Optional[str]]] = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    codes: np.ndarray  # uint8 (n, nbytes), validated
+    labels: List[str]
+    blobs: List[Optional[bytes]]  # float32 little-endian embeddings, or None
+    dim: Optional[int]
+    sources: List[Optional[str]]
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
 
 
 @dataclass(frozen=True)
@@ -154,12 +187,44 @@ class _Meta:
     next_id: int
     max_distance: Optional[int]
     embedding_dim: Optional[int]
+    embedding_fingerprint: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class _Snapshot:
+    """One committed state of the items, kept in memory so that readers never need the file.
+
+    A reader keeps answering from its last snapshot while the file cannot be read (e.g. a crashed
+    writer left a rollback journal that a read-only connection may not roll back).
+    """
+
     ids: np.ndarray  # int64 (m,), strictly ascending, read-only
     index: HammingIndex  # the codes, row i belonging to ids[i]; immutable
+    label_ids: np.ndarray  # (m,) label id of ids[i]: uint16 while label ids fit, else int32; read-only
+    labels: Dict[int, str]  # label id -> label, for every label with items; never mutated
+
+    def label_of(self, positions: np.ndarray) -> List[str]:
+        return [self.labels[int(i)] for i in self.label_ids[positions]]
+
+    def without(self, keep: np.ndarray) -> "_Snapshot":
+        """The snapshot restricted to the rows where ``keep`` (bool (m,)) is true."""
+        kept = self.label_ids[keep]
+        present = set(np.unique(kept).tolist())
+        return _Snapshot(_frozen(self.ids[keep]), self.index.without(keep), _frozen(kept),
+                         {i: lab for i, lab in self.labels.items() if i in present})
+
+
+def _label_array(values: Sequence[int]) -> np.ndarray:
+    # Two bytes per item while label ids allow it: the in-memory cost per item stays near 80 bytes.
+    arr = np.asarray(values, dtype=np.int64)
+    dtype = np.uint16 if arr.size == 0 or int(arr.max()) <= np.iinfo(np.uint16).max else np.int32
+    return _frozen(arr.astype(dtype))
+
+
+def _empty_snapshot(bits: int, backend: str) -> _Snapshot:
+    return _Snapshot(_frozen(np.empty(0, np.int64)),
+                     HammingIndex.build(np.empty((0, bits // 8), np.uint8), bits=bits, backend=backend),
+                     _label_array([]), {})
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -183,26 +248,19 @@ def _check_fingerprint(fingerprint: object) -> str:
     return fingerprint.lower()
 
 
+def _check_embedding_fingerprint(fingerprint: object, with_embeddings: bool) -> Optional[str]:
+    if not with_embeddings:
+        return None
+    if fingerprint is None:
+        raise InvalidInputError("embeddings need embedding_fingerprint (Bundle.embedding_fingerprint of the extractor "
+                                "that made them), so that they are never re-hashed with another model")
+    return _check_fingerprint(fingerprint)
+
+
 def _check_bits(bits: object) -> int:
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
         raise InvalidInputError(f"bits must be a positive multiple of 8, got {bits!r}")
     return int(bits)
-
-
-def _has_control(text: str) -> bool:
-    return _CONTROL.search(text) is not None
-
-
-def _check_label(label: object, where: str) -> str:
-    # Label files are "path<TAB>label" lines, so labels must survive that format unchanged.
-    if not isinstance(label, str):
-        raise InvalidInputError(f"{where}: a label must be a str, got {type(label).__name__}")
-    if not label or label != label.strip() or _has_control(label):
-        raise InvalidInputError(
-            f"{where}: a label must be non-empty, without leading/trailing spaces and without "
-            f"tabs, newlines or other control characters, got {label!r}"
-        )
-    return label
 
 
 def _check_count(values: object, n: int, name: str) -> list:
@@ -274,6 +332,9 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         embedding_dim = _parse_int(rows["embedding_dim"], "embedding_dim", name)
         if embedding_dim <= 0:
             raise GalleryCorruptError(f"{name}: meta 'embedding_dim' must be > 0, got {embedding_dim}")
+    embedding_fingerprint = rows.get("embedding_fingerprint")
+    if embedding_fingerprint is not None and not _HEX.fullmatch(embedding_fingerprint):
+        raise GalleryCorruptError(f"{name}: meta 'embedding_fingerprint' is not a hex string: {embedding_fingerprint!r}")
     return _Meta(
         bits=bits,
         fingerprint=rows["fingerprint"].lower(),
@@ -281,6 +342,7 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         next_id=next_id,
         max_distance=max_distance,
         embedding_dim=embedding_dim,
+        embedding_fingerprint=None if embedding_fingerprint is None else embedding_fingerprint.lower(),
     )
 
 
@@ -304,13 +366,15 @@ def _read_meta_rows(conn: sqlite3.Connection) -> Dict[str, str]:
     return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
 
 
-def _code_chunks(conn: sqlite3.Connection, nbytes: int, name: str, ids: np.ndarray) -> Iterator[np.ndarray]:
-    """Yields the codes in id order, a bounded batch of rows at a time, filling ``ids`` on the way.
+def _code_chunks(conn: sqlite3.Connection, nbytes: int, name: str, ids: np.ndarray,
+                 label_ids: np.ndarray) -> Iterator[np.ndarray]:
+    """Yields the codes in id order, a bounded batch of rows at a time, filling ``ids`` and
+    ``label_ids`` on the way.
 
-    ``ids`` must have one slot per item (``SELECT count(*)`` in the same transaction).
+    ``ids`` and ``label_ids`` must have one slot per item (``SELECT count(*)`` in the same transaction).
     """
     count = ids.shape[0]
-    cursor = conn.execute("SELECT id, code FROM items ORDER BY id")
+    cursor = conn.execute("SELECT id, label_id, code FROM items ORDER BY id")
     done = 0
     while True:
         rows = cursor.fetchmany(_FETCH_ROWS)
@@ -319,19 +383,20 @@ def _code_chunks(conn: sqlite3.Connection, nbytes: int, name: str, ids: np.ndarr
         n = len(rows)
         if done + n > count:
             raise GalleryCorruptError(f"{name}: the items table changed while it was being read")
-        id_list, blobs = zip(*rows)
+        id_list, label_list, blobs = zip(*rows)
         try:
             joined = b"".join(blobs)
             lengths_ok = set(map(len, blobs)) == {nbytes}
         except TypeError:
             lengths_ok = False
         if not lengths_ok:
-            bad = [int(r[0]) for r in rows if not isinstance(r[1], bytes) or len(r[1]) != nbytes]
+            bad = [int(r[0]) for r in rows if not isinstance(r[2], bytes) or len(r[2]) != nbytes]
             raise GalleryCorruptError(
                 f"{name}: items {_short_list(bad)} have codes that are not {nbytes}-byte blobs "
                 f"({nbytes * 8}-bit codes expected)"
             )
         ids[done:done + n] = id_list
+        label_ids[done:done + n] = label_list
         done += n
         yield np.frombuffer(joined, dtype=np.uint8).reshape(n, nbytes)
     if done != count:
@@ -340,18 +405,25 @@ def _code_chunks(conn: sqlite3.Connection, nbytes: int, name: str, ids: np.ndarr
 
 def _read_codes(conn: sqlite3.Connection, nbytes: int, name: str) -> Tuple[np.ndarray, np.ndarray]:
     """Reads every (id, code) in id order: int64 ``(m,)`` and uint8 ``(m, nbytes)``."""
-    ids = np.empty(conn.execute("SELECT count(*) FROM items").fetchone()[0], dtype=np.int64)
-    chunks = list(_code_chunks(conn, nbytes, name, ids))
+    count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+    ids, label_ids = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+    chunks = list(_code_chunks(conn, nbytes, name, ids, label_ids))
     codes = np.concatenate(chunks) if chunks else np.empty((0, nbytes), dtype=np.uint8)
     return ids, codes
 
 
 def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str) -> _Snapshot:
-    ids = np.empty(conn.execute("SELECT count(*) FROM items").fetchone()[0], dtype=np.int64)
+    count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+    ids, label_ids = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
     # Chunk by chunk, so opening never holds a second full copy of the codes.
-    index = HammingIndex.from_chunks(_code_chunks(conn, bits // 8, name, ids), size=ids.shape[0], bits=bits,
+    index = HammingIndex.from_chunks(_code_chunks(conn, bits // 8, name, ids, label_ids), size=count, bits=bits,
                                      backend=backend)
-    return _Snapshot(ids=_frozen(ids), index=index)
+    labels = {int(i): str(lab) for i, lab in conn.execute("SELECT id, label FROM labels")}
+    unknown = np.setdiff1d(label_ids, np.fromiter(labels, dtype=np.int64, count=len(labels)))
+    if unknown.size:
+        raise GalleryCorruptError(f"{name}: items refer to labels that do not exist (label ids {_short_list(unknown)}); "
+                                  "run `edge-shitu gallery check` for details")
+    return _Snapshot(ids=_frozen(ids), index=index, label_ids=_label_array(label_ids), labels=labels)
 
 
 def _check_schema(conn: sqlite3.Connection, name: str) -> None:
@@ -369,8 +441,8 @@ def _check_schema(conn: sqlite3.Connection, name: str) -> None:
             )
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename of a freshly created gallery durable; not possible on every platform.
+def fsync_dir(directory: Path) -> None:
+    """Makes a rename in ``directory`` durable (where the platform allows it); never raises."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -424,6 +496,7 @@ class Gallery:
         self._readonly = readonly
         self._backend = backend
         self._lock = threading.RLock()
+        self._stale: Optional[str] = None
 
     @classmethod
     def create(
@@ -471,8 +544,7 @@ class Gallery:
             except BaseException:
                 conn.close()
                 raise
-            empty = _Snapshot(_frozen(np.empty(0, np.int64)),
-                              HammingIndex.build(np.empty((0, bits // 8), np.uint8), bits=bits, backend=backend))
+            empty = _empty_snapshot(bits, backend)
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             return cls(_CONSTRUCT_KEY, conn, None, meta, empty, version, False, backend)
 
@@ -499,7 +571,7 @@ class Gallery:
         finally:
             for suffix in ("", *_SIDE_FILES):
                 Path(str(tmp) + suffix).unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return cls.open(target, fingerprint=fingerprint, backend=backend)
 
     @classmethod
@@ -611,6 +683,14 @@ class Gallery:
         return self._backend
 
     @property
+    def stale(self) -> Optional[str]:
+        """Why the file could not be re-read at the last call, or None when the view is current.
+
+        While it is set, searches answer from the last state read (never a half-written one).
+        """
+        return self._stale
+
+    @property
     def readonly(self) -> bool:
         """Whether the gallery was opened read-only."""
         return self._readonly
@@ -688,13 +768,15 @@ class Gallery:
 
         Args:
           codes: uint8 ``(n, bits // 8)`` query codes (or one code ``(bits // 8,)``).
-          k: matches per query, >= 1; rows are padded with -1 when fewer exist.
+          k: matches per query, >= 1; capped at the gallery's size, so the result has
+            ``c = min(k, len(self))`` columns (any k is safe to ask for); rows with fewer matches
+            within ``max_distance`` are padded with -1.
           max_distance: drop matches farther than this many bits. None means no limit; the
             gallery's calibrated :attr:`max_distance` is *not* applied here, so callers can see
             rejected candidates too.
 
         Returns:
-          SearchResult with ids int64 ``(n, k)``, distances int32 ``(n, k)``, counts int64 ``(n,)``.
+          SearchResult with ids int64 ``(n, c)``, distances int32 ``(n, c)``, counts int64 ``(n,)``.
 
         Raises:
           InvalidDtypeError: ``codes`` is not a uint8 ndarray.
@@ -717,6 +799,7 @@ class Gallery:
         *,
         ids: Optional[Sequence[int]] = None,
         embeddings: Optional[np.ndarray] = None,
+        embedding_fingerprint: Optional[str] = None,
         sources: Optional[Sequence[Optional[str]]] = None,
     ) -> np.ndarray:
         """Adds a batch of items in one transaction: all of them or none.
@@ -729,6 +812,9 @@ class Gallery:
             ``max(every id ever used) + 1`` upwards (ids of removed items are never reused).
           embeddings: optional float ``(n, d)`` finite features stored beside the codes as
             float32 (e.g. to re-hash the gallery later); ``d`` must match earlier embeddings.
+          embedding_fingerprint: hex identity of the extractor that made ``embeddings``
+            (``Bundle.embedding_fingerprint``); required with ``embeddings`` and equal to the one
+            of embeddings already stored, so a gallery never mixes two models' features.
           sources: optional ``n`` strings (e.g. image paths) or None entries.
 
         Returns:
@@ -736,90 +822,210 @@ class Gallery:
 
         Raises:
           InvalidDtypeError: ``codes`` is not uint8, ``ids`` not integers or ``embeddings`` not float.
-          InvalidInputError: wrong shapes or lengths, bad labels, sources or embeddings.
+          InvalidInputError: wrong shapes or lengths, bad labels, sources or embeddings, or
+            ``embeddings`` without ``embedding_fingerprint``.
+          FingerprintMismatchError: the gallery stores embeddings of another extractor.
           GalleryError: ``ids`` repeat or already exist, the gallery is read-only or closed, or
             the write failed (nothing is written then).
         """
         self._require_writable()
-        arr = check_codes(codes, self.nbytes)
-        n = arr.shape[0]
-        labels = list(_check_count(labels, n, "labels"))
-        checked = set()
-        for i, label in enumerate(labels):
-            if label not in checked:
-                checked.add(_check_label(label, f"labels[{i}]"))
+        batch = self._prepare(ItemBatch(codes, labels, embeddings=embeddings, sources=sources), 0)
+        emb_fp = _check_embedding_fingerprint(embedding_fingerprint, batch.dim is not None)
         id_arr = None
         if ids is not None:
             id_arr = _check_ids(ids)
-            if id_arr.shape[0] != n:
-                raise InvalidInputError(f"ids must have one entry per code ({n}), got {id_arr.shape[0]}")
+            if id_arr.shape[0] != batch.n:
+                raise InvalidInputError(f"ids must have one entry per code ({batch.n}), got {id_arr.shape[0]}")
             uniq, counts = np.unique(id_arr, return_counts=True)
             if (counts > 1).any():
                 raise GalleryError(f"{self._name}: ids repeat within the batch: {_short_list(uniq[counts > 1])}")
+        if batch.n == 0:
+            return np.empty(0, dtype=np.int64)
+
+        def insert(conn: sqlite3.Connection, new_ids: np.ndarray, label_ids: Dict[str, int], now: int) -> None:
+            conn.executemany(
+                "INSERT INTO items(id, label_id, code, embedding, source, added_at) VALUES (?, ?, ?, ?, ?, ?)",
+                ((int(i), label_ids[lab], batch.codes[j].tobytes(), batch.blobs[j], batch.sources[j], now)
+                 for j, (i, lab) in enumerate(zip(new_ids, batch.labels))),
+            )
+
+        return self._insert("add", batch.codes, batch.labels, batch.dim, emb_fp, id_arr, insert)
+
+    def add_batches(self, batches: Iterable["ItemBatch"], *,
+                    embedding_fingerprint: Optional[str] = None) -> np.ndarray:
+        """Adds many batches of items as one transaction: all of them or none.
+
+        The batches are consumed one at a time and staged in a temporary table of this connection
+        (in SQLite's temporary storage, not in the gallery file), so memory stays bounded by one
+        batch plus the codes; the gallery is locked only for the final copy. If the iterable raises,
+        a batch is invalid, the disk fills up or the process dies, the gallery is left as it was.
+
+        Args:
+          batches: :class:`ItemBatch` objects (codes, labels, optional embeddings and sources).
+          embedding_fingerprint: identity of the extractor that made the embeddings; required
+            when any batch carries embeddings (see :meth:`add`).
+
+        Returns:
+          int64 ``(n,)``: ids of all added items, in input order (new ids, as in :meth:`add`).
+
+        Raises:
+          InvalidDtypeError, InvalidInputError: a batch is malformed (its index is named), or
+            embeddings of different widths or without ``embedding_fingerprint``.
+          FingerprintMismatchError: the gallery stores embeddings of another extractor.
+          GalleryError: the gallery is read-only or closed, or the write failed.
+          Whatever ``batches`` raises, after discarding what was staged.
+        """
+        self._require_writable()
+        table = f"staged_{uuid.uuid4().hex}"
+        codes: List[np.ndarray] = []
+        labels: List[str] = []
+        dim: Optional[int] = None
+        with_embeddings = False
+        conn = self._require_open()
+        with self._lock:
+            conn.execute(f"CREATE TEMP TABLE {table}(seq INTEGER PRIMARY KEY, label TEXT NOT NULL, "
+                         "code BLOB NOT NULL, embedding BLOB NULL, source TEXT NULL)")
+        try:
+            for number, raw in enumerate(batches):
+                if not isinstance(raw, ItemBatch):
+                    raise InvalidInputError(f"batch {number}: expected an ItemBatch, got {type(raw).__name__}")
+                batch = self._prepare(raw, number)
+                if batch.dim is not None:
+                    with_embeddings = True
+                    if dim is not None and batch.dim != dim:
+                        raise InvalidInputError(f"batch {number}: embeddings have {batch.dim} columns, "
+                                                f"earlier batches {dim}")
+                    dim = batch.dim
+                start = len(labels)
+                with self._lock:
+                    self._require_open()
+                    conn.execute("BEGIN")
+                    try:
+                        conn.executemany(
+                            f"INSERT INTO temp.{table}(seq, label, code, embedding, source) VALUES (?, ?, ?, ?, ?)",
+                            ((start + j, batch.labels[j], batch.codes[j].tobytes(), batch.blobs[j], batch.sources[j])
+                             for j in range(batch.n)))
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                codes.append(batch.codes)
+                labels.extend(batch.labels)
+            emb_fp = _check_embedding_fingerprint(embedding_fingerprint, with_embeddings)
+            if not labels:
+                return np.empty(0, dtype=np.int64)
+            all_codes = np.concatenate(codes)
+            del codes
+
+            def insert(conn: sqlite3.Connection, new_ids: np.ndarray, label_ids: Dict[str, int], now: int) -> None:
+                conn.execute(f"CREATE TEMP TABLE {table}_labels(label TEXT PRIMARY KEY, id INTEGER NOT NULL)")
+                conn.executemany(f"INSERT INTO temp.{table}_labels(label, id) VALUES (?, ?)", label_ids.items())
+                conn.execute(
+                    "INSERT INTO items(id, label_id, code, embedding, source, added_at) "
+                    f"SELECT ? + s.seq, m.id, s.code, s.embedding, s.source, ? FROM temp.{table} AS s "
+                    f"JOIN temp.{table}_labels AS m ON m.label = s.label ORDER BY s.seq",
+                    (int(new_ids[0]), now))
+
+            return self._insert("add", all_codes, labels, dim, emb_fp, None, insert)
+        except sqlite3.Error as exc:
+            raise self._wrap(exc, "add") from exc
+        finally:
+            with self._lock:
+                if self._conn is not None:
+                    for name in (table, f"{table}_labels"):
+                        try:
+                            self._conn.execute(f"DROP TABLE IF EXISTS temp.{name}")
+                        except sqlite3.Error:
+                            pass  # the connection is gone or busy: the temporary table dies with it
+
+    def _prepare(self, batch: "ItemBatch", number: int) -> "_Prepared":
+        """Validates one batch of new items; ``number`` names it in messages."""
+        where = f"batch {number}: " if number else ""
+        arr = check_codes(batch.codes, self.nbytes)
+        n = arr.shape[0]
+        labels = list(_check_count(batch.labels, n, f"{where}labels"))
+        checked = set()
+        for i, label in enumerate(labels):
+            if label not in checked:
+                checked.add(check_label(label, f"{where}labels[{i}]"))
         blobs: List[Optional[bytes]] = [None] * n
         dim = None
-        if embeddings is not None:
-            emb = np.asarray(embeddings)
+        if batch.embeddings is not None:
+            emb = np.asarray(batch.embeddings)
             if not np.issubdtype(emb.dtype, np.floating):
-                raise InvalidDtypeError(f"embeddings must be a float array, got dtype {emb.dtype}")
+                raise InvalidDtypeError(f"{where}embeddings must be a float array, got dtype {emb.dtype}")
             if emb.ndim != 2 or emb.shape[0] != n or emb.shape[1] == 0:
-                raise InvalidInputError(f"embeddings must have shape ({n}, d), got {emb.shape}")
+                raise InvalidInputError(f"{where}embeddings must have shape ({n}, d), got {emb.shape}")
             if not np.isfinite(emb).all():
-                raise InvalidInputError("embeddings contain NaN or infinite values")
+                raise InvalidInputError(f"{where}embeddings contain NaN or infinite values")
             with np.errstate(over="ignore"):
                 emb = emb.astype("<f4")
             if not np.isfinite(emb).all():
-                raise InvalidInputError("embeddings contain values outside the float32 range")
+                raise InvalidInputError(f"{where}embeddings contain values outside the float32 range")
             dim = emb.shape[1]
             blobs = [row.tobytes() for row in emb]
-        source_list: List[Optional[str]] = [None] * n
-        if sources is not None:
-            source_list = list(_check_count(sources, n, "sources"))
-            for i, src in enumerate(source_list):
-                if src is not None and (not isinstance(src, str) or _has_control(src)):
-                    raise InvalidInputError(
-                        f"sources[{i}] must be None or a str without tabs, newlines or control characters, got {src!r}"
-                    )
-        if n == 0:
-            return np.empty(0, dtype=np.int64)
+        sources: List[Optional[str]] = [None] * n
+        if batch.sources is not None:
+            sources = list(_check_count(batch.sources, n, f"{where}sources"))
+            for i, src in enumerate(sources):
+                if src is not None and (not isinstance(src, str) or has_breaking_characters(src)):
+                    raise InvalidInputError(f"{where}sources[{i}] must be None or a str without tabs, newlines "
+                                            f"or control characters, got {src!r}")
+        return _Prepared(arr, labels, blobs, dim, sources)
+
+    def _insert(self, what: str, codes: np.ndarray, labels: List[str], dim: Optional[int],
+                embedding_fingerprint: Optional[str], explicit_ids: Optional[np.ndarray],
+                insert: Callable[[sqlite3.Connection, np.ndarray, Dict[str, int], int], None]) -> np.ndarray:
+        """The transaction shared by :meth:`add` and :meth:`add_batches`: ids, labels, counts, meta, snapshot.
+
+        ``insert(conn, new_ids, label_ids, now)`` writes the item rows; automatic ids are consecutive.
+        """
+        n = codes.shape[0]
 
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
             if dim is not None and meta.embedding_dim is not None and dim != meta.embedding_dim:
                 raise InvalidInputError(
                     f"embeddings must have {meta.embedding_dim} columns like those already stored, got {dim}"
                 )
-            if id_arr is None:
+            if (embedding_fingerprint is not None and meta.embedding_fingerprint is not None
+                    and embedding_fingerprint != meta.embedding_fingerprint):
+                raise FingerprintMismatchError(
+                    f"{self._name} stores embeddings of extractor {meta.embedding_fingerprint}, but these come "
+                    f"from extractor {embedding_fingerprint}: one gallery cannot hold two models' features")
+            if explicit_ids is None:
                 start = max(meta.next_id, int(snap.ids[-1]) + 1 if snap.ids.size else 0)
                 if start + n - 1 > _MAX_ID:
                     raise GalleryError(f"{self._name}: no ids left (next id {start})")
                 new_ids = np.arange(start, start + n, dtype=np.int64)
             else:
-                new_ids = id_arr
+                new_ids = explicit_ids
                 present = new_ids[np.isin(new_ids, snap.ids)]
                 if present.size:
                     raise GalleryError(f"{self._name}: ids already in the gallery: {_short_list(np.sort(present))}")
-            now = int(time.time())
             label_ids = _label_ids(conn, labels)
-            conn.executemany(
-                "INSERT INTO items(id, label_id, code, embedding, source, added_at) VALUES (?, ?, ?, ?, ?, ?)",
-                ((int(i), label_ids[lab], arr[j].tobytes(), blobs[j], source_list[j], now)
-                 for j, (i, lab) in enumerate(zip(new_ids, labels))),
-            )
-            _bump_counts(conn, Counter(label_ids[lab] for lab in labels))
+            insert(conn, new_ids, label_ids, int(time.time()))
+            item_labels = np.fromiter((label_ids[lab] for lab in labels), dtype=np.int64, count=n)
+            _bump_counts(conn, Counter(item_labels.tolist()))
             next_id = max(meta.next_id, int(new_ids.max()) + 1)
             _set_meta(conn, "next_id", next_id)
             new_meta = replace(meta, next_id=next_id)
             if dim is not None and meta.embedding_dim is None:
                 _set_meta(conn, "embedding_dim", dim)
                 new_meta = replace(new_meta, embedding_dim=dim)
+            if embedding_fingerprint is not None and meta.embedding_fingerprint is None:
+                _set_meta(conn, "embedding_fingerprint", embedding_fingerprint)
+                new_meta = replace(new_meta, embedding_fingerprint=embedding_fingerprint)
             all_ids = np.concatenate([snap.ids, new_ids])
-            index = snap.index.appended(arr)
+            all_labels = np.concatenate([snap.label_ids.astype(np.int64), item_labels])
+            index = snap.index.appended(codes)
             if (snap.ids.size and new_ids.min() < snap.ids[-1]) or np.any(new_ids[1:] < new_ids[:-1]):
                 order = np.argsort(all_ids, kind="stable")
-                all_ids, index = all_ids[order], index.reordered(order)
-            return new_ids.copy(), _Snapshot(_frozen(all_ids), index), new_meta
+                all_ids, all_labels, index = all_ids[order], all_labels[order], index.reordered(order)
+            names = dict(snap.labels)
+            names.update((i, lab) for lab, i in label_ids.items())
+            return new_ids.copy(), _Snapshot(_frozen(all_ids), index, _label_array(all_labels), names), new_meta
 
-        return self._write("add", body)
+        return self._write(what, body)
 
     def remove(self, ids: Sequence[int]) -> int:
         """Removes items by id, in one transaction: all of them or none.
@@ -852,7 +1058,7 @@ class Gallery:
             _bump_counts(conn, Counter({lab: -n for lab, n in removed.items()}))
             mask = np.ones(snap.ids.shape[0], dtype=bool)
             mask[gone] = False
-            return int(wanted.size), _Snapshot(_frozen(snap.ids[mask]), snap.index.without(mask)), None
+            return int(wanted.size), snap.without(mask), None
 
         return self._write("remove", body)
 
@@ -883,8 +1089,7 @@ class Gallery:
             conn.execute("DELETE FROM labels WHERE id = ?", row)
             if gone.size == 0:
                 return 0, None, None
-            mask = ~np.isin(snap.ids, gone)
-            return int(gone.size), _Snapshot(_frozen(snap.ids[mask]), snap.index.without(mask)), None
+            return int(gone.size), snap.without(~np.isin(snap.ids, gone)), None
 
         return self._write("remove_label", body)
 
@@ -905,13 +1110,13 @@ class Gallery:
             read-only or closed, or the write failed.
         """
         self._require_writable()
-        _check_label(label, "relabel")
+        check_label(label, "relabel")
         wanted = np.unique(_check_ids(ids))
         if wanted.size == 0:
             return 0
 
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
-            self._positions(snap, wanted)
+            pos = self._positions(snap, wanted)
             target = _label_ids(conn, [label])[label]
             moved: Counter = Counter()
             for part in _chunks([int(i) for i in wanted]):
@@ -922,12 +1127,17 @@ class Gallery:
             delta = Counter({lab: -n for lab, n in moved.items()})
             delta[target] += int(wanted.size)
             _bump_counts(conn, delta)
-            return int(wanted.size), None, None
+            label_ids = snap.label_ids.astype(np.int64)
+            label_ids[pos] = target
+            present = set(np.unique(label_ids).tolist())
+            labels = {i: lab for i, lab in snap.labels.items() if i in present}
+            labels[target] = label
+            return int(wanted.size), replace(snap, label_ids=_label_array(label_ids), labels=labels), None
 
         return self._write("relabel", body)
 
-    def rehash(self, encode: Callable[[np.ndarray], np.ndarray], *, fingerprint: str,
-               batch: int = 8192) -> int:
+    def rehash(self, encode: Callable[[np.ndarray], np.ndarray], *, fingerprint: str, embedding_fingerprint: str,
+               same_extractor: Sequence[str] = (), batch: int = 8192) -> int:
         """Recomputes every code from the stored float embeddings, in one transaction.
 
         Use it when the hash head (or the code settings) changes: the codes are rewritten and the
@@ -937,6 +1147,11 @@ class Gallery:
         Args:
           encode: maps float32 embeddings ``(n, d)`` to uint8 codes ``(n, bits // 8)``.
           fingerprint: the fingerprint of the model and code settings of ``encode``.
+          embedding_fingerprint: identity of the extractor whose features ``encode`` expects; it
+            must be the one that made the stored embeddings.
+          same_extractor: code fingerprints known to come from that extractor (e.g. its plain sign
+            codes). A gallery that stores embeddings without recording their extractor (made before
+            edge-shitu recorded it) is re-hashed only when its current codes carry one of these.
           batch: embeddings passed to ``encode`` at a time.
 
         Returns:
@@ -945,11 +1160,15 @@ class Gallery:
         Raises:
           InvalidInputError: bad ``fingerprint`` or ``batch``, or ``encode`` returned codes of the
             wrong dtype or shape (nothing is changed then).
+          FingerprintMismatchError: the stored embeddings come from another extractor, or their
+            origin cannot be proven.
           GalleryError: some items have no stored embedding (the gallery was built without
             ``keep_embeddings``), the gallery is read-only or closed, or the write failed.
         """
         self._require_writable()
         fingerprint = _check_fingerprint(fingerprint)
+        embedding_fingerprint = _check_fingerprint(embedding_fingerprint)
+        proofs = {_check_fingerprint(f) for f in same_extractor}
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise InvalidInputError(f"batch must be a positive integer, got {batch!r}")
 
@@ -960,6 +1179,17 @@ class Gallery:
                     f"{self._name}: {missing} of {snap.ids.shape[0]} items have no stored float embedding, so "
                     "their codes cannot be recomputed; rebuild the gallery from the images with "
                     "--keep-embeddings (edge-shitu gallery build ... --keep-embeddings)")
+            stored = meta.embedding_fingerprint
+            if stored is None and snap.ids.size and meta.fingerprint not in proofs:
+                raise FingerprintMismatchError(
+                    f"{self._name}: its stored embeddings do not record which extractor made them, and its codes "
+                    f"(fingerprint {meta.fingerprint}) do not show that it was this one; rebuild the gallery "
+                    "from the images with --keep-embeddings")
+            if stored is not None and stored != embedding_fingerprint:
+                raise FingerprintMismatchError(
+                    f"{self._name}: its embeddings were made by extractor {stored}, but the new codes would be "
+                    f"computed for extractor {embedding_fingerprint}: they would mean nothing. Re-hash with a "
+                    "bundle of the same extractor, or rebuild the gallery from the images")
             dim = meta.embedding_dim or 0
             codes = np.empty((snap.ids.shape[0], meta.bits // 8), dtype=np.uint8)
             cursor = conn.execute("SELECT id, embedding FROM items ORDER BY id")
@@ -984,10 +1214,13 @@ class Gallery:
             conn.executemany("UPDATE items SET code = ? WHERE id = ?",
                              ((codes[j].tobytes(), int(i)) for j, i in enumerate(snap.ids)))
             _set_meta(conn, "fingerprint", fingerprint)
+            new_meta = replace(meta, fingerprint=fingerprint, max_distance=None)
+            if snap.ids.size:
+                _set_meta(conn, "embedding_fingerprint", embedding_fingerprint)
+                new_meta = replace(new_meta, embedding_fingerprint=embedding_fingerprint)
             conn.execute("DELETE FROM meta WHERE key = 'max_distance'")
             index = HammingIndex.build(codes, bits=meta.bits, backend=self._backend)
-            new_meta = replace(meta, fingerprint=fingerprint, max_distance=None)
-            return done, _Snapshot(snap.ids, index), new_meta
+            return done, replace(snap, index=index), new_meta
 
         return self._write("rehash", body)
 
@@ -1068,9 +1301,19 @@ class Gallery:
             raise InvalidInputError(f"ids must be 1-D, got shape {arr.shape}")
         if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
             raise InvalidDtypeError(f"ids must be integers, got dtype {arr.dtype}")
-        wanted = [int(i) for i in np.unique(arr) if 0 <= i <= _MAX_ID] if arr.size else []
-        found = self._read(lambda conn: self._lookup(conn, "labels.label", wanted))
-        return [found.get(int(i)) for i in arr]
+        with self._lock:
+            self._sync()
+            snap = self._snapshot
+        if arr.size == 0 or snap.ids.size == 0:
+            return [None] * int(arr.size)
+        flat = arr.astype(np.int64, copy=False)
+        pos = np.minimum(np.searchsorted(snap.ids, flat), snap.ids.shape[0] - 1)
+        found = snap.ids[pos] == flat
+        labels = snap.label_of(pos[found])
+        out: List[Optional[str]] = [None] * int(arr.size)
+        for j, label in zip(np.flatnonzero(found).tolist(), labels):
+            out[j] = label
+        return out
 
     def embeddings(self, ids: Sequence[int]) -> np.ndarray:
         """Returns the float embeddings stored with items.
@@ -1144,6 +1387,7 @@ class Gallery:
             path=self._path, count=count, label_count=label_count, bits=meta.bits, fingerprint=meta.fingerprint,
             format_version=FORMAT_VERSION, max_distance=meta.max_distance, embedding_dim=meta.embedding_dim,
             created_by=meta.created_by, file_size=size, readonly=self._readonly,
+            embedding_fingerprint=meta.embedding_fingerprint,
         )
 
     def check(self) -> List[str]:
@@ -1172,6 +1416,51 @@ class Gallery:
             except sqlite3.Error as exc:
                 problems.append(f"database error: {exc}")
             return problems
+
+    def check_model(self, encode: Callable[[np.ndarray], np.ndarray], *, fingerprint: str,
+                    embedding_fingerprint: str, sample: int = 1000) -> List[str]:
+        """Checks that the gallery belongs to a model: its fingerprints, and that the stored codes
+        are what ``encode`` makes of the stored embeddings (on a reproducible sample of items).
+
+        Args:
+          encode: maps float32 embeddings ``(n, d)`` to uint8 codes ``(n, bits // 8)``.
+          fingerprint: the code fingerprint of that model.
+          embedding_fingerprint: the identity of its extractor.
+          sample: at most this many items with embeddings are re-encoded.
+
+        Returns:
+          One message per disagreement; empty when the gallery is this model's.
+
+        Raises:
+          InvalidInputError: a bad fingerprint or ``sample``.
+          GalleryError: the gallery is closed or cannot be read.
+        """
+        fingerprint = _check_fingerprint(fingerprint)
+        embedding_fingerprint = _check_fingerprint(embedding_fingerprint)
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+            raise InvalidInputError(f"sample must be a positive integer, got {sample!r}")
+        with self._lock:
+            self._sync()
+            meta, snap = self._meta, self._snapshot
+        problems = []
+        if meta.fingerprint != fingerprint:
+            problems.append(f"codes were made by model {meta.fingerprint}, not by this bundle's {fingerprint}")
+        if meta.embedding_fingerprint is not None and meta.embedding_fingerprint != embedding_fingerprint:
+            problems.append(f"embeddings were made by extractor {meta.embedding_fingerprint}, not by this bundle's "
+                            f"{embedding_fingerprint}")
+        with_emb = self._read(lambda conn: np.fromiter(
+            (r[0] for r in conn.execute("SELECT id FROM items WHERE embedding IS NOT NULL ORDER BY id")), np.int64))
+        if with_emb.size:
+            picked = np.sort(np.random.default_rng(0).choice(with_emb, min(sample, with_emb.size), replace=False))
+            pos = np.searchsorted(snap.ids, picked)
+            new = encode(self.embeddings(picked))
+            if not isinstance(new, np.ndarray) or new.shape != (picked.size, self.nbytes):
+                raise InvalidInputError(f"encode must return uint8 codes of shape ({picked.size}, {self.nbytes})")
+            differ = np.flatnonzero((new != snap.index.codes()[pos]).any(axis=1))
+            if differ.size:
+                problems.append(f"{differ.size} of {picked.size} sampled items have codes that are not this model's "
+                                f"code of their stored embedding (ids {_short_list(picked[differ])})")
+        return problems
 
     def _check_in_transaction(self, conn: sqlite3.Connection) -> List[str]:
         problems, meta = _check_contents(conn, self._name)
@@ -1231,23 +1520,36 @@ class Gallery:
                 raise self._wrap(exc, "read") from exc
 
     def _sync(self) -> None:
-        """Reloads meta and codes when another connection has committed changes to the file."""
+        """Reloads meta and codes when another connection has committed changes to the file.
+
+        When the file cannot be read just now (locked by a writer, or a crashed writer's journal
+        that this read-only connection may not roll back), the last snapshot keeps serving and the
+        reload is tried again at the next call; :attr:`stale` tells why.
+
+        Raises:
+          GalleryError: the gallery is closed.
+          GalleryCorruptError: another process changed the bits or fingerprint (the snapshot is kept).
+        """
         conn = self._require_open()
         try:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version == self._version:
+                self._stale = None
                 return
             conn.execute("BEGIN")
             try:
                 meta, snapshot, version = _load(conn, self._name, self._backend)
             finally:
                 conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise self._wrap(exc, "reload") from exc
+        except (sqlite3.Error, GalleryError) as exc:
+            if isinstance(exc, sqlite3.Error):
+                exc = self._wrap(exc, "reload")
+            self._stale = str(exc)
+            return
         if meta.bits != self._meta.bits or meta.fingerprint != self._meta.fingerprint:
             raise GalleryCorruptError(f"{self._name}: bits or fingerprint were changed by another process "
                                       "(re-hashed?); open the gallery again")
-        self._meta, self._snapshot, self._version = meta, snapshot, version
+        self._meta, self._snapshot, self._version, self._stale = meta, snapshot, version, None
 
     def _write(self, what: str, body: Callable[[sqlite3.Connection, _Snapshot, _Meta],
                                                 Tuple[T, Optional[_Snapshot], Optional[_Meta]]]) -> T:
@@ -1459,7 +1761,12 @@ def upgrade_gallery(path: PathLike) -> Path:
             conn.execute("DETACH DATABASE old")
         finally:
             conn.close()
-        os.replace(source, backup)
+        # The backup is a second name of the old file, made before the new file takes the gallery's
+        # path: at every instant the path holds a whole gallery, old or new.
+        try:
+            os.link(source, backup)
+        except OSError:
+            shutil.copy2(source, backup)
         os.replace(tmp, source)
     except (OSError, sqlite3.Error, ValueError) as exc:
         if isinstance(exc, GalleryError):
@@ -1468,7 +1775,7 @@ def upgrade_gallery(path: PathLike) -> Path:
     finally:
         for suffix in ("", *_SIDE_FILES):
             Path(str(tmp) + suffix).unlink(missing_ok=True)
-    _fsync_dir(source.parent)
+    fsync_dir(source.parent)
     return backup
 
 

@@ -46,7 +46,8 @@ import numpy as np
 
 from edge_shitu.codes import binarize, hamming_distances, l2_normalize
 from edge_shitu.errors import HashHeadError, InvalidInputError, MissingFileError
-from edge_shitu.hashing import HashHead
+from edge_shitu.hashing import MAX_DIM, HashHead
+from edge_shitu.npz import ArraySpec, read_npz
 
 __all__ = [
     "LabelledEmbeddings",
@@ -66,6 +67,8 @@ __all__ = [
     "within_class_whitening",
     "compare_heads",
     "INITS",
+    "MAX_ITEMS",
+    "MAX_EMBEDDINGS_BYTES",
 ]
 
 INITS = ("identity", "whitening", "itq", "orthogonal")
@@ -74,6 +77,12 @@ or a seeded random rotation."""
 
 # Rows of queries scored at once in leave_one_out: bounds the (rows, n) temporaries.
 _EVAL_ROWS = 256
+
+MAX_ITEMS = 10_000_000
+"""Most items an embeddings file may hold."""
+MAX_EMBEDDINGS_BYTES = 1 << 30
+"""Largest feature array read from a file (500 000 512-d float32 features take 1 GB); training and
+evaluation hold a few copies of it and pairwise blocks besides."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,31 +279,28 @@ def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> No
 def load_embeddings(path: Union[str, Path]) -> LabelledEmbeddings:
     """Read an ``.npz`` with ``embeddings`` float [n, d] and ``labels`` [n] (strings or integers).
 
-    Other arrays (e.g. ``paths``) are ignored; nothing is unpickled. The features are L2-normalised.
+    Other arrays (e.g. ``paths``) are ignored and never read; nothing is unpickled. Sizes are checked
+    from the archive's headers before any data is read (:func:`edge_shitu.npz.read_npz`): n at most
+    :data:`MAX_ITEMS`, d at most :data:`edge_shitu.hashing.MAX_DIM`, the features at most
+    :data:`MAX_EMBEDDINGS_BYTES`, labels at most 1024 characters. The features are L2-normalised.
 
     Raises:
       MissingFileError: ``path`` does not exist.
-      InvalidInputError: the file is not such an archive (the message names it and what was expected).
+      InvalidInputError: the file is not such an archive, or exceeds those sizes (the message names it
+        and what was expected).
     """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such embeddings file")
     expected = "an .npz with 'embeddings' float32 [n, d] and 'labels' [n] (strings or integers)"
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InvalidInputError(f"{path}: cannot be read ({exc}); expected {expected}") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise InvalidInputError(f"{path}: is a single .npy array; expected {expected}")
-    try:
-        if not {"embeddings", "labels"} <= set(z.files):
-            raise InvalidInputError(f"{path}: holds {', '.join(sorted(z.files)) or 'nothing'}; expected {expected}")
-        emb, labels = z["embeddings"], z["labels"]
-    except (ValueError, OSError, EOFError) as exc:
-        raise InvalidInputError(f"{path}: cannot be read ({exc}); expected {expected}") from None
-    finally:
-        z.close()
-    return LabelledEmbeddings.from_arrays(emb, labels, source=str(path))
+    specs = {
+        "embeddings": ArraySpec(shape=(MAX_ITEMS, MAX_DIM), kinds="f", itemsize=(2, 8),
+                                max_bytes=MAX_EMBEDDINGS_BYTES, dtype="float32"),
+        "labels": ArraySpec(shape=(MAX_ITEMS,), kinds="iuUS", itemsize=(1, 4096), max_bytes=MAX_EMBEDDINGS_BYTES,
+                            dtype="strings or integers"),
+    }
+    arrays = read_npz(path, specs, where=str(path), expected=expected, what="embeddings archive", others=True)
+    return LabelledEmbeddings.from_arrays(arrays["embeddings"], arrays["labels"], source=str(path))
 
 
 def split_classes(classes: np.ndarray, *, train_fraction: float = 0.5, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:

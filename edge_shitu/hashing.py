@@ -27,14 +27,29 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
+from edge_shitu.bundle import MAX_FEATURE_DIM
 from edge_shitu.errors import HashHeadError, InvalidDtypeError, InvalidInputError, MissingFileError
+from edge_shitu.npz import ArraySpec, read_npz
 
-__all__ = ["HashHead", "HEAD_FILE", "encoder_for", "install_head", "remove_head"]
+__all__ = ["HashHead", "HEAD_FILE", "MAX_BITS", "MAX_DIM", "MAX_FILE_BYTES", "encoder_for", "install_head",
+           "remove_head"]
 
 HEAD_FILE = "hash.npz"
 """Name of the head file inside a bundle directory."""
 
+MAX_BITS = 4096
+"""Longest code a head may give: 512 bytes per code, already more than a 128-d float feature."""
+MAX_DIM = MAX_FEATURE_DIM
+"""Widest feature a head may take: the widest extractor output a bundle allows."""
+MAX_FILE_BYTES = 4 * (MAX_BITS * MAX_DIM + MAX_BITS) + (64 << 10)
+"""Largest head file read into memory: the largest head's float32 data plus room for headers."""
+
 _MEMBERS = {"weight.npy": "weight", "bias.npy": "bias"}
+_SPECS = {
+    "weight": ArraySpec(shape=(MAX_BITS, MAX_DIM), kinds="f", itemsize=(4, 4), max_bytes=4 * MAX_BITS * MAX_DIM,
+                        dtype="float32"),
+    "bias": ArraySpec(shape=(MAX_BITS,), kinds="f", itemsize=(4, 4), max_bytes=4 * MAX_BITS, dtype="float32"),
+}
 # 1980-01-01 is the earliest zip timestamp: a fixed one makes saved files reproducible.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _EXPECTED = "an .npz with exactly 'weight' float32 [bits, d] and 'bias' float32 [bits], bits a positive multiple of 8"
@@ -68,7 +83,7 @@ class HashHead:
 
         Raises:
           HashHeadError: a wrong dtype (only float32 is accepted, never cast), shape, ``bits`` not a
-            positive multiple of 8, or non-finite values.
+            positive multiple of 8 up to :data:`MAX_BITS`, ``d`` above :data:`MAX_DIM`, or non-finite values.
         """
         for name, arr, ndim in (("weight", weight, 2), ("bias", bias, 1)):
             if not isinstance(arr, np.ndarray):
@@ -79,9 +94,9 @@ class HashHead:
             if arr.ndim != ndim:
                 raise HashHeadError(f"{where}: {name} has shape {arr.shape}, expected {ndim}-D ({_EXPECTED})")
         bits, dim = weight.shape
-        if bits == 0 or bits % 8 or dim == 0:
+        if bits == 0 or bits % 8 or bits > MAX_BITS or not 1 <= dim <= MAX_DIM:
             raise HashHeadError(f"{where}: weight has shape {weight.shape}; expected [bits, d] with bits a positive "
-                                f"multiple of 8 and d >= 1")
+                                f"multiple of 8 up to {MAX_BITS} and d from 1 to {MAX_DIM}")
         if bias.shape != (bits,):
             raise HashHeadError(f"{where}: bias has shape {bias.shape}, expected [{bits}] (one per row of weight)")
         for name, arr in (("weight", weight), ("bias", bias)):
@@ -98,10 +113,10 @@ class HashHead:
         """The head of plain sign binarisation: ``weight = I (dim, dim)``, ``bias = 0``.
 
         Raises:
-          HashHeadError: ``dim`` is not a positive multiple of 8.
+          HashHeadError: ``dim`` is not a positive multiple of 8 up to :data:`MAX_BITS`.
         """
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0 or dim % 8:
-            raise HashHeadError(f"identity head: dim must be a positive multiple of 8, got {dim!r}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 < dim <= MAX_BITS or dim % 8:
+            raise HashHeadError(f"identity head: dim must be a positive multiple of 8 up to {MAX_BITS}, got {dim!r}")
         return cls.from_arrays(np.eye(int(dim), dtype=np.float32), np.zeros(int(dim), dtype=np.float32),
                                where="identity head")
 
@@ -109,8 +124,9 @@ class HashHead:
     def load(cls, path: PathLike) -> "HashHead":
         """Read and validate a head file.
 
-        The archive must hold exactly ``weight.npy`` and ``bias.npy``; their headers are checked
-        (dtype, shape) before any data is read, and nothing is ever unpickled.
+        The archive must hold exactly ``weight.npy`` and ``bias.npy``; their headers (dtype, shape at
+        most [:data:`MAX_BITS`, :data:`MAX_DIM`]) and declared sizes are checked before any data is read
+        (see :func:`edge_shitu.npz.read_npz`), and nothing is ever unpickled.
 
         Args:
           path: an ``.npz`` file as written by :meth:`save` (or ``np.savez``).
@@ -128,7 +144,7 @@ class HashHead:
             raise MissingFileError(f"{path}: no such hash head file")
         if path.is_dir():
             raise HashHeadError(f"{path}: is a directory; expected {_EXPECTED}")
-        return cls.from_bytes(path.read_bytes(), where=str(path))
+        return cls._from_source(path, str(path))
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "hash head") -> "HashHead":
@@ -141,20 +157,12 @@ class HashHead:
         Raises:
           HashHeadError: the bytes are not such an archive.
         """
-        arrays = {}
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                names = sorted(zf.namelist())
-                if names != sorted(_MEMBERS):
-                    shown = ", ".join(n[:-4] if n.endswith(".npy") else n for n in names) or "nothing"
-                    raise HashHeadError(f"{where}: holds {shown}; expected {_EXPECTED}")
-                for member, key in _MEMBERS.items():
-                    with zf.open(member) as f:
-                        arrays[key] = _read_member(f, key, where)
-        except HashHeadError:
-            raise
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, NotImplementedError) as exc:
-            raise HashHeadError(f"{where}: not a valid hash head archive ({exc}); expected {_EXPECTED}") from None
+        return cls._from_source(data, where)
+
+    @classmethod
+    def _from_source(cls, source: Union[bytes, Path], where: str) -> "HashHead":
+        arrays = read_npz(source, _SPECS, where=where, expected=_EXPECTED, what="hash head archive",
+                          error=HashHeadError)
         return cls.from_arrays(arrays["weight"], arrays["bias"], where=where)
 
     def save(self, path: PathLike) -> Path:
@@ -257,32 +265,6 @@ class HashHead:
     def sha256(self) -> str:
         """Hex sha256 of :meth:`to_bytes` (what a bundle records for the file :meth:`save` writes)."""
         return hashlib.sha256(self.to_bytes()).hexdigest()
-
-
-def _read_member(f, key: str, where: str) -> np.ndarray:
-    """One array of the archive: header checked before the data is read; never unpickled."""
-    try:
-        version = np.lib.format.read_magic(f)
-    except ValueError as exc:
-        raise HashHeadError(f"{where}: {key} is not a .npy array ({exc}); expected {_EXPECTED}") from None
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise HashHeadError(f"{where}: {key} uses .npy format version {version}; expected 1.0 or 2.0")
-    if dtype != np.float32:
-        raise HashHeadError(f"{where}: {key} has dtype {dtype}, expected float32 ({_EXPECTED})")
-    ndim = 2 if key == "weight" else 1
-    if len(shape) != ndim:
-        raise HashHeadError(f"{where}: {key} has shape {list(shape)}, expected {ndim}-D ({_EXPECTED})")
-    count = int(np.prod(shape, dtype=np.int64))
-    data = f.read(4 * count)
-    if len(data) != 4 * count:
-        raise HashHeadError(f"{where}: {key} is truncated ({len(data)} of {4 * count} bytes)")
-    arr = np.frombuffer(data, dtype=np.float32)
-    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-    return np.ascontiguousarray(arr)
 
 
 def encoder_for(head: Optional[HashHead]) -> Callable[[np.ndarray], np.ndarray]:

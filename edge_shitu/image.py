@@ -10,22 +10,37 @@ The reference pipeline reads photos with ``cv2.imread(path)[:, :, ::-1]`` and re
   rules), separably in float32 with cached tap tables.
 * :func:`normalize_chw` and :func:`to_batch` build model inputs; :func:`crop` cuts detections
   out of an image without the reference's wrap-around and empty-crop bugs.
+
+Memory of decoding: Pillow's decoded image (4 bytes per pixel for colour, 1 for grey or
+palette images) plus the 3-byte-per-pixel result, with no other full-size copy. The peak of
+:func:`load_image` on a file of ``n`` pixels is therefore about ``7 * n`` bytes for JPEG, PNG
+and BMP, ``10 * n`` for progressive JPEG with full-resolution colour (4:4:4, where libjpeg keeps
+every DCT coefficient) and ``16 * n`` for WebP (libwebp's canvas and Pillow's copy of it).
+:data:`DEFAULT_MAX_PIXELS` bounds a JPEG or PNG decode near 350 MB; to bound every format by a
+budget of ``B`` bytes, pass ``max_pixels=B // 16``.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
-import logging
 import math
 import os
-import warnings
-from typing import BinaryIO, Optional, Sequence, Tuple, Union
+import stat
+import struct
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import ImageDecodeError, InvalidDtypeError, InvalidInputError, MissingFileError
+from .errors import (
+    EdgeShituError,
+    ImageDecodeError,
+    InvalidDtypeError,
+    InvalidInputError,
+    MissingFileError,
+)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -39,27 +54,56 @@ __all__ = [
     "crop",
 ]
 
-_log = logging.getLogger(__name__)
+DEFAULT_MAX_PIXELS = 8192 * 6144
+"""Largest image :func:`load_image` decodes by default: 50,331,648 pixels (an 8192x6144 frame).
 
-DEFAULT_MAX_PIXELS = 89_478_485
-"""Largest image :func:`load_image` decodes by default (Pillow's own ``MAX_IMAGE_PIXELS``)."""
+Admits the 48-50 Mpx photos of current phone sensors and any smaller camera; decoding a JPEG or
+PNG that large peaks at about 350 MB (7 bytes per pixel, see the module docstring)."""
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """What :func:`load_image` accepts: a path, encoded bytes, a PIL image or a uint8 RGB array."""
 
 _FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _EXPECTED = "expected JPEG, PNG, WebP or BMP"
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+# O_NONBLOCK: a FIFO put in place between the stat() and the open() must not block open()
+# until a writer appears; O_NOCTTY: a terminal put there must not become ours.
+_OPEN_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0) | _OPEN_NONBLOCK
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+# JPEG markers without a length field (TEM, RSTn, SOI); 0x00 is a stuffed 0xFF byte.
+_JPEG_STANDALONE = frozenset([0x00, 0x01, *range(0xD0, 0xD9)])
+_JPEG_SOS, _JPEG_EOI, _JPEG_APP1, _JPEG_APP2 = 0xDA, 0xD9, 0xE1, 0xE2
+# Bound on the bytes and markers examined before the image data, so junk cannot keep the
+# header scan busy; real headers have a few dozen segments.
+_JPEG_MAX_STEPS = 1 << 14
+
+_EXIF_ORIENTATION = 0x0112
+# TIFF field types holding one integer inline: BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG.
+_TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+# How each EXIF orientation moves a strip of stored rows: the Pillow transpose that makes it
+# upright, and where it lands in the upright result (counted from the far end or not, as
+# rows or as columns).
+_ORIENTATIONS: Dict[int, Tuple[Optional[Image.Transpose], bool, bool]] = {
+    1: (None, False, False),
+    2: (Image.Transpose.FLIP_LEFT_RIGHT, False, False),
+    3: (Image.Transpose.ROTATE_180, True, False),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM, True, False),
+    5: (Image.Transpose.TRANSPOSE, False, True),
+    6: (Image.Transpose.ROTATE_270, True, True),
+    7: (Image.Transpose.TRANSVERSE, True, True),
+    8: (Image.Transpose.ROTATE_90, False, True),
+}
+# Pixels per strip copied from Pillow's image into the result: the strip's temporary copies
+# stay around a megabyte whatever the image size.
+_STRIP_PIXELS = 1 << 18
 
 # OpenCV's fixed-point resize works with 11-bit coefficients (INTER_RESIZE_COEF_BITS).
 _COEF_SCALE = 2048
@@ -88,18 +132,25 @@ def load_image(
     """Load an image as an RGB uint8 array, as ``cv2.imread(path)[:, :, ::-1]`` would.
 
     Files are recognised by their content (a WebP file named ``.jpg`` loads fine). The EXIF
-    orientation is applied, to PIL images too (``ImageOps.exif_transpose`` removes the tag,
-    so an already transposed image is left alone). Alpha is dropped without compositing;
-    grey, palette, CMYK and 16-bit images become 8-bit RGB as OpenCV converts them (16-bit
-    samples keep their high byte). Multi-frame files give their first frame. The result
-    equals OpenCV's on every file tested.
+    orientation is applied, to PIL images too (read from ``info["exif"]``, which
+    ``ImageOps.exif_transpose`` rewrites without it, so an already transposed image is left
+    alone); like OpenCV, orientation given only in XMP or in a PNG text chunk is ignored, and
+    so is a malformed EXIF block, silently. Alpha is dropped without compositing; grey,
+    palette, CMYK and 16-bit images become 8-bit RGB as OpenCV converts them (16-bit samples
+    keep their high byte). Multi-frame files give their first frame. The result equals
+    OpenCV's on every file tested.
+
+    A path must name a regular file (or a symbolic link to one): directories, FIFOs, sockets
+    and devices are refused before they are opened, and never block.
 
     Args:
       source: a path (``str`` or ``os.PathLike``), the encoded bytes of a file, a
         ``PIL.Image.Image``, or a uint8 array of shape ``(H, W, 3)`` (RGB) or ``(H, W)`` (grey).
         Arrays are validated and returned without copying when already C-contiguous RGB.
       max_pixels: refuse images with more than this many pixels, checked from the header
-        before any pixel is decoded (decompression-bomb guard). Pillow's own hard limit
+        before any pixel is decoded (decompression-bomb guard). It bounds the memory a file
+        takes to decode: about ``7 * max_pixels`` bytes for JPEG, PNG and BMP, up to
+        ``16 * max_pixels`` for WebP (see the module docstring). Pillow's own hard limit
         (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of it.
       name: what to call the image in error messages; defaults to the path, ``<bytes>``,
         ``<PIL image>`` or ``<array>``.
@@ -108,12 +159,14 @@ def load_image(
       uint8 array of shape ``(H, W, 3)``, RGB, C-contiguous.
 
     Raises:
-      MissingFileError: the path does not exist.
-      InvalidInputError: the path is a directory, the source is of an unsupported type, an
-        array has the wrong shape or is empty, or ``max_pixels`` is not a positive integer.
+      MissingFileError: the path does not exist, or is a symbolic link to nothing.
+      InvalidInputError: the path names a directory, FIFO, socket or device instead of a
+        regular file, or is not a valid path; the source is of an unsupported type; an array
+        has the wrong shape or is empty; or ``max_pixels`` is not a positive integer.
       InvalidDtypeError: an array source is not uint8.
-      ImageDecodeError: the file is empty, truncated, corrupt, not an image, in a format other
-        than JPEG/PNG/WebP/BMP, or larger than ``max_pixels``.
+      ImageDecodeError: the file cannot be read (permission denied, a loop of symbolic links,
+        an I/O error), or is empty, truncated, corrupt, not an image, in a format other than
+        JPEG/PNG/WebP/BMP, or larger than ``max_pixels``.
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
         raise InvalidInputError(f"max_pixels must be a positive integer, got {max_pixels!r}")
@@ -130,7 +183,7 @@ def load_image(
             raise
         except Exception as exc:  # noqa: BLE001 - Pillow raises many unrelated types here.
             raise _decode_error(label, exc) from exc
-        return _rgb_from_pil(source, label)
+        return _rgb_from_pil(source, label, _exif_orientation(source.info.get("exif")))
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
         data = bytes(source)
@@ -140,14 +193,9 @@ def load_image(
     if isinstance(source, (str, os.PathLike)):
         path = os.fsdecode(os.fspath(source))
         label = name or path
-        if os.path.isdir(path):
-            raise InvalidInputError(f"{label}: is a directory, expected an image file")
-        try:
-            fp = open(path, "rb")  # noqa: SIM115 - closed by the with-block below.
-        except FileNotFoundError as exc:
-            raise MissingFileError(f"{label}: no such image file") from exc
+        fp, size = _open_regular_file(path, label)
         with fp:
-            if os.fstat(fp.fileno()).st_size == 0:
+            if size == 0:
                 raise ImageDecodeError(f"{label}: cannot decode image: file is empty (0 bytes); {_EXPECTED}")
             return _decode(fp, label, max_pixels)
     raise InvalidInputError(
@@ -156,45 +204,133 @@ def load_image(
     )
 
 
+def _open_regular_file(path: str, label: str) -> Tuple[BinaryIO, int]:
+    """Open a regular file for reading: ``(file, size in bytes)``; never blocks."""
+    try:
+        # Checked before opening: opening a device can have side effects, a FIFO can block.
+        _require_regular(os.stat(path).st_mode, label)
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _path_error(path, label, exc) from exc
+    except ValueError as exc:
+        if isinstance(exc, EdgeShituError):
+            raise
+        # An embedded NUL character.
+        raise InvalidInputError(f"{label!r}: not a valid path ({exc}); expected an image file") from exc
+    try:
+        # Checked again on what was opened: the path may have been replaced since the stat().
+        info = os.fstat(fd)
+        _require_regular(info.st_mode, label)
+        if _OPEN_NONBLOCK:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), info.st_size
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise _path_error(path, label, exc) from exc
+        raise
+
+
+def _require_regular(mode: int, label: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise InvalidInputError(f"{label}: is a directory; expected an image file")
+    kind = next((what for test, what in _SPECIAL_FILES if test(mode)), "a special file")
+    raise InvalidInputError(f"{label}: not a regular file ({kind}); expected an image file")
+
+
+def _path_error(path: str, label: str, exc: OSError) -> EdgeShituError:
+    if exc.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return MissingFileError(f"{label}: no such image file (a symbolic link to nothing)")
+        return MissingFileError(f"{label}: no such image file")
+    if exc.errno == errno.ENOTDIR:
+        return MissingFileError(f"{label}: no such image file (a parent is not a directory)")
+    return _read_error(label, exc)
+
+
+def _read_error(label: str, exc: OSError) -> ImageDecodeError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return ImageDecodeError(f"{label}: cannot read image file: {reason}; expected a readable image file")
+
+
 def _decode(fp: BinaryIO, label: str, max_pixels: int) -> np.ndarray:
     try:
-        # Pillow would emit DecompressionBombWarning from open(); the size check below is ours.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp, formats=_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{label}: image too large to decode safely: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError(
-            f"{label}: cannot decode image: {_identify(fp)}; {_EXPECTED}"
-        ) from exc
-    except MemoryError:
+        exif, stream = _hide_jpeg_metadata(fp)
+        im = _open(stream, label)
+    except (EdgeShituError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many unrelated types here.
         raise _decode_error(label, exc) from exc
     with im:
         _check_pixels(im.size, max_pixels, label)
+        _check_pillow_limit(im.size, label)
         try:
             im.load()
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - Pillow raises many unrelated types here.
             raise _decode_error(label, exc) from exc
-        return _rgb_from_pil(im, label)
+        if exif is None:
+            exif = im.info.get("exif")
+        return _rgb_from_pil(im, label, _exif_orientation(exif))
 
 
-def _identify(fp: BinaryIO) -> str:
-    """Say what an undecodable file is, for the error message (header only, no pixels)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(fp) as other:
-                return f"unsupported format {other.format}"
-    except Exception:  # noqa: BLE001 - only used to improve an error message.
-        return "not a recognised image file"
+def _open(fp: BinaryIO, label: str) -> Image.Image:
+    """``Image.open(fp, formats=_FORMATS)`` without its ``DecompressionBombWarning``.
+
+    :func:`load_image` applies its own pixel limit and then Pillow's hard one instead; the
+    warning would only duplicate them, and silencing it takes process-global state.
+    """
+    Image.preinit()
+    prefix = fp.read(16)
+    failure: Optional[Tuple[str, Exception]] = None
+    note: Optional[str] = None
+    for fmt in _FORMATS:
+        if fmt not in Image.OPEN:
+            Image.init()
+        entry = Image.OPEN.get(fmt)
+        if entry is None:
+            continue
+        factory, accept = entry
+        verdict = accept(prefix) if accept is not None else True
+        if isinstance(verdict, str):
+            # The plugin recognises the file but cannot decode it (e.g. built without WebP).
+            note = note or verdict
+            continue
+        if not verdict:
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error) as exc:
+            # What Image.open takes for "not this format after all": the header is broken.
+            failure = failure or (fmt, exc)
+    if failure is not None:
+        fmt, exc = failure
+        reason = str(exc) or type(exc).__name__
+        raise ImageDecodeError(f"{label}: cannot decode image: broken {fmt} header: {reason}; {_EXPECTED}") from exc
+    raise ImageDecodeError(f"{label}: cannot decode image: {note or _identify(prefix)}; {_EXPECTED}")
+
+
+def _identify(prefix: bytes) -> str:
+    """Say what an undecodable file is, for the error message (from its first bytes only)."""
+    Image.init()
+    for fmt, (_, accept) in list(Image.OPEN.items()):
+        try:
+            verdict = accept is not None and accept(prefix)
+        except Exception:  # noqa: BLE001 - only used to improve an error message.
+            continue
+        if verdict and not isinstance(verdict, str):
+            return f"unsupported format {fmt}"
+    return "not a recognised image file"
 
 
 def _decode_error(label: str, exc: BaseException) -> ImageDecodeError:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # The operating system's, not Pillow's: the file could not be read.
+        return _read_error(label, exc)
     reason = str(exc) or type(exc).__name__
     return ImageDecodeError(f"{label}: cannot decode image: {reason}; {_EXPECTED}")
 
@@ -208,50 +344,207 @@ def _check_pixels(size: Tuple[int, int], max_pixels: int, label: str) -> None:
         )
 
 
-def _rgb_from_pil(im: Image.Image, label: str) -> np.ndarray:
-    im = _apply_orientation(im, label)
+def _check_pillow_limit(size: Tuple[int, int], label: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if limit is not None and width * height > 2 * limit:
+        raise ImageDecodeError(
+            f"{label}: image too large to decode safely: {width}x{height} = {width * height} "
+            f"pixels, more than Pillow's limit of {2 * limit} (2 * PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# EXIF orientation
+
+
+def _hide_jpeg_metadata(fp: BinaryIO) -> Tuple[Optional[bytes], BinaryIO]:
+    """Take a JPEG's EXIF block for ourselves and hide it, and its MPF index, from Pillow.
+
+    Pillow parses both while opening a JPEG (the EXIF block for a resolution missing from the
+    JFIF header, the MPF index to tell MPO files apart) and warns when they are malformed;
+    neither changes the pixels, and the first frame of an MPO file is a plain JPEG.
+
+    Returns:
+      ``(exif, stream)``: the first EXIF block's TIFF data (``None`` if there is none, or
+      ``fp`` is not a JPEG) and the stream to give Pillow, ``fp`` itself when nothing is hidden.
+    """
+    fp.seek(0)
+    if fp.read(3) != b"\xff\xd8\xff":
+        fp.seek(0)
+        return None, fp
+    exif: Optional[bytes] = None
+    hidden: List[Tuple[int, int]] = []
+    pos = 2
+    for _ in range(_JPEG_MAX_STEPS):
+        fp.seek(pos)
+        head = fp.read(4)
+        if len(head) < 2:
+            break
+        if head[0] != 0xFF or head[1] == 0xFF:
+            pos += 1  # junk or a fill byte, skipped as Pillow skips it
+            continue
+        marker = head[1]
+        if marker in (_JPEG_SOS, _JPEG_EOI):
+            break
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if len(head) < 4:
+            break
+        length = head[2] << 8 | head[3]
+        if length < 2:
+            break
+        if marker == _JPEG_APP1 and length >= 8 and fp.read(6) == b"Exif\x00\x00":
+            hidden.append((pos + 4, 6))
+            if exif is None:
+                exif = fp.read(length - 8)
+        elif marker == _JPEG_APP2 and length >= 6 and fp.read(4) == b"MPF\x00":
+            hidden.append((pos + 4, 4))
+        pos += 2 + length
+    fp.seek(0)
+    if not hidden:
+        return exif, fp
+    return exif, io.BufferedReader(_ZeroedRanges(fp, hidden))
+
+
+class _ZeroedRanges(io.RawIOBase):
+    """A seekable binary stream read with some byte ranges replaced by zeros."""
+
+    def __init__(self, raw: BinaryIO, ranges: Sequence[Tuple[int, int]]) -> None:
+        super().__init__()
+        self._raw = raw
+        self._ranges = tuple(ranges)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        start = self._raw.tell()
+        view = memoryview(buffer).cast("B")
+        count = self._raw.readinto(view) or 0
+        for at, length in self._ranges:
+            lo, hi = max(at, start), min(at + length, start + count)
+            if lo < hi:
+                view[lo - start : hi - start] = bytes(hi - lo)
+        return count
+
+
+def _exif_orientation(exif: object) -> int:
+    """The orientation (1-8) recorded in raw EXIF data; 1 when absent or unreadable.
+
+    Reads the first IFD only, and only as far as it is intact; anything malformed means no
+    rotation, as for OpenCV, never an error or a warning.
+
+    Args:
+      exif: the TIFF structure of an EXIF block, with or without its ``Exif\\0\\0`` header
+        (``info["exif"]`` of a PIL image); anything else gives 1.
+    """
+    if not isinstance(exif, (bytes, bytearray, memoryview)):
+        return 1
+    data = bytes(exif)
+    if data.startswith(b"Exif\x00\x00"):
+        data = data[6:]
+    if data[:4] == b"II*\x00":
+        order = "<"
+    elif data[:4] == b"MM\x00*":
+        order = ">"
+    else:
+        return 1
+    (first,) = struct.unpack_from(order + "I", data, 4) if len(data) >= 8 else (0,)
+    if first < 8 or first + 2 > len(data):
+        return 1
+    (entries,) = struct.unpack_from(order + "H", data, first)
+    orientation = 1
+    end = min(first + 2 + 12 * entries, len(data) - 11)
+    for entry in range(first + 2, end, 12):
+        tag, kind, count = struct.unpack_from(order + "HHI", data, entry)
+        if tag == _EXIF_ORIENTATION:
+            # The last entry wins, as in Pillow's tag dictionary.
+            code = _TIFF_INTEGERS.get(kind) if count == 1 else None
+            value = struct.unpack_from(order + code, data, entry + 8)[0] if code else 1
+            orientation = value if 1 <= value <= 8 else 1
+    return orientation
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion to RGB
+
+
+def _rgb_from_pil(im: Image.Image, label: str, orientation: int) -> np.ndarray:
+    """Copy a loaded PIL image into a new uint8 RGB array, upright for ``orientation``.
+
+    A strip of rows at a time is turned upright and converted, then copied to its place in the
+    result: the peak is Pillow's image plus the result, with no other full-size copy.
+    """
+    width, height = im.size
+    convert = _strip_converter(im, label)
+    method, from_end, as_columns = _ORIENTATIONS[orientation]
+    out = np.empty((width, height, 3) if as_columns else (height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        strip = im if bottom - top == height else im.crop((0, top, width, bottom))
+        if method is not None:
+            strip = strip.transpose(method)
+        band = slice(height - bottom, height - top) if from_end else slice(top, bottom)
+        target = out[:, band] if as_columns else out[band]
+        target[...] = convert(strip)
+    return out
+
+
+def _strip_converter(im: Image.Image, label: str) -> Callable[[Image.Image], np.ndarray]:
+    """How to turn a strip of ``im`` into uint8 ``(rows, W, 3)``, or ``(rows, W, 1)`` grey."""
     mode = im.mode
     if mode == "RGB":
-        return np.array(im, dtype=np.uint8)
+        return np.asarray
+    if mode in ("RGBA", "RGBX"):
+        return lambda strip: np.asarray(strip)[:, :, :3]
+    if mode == "L":
+        return lambda strip: np.asarray(strip)[:, :, None]
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
         # OpenCV reduces 16-bit samples to 8 bits by dropping the low byte; Pillow's own
         # conversion would clip them at 255 instead.
-        values = np.asarray(im).astype(np.int64)
-        grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+        return lambda strip: (np.clip(np.asarray(strip), 0, 65535) >> 8).astype(np.uint8)[:, :, None]
     if mode == "F":
-        grey = np.clip(np.rint(np.asarray(im, dtype=np.float32)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+        return lambda strip: np.clip(np.rint(np.asarray(strip, dtype=np.float32)), 0, 255).astype(np.uint8)[:, :, None]
     if mode in ("P", "PA"):
         # A plain palette lookup: Image.convert("RGB") warns on palettes with per-entry alpha.
         palette = np.zeros((256, 3), dtype=np.uint8)
         entries = np.asarray(im.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)[:256]
         palette[: len(entries)] = entries
-        indices = np.asarray(im)
-        return palette[indices[:, :, 0] if indices.ndim == 3 else indices]
+        return lambda strip: palette[np.asarray(strip)[:, :, 0] if mode == "PA" else np.asarray(strip)]
     if mode == "CMYK":
-        # OpenCV's CMYK conversion on the inverted (Adobe) samples libjpeg returns, which
-        # Pillow has already inverted back; Pillow's own formula differs by 1 on most pixels.
-        ink = np.asarray(im).astype(np.int32)
-        white = 255 - ink[:, :, 3:4]
-        return (white - ((ink[:, :, :3] * white) >> 8)).astype(np.uint8)
-    try:
-        if mode in ("La", "RGBa"):
-            im = im.convert(mode.upper())  # un-premultiply first; Pillow cannot go straight to RGB
-        rgb = im.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageDecodeError(f"{label}: cannot convert image mode {mode} to RGB: {exc}") from exc
-    return np.array(rgb, dtype=np.uint8)
+        return _rgb_from_cmyk
+    # La and RGBa are un-premultiplied first: Pillow cannot go straight to RGB from them.
+    steps = (mode.upper(), "RGB") if mode in ("La", "RGBa") else ("RGB",)
+
+    def convert(strip: Image.Image) -> np.ndarray:
+        try:
+            for target in steps:
+                strip = strip.convert(target)
+        except (ValueError, OSError) as exc:
+            raise ImageDecodeError(f"{label}: cannot convert image mode {mode} to RGB: {exc}") from exc
+        return np.asarray(strip)
+
+    return convert
 
 
-def _apply_orientation(im: Image.Image, label: str) -> Image.Image:
-    try:
-        orientation = im.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the pixels.
-        _log.warning("%s: ignoring unreadable EXIF data (%s)", label, exc)
-        return im
-    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
-    return im if method is None else im.transpose(method)
+def _rgb_from_cmyk(strip: Image.Image) -> np.ndarray:
+    # OpenCV's CMYK conversion on the inverted (Adobe) samples libjpeg returns, which Pillow
+    # has already inverted back; Pillow's own formula differs by 1 on most pixels.
+    ink = np.asarray(strip).astype(np.int32)
+    white = 255 - ink[:, :, 3:4]
+    return (white - ((ink[:, :, :3] * white) >> 8)).astype(np.uint8)
 
 
 def _rgb_from_array(arr: np.ndarray, label: str) -> np.ndarray:

@@ -1,27 +1,96 @@
-"""Frozen option dataclasses of the runtime. Cross-field checks live in ``__post_init__``."""
+"""Frozen option dataclasses of the runtime. Cross-field checks live in ``__post_init__``.
+
+Bundle manifests are parsed into these same classes (:meth:`edge_shitu.bundle.Bundle.load`), so a
+value is checked in one place whether it comes from code, the command line or a manifest.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from edge_shitu.errors import InvalidInputError
+from edge_shitu.image import DEFAULT_MAX_PIXELS
 from edge_shitu.types import WholeImagePolicy
 
-__all__ = ["BackendOptions", "DetectorOptions", "EmbedderOptions", "RecognizerOptions"]
+__all__ = ["BackendOptions", "DetectorOptions", "EmbedderOptions", "RecognizerOptions", "check_threads",
+           "MAX_CANDIDATES", "MAX_DETECTIONS", "MAX_BATCH", "MAX_TOP_K"]
 
 _BACKENDS = ("onnxruntime", "paddlelite")
 _SEARCH_BACKENDS = ("auto", "numpy", "faiss")
 
+MAX_CANDIDATES = 100_000
+"""Largest ``nms_top_k`` / ``keep_top_k``: greedy NMS is quadratic in its candidates."""
+MAX_DETECTIONS = 1_000
+"""Largest ``max_detections``: each detection is a crop the extractor runs on."""
+MAX_BATCH = 256
+"""Largest ``max_batch``: a batch of 256 224x224 crops is already a 154 MB input tensor."""
+MAX_PIXELS = 1 << 31
+"""Largest ``max_pixels`` a user may set: Pillow's own hard limit is below it."""
+MAX_TOP_K = 1_000
+"""Largest ``top_k``: a search returns (queries, top_k) arrays padded with -1, whatever the gallery size."""
 
-def _unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise InvalidInputError(f"{name} must be in [0, 1], got {value!r}")
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+def _machine_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def check_threads(value: object, *, name: str = "threads") -> int:
+    """Check a thread count for an inference session against this machine.
+
+    A session keeps at most one thread per CPU core busy; more threads than cores only contend for
+    them, and each costs its own stack and scratch buffers, so an unchecked count exhausts memory.
+
+    Args:
+      value: the requested count.
+      name: what to call it in the message (e.g. ``"--threads"``).
+
+    Returns:
+      ``value`` as an int in ``[1, os.cpu_count()]``.
+
+    Raises:
+      InvalidInputError: ``value`` is not an int (bools are refused) or is outside that range; the
+        message gives the range and this machine's core count.
+    """
+    cpus = _machine_cpus()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cpus:
+        raise InvalidInputError(
+            f"{name} must be a positive int from 1 to {cpus} (this machine has {cpus} CPU cores), got {_short(value)}")
+    return int(value)
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _unit(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise InvalidInputError(f"{name} must be a number in [0, 1], got {_short(value)}")
+
+
+def _positive(name: str, value: object, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidInputError(f"{name} must be a positive integer at most {maximum}, got {_short(value)}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be true or false, got {_short(value)}")
+
+
+def _instance(name: str, value: object, kind: type, *, optional: bool = False) -> None:
+    if not (isinstance(value, kind) or (optional and value is None)):
+        none = " or None" if optional else ""
+        raise InvalidInputError(f"{name} must be {kind.__name__}{none}, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -30,7 +99,8 @@ class BackendOptions:
 
     Attributes:
       name: backend name, "onnxruntime" or "paddlelite"; ``None`` uses the backend the bundle names.
-      threads: intra-op threads per session; ``None`` lets the backend decide.
+      threads: intra-op threads per session, from 1 to ``os.cpu_count()`` (see :func:`check_threads`);
+        ``None`` lets the backend decide.
     """
 
     name: Optional[str] = None
@@ -38,9 +108,9 @@ class BackendOptions:
 
     def __post_init__(self) -> None:
         if self.name is not None and self.name not in _BACKENDS:
-            raise InvalidInputError(f"unknown backend {self.name!r}; expected one of {', '.join(_BACKENDS)}")
+            raise InvalidInputError(f"unknown backend {_short(self.name)}; expected one of {', '.join(_BACKENDS)}")
         if self.threads is not None:
-            _positive("threads", self.threads)
+            check_threads(self.threads)
 
 
 @dataclass(frozen=True)
@@ -51,12 +121,17 @@ class DetectorOptions:
     Attributes:
       score_threshold: candidates below this score are dropped before NMS.
       nms_iou: IoU above which a lower-scored box of the same class is suppressed.
-      nms_top_k: candidates kept per feature level before NMS, by score.
-      keep_top_k: boxes kept after NMS.
-      max_detections: boxes returned, best first.
+      nms_top_k: candidates kept per feature level before NMS, by score (at most :data:`MAX_CANDIDATES`).
+      keep_top_k: boxes kept after NMS (at most :data:`MAX_CANDIDATES`).
+      max_detections: boxes returned, best first (at most :data:`MAX_DETECTIONS`).
       min_score: boxes below this score are not returned.
       clip: clip boxes to the image (the reference's in-graph decode does not).
       backend: how the detector session is created.
+      max_pixels: images with more pixels are refused from their header, before decoding; decoding
+        takes about 7 bytes per pixel (16 for WebP), so this bounds memory (see :mod:`edge_shitu.image`).
+
+    Raises:
+      InvalidInputError: a value of the wrong type or out of range (scores and IoUs in [0, 1]).
     """
 
     score_threshold: float = 0.025
@@ -67,14 +142,18 @@ class DetectorOptions:
     min_score: float = 0.2
     clip: bool = True
     backend: BackendOptions = field(default_factory=BackendOptions)
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        _positive("max_pixels", self.max_pixels, MAX_PIXELS)
         _unit("score_threshold", self.score_threshold)
         _unit("nms_iou", self.nms_iou)
         _unit("min_score", self.min_score)
-        _positive("nms_top_k", self.nms_top_k)
-        _positive("keep_top_k", self.keep_top_k)
-        _positive("max_detections", self.max_detections)
+        _positive("nms_top_k", self.nms_top_k, MAX_CANDIDATES)
+        _positive("keep_top_k", self.keep_top_k, MAX_CANDIDATES)
+        _positive("max_detections", self.max_detections, MAX_DETECTIONS)
+        _flag("clip", self.clip)
+        _instance("backend", self.backend, BackendOptions)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> "DetectorOptions":
@@ -83,6 +162,8 @@ class DetectorOptions:
         Raises:
           InvalidInputError: unknown keys or out-of-range values.
         """
+        if not isinstance(values, Mapping):
+            raise InvalidInputError(f"detector options must be a mapping, got {type(values).__name__}")
         merged = {**values, **overrides}
         unknown = set(merged) - {f for f in cls.__dataclass_fields__}
         if unknown:
@@ -95,19 +176,28 @@ class EmbedderOptions:
     """Feature-extractor settings.
 
     Attributes:
-      max_batch: crops per session call; larger inputs are split into chunks of this size.
+      max_batch: crops per session call, at most :data:`MAX_BATCH`; larger inputs are split into
+        chunks of this size.
       epsilon: added to the L2 norm so an all-zero feature gives zeros, not NaN (reference bug §1.9 #11).
       backend: how the extractor session is created.
+      max_pixels: images with more pixels are refused from their header, before decoding; decoding
+        takes about 7 bytes per pixel (16 for WebP), so this bounds memory (see :mod:`edge_shitu.image`).
+
+    Raises:
+      InvalidInputError: a value of the wrong type or out of range.
     """
 
     max_batch: int = 32
     epsilon: float = 1e-12
     backend: BackendOptions = field(default_factory=BackendOptions)
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        _positive("max_batch", self.max_batch)
-        if not self.epsilon > 0:
-            raise InvalidInputError(f"epsilon must be > 0, got {self.epsilon!r}")
+        _positive("max_pixels", self.max_pixels, MAX_PIXELS)
+        _positive("max_batch", self.max_batch, MAX_BATCH)
+        if not _number("epsilon", self.epsilon) > 0:
+            raise InvalidInputError(f"epsilon must be > 0, got {_short(self.epsilon)}")
+        _instance("backend", self.backend, BackendOptions)
 
 
 @dataclass(frozen=True)
@@ -117,7 +207,7 @@ class RecognizerOptions:
     Attributes:
       max_distance: accept a match when its Hamming distance is at most this many bits; ``None`` takes
         the gallery's calibrated value, else the bundle default (100, the reference's hamming_radius).
-      top_k: candidates returned per region.
+      top_k: candidates returned per region (at most :data:`MAX_TOP_K`).
       whole_image: when the whole image is recognised as an extra region.
       final_nms_iou: IoU of the final class-agnostic NMS, ranked by best match (smallest distance).
       detector: detector settings; ``None`` takes the bundle defaults.
@@ -126,6 +216,11 @@ class RecognizerOptions:
         (with ``label=None``); by default they are dropped, as in the reference.
       search_backend: Hamming search backend of a gallery the recogniser opens itself: "auto"
         (faiss when installed, else numpy), "numpy" or "faiss" (see :mod:`edge_shitu.search`).
+      max_pixels: images with more pixels are refused from their header, before decoding; decoding
+        takes about 7 bytes per pixel (16 for WebP), so this bounds memory (see :mod:`edge_shitu.image`).
+
+    Raises:
+      InvalidInputError: a value of the wrong type or out of range.
     """
 
     max_distance: Optional[int] = None
@@ -136,17 +231,22 @@ class RecognizerOptions:
     embedder: EmbedderOptions = field(default_factory=EmbedderOptions)
     include_unknown: bool = False
     search_backend: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        _positive("max_pixels", self.max_pixels, MAX_PIXELS)
         if self.max_distance is not None and (isinstance(self.max_distance, bool) or not isinstance(self.max_distance, int) or self.max_distance < 0):
-            raise InvalidInputError(f"max_distance must be a non-negative integer, got {self.max_distance!r}")
-        _positive("top_k", self.top_k)
+            raise InvalidInputError(f"max_distance must be a non-negative integer, got {_short(self.max_distance)}")
+        _positive("top_k", self.top_k, MAX_TOP_K)
         _unit("final_nms_iou", self.final_nms_iou)
+        _instance("detector", self.detector, DetectorOptions, optional=True)
+        _instance("embedder", self.embedder, EmbedderOptions)
+        _flag("include_unknown", self.include_unknown)
         try:
             object.__setattr__(self, "whole_image", WholeImagePolicy(self.whole_image))
         except ValueError:
             choices = ", ".join(p.value for p in WholeImagePolicy)
-            raise InvalidInputError(f"whole_image must be one of {choices}, got {self.whole_image!r}") from None
+            raise InvalidInputError(f"whole_image must be one of {choices}, got {_short(self.whole_image)}") from None
         if self.search_backend not in _SEARCH_BACKENDS:
             raise InvalidInputError(
-                f"search_backend must be one of {', '.join(_SEARCH_BACKENDS)}, got {self.search_backend!r}")
+                f"search_backend must be one of {', '.join(_SEARCH_BACKENDS)}, got {_short(self.search_backend)}")

@@ -12,7 +12,7 @@ from edge_shitu.boxes import nms
 from edge_shitu.bundle import Bundle
 from edge_shitu.detector import Detector
 from edge_shitu.embedder import Embedder
-from edge_shitu.errors import FingerprintMismatchError
+from edge_shitu.errors import ClosedError, FingerprintMismatchError
 from edge_shitu.gallery import Gallery
 from edge_shitu.image import crop, load_image
 from edge_shitu.options import DetectorOptions, RecognizerOptions
@@ -55,6 +55,7 @@ class Recognizer:
         self.gallery = gallery
         self.options = options
         self._owns_gallery = owns_gallery
+        self._closed = False
 
     @classmethod
     def from_bundle(cls, bundle, gallery: Union[str, os.PathLike, Gallery], *,
@@ -116,9 +117,12 @@ class Recognizer:
         Raises:
           MissingFileError, ImageDecodeError: the image cannot be read.
           InvalidInputError, InvalidDtypeError: an array input has the wrong shape or dtype.
+          ClosedError: the recogniser was closed.
         """
+        if self._closed:
+            raise ClosedError("this recognizer is closed; create a new one with Recognizer.from_bundle")
         clock = _Clock()
-        img = load_image(image)
+        img = load_image(image, max_pixels=self.options.max_pixels)
         h, w = img.shape[:2]
         clock.lap("decode")
 
@@ -186,7 +190,8 @@ class Recognizer:
         return [known[i] for i in keep] + unknown
 
     def close(self) -> None:
-        """Release the sessions and, when the recogniser opened it, the gallery."""
+        """Release the sessions and, when the recogniser opened it, the gallery. Calling it twice is harmless."""
+        self._closed = True
         if self.detector is not None:
             self.detector.close()
         self.embedder.close()

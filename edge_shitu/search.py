@@ -495,18 +495,20 @@ class HammingIndex:
 
         Args:
           queries: uint8 ``(n, bits // 8)`` or one code ``(bits // 8,)``.
-          k: neighbours per query, >= 1; rows with fewer matches are padded with -1.
-          max_distance: when given, only rows within this many bits are returned.
+          k: neighbours per query, >= 1; capped at the index's size, so the results have
+            ``c = min(k, len(self))`` columns (any k is safe to ask for).
+          max_distance: when given, only rows within this many bits are returned; rows with
+            fewer matches are padded with -1.
 
         Returns:
-          ``(positions, distances, counts)``: int64 ``(n, k)`` row positions, int32 ``(n, k)``
+          ``(positions, distances, counts)``: int64 ``(n, c)`` row positions, int32 ``(n, c)``
           distances (both -1 where padded) and int64 ``(n,)`` the number of real matches.
 
         Raises:
           InvalidDtypeError: ``queries`` is not a uint8 ndarray.
           InvalidInputError: wrong width, ``k < 1`` or ``max_distance < 0``.
         """
-        k = _check_k(k)
+        k = min(_check_k(k), self._size)
         limit = _check_max_distance(max_distance)
         q = _check_matrix(queries, self._bits // 8, "queries")
         n = q.shape[0]

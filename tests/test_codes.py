@@ -39,6 +39,7 @@ def _oracle_hamming(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 def _oracle_top_k(distances, ids, k, max_distance=None):
+    k = min(k, len(ids))  # k is capped at the number of codes
     rows_ids, rows_dist, counts = [], [], []
     for row in distances:
         pairs = sorted((int(d), int(i)) for d, i in zip(row, ids))
@@ -225,7 +226,7 @@ class TestTopK:
         result = top_k(distances, ids, k, max_distance)
         exp_ids, exp_dist, exp_counts = _oracle_top_k(distances, ids, k, max_distance)
         assert result.ids.dtype == np.int64 and result.distances.dtype == np.int32
-        assert result.counts.dtype == np.int64 and result.ids.shape == (11, k)
+        assert result.counts.dtype == np.int64 and result.ids.shape == (11, min(k, m))
         np.testing.assert_array_equal(result.ids, exp_ids)
         np.testing.assert_array_equal(result.distances, exp_dist)
         np.testing.assert_array_equal(result.counts, exp_counts)
@@ -251,15 +252,16 @@ class TestTopK:
         big = top_k(distances, ids, 4)
         np.testing.assert_array_equal(big.ids, exp_ids)
 
-    def test_k_larger_than_gallery_pads(self):
-        result = top_k(np.array([[3, 1]], np.int32), np.array([10, 20]), 5)
-        np.testing.assert_array_equal(result.ids, [[20, 10, -1, -1, -1]])
-        np.testing.assert_array_equal(result.distances, [[1, 3, -1, -1, -1]])
+    @pytest.mark.parametrize("k", [5, 10**12])
+    def test_k_larger_than_gallery_is_capped(self, k):
+        result = top_k(np.array([[3, 1]], np.int32), np.array([10, 20]), k)
+        np.testing.assert_array_equal(result.ids, [[20, 10]])
+        np.testing.assert_array_equal(result.distances, [[1, 3]])
         np.testing.assert_array_equal(result.counts, [2])
 
     def test_empty_gallery(self):
         result = top_k(np.zeros((3, 0), np.int32), np.zeros(0, np.int64), 4)
-        assert result.ids.shape == (3, 4) and (result.ids == -1).all() and (result.distances == -1).all()
+        assert result.ids.shape == (3, 0) and result.distances.shape == (3, 0)
         np.testing.assert_array_equal(result.counts, [0, 0, 0])
         assert len(result) == 3
 

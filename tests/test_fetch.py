@@ -3,15 +3,19 @@ verification, cache reuse and safe unpacking. No internet: every source is local
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gzip
 import hashlib
 import io
 import json
 import os
 import re
 import stat
+import struct
 import tarfile
 import threading
+import tracemalloc
 import urllib.error
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -608,3 +612,345 @@ def test_bad_arguments(lock, mirror, tmp_path):
         fetch(DET, cache_dir=tmp_path, mirror=mirror, lock=lock, timeout=0)
     with pytest.raises(InvalidInputError, match="max_bytes must be a positive"):
         fetch(DET, cache_dir=tmp_path, mirror=mirror, lock=lock, max_bytes=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded archive metadata: headers, names, member counts and directories are bounded before
+# they are read, and every refusal is one short line
+
+
+MIB = 1 << 20
+MEMORY_CEILING = 16 * MIB
+
+
+def raw_header(name: bytes, kind: bytes, size: int, *, fields=()) -> bytes:
+    """One ustar header block declaring ``size`` data bytes, written field by field (no tarfile writer);
+    ``fields`` are extra (offset, bytes) pairs."""
+    block = bytearray(512)
+    block[0:len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[108:116] = b"0000000\0"
+    block[116:124] = b"0000000\0"
+    block[124:136] = b"%011o\0" % size
+    block[136:148] = b"00000000000\0"
+    block[148:156] = b" " * 8
+    block[156:157] = kind
+    block[257:265] = b"ustar\x0000"
+    for offset, value in fields:
+        block[offset:offset + len(value)] = value
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def pax_records(records: dict) -> bytes:
+    """PAX ``"<length> <key>=<value>\\n"`` records, the length counting itself."""
+    out = b""
+    for key, value in records.items():
+        body = f" {key}={value}\n".encode()
+        length = len(body) + 1
+        while len(str(length)) + len(body) != length:
+            length += 1
+        out += str(length).encode() + body
+    return out
+
+
+def tar_blocks(members=TOY_MEMBERS, *, fmt=tarfile.GNU_FORMAT) -> bytes:
+    """Header and data blocks of (name, bytes) members, without the end-of-archive blocks."""
+    out = b""
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        out += info.tobuf(fmt, "utf-8", "surrogateescape") + padded(data)
+    return out
+
+
+def toy_tar_bytes(members=TOY_MEMBERS, *, fmt=tarfile.GNU_FORMAT) -> bytes:
+    return tar_blocks(members, fmt=fmt) + bytes(1024)
+
+
+def repeated_gzip(data: bytes, times: int) -> bytes:
+    """``times`` copies of ``data`` as concatenated gzip members: a small file that inflates hugely."""
+    return gzip.compress(data, mtime=0) * times
+
+
+def toy_lock(tmp_path: Path, **over):
+    return load_lock(write_lock(tmp_path / "toy.lock", [entry_dict(**over)]))
+
+
+@contextlib.contextmanager
+def traced_peak():
+    """Yield a dict that receives ``peak``: the most Python memory allocated inside the block."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    box = {}
+    try:
+        yield box
+    finally:
+        box["peak"] = tracemalloc.get_traced_memory()[1] - base
+        if started:
+            tracemalloc.stop()
+
+
+def refused(tmp_path: Path, lock, *, name: str = "toy", max_bytes: int = 1 << 30, traced: bool = True) -> str:
+    """Fetch ``name`` from ``tmp_path/mirror``; return the FetchError's message after checking it is
+    one short line, that memory stayed bounded (when ``traced``) and that nothing was left in the cache."""
+    cache = tmp_path / "cache"
+    with (traced_peak() if traced else contextlib.nullcontext({})) as mem, pytest.raises(FetchError) as info:
+        fetch(name, cache_dir=cache, mirror=tmp_path / "mirror", lock=lock, max_bytes=max_bytes)
+    message = str(info.value)
+    assert len(message) < 300 and "\n" not in message, message[:1000]
+    assert mem.get("peak", 0) < MEMORY_CEILING, mem["peak"]
+    assert cache_leftovers(cache) == []
+    return message
+
+
+def write_archive(tmp_path: Path, data: bytes, suffix: str = "tar") -> Path:
+    path = toy_archive(tmp_path / "mirror", suffix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+EXTENDED = [
+    (tarfile.GNUTYPE_LONGNAME, "GNU long name"),
+    (tarfile.GNUTYPE_LONGLINK, "GNU long link name"),
+    (tarfile.XHDTYPE, "PAX"),
+    (tarfile.XGLTYPE, "PAX global"),
+]
+
+
+@pytest.mark.parametrize("kind, what", EXTENDED, ids=[k.decode() for k, _ in EXTENDED])
+def test_huge_extended_header_refused_unread(tmp_path, kind, what):
+    # 1 GiB declared, 4 KiB present: tarfile would try to read the whole declared payload.
+    write_archive(tmp_path, raw_header(b"././@LongLink", kind, 1 << 30) + b"a" * 4096 + toy_tar_bytes())
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert message == (
+        f"toy_infer.tar: {what} header at offset 0 declares 1073741824 bytes, over the 16384-byte limit; refusing it"
+    )
+
+
+@pytest.mark.parametrize("kind, what", EXTENDED[:1] + EXTENDED[2:], ids=["L", "x", "g"])
+def test_inflating_extended_header_never_held_in_memory(tmp_path, kind, what):
+    # The payload is really there, compressed: 64 MiB of header inflated from a 70 KB .tar.gz.
+    data = (
+        gzip.compress(raw_header(b"././@LongLink", kind, 64 * MIB), mtime=0)
+        + repeated_gzip(b"a" * MIB, 64)
+        + gzip.compress(toy_tar_bytes(), mtime=0)
+    )
+    assert write_archive(tmp_path, data).stat().st_size < 100_000
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert message.startswith(f"toy_infer.tar: {what} header at offset 0 declares {64 * MIB} bytes, over the")
+
+
+def test_extended_header_chain_refused(tmp_path):
+    # Hundreds of empty PAX headers in a row: tarfile would recurse once per header.
+    write_archive(tmp_path, raw_header(b"././@PaxHeader", tarfile.XHDTYPE, 0) * 400 + toy_tar_bytes())
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert message == "toy_infer.tar: more than 8 extended headers in a row at offset 4096; refusing it"
+
+
+def test_pax_record_count_capped(tmp_path):
+    # A small global header with many keys would be copied into every member tarfile keeps.
+    payload = pax_records({f"comment{i}": "x" for i in range(100)})
+    assert len(payload) < 16 << 10
+    write_archive(tmp_path, raw_header(b"pax_global_header", tarfile.XGLTYPE, len(payload)) + padded(payload)
+                  + toy_tar_bytes())
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert re.fullmatch(
+        r"toy_infer\.tar: the member at offset \d+ has 100 PAX records, over the limit of 64; refusing it", message
+    )
+
+
+def test_extended_headers_capped_in_total(tmp_path):
+    # Each header is under the per-header limit; 150 of them are over the per-archive one.
+    members = []
+    for i in range(150):
+        info = tarfile.TarInfo(f"toy_infer/extra{i}")
+        info.pax_headers = {"comment": "c" * 15_000}
+        members.append(info)
+    make_tar(toy_archive(tmp_path / "mirror"), TOY_MEMBERS + members, gz=True)
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert re.fullmatch(r"toy_infer\.tar: extended headers exceed the 2097152-byte limit at offset \d+; refusing it", message)
+
+
+def test_member_count_capped(tmp_path):
+    # The same directory 10,000 times over: nothing to write, only members to count.
+    directory = _special("toy_infer/sub", tarfile.DIRTYPE).tobuf(tarfile.GNU_FORMAT)
+    write_archive(tmp_path, gzip.compress(tar_blocks() + directory * 10_000 + bytes(1024), mtime=0))
+    message = refused(tmp_path, toy_lock(tmp_path), traced=False)  # tracing 10,000 members is slow
+    assert message == "toy_infer.tar: more than 10000 members (at 'toy_infer/sub'); refusing it"
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("toy_infer/" + "a/" * 2495 + "z",
+         r"'toy_infer/a/a/.*\.\.\. \(5001 characters\) is a 5001-byte name, over the 4096-byte limit"),
+        ("toy_infer/" + "b" * 300, r"'toy_infer/b+\.\.\. \(310 characters\) has a path component over 255 bytes"),
+        ("toy_infer/evil\nname", r"'toy_infer/evil\\nname' contains control characters"),
+        ("toy_infer/\x1b[2Jclear", r"'toy_infer/\\x1b\[2Jclear' contains control characters"),
+        ("a" * 3000 + "/../evil", r"'aaaa.*\.\.\. \(3008 characters\) has a '\.\.' component"),
+    ],
+    ids=["name-over-4096", "component-over-255", "newline", "escape", "long-name-quoted"],
+)
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_bad_names_refused_in_one_short_line(tmp_path, name, reason, fmt):
+    write_archive(tmp_path, toy_tar_bytes(TOY_MEMBERS + [(name, b"x")], fmt=fmt))
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert re.match(r"unsafe member in toy_infer\.tar: " + reason, message), message
+
+
+def test_non_utf8_name_refused(tmp_path):
+    # tarfile turns bytes that are not UTF-8 into lone surrogates, which no UTF-8 stream can print.
+    write_archive(tmp_path, toy_tar_bytes(TOY_MEMBERS + [("toy_infer/bad\udcffname", b"x")], fmt=tarfile.GNU_FORMAT))
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert message == "unsafe member in toy_infer.tar: 'toy_infer/bad\\udcffname' is not a UTF-8 name", message
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_long_legal_names_still_unpack(tmp_path, fmt):
+    deep = "toy_infer/" + "/".join(["d" * 250] * 4) + "/f"
+    write_archive(tmp_path, toy_tar_bytes(TOY_MEMBERS + [(deep, b"deep")], fmt=fmt))
+    report = fetch("toy", cache_dir=tmp_path / "cache", mirror=tmp_path / "mirror", lock=toy_lock(tmp_path))
+    assert (report.model_dir / deep.split("/", 1)[1]).read_bytes() == b"deep"
+
+
+def test_top_level_listing_is_cut(tmp_path):
+    members = [("x" * 200 + str(i), b"") for i in range(300)]
+    write_archive(tmp_path, toy_tar_bytes(members))
+    cache = tmp_path / "cache"
+    with pytest.raises(FetchError) as info:
+        fetch("toy", cache_dir=cache, mirror=tmp_path / "mirror", lock=toy_lock(tmp_path))
+    message = str(info.value)
+    assert message.startswith("toy_infer.tar does not unpack to toy_infer/") and message.endswith("(300 in all))")
+    assert len(message) < 300 and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "kind, payload",
+    [
+        # A record length of 5000 digits: int() refuses it with a ValueError tarfile lets through.
+        (tarfile.XHDTYPE, b"1" * 5000 + b" path=x\n"),
+        (tarfile.XGLTYPE, pax_records({"GNU.sparse.realsize": "many"})),
+    ],
+    ids=["length-digits", "global-realsize"],
+)
+def test_malformed_pax_header_refused(tmp_path, kind, payload):
+    write_archive(tmp_path, gzip.compress(raw_header(b"././@PaxHeader", kind, len(payload)) + padded(payload)
+                                          + toy_tar_bytes(), mtime=0))
+    message = refused(tmp_path, toy_lock(tmp_path))
+    # Python 3.13 checks PAX record lengths itself and reports an invalid header instead.
+    assert re.fullmatch(
+        r"toy_infer\.tar(: malformed header at offset \d+: .+; refusing it| is not a readable tar archive: .+)", message
+    ), message
+
+
+@pytest.mark.parametrize("extended", [False, True], ids=["plain", "extension-blocks"])
+def test_sparse_member_refused(tmp_path, extended):
+    # With its "extended" flag set, a sparse header is followed by map blocks for as long as each
+    # block says another follows: here 16 MiB of them, each with 21 map entries.
+    header = raw_header(b"toy_infer/sparse", tarfile.GNUTYPE_SPARSE, 0, fields=[(482, bytes([extended]))])
+    data = gzip.compress(tar_blocks() + header, mtime=0)
+    if extended:
+        block = padded(b"%011o\0" % 1 * 42)[:504] + b"\x01" + bytes(7)
+        data += repeated_gzip(block * 2048, 16)
+    write_archive(tmp_path, data + gzip.compress(bytes(1024), mtime=0))
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert re.fullmatch(
+        r"toy_infer\.tar: the member at offset \d+ is a GNU sparse file, which is not supported; refusing it", message
+    )
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        # 1.0: the map is read from the data, as long as its first line says; here "forever".
+        {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "toy_infer/s", "GNU.sparse.realsize": "9"},
+        {"GNU.sparse.map": "0,5", "GNU.sparse.size": "5"},
+    ],
+    ids=["1.0", "0.1"],
+)
+def test_pax_sparse_member_refused(tmp_path, records):
+    payload = pax_records(records)
+    sparse_map = b"99999999999\n" + b"1" * 4000
+    archive = (
+        tar_blocks()
+        + raw_header(b"././@PaxHeader", tarfile.XHDTYPE, len(payload)) + padded(payload)
+        + raw_header(b"toy_infer/s", tarfile.REGTYPE, len(sparse_map)) + padded(sparse_map)
+        + bytes(1024)
+    )
+    write_archive(tmp_path, archive)
+    message = refused(tmp_path, toy_lock(tmp_path))
+    assert "is a GNU sparse file, which is not supported" in message
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["one-member", "many-members"])
+def test_gzip_bomb_refused_while_streaming(tmp_path, spread):
+    # 64 MiB of zeros in a 70 KB .tar.gz, against an 8 MiB cap: as one member or as 64 of 1 MiB.
+    sizes = [MIB] * 64 if spread else [64 * MIB]
+    data = gzip.compress(tar_blocks(), mtime=0)
+    for i, size in enumerate(sizes):
+        data += gzip.compress(raw_header(b"toy_infer/zeros%d" % i, tarfile.REGTYPE, size), mtime=0)
+        data += repeated_gzip(bytes(MIB), size // MIB)
+    data += gzip.compress(bytes(1024), mtime=0)
+    assert write_archive(tmp_path, data).stat().st_size < 100_000
+    message = refused(tmp_path, toy_lock(tmp_path), max_bytes=8 * MIB)
+    last = 7 if spread else 0
+    assert message == f"toy_infer.tar: unpacked size exceeds the {8 * MIB}-byte limit at member 'toy_infer/zeros{last}'"
+
+
+def zip_directory(count: int, *, claimed: int) -> bytes:
+    """A zip of nothing but a central directory of ``count`` entries whose end record claims ``claimed``."""
+    name = b"toy_infer/x"
+    entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0, 0, 0) + name
+    central = entry * count
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, claimed, claimed, len(central), 0, 0)
+    return central + end
+
+
+@pytest.mark.parametrize(
+    "count, claimed, reason",
+    [
+        (10_001, 10_001, "its central directory lists 10001 members, over the limit of 10000"),
+        (100_000, 1, "its central directory takes 5700000 bytes, over the 2097152-byte limit"),
+    ],
+    ids=["entries", "bytes"],
+)
+def test_zip_directory_bounded_before_parsing(tmp_path, count, claimed, reason):
+    write_archive(tmp_path, zip_directory(count, claimed=claimed), "zip")
+    url = "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/rec/models/inference/toy_infer.zip"
+    message = refused(tmp_path, toy_lock(tmp_path, url=url, format="zip"))
+    assert message == f"toy_infer.zip: {reason}"
+
+
+def test_not_an_archive_message_is_one_line(lock, tmp_path):
+    mirror = tmp_path / "mirror"
+    det_archive(mirror).parent.mkdir(parents=True)
+    det_archive(mirror).write_bytes(b"<html>404 from a captive portal</html>" * 20)
+    refused(tmp_path, lock, name=DET)
+
+
+def test_cli_reports_hostile_archive_in_one_line(tmp_path, monkeypatch):
+    from edge_shitu.cli import main
+
+    monkeypatch.delenv("EDGE_SHITU_MODELS_LOCK", raising=False)
+    mirror = tmp_path / "mirror"
+    archive = det_archive(mirror)
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(raw_header(b"././@LongLink", tarfile.GNUTYPE_LONGNAME, 1 << 30) + b"a" * 4096)
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["models", "fetch", DET, "--mirror", str(mirror), "--cache", str(tmp_path / "cache")],
+                stdout=out, stderr=err)
+    # FetchError is an OSError, not a ValueError: the CLI reports it as a failure (1), not bad input (2).
+    assert code == 1
+    assert out.getvalue() == ""
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 300, err.getvalue()[:1000]
+    assert lines[0].startswith("edge-shitu: error: picodet_PPLCNet_x2_5_mainbody_lite_v1.0_infer.tar: GNU long name header")

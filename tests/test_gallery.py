@@ -28,6 +28,7 @@ from edge_shitu.search import available_backends
 BACKENDS = [b for b in ("numpy", "faiss") if b in available_backends()]
 
 FP = "0123abcd"
+EMB_FP = "e1e2e3e4"  # identity of the (imaginary) extractor of the test embeddings
 OTHER_FP = "feedbeef"
 
 
@@ -36,7 +37,8 @@ def _codes(rng: np.random.Generator, n: int, nbytes: int = 64) -> np.ndarray:
 
 
 def _oracle_search(queries, codes, ids, k, max_distance=None):
-    """Pure-Python search: sort (distance, id) pairs."""
+    """Pure-Python search: sort (distance, id) pairs; k is capped at the gallery's size."""
+    k = min(k, len(ids))
     out = []
     for q in queries:
         pairs = sorted(
@@ -210,7 +212,7 @@ class TestCorruptFiles:
     def test_truncated_file(self, gallery_path, rng, fraction):
         emb = rng.standard_normal((600, 512)).astype(np.float32)
         with Gallery.create(gallery_path, fingerprint=FP) as g:
-            g.add(binarize(emb), ["x"] * 600, embeddings=emb)
+            g.add(binarize(emb), ["x"] * 600, embeddings=emb, embedding_fingerprint=EMB_FP)
         data = gallery_path.read_bytes()
         gallery_path.write_bytes(data[: int(len(data) * fraction)])
         with pytest.raises(GalleryCorruptError, match="drinks.gallery"):
@@ -290,10 +292,15 @@ class TestAdd:
     def test_k_larger_than_gallery_and_empty_gallery(self, rng):
         with Gallery.create(":memory:", fingerprint=FP) as g:
             empty = g.search(_codes(rng, 2), k=3)
-            assert (empty.ids == -1).all() and empty.counts.tolist() == [0, 0]
+            assert empty.ids.shape == (2, 0) and empty.counts.tolist() == [0, 0]
             g.add(_codes(rng, 2), ["a", "b"])
             result = g.search(_codes(rng, 1), k=4)
-            assert result.counts.tolist() == [2] and result.ids[0, 2:].tolist() == [-1, -1]
+            assert result.counts.tolist() == [2] and result.ids.shape == (1, 2) and (result.ids >= 0).all()
+            # Any k is safe: it is capped at the gallery's size instead of allocating k columns.
+            huge = g.search(_codes(rng, 3), k=10**12)
+            assert huge.ids.shape == (3, 2) and huge.counts.tolist() == [2, 2, 2]
+            with pytest.raises(InvalidInputError, match="k must be an integer >= 1"):
+                g.search(_codes(rng, 1), k=0)
 
     def test_max_distance_in_search(self, rng):
         codes = _codes(rng, 20)
@@ -310,7 +317,7 @@ class TestAdd:
     def test_embeddings_round_trip(self, gallery_path, rng):
         emb = rng.standard_normal((5, 32))
         with Gallery.create(gallery_path, fingerprint=FP) as g:
-            ids = g.add(_codes(rng, 5), list("abcde"), embeddings=emb)
+            ids = g.add(_codes(rng, 5), list("abcde"), embeddings=emb, embedding_fingerprint=EMB_FP)
             g.add(_codes(rng, 1), ["plain"])
         with Gallery.open(gallery_path, readonly=True) as g:
             got = g.embeddings([ids[3], ids[0], ids[3]])
@@ -325,19 +332,19 @@ class TestAdd:
 
     def test_embedding_errors(self, rng):
         with Gallery.create(":memory:", fingerprint=FP) as g:
-            g.add(_codes(rng, 2), ["a", "b"], embeddings=np.ones((2, 8), np.float32))
+            g.add(_codes(rng, 2), ["a", "b"], embeddings=np.ones((2, 8), np.float32), embedding_fingerprint=EMB_FP)
             with pytest.raises(InvalidInputError, match="embeddings must have 8 columns"):
-                g.add(_codes(rng, 1), ["c"], embeddings=np.ones((1, 16), np.float32))
+                g.add(_codes(rng, 1), ["c"], embeddings=np.ones((1, 16), np.float32), embedding_fingerprint=EMB_FP)
             bad = np.ones((1, 8), np.float32)
             bad[0, 2] = np.nan
             with pytest.raises(InvalidInputError, match="NaN or infinite"):
-                g.add(_codes(rng, 1), ["c"], embeddings=bad)
+                g.add(_codes(rng, 1), ["c"], embeddings=bad, embedding_fingerprint=EMB_FP)
             with pytest.raises(InvalidInputError, match="float32 range"):
-                g.add(_codes(rng, 1), ["c"], embeddings=np.full((1, 8), 1e300))
+                g.add(_codes(rng, 1), ["c"], embeddings=np.full((1, 8), 1e300), embedding_fingerprint=EMB_FP)
             with pytest.raises(InvalidDtypeError, match="float array"):
-                g.add(_codes(rng, 1), ["c"], embeddings=np.ones((1, 8), np.int32))
+                g.add(_codes(rng, 1), ["c"], embeddings=np.ones((1, 8), np.int32), embedding_fingerprint=EMB_FP)
             with pytest.raises(InvalidInputError, match=r"shape \(1, d\)"):
-                g.add(_codes(rng, 1), ["c"], embeddings=np.ones((2, 8), np.float32))
+                g.add(_codes(rng, 1), ["c"], embeddings=np.ones((2, 8), np.float32), embedding_fingerprint=EMB_FP)
             assert len(g) == 2
 
     def test_bad_codes(self, rng):
@@ -458,7 +465,7 @@ class TestIdsAndAtomicity:
             g.remove(list(range(0, 30, 2)))
             result = g.search(codes, k=30)
             assert result.counts.tolist() == [15] * 30
-            assert set(result.ids.ravel().tolist()) == set(range(1, 30, 2)) | {-1}
+            assert set(result.ids.ravel().tolist()) == set(range(1, 30, 2))
             assert result.ids.tolist() == _oracle_search(codes, codes[1::2], range(1, 30, 2), 30)
 
     def test_remove_label_and_relabel(self, filled):
@@ -568,10 +575,19 @@ class TestAccessModes:
         with Gallery.open(path) as g:
             with _raw(path) as conn:
                 conn.execute("UPDATE items SET code = x'00' WHERE id = 3")
+            before = g.search(np.zeros((1, 64), np.uint8), k=30)
             problems = g.check()
             assert any("not 64-byte blobs" in p for p in problems)
+            # Readers keep answering from the last whole state and say why they could not reload.
+            after = g.search(np.zeros((1, 64), np.uint8), k=30)
+            np.testing.assert_array_equal(after.ids, before.ids)
+            assert "not 64-byte blobs" in g.stale
             with pytest.raises(GalleryCorruptError, match="not 64-byte blobs"):
-                g.search(np.zeros((1, 64), np.uint8))
+                g.add(np.zeros((1, 64), np.uint8), ["x"])
+            with _raw(path) as conn:
+                conn.execute("UPDATE items SET code = ? WHERE id = 3", (bytes(64),))
+            g.search(np.zeros((1, 64), np.uint8))
+            assert g.stale is None
 
 
 def test_real_features_leave_one_out_recall(embeddings_npz):
@@ -580,7 +596,7 @@ def test_real_features_leave_one_out_recall(embeddings_npz):
     features, labels = data["embeddings"], data["labels"]
     codes = binarize(features)
     with Gallery.create(":memory:", fingerprint=FP) as g:
-        ids = g.add(codes, labels, embeddings=features)
+        ids = g.add(codes, labels, embeddings=features, embedding_fingerprint=EMB_FP)
         result = g.search(codes, k=2)
     assert (result.distances[:, 0] == 0).all()
     hits = 0
@@ -598,6 +614,7 @@ def test_real_features_leave_one_out_recall(embeddings_npz):
 # Deterministic content of batch j, shared by the crash-test children and the checks.
 _BATCH_SOURCE = """
 import numpy as np
+EMB_FP = "e1e2e3e4"
 
 def make_batch(j, batch, dim):
     rng = np.random.default_rng(10_000 + j)
@@ -619,7 +636,7 @@ with Gallery.open(path) as g:
     j = len(g) // batch
     while True:
         codes, labels, emb = make_batch(j, batch, dim)
-        g.add(codes, labels, embeddings=emb)
+        g.add(codes, labels, embeddings=emb, embedding_fingerprint=EMB_FP)
         marker.write_text(str(j))
         j += 1
 """
@@ -692,7 +709,7 @@ def test_crash_while_removing_leaves_whole_batches(tmp_path):
     with Gallery.create(path, fingerprint=FP) as g:
         for j in range(groups):
             codes, labels, emb = _make_batch(j, batch, dim)
-            g.add(codes, labels, embeddings=emb)
+            g.add(codes, labels, embeddings=emb, embedding_fingerprint=EMB_FP)
     all_ids = np.arange(groups * batch)
     delays = np.random.default_rng(11).uniform(0.0, 0.15, size=2)
     removed_groups = 0
@@ -798,9 +815,10 @@ class TestFormat2:
         emb = rng.standard_normal((50, 16)).astype(np.float32)
         flip = np.diag(np.where(np.arange(16) % 2 == 0, -1.0, 1.0)).astype(np.float32)
         with Gallery.create(gallery_path, fingerprint=FP, bits=16) as g:
-            g.add(np.packbits(emb > 0, axis=1), [f"c{i % 5}" for i in range(50)], embeddings=emb)
+            g.add(np.packbits(emb > 0, axis=1), [f"c{i % 5}" for i in range(50)], embeddings=emb, embedding_fingerprint=EMB_FP)
             g.set_max_distance(3)
-            n = g.rehash(lambda e: np.packbits(e @ flip > 0, axis=1), fingerprint=OTHER_FP, batch=7)
+            n = g.rehash(lambda e: np.packbits(e @ flip > 0, axis=1), fingerprint=OTHER_FP,
+                         embedding_fingerprint=EMB_FP, batch=7)
             assert n == 50 and g.fingerprint == OTHER_FP and g.max_distance is None
             np.testing.assert_array_equal(g.codes()[1], np.packbits(emb @ flip > 0, axis=1))
             assert g.search(np.packbits(emb[:3] @ flip > 0, axis=1), k=1).ids[:, 0].tolist() == [0, 1, 2]
@@ -813,14 +831,54 @@ class TestFormat2:
         path, _, _ = filled
         with Gallery.open(path) as g:
             with pytest.raises(GalleryError, match="30 of 30 items have no stored float embedding.*--keep-embeddings"):
-                g.rehash(lambda e: e, fingerprint=OTHER_FP)
+                g.rehash(lambda e: e, fingerprint=OTHER_FP, embedding_fingerprint=EMB_FP)
             assert g.fingerprint == FP
         emb = rng.standard_normal((4, 64)).astype(np.float32)
         with Gallery.create(":memory:", fingerprint=FP, bits=64) as g:
-            g.add(np.packbits(emb > 0, axis=1), ["x"] * 4, embeddings=emb)
+            g.add(np.packbits(emb > 0, axis=1), ["x"] * 4, embeddings=emb, embedding_fingerprint=EMB_FP)
             with pytest.raises(InvalidInputError, match=r"encode must return uint8 codes of shape \(4, 8\)"):
-                g.rehash(lambda e: np.packbits(e > 0, axis=1)[:, :4], fingerprint=OTHER_FP)
+                g.rehash(lambda e: np.packbits(e > 0, axis=1)[:, :4], fingerprint=OTHER_FP,
+                         embedding_fingerprint=EMB_FP)
             assert g.fingerprint == FP
+
+    def test_embeddings_keep_their_extractor(self, gallery_path, rng):
+        """Codes and embeddings of one gallery always come from one extractor: adds of another
+        extractor's features and re-hashing for another extractor are refused, nothing changes."""
+        emb = rng.standard_normal((6, 16)).astype(np.float32)
+        codes = np.packbits(emb > 0, axis=1)
+        with Gallery.create(gallery_path, fingerprint=FP, bits=16) as g:
+            with pytest.raises(InvalidInputError, match="embedding_fingerprint"):
+                g.add(codes, ["a"] * 6, embeddings=emb)
+            g.add(codes[:3], ["a"] * 3, embeddings=emb[:3], embedding_fingerprint=EMB_FP)
+            assert g.info().embedding_fingerprint == EMB_FP
+            with pytest.raises(FingerprintMismatchError, match="two models' features"):
+                g.add(codes[3:], ["b"] * 3, embeddings=emb[3:], embedding_fingerprint="f00d")
+            assert len(g) == 3
+            snapshot = bytes(gallery_path.read_bytes())
+            with pytest.raises(FingerprintMismatchError, match="made by extractor e1e2e3e4"):
+                g.rehash(lambda e: np.packbits(e > 0, axis=1), fingerprint=OTHER_FP, embedding_fingerprint="f00d")
+            assert g.fingerprint == FP and gallery_path.read_bytes() == snapshot
+            assert g.check_model(lambda e: np.packbits(e > 0, axis=1), fingerprint=FP,
+                                 embedding_fingerprint=EMB_FP) == []
+            problems = g.check_model(lambda e: np.packbits(-e > 0, axis=1), fingerprint=OTHER_FP,
+                                     embedding_fingerprint="f00d")
+            assert len(problems) == 3 and "3 of 3 sampled items" in problems[2]
+
+    def test_rehash_of_a_gallery_that_does_not_record_its_extractor(self, gallery_path, rng):
+        emb = rng.standard_normal((5, 16)).astype(np.float32)
+        with Gallery.create(gallery_path, fingerprint=FP, bits=16) as g:
+            g.add(np.packbits(emb > 0, axis=1), ["a"] * 5, embeddings=emb, embedding_fingerprint=EMB_FP)
+        with _raw(gallery_path) as conn:  # as written by an edge-shitu that did not record it
+            conn.execute("DELETE FROM meta WHERE key = 'embedding_fingerprint'")
+        encode = lambda e: np.packbits(e > 0, axis=1)  # noqa: E731
+        with Gallery.open(gallery_path) as g:
+            assert g.info().embedding_fingerprint is None
+            with pytest.raises(FingerprintMismatchError, match="do not record which extractor"):
+                g.rehash(encode, fingerprint=OTHER_FP, embedding_fingerprint=EMB_FP, same_extractor=["abcd"])
+            assert g.fingerprint == FP
+            # Its codes prove the extractor: then it is re-hashed and the extractor recorded.
+            g.rehash(encode, fingerprint=OTHER_FP, embedding_fingerprint=EMB_FP, same_extractor=[FP])
+            assert g.fingerprint == OTHER_FP and g.info().embedding_fingerprint == EMB_FP
 
     def test_upgrade_from_format_1(self, tmp_path):
         path = tmp_path / "old.gallery"

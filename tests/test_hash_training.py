@@ -133,12 +133,13 @@ def test_load_embeddings_errors(tmp_path, rng):
         "nolabels.npz": ({"embeddings": np.zeros((3, 8), np.float32)}, "expected an .npz with 'embeddings'"),
         "count.npz": ({"embeddings": np.ones((3, 8), np.float32), "labels": np.array(["a", "b"])},
                       "3 embeddings but 2 labels"),
-        "ints.npz": ({"embeddings": np.ones((3, 8), np.int32), "labels": np.array([1, 2, 3])}, "got dtype int32"),
+        "ints.npz": ({"embeddings": np.ones((3, 8), np.int32), "labels": np.array([1, 2, 3])},
+                     "embeddings has dtype int32, expected float32"),
         "nan.npz": ({"embeddings": np.full((3, 8), np.nan, np.float32), "labels": np.array([1, 2, 3])}, "NaN"),
         "floatlabels.npz": ({"embeddings": np.ones((3, 8), np.float32), "labels": np.array([1.0, 2.0, 3.0])},
                             "strings or integers"),
         "objects.npz": ({"embeddings": np.ones((3, 8), np.float32), "labels": np.array([{}, {}, {}], dtype=object)},
-                        "cannot be read"),
+                        "labels has dtype object, expected strings or integers"),
     }
     for name, (arrays, message) in cases.items():
         np.savez(tmp_path / name, **arrays)

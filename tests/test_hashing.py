@@ -354,7 +354,8 @@ def gallery_with_embeddings(fake_bundle, tmp_path, rng):
     feats = _features(rng, 20)
     path = tmp_path / "g.db"
     with Gallery.create(path, fingerprint=bundle.code_fingerprint) as g:
-        g.add(binarize(feats), [f"l{i % 5}" for i in range(20)], embeddings=feats)
+        g.add(binarize(feats), [f"l{i % 5}" for i in range(20)], embeddings=feats,
+              embedding_fingerprint=bundle.embedding_fingerprint)
     return path, feats
 
 
@@ -401,7 +402,8 @@ def test_rehash_refused_without_embeddings(fake_bundle, tmp_path, rng):
     # Some items with embeddings and some without: Gallery.rehash refuses, nothing changes.
     with Gallery.open(path) as g:
         feats = _features(rng, 2)
-        g.add(binarize(feats), ["e", "f"], embeddings=feats)
+        g.add(binarize(feats), ["e", "f"], embeddings=feats,
+              embedding_fingerprint=bundle.embedding_fingerprint)
     code, out, err = run("gallery", "rehash", path, "--bundle", fake_bundle)
     assert code == 2 and "have no stored float embedding" in err
     with Gallery.open(path) as g:
@@ -420,10 +422,12 @@ def test_rehash_python_api(gallery_with_embeddings, fake_bundle, rng):
     install_head(fake_bundle, _head(rng, bits=512))
     bundle = Bundle.load(fake_bundle)
     with Gallery.open(path) as g:
-        assert g.rehash(encoder_for(bundle.load_hash_head()), fingerprint=bundle.code_fingerprint) == 20
+        assert g.rehash(encoder_for(bundle.load_hash_head()), fingerprint=bundle.code_fingerprint,
+                        embedding_fingerprint=bundle.embedding_fingerprint) == 20
     with Gallery.open(path) as g:
         with pytest.raises(InvalidInputError, match="encode must return uint8 codes"):
-            g.rehash(lambda e: np.zeros((len(e), 8), np.uint8), fingerprint=bundle.code_fingerprint)
+            g.rehash(lambda e: np.zeros((len(e), 8), np.uint8), fingerprint=bundle.code_fingerprint,
+                     embedding_fingerprint=bundle.embedding_fingerprint)
         assert g.fingerprint == bundle.code_fingerprint
         np.testing.assert_array_equal(g.codes()[1], bundle.load_hash_head().encode(feats))
 

@@ -292,6 +292,7 @@ def test_missing_paddlelite_names_how_to_install(monkeypatch, x86_nb, on_x86):
 
 
 def test_from_file_x86_build_has_no_threads(monkeypatch, x86_nb, on_x86):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # thread counts are checked against the machine
     calls = install_fake_lite(monkeypatch, arm_build=False)
     monkeypatch.setattr(pl, "_numpy_major", lambda: 1)
     s = PaddleLiteSession.from_file(x86_nb, target="x86", threads=4, power_mode="high",
@@ -303,6 +304,7 @@ def test_from_file_x86_build_has_no_threads(monkeypatch, x86_nb, on_x86):
 
 
 def test_from_file_arm_build_sets_threads_and_power_mode(monkeypatch, arm_nb, on_arm):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # thread counts are checked against the machine
     calls = install_fake_lite(monkeypatch, arm_build=True)
     monkeypatch.setattr(pl, "_numpy_major", lambda: 1)
     PaddleLiteSession.from_file(arm_nb, target="arm", threads=3, power_mode="rand_low")
@@ -427,6 +429,7 @@ def lite_spec(tmp_path: Path, data: bytes, *, target: str, role: str = "extracto
 
 
 def test_create_session_dispatches_to_paddlelite(monkeypatch, tmp_path, on_x86):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # thread counts are checked against the machine
     calls = install_fake_lite(monkeypatch, arm_build=False)
     monkeypatch.setattr(pl, "_numpy_major", lambda: 1)
     spec = lite_spec(tmp_path, nb_bytes(), target="x86")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from edge_shitu.backends.base import Session
 from edge_shitu.errors import BundleError
+from edge_shitu.options import check_threads
 
 __all__ = ["Session", "create_session"]
 
@@ -17,14 +18,20 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
       spec: the :class:`edge_shitu.bundle.ModelSpec` to load.
       name: backend name; ``None`` uses the backend the bundle names. A different name is an error,
         because a model file only runs on the backend it was converted for.
-      threads: intra-op threads (ignored by Paddle-Lite's x86 build, which runs on one thread).
+      threads: intra-op threads, from 1 to ``os.cpu_count()`` (ignored by Paddle-Lite's x86 build,
+        which runs on one thread, but checked all the same).
 
     Raises:
-      BundleError: the requested backend cannot run this model file.
+      InvalidInputError: ``threads`` is not an int from 1 to ``os.cpu_count()``.
+      BundleError: the requested backend cannot run this model file, or (onnxruntime) the model's
+        inputs differ from the manifest's: another input name, more inputs, or a fixed dimension
+        that differs from the manifest's shape.
       TargetMismatchError: a Paddle-Lite model was built for another machine.
       IntegrityError: a Paddle-Lite model file is not a complete ``.nb`` file.
       BackendUnavailableError: the backend's package is not installed.
     """
+    if threads is not None:
+        threads = check_threads(threads)
     backend = name or spec.backend
     if backend != spec.backend:
         raise BundleError(
@@ -35,6 +42,11 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
         from edge_shitu.backends.onnxruntime import OnnxRuntimeSession
 
         session = OnnxRuntimeSession.from_file(spec.path, threads=threads)
+        try:
+            _check_onnx_inputs(spec, session)
+        except BaseException:
+            session.close()
+            raise
     elif backend == "paddlelite":
         from edge_shitu.backends.paddlelite import PaddleLiteSession
 
@@ -48,3 +60,21 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
     if missing:
         raise BundleError(f"{spec.path}: model has inputs {list(session.input_names)}, manifest names {spec.input.name!r}")
     return session
+
+
+def _check_onnx_inputs(spec, session) -> None:
+    """The model must take exactly the manifest's input, and every dimension it fixes must be the manifest's."""
+    manifest = spec.manifest or spec.path
+    where = f"{manifest}: models.{spec.role}.input"
+    if tuple(session.input_names) != (spec.input.name,):
+        raise BundleError(f"{where}.name is {spec.input.name!r}, but {spec.path.name} takes the inputs "
+                          f"{list(session.input_names)}; the runtime feeds exactly one")
+    model = tuple(session.input_shapes[spec.input.name])
+    declared = tuple(spec.input.shape)
+    if len(model) != len(declared) or any(isinstance(m, int) and m != d for m, d in zip(model, declared)):
+        raise BundleError(f"{where}.shape is {list(declared)}, but {spec.path.name} takes {spec.input.name!r} of "
+                          f"shape {_shown(model)}; fixed dimensions must agree (-1 in the manifest is any batch)")
+
+
+def _shown(shape: Sequence) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

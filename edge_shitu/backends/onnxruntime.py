@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from edge_shitu.errors import BackendUnavailableError, BundleError
+from edge_shitu.options import check_threads
 
 __all__ = ["OnnxRuntimeSession"]
 
@@ -20,7 +21,9 @@ class OnnxRuntimeSession:
 
     def __init__(self, session) -> None:
         self._session = session
-        self._inputs = tuple(i.name for i in session.get_inputs())
+        inputs = session.get_inputs()
+        self._inputs = tuple(i.name for i in inputs)
+        self._input_shapes = {i.name: tuple(_dim(d) for d in (i.shape or ())) for i in inputs}
         self._outputs = tuple(o.name for o in session.get_outputs())
 
     @classmethod
@@ -29,12 +32,15 @@ class OnnxRuntimeSession:
 
         Args:
           path: the ``.onnx`` file.
-          threads: intra-op threads; ``None`` lets onnxruntime decide.
+          threads: intra-op threads, from 1 to ``os.cpu_count()``; ``None`` lets onnxruntime decide.
 
         Raises:
+          InvalidInputError: ``threads`` is not an int in that range.
           BackendUnavailableError: onnxruntime is not installed.
           BundleError: the file is not a loadable ONNX model.
         """
+        if threads is not None:
+            threads = check_threads(threads)
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -57,6 +63,11 @@ class OnnxRuntimeSession:
         return self._inputs
 
     @property
+    def input_shapes(self) -> Mapping[str, Tuple[Union[int, str, None], ...]]:
+        """Input name -> shape the model declares: an int per fixed dimension, else its symbolic name or None."""
+        return self._input_shapes
+
+    @property
     def output_names(self) -> Tuple[str, ...]:
         return self._outputs
 
@@ -66,3 +77,10 @@ class OnnxRuntimeSession:
 
     def close(self) -> None:
         self._session = None
+
+
+def _dim(d) -> Union[int, str, None]:
+    # Exporters mark a free dimension by a name, by nothing, or by a non-positive size.
+    if isinstance(d, int) and not isinstance(d, bool):
+        return d if d > 0 else None
+    return d if isinstance(d, str) else None

@@ -30,6 +30,7 @@ from edge_shitu.errors import (
     MissingFileError,
     TargetMismatchError,
 )
+from edge_shitu.options import check_threads
 
 __all__ = ["PaddleLiteSession", "read_nb_targets", "check_nb_target", "machine_target", "POWER_MODES"]
 
@@ -302,8 +303,9 @@ class PaddleLiteSession:
           path: the ``.nb`` file.
           target: the target the bundle records for it (``"x86"``, ``"arm"``; ``"any"`` checks only the
             file's kernels).
-          threads: worker threads. Only ARM builds of Paddle-Lite can set them; the x86 build has no
-            ``set_threads`` and always runs on one thread, so the value is then ignored.
+          threads: worker threads, from 1 to ``os.cpu_count()``. Only ARM builds of Paddle-Lite can set
+            them; the x86 build has no ``set_threads`` and always runs on one thread, so the value is
+            then checked but ignored.
           power_mode: CPU binding of ARM builds: "high", "low", "full", "no_bind", "rand_high" or
             "rand_low" (``lite.PowerMode.LITE_POWER_*``); ignored by x86 builds, which have none.
           input_shapes: input name -> expected shape (-1 = free dimension), checked at every run.
@@ -321,8 +323,8 @@ class PaddleLiteSession:
           BundleError: Lite refuses the model, or it lacks an input named in ``input_shapes``.
         """
         path = Path(path)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InvalidInputError(f"threads must be a positive int or None, got {threads!r}")
+        if threads is not None:
+            threads = check_threads(threads)
         if power_mode is not None and power_mode not in POWER_MODES:
             raise InvalidInputError(f"power_mode must be one of {', '.join(POWER_MODES)} or None, got {power_mode!r}")
         shapes = {n: _check_shape_spec(n, s) for n, s in (input_shapes or {}).items()}

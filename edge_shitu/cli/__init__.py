@@ -10,14 +10,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence, TextIO, Tuple
+from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 
 from edge_shitu import __version__
-from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidInputError
+from edge_shitu.errors import (
+    BackendUnavailableError,
+    EdgeShituError,
+    ImageDecodeError,
+    InvalidInputError,
+    MissingFileError,
+)
 
 __all__ = ["main"]
 
@@ -60,11 +67,74 @@ def _heavy(module: str, extra: str = "convert"):
         ) from None
 
 
+def _thread_count(text: str) -> int:
+    """argparse type of ``--threads``: a whole number from 1 to this machine's core count."""
+    from edge_shitu.options import check_threads
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text[:40]!r}") from None
+    try:
+        return check_threads(value, name="a thread count")
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _embedder_options(args):
+    from edge_shitu.options import BackendOptions, EmbedderOptions
+
+    return EmbedderOptions(backend=BackendOptions(threads=args.threads), max_pixels=args.max_pixels)
+
+
+def _pixel_count(text: str) -> int:
+    """argparse type of ``--max-pixels``: a positive whole number, e.g. 12000000 or 12e6."""
+    from edge_shitu.options import MAX_PIXELS
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value.is_integer() and 1 <= value <= MAX_PIXELS):
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels from 1 to {MAX_PIXELS}, got {text[:40]!r}")
+    return int(value)
+
+
 def _box(box) -> List[float]:
     return [round(float(v), 2) for v in box]
 
 
 # ---------------------------------------------------------------- detect / embed / recognize
+
+
+# Errors that concern one input image: a batch command reports them and goes on with the next image.
+_IMAGE_ERRORS = (MissingFileError, ImageDecodeError, InvalidInputError)
+
+
+def _per_image(images: Sequence[str], work: Callable[[str], dict], err: TextIO, *,
+               debug: bool = False) -> Tuple[List[dict], int]:
+    """Runs ``work`` on each image; a bad image is reported on stderr and recorded as ``{"image", "error"}``.
+
+    Returns the records in input order and the exit code (2 when some image failed).
+    """
+    records, failed = [], 0
+    for img in images:
+        try:
+            records.append(work(img))
+        except _IMAGE_ERRORS as exc:
+            failed += 1
+            if debug:
+                traceback.print_exception(type(exc), exc, exc.__traceback__, file=err)
+            err.write(f"edge-shitu: error: {_one_line(exc)}\n")
+            records.append({"image": img, "error": _one_line(exc)})
+    if failed and len(images) > 1:
+        err.write(f"edge-shitu: {failed} of {len(images)} image(s) failed\n")
+    return records, EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def _write_json(records, out: TextIO) -> None:
+    json.dump(records, out, ensure_ascii=False, indent=2)
+    out.write("\n")
 
 
 def _cmd_detect(args, out: TextIO, err: TextIO) -> int:
@@ -79,41 +149,53 @@ def _cmd_detect(args, out: TextIO, err: TextIO) -> int:
         overrides["min_score"] = args.min_score
     if args.max_detections is not None:
         overrides["max_detections"] = args.max_detections
-    opts = DetectorOptions.from_mapping(spec.defaults, backend=BackendOptions(threads=args.threads), **overrides)
-    records = []
+    opts = DetectorOptions.from_mapping(spec.defaults, backend=BackendOptions(threads=args.threads),
+                                        max_pixels=args.max_pixels, **overrides)
     with Detector.from_bundle(bundle, options=opts) as det:
-        for img in args.images:
+        def work(img: str) -> dict:
             dets = det.detect(img)
-            records.append({"image": img, "boxes": [{"box": _box(d.box), "score": round(d.score, 4)} for d in dets]})
             if not args.json:
                 out.write(f"{img}: {len(dets)} box(es)\n")
                 for d in dets:
                     out.write(f"  {_box(d.box)} score {d.score:.3f}\n")
+            return {"image": img, "boxes": [{"box": _box(d.box), "score": round(d.score, 4)} for d in dets]}
+
+        records, code = _per_image(args.images, work, err, debug=args.debug)
     if args.json:
-        json.dump(records, out, ensure_ascii=False, indent=2)
-        out.write("\n")
+        _write_json(records, out)
     _replica_note(bundle, err)
-    return EXIT_OK
+    return code
 
 
 def _cmd_embed(args, out: TextIO, err: TextIO) -> int:
     from edge_shitu.bundle import Bundle
     from edge_shitu.codes import codes_to_hex
     from edge_shitu.embedder import Embedder
+    from edge_shitu.enrol import embed_files
     from edge_shitu.options import BackendOptions, EmbedderOptions
 
     bundle = Bundle.load(args.bundle)
-    with Embedder.from_bundle(bundle, options=EmbedderOptions(backend=BackendOptions(threads=args.threads))) as emb:
-        codes = emb.embed(args.images)
-    records = [{"image": img, "code": h} for img, h in zip(args.images, codes_to_hex(codes))]
+    records: List[dict] = [{"image": img} for img in args.images]
+
+    def skip(i: int, why: str) -> None:
+        err.write(f"edge-shitu: error: {_one_line(why)}\n")
+        records[i]["error"] = _one_line(why)
+
+    with Embedder.from_bundle(bundle, options=_embedder_options(args)) as emb:
+        for idx, codes, _ in embed_files(emb, list(args.images), batch=emb.options.max_batch, on_skip=skip):
+            for i, code in zip(idx, codes_to_hex(codes)):
+                records[i]["code"] = code
+    failed = sum(1 for r in records if "error" in r)
+    if failed and len(records) > 1:
+        err.write(f"edge-shitu: {failed} of {len(records)} image(s) failed\n")
     if args.json:
-        json.dump(records, out, indent=2)
-        out.write("\n")
+        _write_json(records, out)
     else:
         for r in records:
-            out.write(f"{r['image']}\t{r['code']}\n")
+            if "code" in r:
+                out.write(f"{r['image']}\t{r['code']}\n")
     _replica_note(bundle, err)
-    return EXIT_OK
+    return EXIT_BAD_INPUT if failed else EXIT_OK
 
 
 def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
@@ -128,18 +210,18 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
         top_k=args.top_k if args.top_k is not None else rec.top_k,
         whole_image=args.whole_image or rec.whole_image,
         final_nms_iou=rec.final_nms_iou,
-        embedder=EmbedderOptions(backend=BackendOptions(threads=args.threads)),
+        embedder=_embedder_options(args),
         include_unknown=args.include_unknown,
         search_backend=args.search_backend,
+        max_pixels=args.max_pixels,
     )
     if bundle.detector is not None and args.threads is not None:
         from edge_shitu.options import DetectorOptions
 
         opts = _replace(opts, detector=DetectorOptions.from_mapping(
             bundle.detector.defaults, backend=BackendOptions(threads=args.threads)))
-    records = []
     with Recognizer.from_bundle(bundle, args.gallery, options=opts) as recognizer:
-        for img in args.images:
+        def work(img: str) -> dict:
             res = recognizer.recognize(img)
             items = [{"box": _box(r.box), "label": r.label, "distance": r.distance,
                       "similarity": None if r.similarity is None else round(r.similarity, 4)}
@@ -147,7 +229,6 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
             record = {"image": img, "results": items}
             if args.json or args.timings:
                 record["timings_ms"] = {k: round(v, 2) for k, v in res.timings_ms.items()}
-            records.append(record)
             if not args.json:
                 out.write(f"{img}: {len(items)} result(s)\n")
                 for r in res.recognitions:
@@ -156,11 +237,13 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
                     out.write(f"  {label}  distance {r.distance}  similarity {r.similarity:.3f}  {where}\n")
                 if args.timings:
                     out.write("  timings ms: " + ", ".join(f"{k} {res.timings_ms[k]:.1f}" for k in STAGES) + "\n")
+            return record
+
+        records, code = _per_image(args.images, work, err, debug=args.debug)
     if args.json:
-        json.dump(records, out, ensure_ascii=False, indent=2)
-        out.write("\n")
+        _write_json(records, out)
     _replica_note(bundle, err)
-    return EXIT_OK
+    return code
 
 
 def _replace(obj, **changes):
@@ -188,10 +271,10 @@ def _cmd_gallery_build(args, out: TextIO, err: TextIO) -> int:
     bundle = Bundle.load(args.bundle)
     entries = read_label_file(args.labels)
     progress = _Progress("embedding", len(entries), err)
-    with Embedder.from_bundle(bundle, options=EmbedderOptions(backend=BackendOptions(threads=args.threads))) as emb:
+    with Embedder.from_bundle(bundle, options=_embedder_options(args)) as emb:
         summary = build_gallery(bundle, Path(args.images), entries, Path(args.out), embedder=emb,
                                 keep_embeddings=args.keep_embeddings, overwrite=args.overwrite,
-                                on_skip=lambda p, why: err.write(f"skipped: {why}\n"),
+                                on_skip=lambda p, why: err.write(f"skipped: {_one_line(why)}\n"),
                                 on_progress=lambda done, total: progress.update(done))
     out.write(f"gallery {args.out}: {summary.added} image(s) added, {len(summary.skipped)} skipped, "
               f"{summary.labels} label(s)\n")
@@ -207,8 +290,12 @@ def _cmd_gallery_add(args, out: TextIO, err: TextIO) -> int:
     from edge_shitu.labelfile import read_label_file
     from edge_shitu.options import BackendOptions, EmbedderOptions
 
-    bundle = Bundle.load(args.bundle)
+    from edge_shitu.labelfile import check_label
+
     args.gallery, args.images = args.paths[0], args.paths[1:]
+    if args.label is not None:
+        check_label(args.label, "--label")
+    bundle = Bundle.load(args.bundle)
     if args.labels:
         if args.label or args.images:
             raise InvalidInputError("give either --labels FILE or --label L with image paths, not both")
@@ -219,11 +306,12 @@ def _cmd_gallery_add(args, out: TextIO, err: TextIO) -> int:
         if not args.label or not args.images:
             raise InvalidInputError("give --label L and one or more image paths (or --labels FILE)")
         paths, labels, sources = [Path(p) for p in args.images], [args.label] * len(args.images), list(args.images)
-    opts = EmbedderOptions(backend=BackendOptions(threads=args.threads))
+    opts = _embedder_options(args)
     with Gallery.open(args.gallery, fingerprint=bundle.code_fingerprint) as gallery, \
             Embedder.from_bundle(bundle, options=opts) as emb:
         summary = enrol(gallery, emb, paths, labels, sources=sources, keep_embeddings=args.keep_embeddings,
-                        on_skip=lambda p, why: err.write(f"skipped: {why}\n"))
+                        embedding_fingerprint=bundle.embedding_fingerprint,
+                        on_skip=lambda p, why: err.write(f"skipped: {_one_line(why)}\n"))
     out.write(f"added {summary.added} item(s) (ids {_ranges(summary.ids)}), skipped {len(summary.skipped)}\n")
     return EXIT_OK if summary.added or not summary.skipped else EXIT_BAD_INPUT
 
@@ -306,6 +394,14 @@ def _cmd_gallery_check(args, out: TextIO, err: TextIO) -> int:
     if not problems:
         with Gallery.open(args.gallery, readonly=True) as gallery:
             info = gallery.info()
+            if args.bundle:
+                from edge_shitu.bundle import Bundle
+                from edge_shitu.hashing import encoder_for
+
+                bundle = Bundle.load(args.bundle)
+                problems = gallery.check_model(encoder_for(bundle.load_hash_head()),
+                                               fingerprint=bundle.code_fingerprint,
+                                               embedding_fingerprint=bundle.embedding_fingerprint)
     if args.json:
         record = {"path": str(args.gallery), "ok": not problems, "problems": problems}
         if info is not None:
@@ -473,7 +569,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def threads(sp):
-        sp.add_argument("--threads", type=int, default=None, help="inference threads per model")
+        sp.add_argument("--threads", type=_thread_count, default=None,
+                        help="inference threads per model, 1 to the number of CPU cores (default: the backend's)")
+
+    def image_limit(sp):
+        from edge_shitu.image import DEFAULT_MAX_PIXELS
+
+        sp.add_argument("--max-pixels", type=_pixel_count, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=f"refuse larger images before decoding them; decoding takes about 7 bytes per pixel "
+                             f"(16 for WebP) (default {DEFAULT_MAX_PIXELS}, about 350 MB)")
 
     d = sub.add_parser("detect", help="detect main objects")
     d.add_argument("--bundle", required=True)
@@ -482,6 +586,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--min-score", type=float, default=None)
     d.add_argument("--max-detections", type=int, default=None)
     threads(d)
+    image_limit(d)
     d.set_defaults(func=_cmd_detect)
 
     e = sub.add_parser("embed", help="512-bit code of whole images (128 hex chars)")
@@ -489,6 +594,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("images", nargs="+", metavar="IMG")
     e.add_argument("--json", action="store_true")
     threads(e)
+    image_limit(e)
     e.set_defaults(func=_cmd_embed)
 
     r = sub.add_parser("recognize", help="detect, embed and search a gallery")
@@ -504,6 +610,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--search-backend", choices=["auto", "numpy", "faiss"], default="auto",
                    help="Hamming search: faiss when installed (auto), or pure numpy")
     threads(r)
+    image_limit(r)
     r.set_defaults(func=_cmd_recognize)
 
     g = sub.add_parser("gallery", help="build and edit galleries").add_subparsers(dest="gallery_cmd", metavar="ACTION", required=True)
@@ -515,6 +622,7 @@ def _parser() -> argparse.ArgumentParser:
     gb.add_argument("--overwrite", action="store_true")
     gb.add_argument("--keep-embeddings", action="store_true", help="also store float features (allows re-hashing)")
     threads(gb)
+    image_limit(gb)
     gb.set_defaults(func=_cmd_gallery_build)
 
     ga = g.add_parser("add", help="add images to a gallery", usage="%(prog)s G.db --bundle B (--label L IMG... | --labels FILE)")
@@ -526,6 +634,7 @@ def _parser() -> argparse.ArgumentParser:
     ga.add_argument("--images-root", help="root of the label file's relative paths")
     ga.add_argument("--keep-embeddings", action="store_true")
     threads(ga)
+    image_limit(ga)
     ga.set_defaults(func=_cmd_gallery_add)
 
     gr = g.add_parser("remove", help="remove items by id or label")
@@ -554,6 +663,8 @@ def _parser() -> argparse.ArgumentParser:
 
     gc = g.add_parser("check", help="integrity: SQLite check, counts, code lengths, fingerprint (exit 1 on damage)")
     gc.add_argument("gallery")
+    gc.add_argument("--bundle", help="also check that the codes are this bundle's: fingerprints, and codes "
+                                     "recomputed from stored embeddings (a sample of 1000)")
     gc.add_argument("--json", action="store_true")
     gc.set_defaults(func=_cmd_gallery_check)
 
@@ -661,24 +772,58 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
         return int(exc.code or 0)
     try:
         return args.func(args, out, err)
+    except BrokenPipeError:
+        # The reader went away (`edge-shitu gallery list | head`): what it wanted was written.
+        _silence_stdout(out)
+        return EXIT_OK
     except BackendUnavailableError as exc:
         _report(exc, args, err)
         return EXIT_FAILURE
-    except (EdgeShituError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except (EdgeShituError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         _report(exc, args, err)
-        return EXIT_BAD_INPUT if isinstance(exc, (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError)) else EXIT_FAILURE
+        bad_input = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+        return EXIT_BAD_INPUT if isinstance(exc, bad_input) else EXIT_FAILURE
     except KeyboardInterrupt:
         err.write("edge-shitu: interrupted\n")
         return 130
+    except MemoryError:
+        err.write("edge-shitu: error: out of memory; use smaller inputs or batches (nothing was changed)\n")
+        return EXIT_FAILURE
+    except OSError as exc:  # the machine's limits (a full disk, too many open files): not our bug
+        _report(exc, args, err)
+        return EXIT_FAILURE
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         _report(exc, args, err, unexpected=True)
         return EXIT_FAILURE
+
+
+def _silence_stdout(out: TextIO) -> None:
+    # Python flushes sys.stdout at exit; into a closed pipe that prints a second error.
+    if out is sys.stdout:
+        import os
+
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+
+def _one_line(exc: object, limit: int = 600) -> str:
+    """An error message on one line of bounded length, whatever the input put into it."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _report(exc: BaseException, args, err: TextIO, *, unexpected: bool = False) -> None:
     if getattr(args, "debug", False):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=err)
     prefix = "internal error: " if unexpected else ""
-    err.write(f"edge-shitu: error: {prefix}{exc}\n")
+    if isinstance(exc, OSError) and not isinstance(exc, EdgeShituError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = exc
+    err.write(f"edge-shitu: error: {prefix}{_one_line(text)}\n")
     if unexpected and not getattr(args, "debug", False):
         err.write("edge-shitu: run again with --debug for the traceback\n")

@@ -193,7 +193,8 @@ def _cmd_gallery_rehash(args, out: TextIO, err: TextIO) -> int:
             out.write(f"{args.gallery}: codes already made by {bundle.path} (fingerprint {fingerprint}); "
                       "nothing to do (--force re-hashes anyway)\n")
             return EXIT_OK
-        n = gallery.rehash(encode, fingerprint=fingerprint)
+        n = gallery.rehash(encode, fingerprint=fingerprint, embedding_fingerprint=bundle.embedding_fingerprint,
+                           same_extractor=[bundle.plain_code_fingerprint, fingerprint])
     out.write(f"re-hashed {n} item(s) of {args.gallery} with {bundle.path} "
               f"({'hash head' if bundle.hash is not None else 'plain sign'}, {bundle.codes.bits} bits); "
               f"fingerprint {fingerprint}\n")
