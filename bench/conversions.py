@@ -1,6 +1,6 @@
 """Bundle sizes, agreement and model latency for every conversion path, as a Markdown table.
 
-    python -m bench.conversions [--work DIR] [--calib DIR] [--images DIR] [--runs N] [--out FILE]
+    python -m edge_shitu_bench.conversions [--work DIR] [--calib DIR] [--images DIR] [--runs N] [--out FILE]
 
 Builds seed-0 replicas of the official graphs, converts them to every (format, precision) this machine can
 build, verifies each against Paddle Inference on real photos (``convert --verify``: x86-runnable bundles
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from converters.shared import DET_GRAPH, REC_GRAPH, find_shared
+from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH, find_shared
 from edge_shitu.bundle import Bundle
 from edge_shitu.errors import EdgeShituError
 
@@ -63,7 +63,7 @@ def _latency(bundle: Bundle, runs: int, lite_python: Optional[Path]) -> Dict[str
             if spec.target != machine_target() or lite_python is None:
                 out[role] = None
                 continue
-            from converters.lite_worker import SideEnvSession
+            from edge_shitu_converters.lite_worker import SideEnvSession
 
             session = SideEnvSession(spec, python=lite_python)
         else:
@@ -77,8 +77,8 @@ def _latency(bundle: Bundle, runs: int, lite_python: Optional[Path]) -> Dict[str
 
 def run(work: Path, calib: Path, images: Path, runs: int) -> List[dict]:
     """Build, verify and time every bundle of :data:`PLAN`; return one row per bundle."""
-    from converters.convert import convert
-    from converters.replica import write_replica
+    from edge_shitu_converters.convert import convert
+    from edge_shitu_converters.replica import write_replica
 
     shared = find_shared()
     graphs = shared / "models" / "ppshitu-graphs"
@@ -89,7 +89,7 @@ def run(work: Path, calib: Path, images: Path, runs: int) -> List[dict]:
             write_replica(graphs / graph, dest, seed=0)
         replicas[role] = dest
     try:
-        from converters.lite_worker import find_lite_python
+        from edge_shitu_converters.lite_worker import find_lite_python
 
         lite_python: Optional[Path] = find_lite_python()
     except EdgeShituError:
@@ -151,14 +151,14 @@ def markdown(rows: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     shared = find_shared()
     drink = shared / "data" / "drink_dataset_v1.0"
-    p = argparse.ArgumentParser(prog="python -m bench.conversions", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edge_shitu_bench.conversions", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="conversions-out", help="where replicas and bundles are kept (reused)")
     p.add_argument("--calib", default=str(drink / "gallery"), help="calibration photos for int8")
     p.add_argument("--images", default=str(drink / "test_images"), help="photos for verification")
     p.add_argument("--runs", type=int, default=20, help="timed runs per model")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
-    from converters.paddle_io import native_output_to
+    from edge_shitu_converters.paddle_io import native_output_to
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ are taken in one process that alternates them query by query, so that their rati
 when each one ran on a shared machine. Float indexes are built only up to ``--float-max`` items
 (hnswlib's build is slow on 2 cores).
 
-Run ``python -m bench.index --out DIR`` or ``edge-shitu bench index``; it writes ``index.json``,
+Run ``python -m edge_shitu_bench.index --out DIR`` or ``edge-shitu bench index``; it writes ``index.json``,
 ``index.md`` and ``index.png``.
 """
 
@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bench import report
+from edge_shitu_bench import report
 from edge_shitu.errors import InvalidInputError
 
 __all__ = ["IndexBenchOptions", "run", "markdown", "main"]
@@ -116,7 +116,7 @@ class IndexBenchOptions:
 def _drink_labels() -> List[str]:
     """The real product names of the drink data set, when the shared folder is there."""
     try:
-        from converters.shared import find_shared
+        from edge_shitu_converters.shared import find_shared
 
         path = find_shared() / "data" / "drink_dataset_v1.0" / "gallery" / "drink_label.txt"
         names = sorted({line.split("\t", 1)[1].strip() for line in path.read_text(encoding="utf-8").splitlines()
@@ -377,7 +377,7 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def _run_child(spec: Dict[str, Any]) -> Dict[str, Any]:
     env = {**os.environ, **_THREAD_ENV}
-    proc = subprocess.run([sys.executable, "-m", "bench.index", "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "edge_shitu_bench.index", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise report.BenchmarkError(
@@ -628,7 +628,7 @@ def run(options: IndexBenchOptions) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m bench.index [options]``: the same as ``edge-shitu bench index [options]``."""
+    """``python -m edge_shitu_bench.index [options]``: the same as ``edge-shitu bench index [options]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--child"] and len(args) == 2:
         print(json.dumps(_child(json.loads(args[1]))))

@@ -3,12 +3,12 @@
     edge-shitu bench latency --bundle B [--bundle B2 ...] [--reference] --images DIR [--threads 1,2]
                              [--warmup N] [--runs N] [--out DIR] [--gallery G.db | --gallery-limit N]
 
-Every configuration (a bundle, or the reference pipeline of ``bench.reference``) runs in a fresh
+Every configuration (a bundle, or the reference pipeline of ``edge_shitu_bench.reference``) runs in a fresh
 subprocess per thread count, on the same images in the same (name) order: ``--warmup`` passes over the
 images are discarded, then ``--runs`` passes are timed, image by image. Each stage (decode, detector
 pre-process / inference / post-process, crops + extractor pre-process, extractor inference, binarisation,
 search, final NMS, total) is reported as p50 / p90 / p99 in ms, with the peak resident memory of that
-subprocess (``VmHWM`` on Linux, see ``bench.report.peak_rss_mb``; imports and model loading included).
+subprocess (``VmHWM`` on Linux, see ``edge_shitu_bench.report.peak_rss_mb``; imports and model loading included).
 Ratios are each configuration's p50 divided by the first configuration's p50 at the same thread count;
 with ``--reference`` the reference is that first configuration, the baseline.
 
@@ -25,7 +25,7 @@ out dir (a replica costs what the real model costs).
 
 Output in ``--out``: ``latency.json`` (machine, versions, threads, image count, every sample),
 ``latency.md`` and ``latency.png`` (stage medians stacked per configuration). Also ``python -m
-bench.latency`` with the same arguments; ``python -m bench.latency --worker JOB.json`` is the
+edge_shitu_bench.latency`` with the same arguments; ``python -m edge_shitu_bench.latency --worker JOB.json`` is the
 subprocess entry point.
 """
 
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench import report
-from bench.report import BenchmarkError
+from edge_shitu_bench import report
+from edge_shitu_bench.report import BenchmarkError
 from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidInputError, MissingFileError
 from edge_shitu.recognizer import STAGES
 from edge_shitu.options import check_threads
@@ -90,7 +90,7 @@ class LatencyOptions:
       reference_det: the reference detector's Paddle folder; ``None``: the shared official graph.
       reference_rec: the reference extractor's Paddle folder; ``None``: the shared official graph.
       reference_mkldnn: run the reference's Paddle with MKLDNN, as its configuration does.
-      shared: the shared data folder (default: ``converters.shared.find_shared()``).
+      shared: the shared data folder (default: ``edge_shitu_converters.shared.find_shared()``).
     """
 
     threads: Tuple[int, ...] = (1,)
@@ -212,7 +212,7 @@ def _labels(bundles: Sequence[Any]) -> List[str]:
 
 
 def _shared(options: LatencyOptions) -> Path:
-    from converters.shared import find_shared
+    from edge_shitu_converters.shared import find_shared
 
     return find_shared(options.shared)
 
@@ -301,8 +301,8 @@ def _prepare_galleries(bundles: Sequence[Any], labels: Sequence[str], options: L
 
 
 def _reference_models(options: LatencyOptions, first: Any, out: Path, say: Progress) -> Tuple[Path, Path, Dict[str, Any]]:
-    from converters import paddle_io
-    from converters.shared import DET_GRAPH, REC_GRAPH
+    from edge_shitu_converters import paddle_io
+    from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH
 
     chosen: Dict[str, Path] = {}
     info: Dict[str, Any] = {}
@@ -327,7 +327,7 @@ def _reference_models(options: LatencyOptions, first: Any, out: Path, say: Progr
             with contextlib.suppress(ValueError, OSError):
                 current = json.loads(stamp.read_text(encoding="utf-8")).get("seed")
         if current != seed or not (dest / paddle_io.PDIPARAMS).is_file():
-            from converters.replica import write_replica
+            from edge_shitu_converters.replica import write_replica
 
             say(f"writing a replica of the official {role} (seed {seed}) for the reference: {dest}")
             (out / "jobs").mkdir(parents=True, exist_ok=True)
@@ -375,7 +375,7 @@ def _run_child(job: Dict[str, Any], name: str, out: Path, threads: int) -> Dict[
     job = dict(job, result=str(result_path))
     report.write_json(job_path, job)
     with open(log_path, "wb") as log:
-        proc = subprocess.run([sys.executable, "-m", "bench.latency", "--worker", str(job_path)],
+        proc = subprocess.run([sys.executable, "-m", "edge_shitu_bench.latency", "--worker", str(job_path)],
                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads))
     result = None
     if result_path.is_file():
@@ -466,7 +466,7 @@ def _work_bundle(job: Dict[str, Any]) -> Dict[str, Any]:
 def _work_reference(job: Dict[str, Any]) -> Dict[str, Any]:
     import cv2
 
-    from bench.reference import ReferenceIndex, ReferenceOptions, ReferencePipeline
+    from edge_shitu_bench.reference import ReferenceIndex, ReferenceOptions, ReferencePipeline
 
     started = time.perf_counter()
     threads = int(job["threads"])
@@ -490,7 +490,7 @@ def _work_reference(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _work_reference_index(job: Dict[str, Any]) -> Dict[str, Any]:
-    from bench.reference import ReferenceIndex, ReferenceOptions
+    from edge_shitu_bench.reference import ReferenceIndex, ReferenceOptions
 
     if job.get("from_gallery"):
         from edge_shitu.gallery import Gallery
@@ -689,7 +689,7 @@ def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Opt
     report.require_matplotlib()
     if options.reference:
         _check_reference_deps()
-        from converters import paddle_io
+        from edge_shitu_converters import paddle_io
 
         for given in (options.reference_det, options.reference_rec):
             if given is not None:
@@ -797,7 +797,7 @@ def _reference_index(options: LatencyOptions, rec_dir: Path, models: Dict[str, A
         items = _run_child(job, "reference-index", out, max(options.threads))["items"]
         report.write_json(stamp, key)
     else:
-        from bench.reference import ID_MAP_FILE
+        from edge_shitu_bench.reference import ID_MAP_FILE
 
         items = len(json.loads((index_dir / ID_MAP_FILE).read_text(encoding="utf-8")))
     return index_dir, {"dir": str(index_dir), "items": items, "source": described, "reused": reused}
@@ -825,7 +825,7 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
 
 
-# ---------------------------------------------------------------- command line (python -m bench.latency)
+# ---------------------------------------------------------------- command line (python -m edge_shitu_bench.latency)
 
 
 def options_from_args(args: argparse.Namespace) -> LatencyOptions:
@@ -843,7 +843,7 @@ def options_from_args(args: argparse.Namespace) -> LatencyOptions:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m bench.latency``: the same as ``edge-shitu bench latency``."""
+    """``python -m edge_shitu_bench.latency``: the same as ``edge-shitu bench latency``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--worker":
         return _worker(Path(argv[1]))

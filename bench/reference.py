@@ -319,7 +319,7 @@ class _Predictor:
     """A Paddle Inference CPU predictor configured as the reference's ``deploy/utils/predictor.py``."""
 
     def __init__(self, model_dir: "os.PathLike[str] | str", options: ReferenceOptions) -> None:
-        from converters import paddle_io
+        from edge_shitu_converters import paddle_io
 
         self.files = paddle_io.find_model_files(model_dir)
         paddle_io.import_paddle()

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark harnesses: machine and version records, percentiles, peak memory,
 JSON and Markdown writers, and stacked-bar PNG charts.
 
-Nothing here knows about a particular benchmark; ``bench.latency`` and the index benchmark both use it.
+Nothing here knows about a particular benchmark; ``edge_shitu_bench.latency`` and the index benchmark both use it.
 matplotlib is imported only when a chart is drawn, and its absence is reported with the extra to install.
 """
 

@@ -4,7 +4,7 @@ A bundle directory holds ``detector.onnx``, ``extractor.onnx`` (either may be ab
 ``manifest.json``, which records each model's input pre-processing, output layout, file digest and
 provenance, plus the code and recognition settings the runtime needs. The formats are listed in
 :data:`EXPORT_FORMATS`; ``lite-x86`` and ``lite-arm`` bundles hold Paddle-Lite ``.nb`` files instead
-and are built by :mod:`converters.lite` from the same detector cut.
+and are built by :mod:`edge_shitu_converters.lite` from the same detector cut.
 
 The detector is *not* converted whole: its in-graph post-process (a ``while`` loop over the batch and
 ``multiclass_nms3``) is where paddle2onnx fails and what the runtime re-implements in numpy. The
@@ -40,7 +40,7 @@ runs Polygraphy constant folding and sets ``POLYGRAPHY_AUTOINSTALL_DEPS=1``, whi
 any of that; ``auto_upgrade_opset=False`` keeps the opset asked for. Its own logging prints to stdout
 and its error path calls ``sys.exit``; both are contained here.
 
-Every step is timed and logged (logger ``converters.convert``); a failure is re-raised as
+Every step is timed and logged (logger ``edge_shitu_converters.convert``); a failure is re-raised as
 :class:`~edge_shitu.errors.ConversionError` naming the step and the model folder. Right after each
 export the ONNX file is checked (``onnx.checker``) and run with onnxruntime against Paddle Inference on
 deterministic inputs.
@@ -64,10 +64,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from converters import paddle_io
-from converters.paddle_io import INSTALL_HINT, ModelFiles
-from converters.fetch import read_fetch_record
-from converters.replica import read_replica_info
+from edge_shitu_converters import paddle_io
+from edge_shitu_converters.paddle_io import INSTALL_HINT, ModelFiles
+from edge_shitu_converters.fetch import read_fetch_record
+from edge_shitu_converters.replica import read_replica_info
 from edge_shitu.bundle import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Bundle, sha256_file
 from edge_shitu.errors import (
     BackendUnavailableError,
@@ -121,7 +121,7 @@ EXPORT_FORMATS: Dict[str, ExportFormat] = {
         precisions=("fp32", "int8"),
         opsets=(11, 17),
     ),
-    # Paddle-Lite naive-buffer models (converters.lite): kernels are compiled in for one machine.
+    # Paddle-Lite naive-buffer models (edge_shitu_converters.lite): kernels are compiled in for one machine.
     "lite-x86": ExportFormat(
         name="lite-x86", suffix=".nb", backend="paddlelite", precisions=("fp32", "int8"), target="x86"
     ),
@@ -893,8 +893,8 @@ def _tool_versions(tools: Tuple[Any, Any, Any]) -> Dict[str, str]:
 
 def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: Path, timings: Dict[str, float], *,
                          calib_dir, calib_count: Optional[int], method: Optional[str], mode: Optional[str]) -> None:
-    """Replace a bundle's fp32 ONNX model by its INT8 version (converters.quantize); update its manifest entry."""
-    from converters.quantize import QuantizeOptions, quantize_model
+    """Replace a bundle's fp32 ONNX model by its INT8 version (edge_shitu_converters.quantize); update its manifest entry."""
+    from edge_shitu_converters.quantize import QuantizeOptions, quantize_model
     from edge_shitu.bundle import InputSpec
 
     overrides = {k: v for k, v in (("mode", mode), ("method", method), ("calib_count", calib_count)) if v is not None}
@@ -928,7 +928,7 @@ def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional
     import functools
     import platform
 
-    from converters.verify import VERIFY_FILE, verify_bundle, write_unverifiable
+    from edge_shitu_converters.verify import VERIFY_FILE, verify_bundle, write_unverifiable
 
     if images is None:
         raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
@@ -945,7 +945,7 @@ def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional
                                         "machine; verify the matching lite-x86 bundle (same program and weights) "
                                         "here, and the device bundle on the device")
             return
-        from converters.lite_worker import SideEnvSession, find_lite_python
+        from edge_shitu_converters.lite_worker import SideEnvSession, find_lite_python
 
         factory = functools.partial(SideEnvSession, python=find_lite_python(lite_python))
     with _step("verify against Paddle Inference on real photos", None, timings):
@@ -1064,12 +1064,12 @@ def convert(
     """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
 
     Each model folder holds ``inference.pdmodel`` (legacy) or ``inference.json`` (Paddle 3 PIR) and
-    ``inference.pdiparams``: official weights, or a replica from :func:`converters.replica.write_replica`
+    ``inference.pdiparams``: official weights, or a replica from :func:`edge_shitu_converters.replica.write_replica`
     (recognised by its ``replica.json``). The bundle is assembled in a temporary sibling folder and
     moved to ``out_dir`` only when every step succeeded.
 
     The format comes from :data:`EXPORT_FORMATS`: ``"onnx"`` (onnxruntime, this module) or
-    ``"lite-x86"`` / ``"lite-arm"`` (Paddle-Lite ``.nb`` files, :func:`converters.lite.convert_lite`;
+    ``"lite-x86"`` / ``"lite-arm"`` (Paddle-Lite ``.nb`` files, :func:`edge_shitu_converters.lite.convert_lite`;
     legacy ``.pdmodel`` programs only).
 
     Args:
@@ -1081,19 +1081,19 @@ def convert(
       opset: ONNX opset, within the ``onnx`` format's range (ignored by formats without an opset).
       name: bundle name; default e.g. ``ppshituv2-replica-s0-fp32`` or ``ppshituv2-replica-s0-lite-x86-int8``.
       verify: run the source models in Paddle Inference and the converted ones in the runtime on the
-        photos of ``verify_images`` (see :mod:`converters.verify`); the bundle gets ``verify.json``, and a
+        photos of ``verify_images`` (see :mod:`edge_shitu_converters.verify`); the bundle gets ``verify.json``, and a
         bundle under the thresholds is not published (its report is left beside ``out_dir`` as
         ``<name>.verify-failed.json``). Lite x86 bundles run in the side environment; Lite arm bundles
         cannot run on this machine, so their ``verify.json`` says they are unverified, and why.
       verify_images: folder of real photos for ``verify``.
       calib_dir: INT8 only: folder of real photos to calibrate activation ranges on.
       calib_count: INT8 only: number of calibration photos (default: the format's default).
-      lite_algo: Lite INT8 only: ``"avg"``, ``"hist"`` or ``"KL"`` (see :mod:`converters.lite`).
-      lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`converters.lite.find_opt`).
-      calib_method: ONNX int8 only: "minmax" (default), "entropy" or "percentile" (see :mod:`converters.quantize`).
+      lite_algo: Lite INT8 only: ``"avg"``, ``"hist"`` or ``"KL"`` (see :mod:`edge_shitu_converters.lite`).
+      lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`edge_shitu_converters.lite.find_opt`).
+      calib_method: ONNX int8 only: "minmax" (default), "entropy" or "percentile" (see :mod:`edge_shitu_converters.quantize`).
       quant_mode: ONNX int8 only: "static" (default; calibrated on ``calib_dir``) or "dynamic".
       lite_python: Lite + verify only: the side environment's Python that runs ``.nb`` files
-        (see :func:`converters.lite_worker.find_lite_python`).
+        (see :func:`edge_shitu_converters.lite_worker.find_lite_python`).
       hash_head: a learned hash head file (``edge-shitu hash train``) to put into the bundle as
         ``hash.npz`` (see :mod:`edge_shitu.hashing`); it needs the extractor. It is read and checked
         before anything is converted.
@@ -1123,7 +1123,7 @@ def convert(
         raise InvalidInputError("static int8 needs calibration photos: give calib_dir (--calib DIR, e.g. the drink "
                                 "gallery), or quant_mode='dynamic'")
     if spec.backend == "paddlelite":
-        from converters.lite import convert_lite
+        from edge_shitu_converters.lite import convert_lite
 
         def check_lite(staging: Path) -> None:
             _verify_or_fail(staging, Path(out_dir), Path(det_dir) if det_dir else None,
@@ -1189,7 +1189,7 @@ def _with_head(head: Any, path: "os.PathLike[str] | str | None",
         return then
 
     def step(staging: Path) -> None:
-        from edge_shitu.hashing import install_head
+        from edge_shitu_converters.hash_heads import install_head
 
         install_head(staging, head, source={"installed_from": Path(path).name})
         if then is not None:

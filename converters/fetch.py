@@ -281,13 +281,13 @@ def default_lock_path() -> Path:
     """Return the lock file used when none is given.
 
     Returns:
-      ``$EDGE_SHITU_MODELS_LOCK`` when set, else ``models.lock`` at the repository root (the parent
-      of this ``converters`` package).
+      ``$EDGE_SHITU_MODELS_LOCK`` when set, else the ``models.lock`` installed with this package
+      (in the repository, ``converters/models.lock``; the root's ``models.lock`` links to it).
     """
     env = os.environ.get(LOCK_ENV_VAR)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "models.lock"
+    return Path(__file__).resolve().parent / "models.lock"
 
 
 def default_cache_dir() -> Path:

@@ -1,9 +1,9 @@
 """Convert Paddle PP-ShiTu models into Paddle-Lite bundles (``.nb`` naive-buffer files, fp32 or INT8).
 
-A Lite bundle has the layout of an ONNX bundle (:mod:`converters.convert`): ``detector.nb`` and/or
+A Lite bundle has the layout of an ONNX bundle (:mod:`edge_shitu_converters.convert`): ``detector.nb`` and/or
 ``extractor.nb`` plus ``manifest.json``, whose models say ``"backend": "paddlelite"``, the
 ``"target"`` machine (``"x86"`` or ``"arm"``) and the precision. The detector is the same program cut
-at its raw heads (:func:`converters.convert.cut_detector_heads`); its outputs keep the names
+at its raw heads (:func:`edge_shitu_converters.convert.cut_detector_heads`); its outputs keep the names
 ``scores_stride8`` ... ``boxes_stride64``, and the extractor's output keeps its Paddle fetch name
 (Paddle-Lite reports the names of the variables the program's ``fetch`` ops read).
 
@@ -38,7 +38,7 @@ INT8 models come from Paddle's post-training static quantisation
 ``quant_post_static``, which gives identical files; paddleslim itself is not used because it would
 pull opencv-python and its other training dependencies into the converter's environment). Activation
 ranges are calibrated on real photos, decoded and pre-processed exactly as the runtime does
-(:func:`converters.quantize.calibration_feeds`). Algorithms, measured on the replicas with 20 photos
+(:func:`edge_shitu_converters.quantize.calibration_feeds`). Algorithms, measured on the replicas with 20 photos
 on 2 cores: ``avg`` (mean of per-batch absolute maxima; extractor 4 s, detector 37 s), ``hist``
 (99.999th percentile of a histogram; 13 s and 203 s, very slightly closer to fp32) and ``KL``
 (TensorRT-style entropy; 244 s for the extractor alone). ``avg`` is the default. Paddle-Lite needs
@@ -61,8 +61,8 @@ from typing import Callable, Any, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from converters import paddle_io
-from converters.convert import (
+from edge_shitu_converters import paddle_io
+from edge_shitu_converters.convert import (
     EXPORT_FORMATS,
     _check_model_folders,
     _check_request,
@@ -75,7 +75,7 @@ from converters.convert import (
     cut_detector_heads,
     validate_export,
 )
-from converters.paddle_io import ModelFiles
+from edge_shitu_converters.paddle_io import ModelFiles
 from edge_shitu.bundle import InputSpec, sha256_file
 from edge_shitu.errors import (
     BackendUnavailableError,
@@ -158,7 +158,7 @@ def find_opt(explicit: "os.PathLike[str] | str | None" = None) -> Path:
     found = shutil.which(OPT_NAME)
     if found is not None:
         return Path(found).absolute()
-    from converters.lite_worker import _repo_root
+    from edge_shitu_converters.lite_worker import _repo_root
 
     local = _repo_root() / ".venv-lite" / ("Scripts" if os.name == "nt" else "bin") / OPT_NAME
     if local.is_file() and os.access(local, os.X_OK):
@@ -410,11 +410,11 @@ def quantize_post_training(
       out_dir: folder to write the quantised ``inference.pdmodel`` and ``inference.pdiparams`` into
         (created).
       feeds: calibration batches ``{input name: float32 (N, 3, H, W)}``, e.g. from
-        :func:`converters.quantize.calibration_feeds`; all of them are used.
+        :func:`edge_shitu_converters.quantize.calibration_feeds`; all of them are used.
       algo: ``"avg"``, ``"hist"`` or ``"KL"`` (case-insensitive; see the module docstring).
 
     Returns:
-      The written :class:`~converters.paddle_io.ModelFiles`.
+      The written :class:`~edge_shitu_converters.paddle_io.ModelFiles`.
 
     Raises:
       InvalidInputError: no feeds, or an unknown algorithm.
@@ -522,7 +522,7 @@ def _legacy_io(files: ModelFiles) -> Tuple[List[Tuple[str, List[int]]], List[Tup
 
 
 def _calibration(calib_dir: Path, spec: Dict[str, Any], count: int) -> List[Dict[str, np.ndarray]]:
-    from converters.quantize import calibration_feeds
+    from edge_shitu_converters.quantize import calibration_feeds
 
     input_spec = InputSpec(
         name=spec["name"],
@@ -624,7 +624,7 @@ def convert_lite(
 ) -> Path:
     """Convert a detector and/or a feature extractor into a Paddle-Lite bundle for one machine.
 
-    The bundle is built like an ONNX bundle (:func:`converters.convert.convert`): assembled in a
+    The bundle is built like an ONNX bundle (:func:`edge_shitu_converters.convert.convert`): assembled in a
     temporary sibling folder, its manifest loaded back by the runtime's :class:`~edge_shitu.bundle.Bundle`,
     then moved to ``out_dir``. Models are not run here (ARM files cannot run on x86); the numerical
     check of a Lite bundle is a separate step in the Paddle-Lite side environment.

@@ -2,7 +2,7 @@
 
 ``paddlelite`` installs only under Python <= 3.10 with numpy < 2, while the main environment may be
 newer. :class:`SideEnvSession` implements the :class:`edge_shitu.backends.base.Session` protocol by
-talking to one persistent worker process, ``<side python> -I -m converters.lite_worker``, which loads
+talking to one persistent worker process, ``<side python> -I -m edge_shitu_converters.lite_worker``, which loads
 the model with :class:`edge_shitu.backends.paddlelite.PaddleLiteSession` and answers run requests.
 
 Protocol (stdin/stdout of the worker): frames of ``b"ESLW"``, a little-endian uint64 payload length,
@@ -259,7 +259,7 @@ class SideEnvSession:
         self._stderr = tempfile.TemporaryFile()
         try:
             self._proc = subprocess.Popen(
-                [str(self._python), "-I", "-m", "converters.lite_worker"],
+                [str(self._python), "-I", "-m", "edge_shitu_converters.lite_worker"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             )
         except OSError as exc:

@@ -250,7 +250,7 @@ def find_model_files(model_dir: "os.PathLike[str] | str", *, need_params: bool =
     if need_params and not params.is_file():
         raise MissingFileError(
             f"{directory} holds no {PDIPARAMS} (the weights); expected the official file, or a replica "
-            "written by converters.replica.write_replica"
+            "written by edge_shitu_converters.replica.write_replica"
         )
     return ModelFiles(directory=directory, program=program, params=params)
 

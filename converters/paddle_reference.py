@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from converters import paddle_io
+from edge_shitu_converters import paddle_io
 from edge_shitu.errors import ConversionError, InvalidDtypeError, InvalidInputError
 
 __all__ = ["PaddleDetectorReference", "PaddleExtractorReference"]

@@ -34,7 +34,7 @@ CPU; replica figures are conversion fidelity, not accuracy):
 
 Dynamic quantisation needs no photos but is 5-6x *slower* than fp32 here: ``ConvInteger`` has no
 fast kernel; it is offered for size only. Nothing is installed and nothing is downloaded; the progress
-that onnxruntime's tools print is logged at DEBUG (logger ``converters.quantize``).
+that onnxruntime's tools print is logged at DEBUG (logger ``edge_shitu_converters.quantize``).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, TextIO, Tuple
 
-from converters.paddle_io import native_output_to
-from converters.shared import DET_GRAPH, REC_GRAPH, find_shared
+from edge_shitu_converters.paddle_io import native_output_to
+from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH, find_shared
 from edge_shitu.bundle import Bundle
 from edge_shitu.errors import EdgeShituError, FetchError, InvalidInputError
 
@@ -34,7 +34,7 @@ def default_work_dir() -> Path:
 
 
 def _official_models(work: Path, mirror: Optional[str]) -> Dict[str, Path]:
-    from converters import fetch
+    from edge_shitu_converters import fetch
 
     lock = fetch.load_lock()
     return {role: fetch.fetch(name, cache_dir=work / "models", mirror=mirror, lock=lock, timeout=20).model_dir
@@ -42,7 +42,7 @@ def _official_models(work: Path, mirror: Optional[str]) -> Dict[str, Path]:
 
 
 def _replica_models(shared: Path, work: Path) -> Dict[str, Path]:
-    from converters.replica import write_replica
+    from edge_shitu_converters.replica import write_replica
 
     graphs = shared / "models" / "ppshitu-graphs"
     out = {}
@@ -55,7 +55,7 @@ def _replica_models(shared: Path, work: Path) -> Dict[str, Path]:
 
 
 def _bundle(models: Dict[str, Path], dest: Path) -> Bundle:
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     if (dest / "manifest.json").is_file():
         try:

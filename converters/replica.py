@@ -77,8 +77,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from converters import paddle_io
-from converters.paddle_io import VarInfo
+from edge_shitu_converters import paddle_io
+from edge_shitu_converters.paddle_io import VarInfo
 from edge_shitu.bundle import sha256_file
 from edge_shitu.errors import ConversionError, InvalidInputError
 
@@ -202,7 +202,7 @@ def replica_weights(
     """Make the replica weights of a program's persistable variables (pure numpy).
 
     Args:
-      variables: the program's persistables, from :func:`converters.paddle_io.list_persistables`.
+      variables: the program's persistables, from :func:`edge_shitu_converters.paddle_io.list_persistables`.
       seed: the replica seed (int >= 0).
       options: the PicoDet class-logit rule (default ``ReplicaOptions()``); used only when the
         variables are those of the PicoDet mainbody detector.

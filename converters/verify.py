@@ -134,7 +134,7 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
       InvalidInputError: no usable images.
       BundleError, MissingFileError: the bundle or a model folder is unusable.
     """
-    from converters.paddle_reference import PaddleDetectorReference, PaddleExtractorReference
+    from edge_shitu_converters.paddle_reference import PaddleDetectorReference, PaddleExtractorReference
     from edge_shitu.backends import create_session
     from edge_shitu.detector import Detector
     from edge_shitu.embedder import Embedder

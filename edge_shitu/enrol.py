@@ -160,6 +160,9 @@ def build_gallery(bundle, image_root: Path, entries: Sequence[LabelEntry], dest:
                                 on_skip=on_skip, on_progress=on_progress)
             _check_destination(dest, overwrite)
             os.replace(partial, dest)
+        except GalleryError as exc:
+            # The private file's name means nothing to the user: name the gallery they asked for.
+            raise type(exc)(f"{dest}: not built, nothing was written: {exc.__cause__ or exc}") from exc
         finally:
             for suffix in _SIDE_FILES:
                 Path(str(partial) + suffix).unlink(missing_ok=True)

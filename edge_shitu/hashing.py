@@ -6,24 +6,18 @@ row ``x`` is ``np.packbits((x @ weight.T + bias) > 0, axis=1)`` (MSB-first, the 
 ``bias = 0``), which gives bit-for-bit the codes of :func:`edge_shitu.codes.binarize`.
 
 On disk a head is an ``.npz`` archive holding exactly ``weight.npy`` and ``bias.npy`` (numpy's
-format, never pickled). :meth:`HashHead.save` writes it byte-for-byte reproducibly (fixed zip
-timestamps, no compression), so the same head always has the same sha256: a bundle records that
-digest, and it is part of the bundle's code fingerprint.
-
-In a bundle the head is the file ``hash.npz``, named in ``manifest.json`` under ``"hash"``;
-:func:`install_head` puts one into an existing bundle and :func:`remove_head` takes it out.
+format, never pickled), read here with every size checked before anything is inflated. In a bundle
+the head is the file ``hash.npz``, named in ``manifest.json`` under ``"hash"`` with its sha256, which
+is part of the bundle's code fingerprint. Writing heads and putting them into bundles is the
+converter's job (``edge-shitu hash install``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -31,8 +25,7 @@ from edge_shitu.bundle import MAX_FEATURE_DIM
 from edge_shitu.errors import HashHeadError, InvalidDtypeError, InvalidInputError, MissingFileError
 from edge_shitu.npz import ArraySpec, read_npz
 
-__all__ = ["HashHead", "HEAD_FILE", "MAX_BITS", "MAX_DIM", "MAX_FILE_BYTES", "encoder_for", "install_head",
-           "remove_head"]
+__all__ = ["HashHead", "HEAD_FILE", "MAX_BITS", "MAX_DIM", "MAX_FILE_BYTES", "encoder_for"]
 
 HEAD_FILE = "hash.npz"
 """Name of the head file inside a bundle directory."""
@@ -44,14 +37,11 @@ MAX_DIM = MAX_FEATURE_DIM
 MAX_FILE_BYTES = 4 * (MAX_BITS * MAX_DIM + MAX_BITS) + (64 << 10)
 """Largest head file read into memory: the largest head's float32 data plus room for headers."""
 
-_MEMBERS = {"weight.npy": "weight", "bias.npy": "bias"}
 _SPECS = {
     "weight": ArraySpec(shape=(MAX_BITS, MAX_DIM), kinds="f", itemsize=(4, 4), max_bytes=4 * MAX_BITS * MAX_DIM,
                         dtype="float32"),
     "bias": ArraySpec(shape=(MAX_BITS,), kinds="f", itemsize=(4, 4), max_bytes=4 * MAX_BITS, dtype="float32"),
 }
-# 1980-01-01 is the earliest zip timestamp: a fixed one makes saved files reproducible.
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _EXPECTED = "an .npz with exactly 'weight' float32 [bits, d] and 'bias' float32 [bits], bits a positive multiple of 8"
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -165,45 +155,6 @@ class HashHead:
                           error=HashHeadError)
         return cls.from_arrays(arrays["weight"], arrays["bias"], where=where)
 
-    def save(self, path: PathLike) -> Path:
-        """Write the head as a reproducible ``.npz`` (same head, same bytes), atomically.
-
-        Args:
-          path: destination file; its folder must exist.
-
-        Returns:
-          ``path`` as a Path.
-
-        Raises:
-          MissingFileError: the folder of ``path`` does not exist.
-        """
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise MissingFileError(f"{path.parent}: no such folder to write {path.name} into")
-        data = self.to_bytes()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
-
-    def to_bytes(self) -> bytes:
-        """The exact bytes :meth:`save` writes (an uncompressed zip with fixed timestamps)."""
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-            for member, key in _MEMBERS.items():
-                info = zipfile.ZipInfo(member, date_time=_ZIP_EPOCH)
-                info.external_attr = 0o644 << 16
-                body = io.BytesIO()
-                np.lib.format.write_array(body, getattr(self, key), allow_pickle=False)
-                zf.writestr(info, body.getvalue())
-        return buf.getvalue()
-
     @property
     def bits(self) -> int:
         """Code length in bits (rows of ``weight``)."""
@@ -262,10 +213,6 @@ class HashHead:
         """
         return np.ascontiguousarray(np.packbits(self.project(features) > 0, axis=1, bitorder="big"))
 
-    def sha256(self) -> str:
-        """Hex sha256 of :meth:`to_bytes` (what a bundle records for the file :meth:`save` writes)."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
-
 
 def encoder_for(head: Optional[HashHead]) -> Callable[[np.ndarray], np.ndarray]:
     """The function from L2-normalised features to packed codes: the head's, or plain sign.
@@ -281,86 +228,3 @@ def encoder_for(head: Optional[HashHead]) -> Callable[[np.ndarray], np.ndarray]:
 
         return binarize
     return head.encode
-
-
-def install_head(bundle_dir: PathLike, head: Union[HashHead, PathLike], *,
-                 source: Optional[Mapping[str, Any]] = None) -> Path:
-    """Put a hash head into an existing bundle (replacing any head it had).
-
-    Writes ``hash.npz`` and rewrites ``manifest.json`` (``hash`` entry with the file's sha256,
-    ``codes.bits`` = the head's bits), each atomically. The codes and the code fingerprint of the
-    bundle change, so galleries made with it before must be re-hashed (``edge-shitu gallery
-    rehash``) or rebuilt. A crash between the two writes leaves a bundle the runtime refuses (the
-    sha256 check), never one that makes wrong codes.
-
-    Args:
-      bundle_dir: a bundle directory with an extractor.
-      head: a :class:`HashHead`, or the path of a head file.
-      source: provenance to record in the manifest (e.g. how the head was trained); JSON values.
-
-    Returns:
-      The path of the head file inside the bundle.
-
-    Raises:
-      MissingFileError, BundleError, IntegrityError: the bundle is missing, malformed or damaged.
-      HashHeadError: the head file is malformed, or its ``d`` differs from the extractor's dim.
-    """
-    from edge_shitu.bundle import MANIFEST_NAME, Bundle
-
-    bundle = Bundle.load(bundle_dir)
-    if not isinstance(head, HashHead):
-        head = HashHead.load(head)
-    ext = bundle.require("extractor")
-    if head.dim != ext.output.dim:
-        raise HashHeadError(
-            f"hash head takes {head.dim}-d features (weight [{head.bits}, {head.dim}]), but the extractor of "
-            f"{bundle.path} gives {ext.output.dim}-d features"
-        )
-    record = {"file": HEAD_FILE, "sha256": head.sha256(), "bits": head.bits, "dim": head.dim,
-              "source": dict(source or {})}
-    try:
-        json.dumps(record)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"hash head source must hold JSON values only ({exc})") from None
-    manifest = json.loads(json.dumps(bundle.manifest))
-    manifest["hash"] = record
-    manifest["codes"]["bits"] = head.bits
-    head.save(bundle.path / HEAD_FILE)
-    _write_manifest(bundle.path / MANIFEST_NAME, manifest)
-    Bundle.load(bundle.path)
-    return bundle.path / HEAD_FILE
-
-
-def remove_head(bundle_dir: PathLike) -> bool:
-    """Take the hash head out of a bundle: its codes become plain sign codes again.
-
-    Returns:
-      True when a head was removed, False when the bundle had none.
-
-    Raises:
-      MissingFileError, BundleError, IntegrityError: the bundle is missing, malformed or damaged.
-    """
-    from edge_shitu.bundle import MANIFEST_NAME, Bundle
-
-    bundle = Bundle.load(bundle_dir)
-    if bundle.hash is None:
-        return False
-    manifest = json.loads(json.dumps(bundle.manifest))
-    del manifest["hash"]
-    manifest["codes"]["bits"] = bundle.require("extractor").output.dim
-    _write_manifest(bundle.path / MANIFEST_NAME, manifest)
-    (bundle.path / HEAD_FILE).unlink(missing_ok=True)
-    Bundle.load(bundle.path)
-    return True
-
-
-def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.shared import DET_GRAPH, REC_GRAPH, find_shared
+from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH, find_shared
 from edge_shitu.errors import MissingFileError
 
 # Under CI every test must really run: a skip there means an install step is missing.
@@ -65,7 +65,7 @@ def _need_paddle():
 def replica_dirs(shared_dir: Path, tmp_path_factory) -> dict:
     """Replica Paddle inference models (official graphs, seed-0 random weights): role -> folder."""
     _need_paddle()
-    from converters.replica import write_replica
+    from edge_shitu_converters.replica import write_replica
 
     root = tmp_path_factory.mktemp("replicas")
     graphs = shared_dir / "models" / "ppshitu-graphs"
@@ -78,7 +78,7 @@ def replica_dirs(shared_dir: Path, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def replica_bundle(replica_dirs: dict, tmp_path_factory) -> Path:
     """An fp32 ONNX bundle converted from the replicas."""
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     out = tmp_path_factory.mktemp("bundles") / "replica-fp32"
     return convert(replica_dirs["detector"], replica_dirs["extractor"], out, precision="fp32")
@@ -88,7 +88,7 @@ def translate_to_pir(model_dir: Path, out_dir: Path) -> Path:
     """Save a legacy model folder as a Paddle 3 PIR program (``inference.json``), the way Paddle 3.3
     loads a legacy program: ``paddle.pir.translate_to_pir`` of the loaded program, then
     ``save_inference_model`` in PIR mode. The weights are saved with it."""
-    from converters import paddle_io
+    from edge_shitu_converters import paddle_io
 
     paddle = paddle_io.import_paddle()
     from paddle.static.pir_io import get_pir_parameters
@@ -115,7 +115,7 @@ def translate_to_pir(model_dir: Path, out_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def lite_python() -> Path:
     """Python of the Paddle-Lite side environment ($EDGE_SHITU_LITE_PYTHON or <repo>/.venv-lite)."""
-    from converters.lite_worker import find_lite_python
+    from edge_shitu_converters.lite_worker import find_lite_python
     from edge_shitu.errors import BackendUnavailableError
 
     try:
@@ -143,7 +143,7 @@ STD = [0.229, 0.224, 0.225]
 
 
 def manifest_for(det_file="detector.onnx", rec_file="extractor.onnx", det_sha="0" * 64, rec_sha="0" * 64):
-    """A valid manifest (schema of converters.convert) for two model files."""
+    """A valid manifest (schema of edge_shitu_converters.convert) for two model files."""
     def inp(name, shape, interp):
         return {"name": name, "shape": shape, "resize": "stretch", "interpolation": interp, "channel_order": "RGB",
                 "scale": 1 / 255, "mean": MEAN, "std": STD, "layout": "NCHW"}

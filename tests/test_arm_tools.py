@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from bench.arm import parity
-from bench.arm.parity import (
+from edge_shitu_bench.arm import parity
+from edge_shitu_bench.arm.parity import (
     BOX_TOL_PX,
     FORMAT,
     FORMAT_VERSION,

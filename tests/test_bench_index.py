@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench import index as bench_index
+from edge_shitu_bench import index as bench_index
 from edge_shitu.cli import main
 from edge_shitu.errors import InvalidInputError
 

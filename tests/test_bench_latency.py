@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import latency, reference, report
+from edge_shitu_bench import latency, reference, report
 from edge_shitu.errors import BackendUnavailableError, ImageDecodeError, InvalidInputError, MissingFileError
 from edge_shitu.recognizer import STAGES
 
@@ -92,7 +92,7 @@ def test_peak_rss_of_a_subprocess_is_its_own(tmp_path):
     ballast = np.ones(300 * 2**20 // 8)
     assert report.peak_rss_mb() >= 300
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", "from bench.report import peak_rss_mb; print(peak_rss_mb())"],
+    out = subprocess.run([sys.executable, "-c", "from edge_shitu_bench.report import peak_rss_mb; print(peak_rss_mb())"],
                          capture_output=True, text=True, env=env, check=True).stdout
     assert 5 < float(out) < 200
     del ballast
@@ -343,9 +343,6 @@ def test_list_images_errors(tmp_path):
 def cli(monkeypatch):
     from edge_shitu import cli as cli_module
 
-    if "bench" not in cli_module._EXTENSIONS:
-        monkeypatch.setattr(cli_module, "_EXTENSIONS", cli_module._EXTENSIONS + ("bench",))
-
     def run(*argv):
         out, err = io.StringIO(), io.StringIO()
         code = cli_module.main([str(a) for a in argv], stdout=out, stderr=err)
@@ -481,7 +478,7 @@ def test_cli_reference_is_the_baseline(cli, replica_bundle, replica_dirs, test_i
 @pytest.mark.slow
 def test_reference_pipeline_matches_paddle_runners(replica_dirs, test_images, rng):
     """The reference's predictors (MKLDNN, IR optimisation) give the official programs' outputs."""
-    from converters.paddle_reference import PaddleDetectorReference, PaddleExtractorReference
+    from edge_shitu_converters.paddle_reference import PaddleDetectorReference, PaddleExtractorReference
 
     img = reference.read_image(test_images[0])
     codes = rng.integers(0, 256, size=(3, 64), dtype=np.uint8)

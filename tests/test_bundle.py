@@ -218,10 +218,11 @@ def test_hash_head_file_is_size_checked_before_it_is_read(fake_bundle, monkeypat
     import numpy as np
 
     from edge_shitu import hashing
+    from edge_shitu_converters import hash_heads
     from edge_shitu.errors import HashHeadError
 
     head = hashing.HashHead.from_arrays(np.eye(512, dtype=np.float32)[:64], np.zeros(64, np.float32))
-    hashing.install_head(fake_bundle, head)
+    hash_heads.install_head(fake_bundle, head)
     bundle = Bundle.load(fake_bundle)
     assert bundle.load_hash_head().bits == 64
     monkeypatch.setattr(hashing, "MAX_FILE_BYTES", 1000)

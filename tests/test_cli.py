@@ -161,7 +161,7 @@ def test_usage_errors_exit_2():
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path):
-    for name in [m for m in sys.modules if m == "paddle" or m.startswith("paddle.") or m.startswith("converters.")]:
+    for name in [m for m in sys.modules if m == "paddle" or m.startswith("paddle.") or m.startswith("edge_shitu_converters.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "paddle", None)
     code, _, err = run("replicate", tmp_path, tmp_path / "out")
@@ -171,7 +171,7 @@ def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path):
 def test_models_list_and_fetch_from_a_mirror(tmp_path, shared_dir, replica_dirs):
     import tarfile
 
-    from converters.shared import REC_GRAPH
+    from edge_shitu_converters.shared import REC_GRAPH
 
     code, out, err = run("models", "list")
     assert code == 0, err

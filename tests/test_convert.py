@@ -17,7 +17,7 @@ import pytest
 
 from conftest import translate_to_pir
 
-from converters.shared import DET_GRAPH, REC_GRAPH
+from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH
 from edge_shitu.errors import ConversionError, InvalidDtypeError, InvalidInputError, MissingFileError
 
 _KEYS = {
@@ -138,7 +138,7 @@ def test_onnx_files_pass_the_checker_and_name_their_io_as_the_manifest_says(mani
 
 @pytest.mark.paddle
 def test_extractor_onnx_matches_paddle_inference(manifest, replica_bundle, replica_dirs):
-    from converters.paddle_reference import PaddleExtractorReference
+    from edge_shitu_converters.paddle_reference import PaddleExtractorReference
 
     reference = PaddleExtractorReference(replica_dirs["extractor"])
     session = _session(replica_bundle / "extractor.onnx")
@@ -157,7 +157,7 @@ def test_extractor_onnx_matches_paddle_inference(manifest, replica_bundle, repli
 
 @pytest.fixture(scope="module")
 def paddle_heads(replica_dirs, tmp_path_factory):
-    from converters.convert import cut_detector_heads
+    from edge_shitu_converters.convert import cut_detector_heads
 
     return cut_detector_heads(replica_dirs["detector"], tmp_path_factory.mktemp("heads"))
 
@@ -174,7 +174,7 @@ def _detector_input(path: Path) -> np.ndarray:
 @pytest.mark.paddle
 def test_detector_onnx_raw_heads_match_the_cut_paddle_program(manifest, replica_bundle, paddle_heads, test_images):
     pytest.importorskip("cv2", reason="opencv (the 'dev' extra) is needed for the reference pre-processing")
-    from converters import paddle_io
+    from edge_shitu_converters import paddle_io
 
     out = manifest["models"]["detector"]["output"]
     assert list(paddle_heads.scores) == out["scores"] and list(paddle_heads.boxes) == out["boxes"]
@@ -199,8 +199,8 @@ def test_detector_heads_explain_the_full_graphs_boxes(replica_dirs, paddle_heads
     """The cut program is the full program minus its post-process: decoding its heads by hand gives
     the full graph's top box (scale_factor 1, so in network-input pixels)."""
     pytest.importorskip("cv2", reason="opencv (the 'dev' extra) is needed for the reference pre-processing")
-    from converters import paddle_io
-    from converters.paddle_reference import PaddleDetectorReference
+    from edge_shitu_converters import paddle_io
+    from edge_shitu_converters.paddle_reference import PaddleDetectorReference
 
     image = _detector_input(test_images[0])
     full = PaddleDetectorReference(replica_dirs["detector"]).run(
@@ -226,7 +226,7 @@ def test_detector_heads_explain_the_full_graphs_boxes(replica_dirs, paddle_heads
 
 @pytest.mark.parametrize("precision", ["fp16", "FP32", "", "int4"])
 def test_unsupported_precision_raises_before_any_work(precision, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     with pytest.raises(ConversionError, match="not supported yet"):
         convert(tmp_path / "absent-det", tmp_path / "absent-rec", tmp_path / "out", precision=precision)
@@ -235,14 +235,14 @@ def test_unsupported_precision_raises_before_any_work(precision, tmp_path):
 
 @pytest.mark.parametrize("opset", [10, 18, "11", True])
 def test_opset_out_of_range_raises(opset, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     with pytest.raises(ConversionError, match="opset"):
         convert(tmp_path, None, tmp_path / "out", opset=opset)
 
 
 def test_the_formats_table_drives_validation():
-    from converters.convert import EXPORT_FORMATS, validate_export
+    from edge_shitu_converters.convert import EXPORT_FORMATS, validate_export
 
     spec = validate_export("onnx", "fp32", 11)
     assert spec is EXPORT_FORMATS["onnx"] and spec.suffix == ".onnx"
@@ -257,7 +257,7 @@ def test_the_formats_table_drives_validation():
 
 
 def test_argument_errors(tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     with pytest.raises(InvalidInputError, match="neither"):
         convert(None, None, tmp_path / "out")
@@ -271,7 +271,7 @@ def test_argument_errors(tmp_path):
 
 @pytest.mark.paddle
 def test_missing_model_folder(tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     with pytest.raises(MissingFileError, match="extractor model folder not found"):
         convert(None, tmp_path / "absent", tmp_path / "out")
@@ -283,8 +283,8 @@ def test_missing_model_folder(tmp_path):
 def test_missing_paddle_names_the_extra(tmp_path, monkeypatch):
     import sys
 
-    from converters.convert import convert
-    from converters.replica import write_replica
+    from edge_shitu_converters.convert import convert
+    from edge_shitu_converters.replica import write_replica
     from edge_shitu.errors import BackendUnavailableError
 
     for name in [m for m in sys.modules if m == "paddle" or m.startswith("paddle.") or m.startswith("paddle2onnx")]:
@@ -298,7 +298,7 @@ def test_missing_paddle_names_the_extra(tmp_path, monkeypatch):
 
 @pytest.mark.paddle
 def test_conversion_installs_nothing_and_opens_no_connection(replica_dirs, tmp_path, monkeypatch):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     calls = []
 
@@ -323,7 +323,7 @@ def test_conversion_installs_nothing_and_opens_no_connection(replica_dirs, tmp_p
 
 @pytest.mark.paddle
 def test_identical_inputs_give_identical_bundles(replica_bundle, replica_dirs, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     first = convert(None, replica_dirs["extractor"], tmp_path / "a")
     again = convert(None, replica_dirs["extractor"], tmp_path / "b")
@@ -335,7 +335,7 @@ def test_identical_inputs_give_identical_bundles(replica_bundle, replica_dirs, t
 
 @pytest.mark.paddle
 def test_official_weights_are_recorded_as_official(replica_dirs, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     official = tmp_path / REC_GRAPH
     shutil.copytree(replica_dirs["extractor"], official)
@@ -349,7 +349,7 @@ def test_official_weights_are_recorded_as_official(replica_dirs, tmp_path):
 
 @pytest.mark.paddle
 def test_stale_replica_json_is_refused(replica_dirs, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     folder = tmp_path / "mixed"
     shutil.copytree(replica_dirs["extractor"], folder)
@@ -364,7 +364,7 @@ def test_stale_replica_json_is_refused(replica_dirs, tmp_path):
 
 @pytest.mark.paddle
 def test_failures_name_the_step_and_the_model_folder(replica_dirs, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     folder = tmp_path / "broken"
     shutil.copytree(replica_dirs["extractor"], folder)
@@ -378,7 +378,7 @@ def test_failures_name_the_step_and_the_model_folder(replica_dirs, tmp_path):
 
 @pytest.mark.paddle
 def test_detector_config_is_read_from_infer_cfg(replica_dirs, tmp_path):
-    from converters.convert import _detector_input_spec
+    from edge_shitu_converters.convert import _detector_input_spec
 
     folder = tmp_path / "det"
     folder.mkdir()
@@ -399,7 +399,7 @@ def test_detector_config_is_read_from_infer_cfg(replica_dirs, tmp_path):
 
 @pytest.mark.paddle
 def test_reference_runners_reject_bad_inputs(replica_dirs):
-    from converters.paddle_reference import PaddleDetectorReference, PaddleExtractorReference
+    from edge_shitu_converters.paddle_reference import PaddleDetectorReference, PaddleExtractorReference
 
     extractor = PaddleExtractorReference(replica_dirs["extractor"])
     with pytest.raises(InvalidDtypeError, match="float32"):
@@ -426,7 +426,7 @@ def test_reference_runners_reject_bad_inputs(replica_dirs):
 def pir_detector_dir(replica_dirs, tmp_path_factory) -> Path:
     """The detector replica as a PIR program: the official graph translated to ``inference.json``, then
     given replica weights by write_replica (so it has its own replica.json, naming the .json program)."""
-    from converters.replica import write_replica
+    from edge_shitu_converters.replica import write_replica
 
     root = tmp_path_factory.mktemp("pir")
     graph = translate_to_pir(replica_dirs["detector"], root / "graph")
@@ -436,7 +436,7 @@ def pir_detector_dir(replica_dirs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pir_bundle(pir_detector_dir, tmp_path_factory) -> Path:
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     return convert(pir_detector_dir, None, tmp_path_factory.mktemp("pir-bundle") / "bundle")
 
@@ -452,8 +452,8 @@ def test_pir_detector_replica_carries_the_legacy_weights(pir_detector_dir, repli
 @pytest.mark.paddle
 def test_pir_detector_cut_gives_the_legacy_cut_heads(pir_detector_dir, paddle_heads, tmp_path, test_images):
     pytest.importorskip("cv2", reason="opencv (the 'dev' extra) is needed for the reference pre-processing")
-    from converters import paddle_io
-    from converters.convert import cut_detector_heads
+    from edge_shitu_converters import paddle_io
+    from edge_shitu_converters.convert import cut_detector_heads
 
     heads = cut_detector_heads(pir_detector_dir, tmp_path / "heads")
     assert heads.files.is_pir and heads.files.program.name == "inference.json"
@@ -509,7 +509,7 @@ def test_pir_detector_bundle_matches_the_legacy_bundle(pir_bundle, pir_detector_
 
 @pytest.mark.paddle
 def test_pir_detector_heads_are_validated_by_shape(pir_detector_dir, tmp_path):
-    from converters.convert import cut_detector_heads
+    from edge_shitu_converters.convert import cut_detector_heads
 
     folder = tmp_path / "det"
     folder.mkdir()
@@ -524,8 +524,8 @@ def test_pir_detector_heads_are_validated_by_shape(pir_detector_dir, tmp_path):
 
 @pytest.mark.paddle
 def test_a_pir_program_that_is_not_the_detector_is_refused(replica_dirs, tmp_path):
-    from converters import paddle_io
-    from converters.convert import _pir_heads, cut_detector_heads
+    from edge_shitu_converters import paddle_io
+    from edge_shitu_converters.convert import _pir_heads, cut_detector_heads
 
     folder = translate_to_pir(replica_dirs["extractor"], tmp_path / "rec")
     with pytest.raises(ConversionError, match="image/im_shape/scale_factor"):

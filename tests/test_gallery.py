@@ -21,7 +21,8 @@ from edge_shitu.errors import (
     InvalidInputError,
     MissingFileError,
 )
-from edge_shitu.gallery import FORMAT_VERSION, Gallery, GalleryInfo, GalleryItem, check_gallery, upgrade_gallery
+from edge_shitu.gallery import FORMAT_VERSION, Gallery, GalleryInfo, GalleryItem, check_gallery
+from edge_shitu_converters.gallery_upgrade import upgrade_gallery
 from edge_shitu.search import available_backends
 
 # faiss where installed and sound (tests/test_search.py checks that it is on x86_64 and why not elsewhere).

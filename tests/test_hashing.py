@@ -24,7 +24,8 @@ from edge_shitu.errors import (
     MissingFileError,
 )
 from edge_shitu.gallery import Gallery
-from edge_shitu.hashing import HEAD_FILE, HashHead, encoder_for, install_head, remove_head
+from edge_shitu.hashing import HEAD_FILE, HashHead, encoder_for
+from edge_shitu_converters.hash_heads import head_bytes, head_sha256, install_head, remove_head, save_head
 from edge_shitu.recognizer import Recognizer
 from edge_shitu.options import RecognizerOptions
 
@@ -49,15 +50,15 @@ def _features(rng, n=12, dim=512) -> np.ndarray:
 
 def test_format_round_trip_is_byte_exact(tmp_path, rng):
     head = _head(rng)
-    path = head.save(tmp_path / "h.npz")
+    path = save_head(head, tmp_path / "h.npz")
     back = HashHead.load(path)
     assert back.weight.dtype == np.float32 and back.bias.dtype == np.float32
     np.testing.assert_array_equal(back.weight, head.weight)
     np.testing.assert_array_equal(back.bias, head.bias)
     # Same head, same bytes: the sha256 a bundle records is reproducible.
-    again = back.save(tmp_path / "again.npz")
+    again = save_head(back, tmp_path / "again.npz")
     assert again.read_bytes() == path.read_bytes()
-    assert head.sha256() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert head_sha256(head) == hashlib.sha256(path.read_bytes()).hexdigest()
     # Plain numpy reads it as the documented format: exactly weight [bits, d] and bias [bits], float32.
     with np.load(path, allow_pickle=False) as z:
         assert sorted(z.files) == ["bias", "weight"]
@@ -137,7 +138,7 @@ def _bad_files(tmp_path, rng):
     with open(npy, "wb") as f:
         np.save(f, w)
     cases["a .npy file"] = (npy, r"not a valid hash head archive")
-    good = HashHead.from_arrays(w, b).to_bytes()
+    good = head_bytes(HashHead.from_arrays(w, b))
     trunc = tmp_path / "trunc.npz"
     trunc.write_bytes(good[: len(good) // 2])
     cases["truncated"] = (trunc, r"not a valid hash head archive")
@@ -215,10 +216,10 @@ def test_bundle_without_head_is_unchanged(fake_bundle):
 def test_head_in_bundle_changes_the_fingerprint(fake_bundle, tmp_path, rng):
     before = Bundle.load(fake_bundle).code_fingerprint
     head = _head(rng, bits=512)
-    path = install_head(fake_bundle, head.save(tmp_path / "h.npz"), source={"method": "test"})
-    assert path == fake_bundle.resolve() / HEAD_FILE and path.read_bytes() == head.to_bytes()
+    path = install_head(fake_bundle, save_head(head, tmp_path / "h.npz"), source={"method": "test"})
+    assert path == fake_bundle.resolve() / HEAD_FILE and path.read_bytes() == head_bytes(head)
     b = Bundle.load(fake_bundle)
-    assert b.hash.sha256 == head.sha256() and b.hash.bits == 512 and b.hash.dim == 512
+    assert b.hash.sha256 == head_sha256(head) and b.hash.bits == 512 and b.hash.dim == 512
     assert b.hash.source == {"method": "test"}
     assert b.code_fingerprint != before
     # Another head, another fingerprint; the same head again, the same one.
@@ -243,7 +244,7 @@ def test_head_with_other_bits_sets_the_code_length(fake_bundle, rng):
 
 def test_tampered_head_is_refused_by_sha256(fake_bundle, rng):
     install_head(fake_bundle, _head(rng, bits=512))
-    other = _head(rng, bits=512).to_bytes()
+    other = head_bytes(_head(rng, bits=512))
     (fake_bundle / HEAD_FILE).write_bytes(other)  # a valid head file, but not the recorded one
     with pytest.raises(IntegrityError, match=r"hash\.npz: sha256 is .* but manifest\.json records"):
         Bundle.load(fake_bundle)
@@ -362,7 +363,7 @@ def gallery_with_embeddings(fake_bundle, tmp_path, rng):
 def test_rehash_with_a_new_head(fake_bundle, gallery_with_embeddings, tmp_path, rng):
     path, feats = gallery_with_embeddings
     head = _head(rng, bits=512)
-    code, out, err = run("hash", "install", head.save(tmp_path / "h.npz"), "--bundle", fake_bundle)
+    code, out, err = run("hash", "install", save_head(head, tmp_path / "h.npz"), "--bundle", fake_bundle)
     assert code == 0, err
     assert "re-hash" in out
     bundle = Bundle.load(fake_bundle)
@@ -467,7 +468,7 @@ def test_cli_train_writes_a_loadable_deterministic_head(toy_npz, tmp_path, metho
     assert (head.bits, head.dim) == (32, 64)
     assert outs[0]["method"] == method and outs[0]["items"] == 72 and outs[0]["classes"] == 12
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
-    assert outs[0]["sha256"] == outs[1]["sha256"] == head.sha256()
+    assert outs[0]["sha256"] == outs[1]["sha256"] == head_sha256(head)
 
 
 def test_cli_train_identity_start_needs_bits_equal_dim(toy_npz, tmp_path):
@@ -478,7 +479,7 @@ def test_cli_train_identity_start_needs_bits_equal_dim(toy_npz, tmp_path):
 
 
 def test_cli_eval_table_and_json(toy_npz, tmp_path):
-    HashHead.identity(64).save(tmp_path / "id.npz")
+    save_head(HashHead.identity(64), tmp_path / "id.npz")
     code, out, err = run("hash", "eval", "--embeddings", toy_npz, "--head", tmp_path / "id.npz", "--json")
     assert code == 0, err
     res = json.loads(out)["results"]
@@ -523,14 +524,14 @@ def test_cli_bad_embeddings_file(tmp_path):
 
 
 def test_convert_refuses_a_bad_head_before_any_work(tmp_path, rng):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, weight=np.zeros((12, 512), np.float32), bias=np.zeros(12, np.float32))
     # The model folders do not even exist: the head is checked first.
     with pytest.raises(HashHeadError, match="bad.npz: weight has shape"):
         convert(None, tmp_path / "no-rec", tmp_path / "out", hash_head=bad)
-    good = _head(rng, bits=64).save(tmp_path / "good.npz")
+    good = save_head(_head(rng, bits=64), tmp_path / "good.npz")
     with pytest.raises(InvalidInputError, match="a hash head needs the extractor"):
         convert(tmp_path / "no-det", None, tmp_path / "out", hash_head=good)
     assert not (tmp_path / "out").exists()
@@ -548,12 +549,12 @@ def test_convert_refuses_a_bad_head_before_any_work(tmp_path, rng):
 @pytest.mark.paddle
 @pytest.mark.slow
 def test_convert_puts_the_head_into_the_bundle(replica_dirs, tmp_path, rng, test_images):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     head = _head(rng, bits=256)
-    out = convert(None, replica_dirs["extractor"], tmp_path / "bundle", hash_head=head.save(tmp_path / "h.npz"))
+    out = convert(None, replica_dirs["extractor"], tmp_path / "bundle", hash_head=save_head(head, tmp_path / "h.npz"))
     b = Bundle.load(out)
-    assert b.hash.sha256 == head.sha256() and b.codes.bits == 256 and b.hash.source == {"installed_from": "h.npz"}
+    assert b.hash.sha256 == head_sha256(head) and b.codes.bits == 256 and b.hash.source == {"installed_from": "h.npz"}
     assert sorted(p.name for p in out.iterdir()) == ["extractor.onnx", HEAD_FILE, "manifest.json"]
     with Embedder.from_bundle(b) as emb:
         feats = emb.features(test_images[:3])

@@ -27,7 +27,7 @@ def calib(drink_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_bundle(replica_dirs, calib, tmp_path_factory):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     return convert(replica_dirs["detector"], replica_dirs["extractor"], tmp_path_factory.mktemp("int8") / "b",
                    precision="int8", calib_dir=calib, calib_count=8)
@@ -58,7 +58,7 @@ def test_int8_bundle_runs_in_the_runtime(int8_bundle, replica_bundle, test_image
 
 
 def test_int8_extractor_passes_verification(replica_dirs, calib, test_images, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -72,14 +72,14 @@ def test_int8_extractor_passes_verification(replica_dirs, calib, test_images, tm
 
 
 def test_dynamic_int8_needs_no_photos(replica_dirs, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     out = convert(None, replica_dirs["extractor"], tmp_path / "dyn", precision="int8", quant_mode="dynamic")
     assert Bundle.load(out).extractor.quantization["mode"] == "dynamic"
 
 
 def test_int8_argument_errors(replica_dirs, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     with pytest.raises(InvalidInputError, match="static int8 needs calibration photos"):
         convert(None, replica_dirs["extractor"], tmp_path / "a", precision="int8")

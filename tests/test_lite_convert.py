@@ -83,7 +83,7 @@ def _photos(paths, spec) -> np.ndarray:
 
 def _flatten_has_xshape(program_bytes: bytes) -> list:
     """For each flatten_contiguous_range op of the program: whether it has an XShape output."""
-    from converters import paddle_io
+    from edge_shitu_converters import paddle_io
 
     paddle_io.import_paddle()
     from paddle.base import core
@@ -103,7 +103,7 @@ def gallery(drink_dir) -> Path:
 @pytest.fixture(scope="module")
 def lite_bundles(replica_dirs, opt, tmp_path_factory) -> dict:
     """fp32 bundles (detector + extractor) from the replicas, for each target."""
-    from converters.lite import convert_lite
+    from edge_shitu_converters.lite import convert_lite
 
     root = tmp_path_factory.mktemp("lite")
     return {
@@ -114,7 +114,7 @@ def lite_bundles(replica_dirs, opt, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def int8_x86_extractor(replica_dirs, opt, gallery, tmp_path_factory) -> Path:
-    from converters.lite import convert_lite
+    from edge_shitu_converters.lite import convert_lite
 
     out = tmp_path_factory.mktemp("lite-int8") / "x86"
     return convert_lite(
@@ -126,7 +126,7 @@ def int8_x86_extractor(replica_dirs, opt, gallery, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def resaved_extractor(replica_dirs, tmp_path_factory) -> Path:
     """The extractor replica loaded and saved again by Paddle 3.3 (which drops flatten's XShape)."""
-    from converters import paddle_io
+    from edge_shitu_converters import paddle_io
 
     paddle = paddle_io.import_paddle()
     out = tmp_path_factory.mktemp("resaved")
@@ -151,7 +151,7 @@ def _executable(path: Path) -> Path:
 
 
 def test_find_opt_prefers_the_argument_then_the_environment_then_path(tmp_path, monkeypatch):
-    from converters.lite import OPT_ENV, find_opt
+    from edge_shitu_converters.lite import OPT_ENV, find_opt
 
     on_path = _executable(tmp_path / "path" / "paddle_lite_opt")
     in_env = _executable(tmp_path / "env" / "opt")
@@ -173,9 +173,9 @@ def _assert_install_hint(message: str) -> None:
 
 
 def test_missing_opt_says_how_to_install_it(tmp_path, monkeypatch):
-    from converters.lite import OPT_ENV, find_opt
+    from edge_shitu_converters.lite import OPT_ENV, find_opt
 
-    from converters import lite_worker
+    from edge_shitu_converters import lite_worker
 
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv(OPT_ENV, raising=False)
@@ -190,7 +190,7 @@ def test_missing_opt_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 def test_a_named_opt_that_is_missing_is_not_replaced_by_another(tmp_path, monkeypatch):
-    from converters.lite import OPT_ENV, find_opt
+    from edge_shitu_converters.lite import OPT_ENV, find_opt
 
     monkeypatch.setenv("PATH", str(_executable(tmp_path / "path" / "paddle_lite_opt").parent))
     monkeypatch.setenv(OPT_ENV, str(tmp_path / "absent"))
@@ -204,9 +204,9 @@ def test_a_named_opt_that_is_missing_is_not_replaced_by_another(tmp_path, monkey
 
 
 def test_convert_without_opt_fails_before_any_work(tmp_path, monkeypatch):
-    from converters import lite_worker
-    from converters.convert import convert
-    from converters.lite import OPT_ENV
+    from edge_shitu_converters import lite_worker
+    from edge_shitu_converters.convert import convert
+    from edge_shitu_converters.lite import OPT_ENV
 
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv(OPT_ENV, raising=False)
@@ -220,7 +220,7 @@ def test_convert_without_opt_fails_before_any_work(tmp_path, monkeypatch):
 
 
 def test_the_formats_table_has_the_lite_formats():
-    from converters.convert import EXPORT_FORMATS, validate_export
+    from edge_shitu_converters.convert import EXPORT_FORMATS, validate_export
 
     for target in ("x86", "arm"):
         spec = validate_export(f"lite-{target}", "int8", None)
@@ -248,7 +248,7 @@ def test_the_formats_table_has_the_lite_formats():
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_path, monkeypatch):
-    from converters.lite import convert_lite
+    from edge_shitu_converters.lite import convert_lite
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(error, match=match):
@@ -257,7 +257,7 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_pat
 
 
 def test_convert_rejects_options_of_other_formats(tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     for option in ("lite_opt", "lite_algo", "lite_python"):
         with pytest.raises(InvalidInputError, match="lite_algo, lite_opt and lite_python are for the Paddle-Lite"):
@@ -269,7 +269,7 @@ def test_convert_rejects_options_of_other_formats(tmp_path):
 
 
 def test_an_x86_int8_detector_is_refused(tmp_path):
-    from converters.lite import convert_lite
+    from edge_shitu_converters.lite import convert_lite
 
     with pytest.raises(ConversionError, match="x86 INT8 kernels compute the detector wrongly"):
         convert_lite(tmp_path, None, tmp_path / "out", target="x86", precision="int8", calib_dir=tmp_path)
@@ -279,7 +279,7 @@ def test_an_x86_int8_detector_is_refused(tmp_path):
 @pytest.mark.paddle
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_pir_json_programs_are_refused(precision, tmp_path, opt, gallery):
-    from converters.lite import convert_lite, quantize_post_training
+    from edge_shitu_converters.lite import convert_lite, quantize_post_training
 
     pir = tmp_path / "rec"
     pir.mkdir()
@@ -344,7 +344,7 @@ def test_fp32_sizes(lite_bundles):
 
 @pytest.mark.paddle
 def test_identical_inputs_give_identical_files(lite_bundles, replica_dirs, opt, tmp_path):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     # Through convert(): the format table dispatches to convert_lite.
     again = convert(None, replica_dirs["extractor"], tmp_path / "again", format="lite-x86", lite_opt=opt)
@@ -359,8 +359,8 @@ def test_identical_inputs_give_identical_files(lite_bundles, replica_dirs, opt, 
 def test_x86_fp32_bundle_runs_in_paddle_lite_like_paddle_inference(
     lite_bundles, replica_dirs, lite_python, test_images, tmp_path
 ):
-    from converters import paddle_io
-    from converters.convert import cut_detector_heads
+    from edge_shitu_converters import paddle_io
+    from edge_shitu_converters.convert import cut_detector_heads
     from edge_shitu.bundle import Bundle
 
     bundle = Bundle.load(lite_bundles["x86"])
@@ -420,7 +420,7 @@ def test_int8_x86_extractor_stays_close_to_fp32(int8_x86_extractor, lite_bundles
 @pytest.mark.paddle
 def test_int8_arm_detector_bundle(replica_dirs, opt, gallery, lite_bundles, tmp_path):
     """ARM INT8 cannot run here: checked structurally (targets, size, manifest) only."""
-    from converters.lite import convert_lite
+    from edge_shitu_converters.lite import convert_lite
     from edge_shitu.backends.paddlelite import read_nb_targets
     from edge_shitu.bundle import Bundle
 
@@ -441,8 +441,8 @@ def test_int8_arm_detector_bundle(replica_dirs, opt, gallery, lite_bundles, tmp_
 
 @pytest.mark.paddle
 def test_flatten_xshape_fix_keeps_paddle_outputs_identical(resaved_extractor, replica_dirs, tmp_path, rng):
-    from converters import paddle_io
-    from converters.lite import restore_flatten_xshape
+    from edge_shitu_converters import paddle_io
+    from edge_shitu_converters.lite import restore_flatten_xshape
 
     original = (replica_dirs["extractor"] / "inference.pdmodel").read_bytes()
     assert restore_flatten_xshape(original) == (original, 0)  # official programs keep XShape
@@ -469,7 +469,7 @@ def test_flatten_xshape_fix_keeps_paddle_outputs_identical(resaved_extractor, re
 
 @pytest.mark.paddle
 def test_opt_crash_is_a_conversion_error_and_the_fix_avoids_it(resaved_extractor, opt, tmp_path):
-    from converters.lite import restore_flatten_xshape, run_opt
+    from edge_shitu_converters.lite import restore_flatten_xshape, run_opt
     from edge_shitu.backends.paddlelite import read_nb_targets
 
     program, params = resaved_extractor / "inference.pdmodel", resaved_extractor / "inference.pdiparams"
@@ -488,7 +488,7 @@ def test_opt_crash_is_a_conversion_error_and_the_fix_avoids_it(resaved_extractor
 
 @pytest.mark.paddle
 def test_convert_lite_restores_flatten_xshape_of_paddle3_saved_programs(resaved_extractor, opt, tmp_path):
-    from converters.lite import convert_lite
+    from edge_shitu_converters.lite import convert_lite
     from edge_shitu.backends.paddlelite import read_nb_targets
 
     out = convert_lite(None, resaved_extractor, tmp_path / "b", target="x86", opt=opt)
@@ -499,7 +499,7 @@ def test_convert_lite_restores_flatten_xshape_of_paddle3_saved_programs(resaved_
 
 @pytest.mark.paddle
 def test_corrupt_program_is_a_conversion_error(replica_dirs, opt, tmp_path, rng):
-    from converters.lite import convert_lite, run_opt
+    from edge_shitu_converters.lite import convert_lite, run_opt
 
     corrupt = tmp_path / "inference.pdmodel"
     corrupt.write_bytes(rng.bytes(4096))
@@ -522,7 +522,7 @@ def test_corrupt_program_is_a_conversion_error(replica_dirs, opt, tmp_path, rng)
 
 
 def test_opt_that_writes_nothing_is_a_conversion_error(tmp_path):
-    from converters.lite import run_opt
+    from edge_shitu_converters.lite import run_opt
 
     fake = tmp_path / "opt"
     fake.write_text("#!/bin/sh\necho 'usage: paddle_lite_opt ...'\nexit 0\n")

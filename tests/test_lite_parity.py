@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.paddle, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def lite_bundle(replica_dirs, lite_opt, tmp_path_factory):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     return convert(replica_dirs["detector"], replica_dirs["extractor"], tmp_path_factory.mktemp("lite") / "b",
                    format="lite-x86", lite_opt=lite_opt)

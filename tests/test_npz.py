@@ -12,8 +12,9 @@ import pytest
 
 from edge_shitu.cli import main
 from edge_shitu.errors import HashHeadError, InvalidInputError
-from edge_shitu.hash_training import load_embeddings
+from edge_shitu_converters.hash_training import load_embeddings
 from edge_shitu.hashing import HashHead
+from edge_shitu_converters.hash_heads import head_bytes
 from edge_shitu.npz import MAX_MEMBERS, ArraySpec, read_npz
 
 GIB = 1 << 30
@@ -161,7 +162,7 @@ def test_member_count_is_bounded_before_the_directory_is_parsed(tmp_path):
 
 def test_damaged_data_is_caught_by_the_crc(tmp_path, rng):
     w = rng.normal(size=(8, 16)).astype(np.float32)
-    data = bytearray(HashHead.from_arrays(w, np.zeros(8, np.float32)).to_bytes())
+    data = bytearray(head_bytes(HashHead.from_arrays(w, np.zeros(8, np.float32))))
     data[data.find(w.tobytes()) + 5] ^= 0xFF
     path = tmp_path / "flipped.npz"
     path.write_bytes(bytes(data))

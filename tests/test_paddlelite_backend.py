@@ -2,7 +2,7 @@
 
 The main environment has no paddlelite (it needs Python <= 3.10 and numpy < 2): the session logic is
 tested here with fake ``paddlelite`` modules and predictors; real Lite runs go through
-:class:`converters.lite_worker.SideEnvSession` (skipped, naming the side environment, when it is absent).
+:class:`edge_shitu_converters.lite_worker.SideEnvSession` (skipped, naming the side environment, when it is absent).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import manifest_for
-from converters import lite_worker
-from converters.lite_worker import SideEnvSession, WorkerCrashError, find_lite_python
+from edge_shitu_converters import lite_worker
+from edge_shitu_converters.lite_worker import SideEnvSession, WorkerCrashError, find_lite_python
 from edge_shitu.backends import create_session
 from edge_shitu.backends import paddlelite as pl
 from edge_shitu.backends.paddlelite import PaddleLiteSession, check_nb_target, machine_target, read_nb_targets
@@ -566,7 +566,7 @@ def test_worker_that_cannot_start(tmp_path):
 def lite_bundles(replica_dirs, lite_opt, tmp_path_factory) -> dict:
     """Lite bundles of the replicas, made by the converter with the side environment's opt:
     x86 (detector + extractor) and arm (extractor only, for the refusal)."""
-    from converters.lite import convert_lite
+    from edge_shitu_converters.lite import convert_lite
 
     opt = lite_opt
     root = tmp_path_factory.mktemp("lite-bundles")

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.paddle
 
 @pytest.fixture(scope="module")
 def paddle_det(replica_dirs):
-    from converters.paddle_reference import PaddleDetectorReference
+    from edge_shitu_converters.paddle_reference import PaddleDetectorReference
 
     return PaddleDetectorReference(replica_dirs["detector"], threads=2)
 
 
 @pytest.fixture(scope="module")
 def paddle_rec(replica_dirs):
-    from converters.paddle_reference import PaddleExtractorReference
+    from edge_shitu_converters.paddle_reference import PaddleExtractorReference
 
     return PaddleExtractorReference(replica_dirs["extractor"], threads=2)
 

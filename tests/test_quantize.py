@@ -1,4 +1,4 @@
-"""INT8 quantisation (converters.quantize): option validation, calibration photos made by the runtime's
+"""INT8 quantisation (edge_shitu_converters.quantize): option validation, calibration photos made by the runtime's
 own pre-processing, the float-tail graph walk and int8 tail weights (against slow oracles), tiny synthetic
 models end to end, and the replica models against fp32 through the runtime's Embedder and Detector.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.quantize import (
+from edge_shitu_converters.quantize import (
     QuantizeOptions,
     calibration_feeds,
     compare_outputs,
@@ -178,7 +178,7 @@ def test_calibration_feeds_are_the_runtime_preprocessing_of_distinct_readable_ph
     spec = _spec()
     readable = sorted(p for p in photos.rglob("*") if p.suffix in (".png", ".jpg") and p.stat().st_size)
     expected = {p: image_to_tensor(load_image(p), spec) for p in readable}
-    with caplog.at_level(logging.WARNING, logger="converters.quantize"):
+    with caplog.at_level(logging.WARNING, logger="edge_shitu_converters.quantize"):
         feeds = calibration_feeds(photos, spec, count=100, seed=3, batch=3)
     rows = np.concatenate([f["x"] for f in feeds])
     assert [f["x"].shape[0] for f in feeds] == [3, 3, 2] and rows.dtype == np.float32

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from converters.shared import DET_GRAPH, REC_GRAPH
+from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH
 from edge_shitu.cli import main
 from edge_shitu.gallery import Gallery
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import translate_to_pir
 
-from converters.shared import DET_GRAPH, REC_GRAPH
+from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH
 from edge_shitu.errors import (
     ConversionError,
     InvalidDtypeError,
@@ -65,7 +65,7 @@ def _read_params_slowly(path: Path, names: list) -> dict:
 
 @pytest.fixture(scope="module")
 def det_weights(replica_dirs):
-    from converters import paddle_io
+    from edge_shitu_converters import paddle_io
 
     files = paddle_io.find_model_files(replica_dirs["detector"])
     variables = paddle_io.list_persistables(files.program)
@@ -73,7 +73,7 @@ def det_weights(replica_dirs):
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(shared_dir, replica_dirs, tmp_path):
-    from converters.replica import write_replica
+    from edge_shitu_converters.replica import write_replica
 
     graph = shared_dir / "models" / "ppshitu-graphs" / REC_GRAPH
     again = write_replica(graph, tmp_path / "again", seed=0)
@@ -151,7 +151,7 @@ def test_detector_weights_follow_the_rules(det_weights):
 
 
 def test_detector_class_row_is_gain_times_shifted_he_normal(det_weights):
-    from converters.replica import _rng
+    from edge_shitu_converters.replica import _rng
 
     _, weights = det_weights
     for i, shift in zip((84, 85, 86, 87), (0.31, 0.25, 0.15, 0.0)):
@@ -163,7 +163,7 @@ def test_detector_class_row_is_gain_times_shifted_he_normal(det_weights):
 
 
 def test_weights_do_not_depend_on_variable_order(det_weights):
-    from converters.replica import replica_weights
+    from edge_shitu_converters.replica import replica_weights
 
     variables, weights = det_weights
     shuffled = list(variables)
@@ -176,7 +176,7 @@ def test_weights_do_not_depend_on_variable_order(det_weights):
 
 
 def test_paddle_loads_the_replica_weights_unchanged(replica_dirs, det_weights):
-    from converters import paddle_io
+    from edge_shitu_converters import paddle_io
 
     _, weights = det_weights
     model = paddle_io.load_inference_model(replica_dirs["detector"])
@@ -186,7 +186,7 @@ def test_paddle_loads_the_replica_weights_unchanged(replica_dirs, det_weights):
 
 
 def test_write_params_matches_paddles_own_serializer(tmp_path):
-    from converters import paddle_io
+    from edge_shitu_converters import paddle_io
 
     paddle_io.import_paddle()
     from paddle.base import core
@@ -213,7 +213,7 @@ def test_write_params_matches_paddles_own_serializer(tmp_path):
 
 
 def test_write_params_rejects_bad_dtypes_and_duplicates(tmp_path):
-    from converters.paddle_io import write_params
+    from edge_shitu_converters.paddle_io import write_params
 
     with pytest.raises(InvalidDtypeError, match="complex64"):
         write_params(tmp_path / "p", [("x", np.zeros(2, np.complex64))])
@@ -222,8 +222,8 @@ def test_write_params_rejects_bad_dtypes_and_duplicates(tmp_path):
 
 
 def test_unknown_weight_use_is_an_error_not_a_silent_zero():
-    from converters.paddle_io import VarInfo
-    from converters.replica import replica_weights
+    from edge_shitu_converters.paddle_io import VarInfo
+    from edge_shitu_converters.replica import replica_weights
 
     ok = VarInfo("conv.w_0", (4, 3, 1, 1), "float32", (("conv2d", "Filter"),))
     odd = VarInfo("gate.w_0", (4,), "float32", (("prelu", "Alpha"),))
@@ -238,8 +238,8 @@ def test_unknown_weight_use_is_an_error_not_a_silent_zero():
 
 
 def test_a_variable_no_op_reads_is_zero_with_a_warning(caplog):
-    from converters.paddle_io import VarInfo
-    from converters.replica import replica_weights
+    from edge_shitu_converters.paddle_io import VarInfo
+    from edge_shitu_converters.replica import replica_weights
 
     unused = VarInfo("orphan.w_0", (2, 3), "float32", ())
     weights = replica_weights([unused], seed=0)
@@ -248,7 +248,7 @@ def test_a_variable_no_op_reads_is_zero_with_a_warning(caplog):
 
 
 def test_bad_arguments(shared_dir, tmp_path):
-    from converters.replica import ReplicaOptions, write_replica
+    from edge_shitu_converters.replica import ReplicaOptions, write_replica
 
     graph = shared_dir / "models" / "ppshitu-graphs" / REC_GRAPH
     for seed in (-1, 1.5, True, "0"):
@@ -268,7 +268,7 @@ def test_bad_arguments(shared_dir, tmp_path):
 
 def test_pir_json_program_gives_the_same_weights(replica_dirs, tmp_path):
     """A Paddle 3 ``inference.json`` program of the same model gets byte-identical replica weights."""
-    from converters.replica import write_replica
+    from edge_shitu_converters.replica import write_replica
 
     graph = tmp_path / "json_graph"
     graph.mkdir()
@@ -301,7 +301,7 @@ def _preprocess_detector(path: Path):
 
 def test_detector_replica_finds_a_handful_of_plausible_boxes(replica_dirs, test_images):
     pytest.importorskip("cv2", reason="opencv (the 'dev' extra) is needed for the reference pre-processing")
-    from converters.paddle_reference import PaddleDetectorReference
+    from edge_shitu_converters.paddle_reference import PaddleDetectorReference
 
     detector = PaddleDetectorReference(replica_dirs["detector"], threads=2)
     assert len(test_images) == 13

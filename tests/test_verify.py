@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
-from converters import verify as verify_mod
-from converters.verify import match_boxes, verify_bundle
+from edge_shitu_converters import verify as verify_mod
+from edge_shitu_converters.verify import match_boxes, verify_bundle
 from edge_shitu.cli import main
 from edge_shitu.errors import ConversionError
 
@@ -70,7 +70,7 @@ def test_damaged_model_fails(replica_bundle, replica_dirs, photos, tmp_path, rol
 
 
 def test_convert_verify_publishes_only_agreeing_bundles(replica_dirs, photos, tmp_path, monkeypatch):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     out = convert(None, replica_dirs["extractor"], tmp_path / "ok", verify=True, verify_images=photos)
     assert json.loads((out / "verify.json").read_text())["passed"]
@@ -108,7 +108,7 @@ def test_match_boxes_is_one_to_one():
 
 
 def test_lite_x86_bundle_is_verified_in_the_side_environment(replica_dirs, photos, tmp_path, lite_opt, lite_python):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     out = convert(replica_dirs["detector"], replica_dirs["extractor"], tmp_path / "lite", format="lite-x86",
                   verify=True, verify_images=photos, lite_opt=lite_opt, lite_python=lite_python)
@@ -118,7 +118,7 @@ def test_lite_x86_bundle_is_verified_in_the_side_environment(replica_dirs, photo
 
 
 def test_lite_arm_bundle_is_marked_unverifiable(replica_dirs, photos, tmp_path, lite_opt):
-    from converters.convert import convert
+    from edge_shitu_converters.convert import convert
 
     out = convert(None, replica_dirs["extractor"], tmp_path / "arm", format="lite-arm", verify=True,
                   verify_images=photos, lite_opt=lite_opt)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, TextIO
 
-from edge_shitu.cli import EXIT_FAILURE, EXIT_OK, _heavy
+from edge_shitu.cli.common import EXIT_FAILURE, EXIT_OK, heavy
 from edge_shitu.errors import InvalidInputError
 
 __all__ = ["register"]
@@ -59,7 +59,7 @@ def _cmd_gallery_calibrate(args, out: TextIO, err: TextIO) -> int:
         if not plot.parent.is_dir():
             raise InvalidInputError(f"--plot {args.plot}: folder {plot.parent} does not exist")
         # Before the measurement, so a missing extra costs nothing and changes nothing.
-        figure_cls = _heavy("matplotlib.figure", "bench").Figure
+        figure_cls = heavy("matplotlib.figure", "bench").Figure
 
     with Gallery.open(args.gallery, readonly=args.dry_run) as gallery:
         previous = gallery.max_distance

@@ -1,6 +1,7 @@
-"""Commands of the learned hash head: ``hash train|eval|install|remove`` and ``gallery rehash``.
+"""Commands of the learned hash head: ``hash train|eval|install|remove`` (registered through the
+``edge_shitu.commands`` entry point; ``gallery rehash``, which applies a head, is the runtime's).
 
-``hash train`` and ``hash eval`` use :mod:`edge_shitu.hash_training` (numpy only); ``hash install``
+``hash train`` and ``hash eval`` use :mod:`edge_shitu_converters.hash_training` (numpy only); ``hash install``
 puts a head into a bundle (its codes and fingerprint change); ``gallery rehash`` recomputes a
 gallery's codes from its stored float embeddings with a bundle's head.
 """
@@ -11,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Dict, TextIO
 
-from edge_shitu.cli import EXIT_OK, _Progress
-from edge_shitu.errors import GalleryError, InvalidInputError
+from edge_shitu.cli.common import EXIT_OK, Progress
+from edge_shitu.errors import InvalidInputError
 
 __all__ = ["register"]
 
@@ -21,7 +22,7 @@ _TRAINING_FLAGS = ("bits", "epochs", "batch_size", "learning_rate", "alpha", "in
 
 
 def _dshsd_options(args):
-    from edge_shitu.hash_training import DSHSDOptions
+    from edge_shitu_converters.hash_training import DSHSDOptions
 
     defaults = DSHSDOptions()
     given = {k: getattr(args, k) for k in _TRAINING_FLAGS[1:] if getattr(args, k, None) is not None}
@@ -31,7 +32,7 @@ def _dshsd_options(args):
 def _selected_options(args, train, err: TextIO):
     """DSHSD options: the flags' (over the defaults), or with ``--select`` the best of the selection grid
     on validation splits of ``train``'s classes (the flags then set the fields the grid does not vary)."""
-    from edge_shitu import hash_training as ht
+    from edge_shitu_converters import hash_training as ht
 
     opts = _dshsd_options(args)
     if not args.select:
@@ -39,14 +40,13 @@ def _selected_options(args, train, err: TextIO):
     grid = ht.selection_grid(opts)
     err.write(f"selecting DSHSD hyper-parameters: {len(grid)} candidates x {args.select_folds} class splits of the "
               f"{len(train.names)} training classes (validation mAP)\n")
-    progress = _Progress("selecting", len(grid), err)
     done = []
+    with Progress("selecting", len(grid), err) as progress:
+        def step(options, r1, ap):
+            done.append(ap)
+            progress.update(len(done))
 
-    def step(options, r1, ap):
-        done.append(ap)
-        progress.update(len(done))
-
-    selection = ht.select_dshsd(train, grid, folds=args.select_folds, seed=args.seed, on_result=step)
+        selection = ht.select_dshsd(train, grid, folds=args.select_folds, seed=args.seed, on_result=step)
     best = next(row for row in selection.table if row[0] == selection.best)
     err.write(f"selected: init {best[0].init} (shrinkage {best[0].shrinkage}), init_scale {best[0].init_scale}, "
               f"learning_rate {best[0].learning_rate}, epochs {best[0].epochs}, anchor {best[0].anchor} "
@@ -55,21 +55,23 @@ def _selected_options(args, train, err: TextIO):
 
 
 def _itq_options(args):
-    from edge_shitu.hash_training import ITQOptions
+    from edge_shitu_converters.hash_training import ITQOptions
 
     return ITQOptions(bits=args.bits if args.bits is not None else ITQOptions().bits, seed=args.seed)
 
 
 def _cmd_hash_train(args, out: TextIO, err: TextIO) -> int:
-    from edge_shitu import hash_training as ht
+    from edge_shitu_converters import hash_training as ht
 
     data = ht.load_embeddings(args.embeddings)
     if args.method == "itq":
         result = ht.train_itq(data, _itq_options(args))
     else:
         result = ht.train_dshsd(data, _selected_options(args, data, err))
-    path = result.head.save(args.out)
-    record = {"head": str(path), "sha256": result.head.sha256(), "method": result.method,
+    from edge_shitu_converters.hash_heads import head_sha256, save_head
+
+    path = save_head(result.head, args.out)
+    record = {"head": str(path), "sha256": head_sha256(result.head), "method": result.method,
               "bits": result.head.bits, "dim": result.head.dim, "items": len(data), "classes": len(data.names),
               "seconds": round(result.seconds, 3), "options": result.info}
     if args.json:
@@ -91,7 +93,7 @@ def _score_record(scores) -> Dict:
 
 
 def _cmd_hash_eval(args, out: TextIO, err: TextIO) -> int:
-    from edge_shitu import hash_training as ht
+    from edge_shitu_converters import hash_training as ht
     from edge_shitu.hashing import HashHead
 
     if not args.split_classes:
@@ -145,7 +147,7 @@ def _cmd_hash_eval(args, out: TextIO, err: TextIO) -> int:
 
 def _cmd_hash_install(args, out: TextIO, err: TextIO) -> int:
     from edge_shitu.bundle import Bundle
-    from edge_shitu.hashing import install_head
+    from edge_shitu_converters.hash_heads import install_head
 
     path = install_head(args.bundle, args.head, source={"installed_from": Path(args.head).name})
     bundle = Bundle.load(args.bundle)
@@ -157,47 +159,13 @@ def _cmd_hash_install(args, out: TextIO, err: TextIO) -> int:
 
 def _cmd_hash_remove(args, out: TextIO, err: TextIO) -> int:
     from edge_shitu.bundle import Bundle
-    from edge_shitu.hashing import remove_head
+    from edge_shitu_converters.hash_heads import remove_head
 
     if remove_head(args.bundle):
         out.write(f"hash head removed: {args.bundle} makes plain sign codes again (fingerprint "
                   f"{Bundle.load(args.bundle).code_fingerprint})\n")
     else:
         out.write(f"{args.bundle} has no hash head: nothing to do\n")
-    return EXIT_OK
-
-
-def _cmd_gallery_rehash(args, out: TextIO, err: TextIO) -> int:
-    from edge_shitu.bundle import Bundle
-    from edge_shitu.gallery import Gallery
-    from edge_shitu.hashing import encoder_for
-
-    bundle = Bundle.load(args.bundle)
-    dim = bundle.require("extractor").output.dim
-    encode = encoder_for(bundle.load_hash_head())
-    fingerprint = bundle.code_fingerprint
-    with Gallery.open(args.gallery) as gallery:
-        info = gallery.info()
-        if info.embedding_dim is None and info.count:
-            raise GalleryError(
-                f"{args.gallery}: stores no float embeddings, so its codes cannot be re-hashed; rebuild it with "
-                f"`edge-shitu gallery build ... --keep-embeddings` (then later heads can re-hash it)"
-            )
-        if info.embedding_dim is not None and info.embedding_dim != dim:
-            raise GalleryError(f"{args.gallery}: stores {info.embedding_dim}-d embeddings, but the extractor of "
-                               f"{bundle.path} makes {dim}-d features: they come from another model; rebuild it")
-        if gallery.bits != bundle.codes.bits:
-            raise GalleryError(f"{args.gallery}: holds {gallery.bits}-bit codes, but {bundle.path} makes "
-                               f"{bundle.codes.bits}-bit codes; rebuild the gallery with this bundle")
-        if gallery.fingerprint == fingerprint and not args.force:
-            out.write(f"{args.gallery}: codes already made by {bundle.path} (fingerprint {fingerprint}); "
-                      "nothing to do (--force re-hashes anyway)\n")
-            return EXIT_OK
-        n = gallery.rehash(encode, fingerprint=fingerprint, embedding_fingerprint=bundle.embedding_fingerprint,
-                           same_extractor=[bundle.plain_code_fingerprint, fingerprint])
-    out.write(f"re-hashed {n} item(s) of {args.gallery} with {bundle.path} "
-              f"({'hash head' if bundle.hash is not None else 'plain sign'}, {bundle.codes.bits} bits); "
-              f"fingerprint {fingerprint}\n")
     return EXIT_OK
 
 
@@ -221,7 +189,7 @@ def _training_flags(p) -> None:
 
 
 def register(subparsers, groups) -> None:
-    """Attach ``hash`` (train, eval, install, remove) and ``gallery rehash`` to the ``edge-shitu`` parser."""
+    """Attach ``hash`` (train, eval, install, remove) to the ``edge-shitu`` parser."""
     h = subparsers.add_parser("hash", help="learned hash heads (DSHSD, ITQ)").add_subparsers(
         dest="hash_cmd", metavar="ACTION", required=True)
 
@@ -251,9 +219,3 @@ def register(subparsers, groups) -> None:
     hr = h.add_parser("remove", help="take the hash head out of a bundle (plain sign codes again)")
     hr.add_argument("--bundle", required=True)
     hr.set_defaults(func=_cmd_hash_remove)
-
-    gr = groups["gallery"].add_parser("rehash", help="recompute codes from stored embeddings with a bundle's head")
-    gr.add_argument("gallery")
-    gr.add_argument("--bundle", required=True)
-    gr.add_argument("--force", action="store_true", help="re-hash even when the fingerprint already matches")
-    gr.set_defaults(func=_cmd_gallery_rehash)

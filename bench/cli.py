@@ -1,7 +1,7 @@
-"""``edge-shitu bench``: benchmarks (the ``bench`` extra). ``bench latency`` measures per-stage latency of
-bundles side by side with the reference pipeline; ``bench index`` measures gallery size and search speed
-against faiss, hnswlib and the reference's files. The harnesses live in the ``bench`` package, imported
-only when a benchmark runs."""
+"""``edge-shitu bench``: benchmarks (the ``bench`` extra), registered through the ``edge_shitu.commands``
+entry point. ``bench latency`` measures per-stage latency of bundles side by side with the reference
+pipeline; ``bench index`` measures gallery size and search speed against faiss, hnswlib and the
+reference's files. The harnesses are imported only when a benchmark runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ __all__ = ["register"]
 
 def register(subparsers: Any, groups: Dict[str, Any]) -> None:
     """Add the ``bench`` command group and ``bench latency``; ``groups["bench"]`` holds its subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks (needs the 'bench' extra)")
+    from edge_shitu.cli.common import missing_extra
+
+    note = missing_extra("bench", ("cv2", "paddle", "faiss", "hnswlib", "matplotlib", "psutil"))
+    bench = subparsers.add_parser("bench", help="benchmarks: latency against the reference, index size and speed"
+                                  + note)
     sub = bench.add_subparsers(dest="bench_cmd", metavar="BENCHMARK", required=True)
     groups["bench"] = sub
 
@@ -72,9 +76,9 @@ def _latency_arguments(p: argparse.ArgumentParser) -> None:
 def _cmd_latency(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from pathlib import Path
 
-    from edge_shitu.cli import EXIT_OK, _heavy
+    from edge_shitu.cli.common import EXIT_OK, heavy
 
-    latency = _heavy("bench.latency", "bench")
+    latency = heavy("edge_shitu_bench.latency", "bench")
     options = latency.options_from_args(args)
 
     def progress(line: str) -> None:
@@ -89,10 +93,10 @@ def _cmd_latency(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_index(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from edge_shitu.cli import EXIT_OK, _heavy
+    from edge_shitu.cli.common import EXIT_OK, heavy
     from edge_shitu.errors import InvalidInputError
 
-    index = _heavy("bench.index", "bench")
+    index = heavy("edge_shitu_bench.index", "bench")
     try:
         sizes = tuple(int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip())
     except ValueError:

@@ -1,0 +1,74 @@
+"""``edge-shitu bundle info``: what a bundle holds and how well its conversion was verified."""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from edge_shitu.cli.common import EXIT_OK
+
+__all__ = ["register", "print_verification"]
+
+
+def print_verification(report, out: TextIO) -> None:
+    """Prints the verification report of a bundle (``verify.json``), or says there is none."""
+    if report is None:
+        out.write("verification: never verified (convert --verify)\n")
+        return
+    if report.get("passed") is None:
+        out.write(f"verification: NOT VERIFIED: {report.get('unverifiable')}\n")
+        return
+    state = "PASSED" if report.get("passed") else "FAILED"
+    out.write(f"verification ({report.get('precision')}, {len(report.get('images', []))} photos): {state}"
+              + (" [replica: conversion fidelity, not accuracy]" if report.get("replica") else "") + "\n")
+    ext = report.get("extractor")
+    if ext:
+        out.write(f"  extractor: {ext['crops']} crops, max abs diff {ext['max_abs_diff']:.3g}, cosine mean "
+                  f"{ext['mean_cosine']:.5f} min {ext['min_cosine']:.5f}, code bits equal mean "
+                  f"{ext['mean_bit_agreement']:.4f} min {ext['min_bit_agreement']:.4f}\n")
+    det = report.get("detector")
+    if det:
+        out.write(f"  detector: {det['boxes']} boxes, matched (IoU >= {report.get('match_iou')}) "
+                  f"{det['match_rate']:.4f}, max score diff {det['max_score_diff']:.3g}\n")
+    for failure in report.get("failures", []):
+        out.write(f"  failed: {failure}\n")
+
+
+def _cmd_bundle_info(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    if args.json:
+        json.dump({"manifest": bundle.manifest, "sizes": {r: m.path.stat().st_size for r, m in bundle.models.items()},
+                   "verification": bundle.verification}, out, ensure_ascii=False, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write(f"bundle {bundle.name} ({bundle.path})\n")
+    total = 0
+    for role, m in bundle.models.items():
+        size = m.path.stat().st_size
+        total += size
+        src = m.source
+        origin = (f"replica seed {src.get('seed')}" if m.is_replica else
+                  f"official {src.get('archive', {}).get('name', src.get('model_dir_name'))}")
+        out.write(f"  {role}: {m.path.name} {size / 1e6:.2f} MB, {m.backend} {m.precision} target {m.target}, "
+                  f"input {m.input.name} {list(m.input.shape)} {m.input.interpolation}, {origin}\n")
+    out.write(f"  total {total / 1e6:.2f} MB; codes {bundle.codes.bits} bits ({bundle.codes.method}, "
+              f"{bundle.codes.bit_order}-endian bits); fingerprint {bundle.code_fingerprint if bundle.extractor else '-'}\n")
+    if bundle.hash is not None:
+        out.write(f"  hash head: {bundle.hash.path.name} [{bundle.hash.bits}, {bundle.hash.dim}] "
+                  f"sha256 {bundle.hash.sha256[:16]}...\n")
+    out.write("  tools: " + ", ".join(f"{k} {v}" for k, v in sorted(bundle.tools.items())) + "\n")
+    print_verification(bundle.verification, out)
+    return EXIT_OK
+
+
+def register(subparsers, groups) -> None:
+    """Adds the ``bundle`` command; ``groups["bundle"]`` takes more actions from other modules."""
+    bi = subparsers.add_parser("bundle", help="inspect bundles").add_subparsers(
+        dest="bundle_cmd", metavar="ACTION", required=True)
+    groups["bundle"] = bi
+    bif = bi.add_parser("info", help="manifest, sizes and verification figures")
+    bif.add_argument("bundle", help="bundle folder or one-file bundle (.esb)")
+    bif.add_argument("--json", action="store_true", help="print the manifest, sizes and verification as JSON")
+    bif.set_defaults(func=_cmd_bundle_info)

@@ -1,0 +1,213 @@
+"""``edge-shitu detect | embed | recognize``: the device commands that look at images.
+
+Each takes image files, folders and globs, goes on after an image it cannot read (reporting it on
+stderr and with an ``{"image", "error"}`` record; the exit code is then 2), prints text, one JSON
+array (``--json``) or one JSON object per line as each image is done (``--jsonl``). Every record
+says whether the bundle is a replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TextIO
+
+from edge_shitu.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    JsonLines,
+    Progress,
+    add_image_limit,
+    add_threads,
+    box,
+    embedder_options,
+    expand_images,
+    one_line,
+    per_image,
+    replica_note,
+)
+
+__all__ = ["register"]
+
+
+def _cmd_detect(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+    from edge_shitu.detector import Detector
+    from edge_shitu.options import BackendOptions, DetectorOptions
+
+    images = expand_images(args.images)
+    bundle = Bundle.load(args.bundle)
+    spec = bundle.require("detector")
+    overrides = {}
+    if args.min_score is not None:
+        overrides["min_score"] = args.min_score
+    if args.max_detections is not None:
+        overrides["max_detections"] = args.max_detections
+    opts = DetectorOptions.from_mapping(spec.defaults, backend=BackendOptions(threads=args.threads),
+                                        max_pixels=args.max_pixels, **overrides)
+    sink = JsonLines(out, lines=args.jsonl, array=args.json)
+    with Detector.from_bundle(bundle, options=opts) as det, Progress("detecting", len(images), err) as progress:
+        def work(img: str) -> dict:
+            dets = det.detect(img)
+            if not (args.json or args.jsonl):
+                out.write(f"{img}: {len(dets)} box(es)\n")
+                for d in dets:
+                    out.write(f"  {box(d.box)} score {d.score:.3f}\n")
+            return {"image": img, "boxes": [{"box": box(d.box), "score": round(d.score, 4)} for d in dets],
+                    "replica": bundle.is_replica}
+
+        code = per_image(images, work, err, sink, debug=args.debug, progress=progress)
+    sink.close()
+    replica_note(bundle, err)
+    return code
+
+
+def _cmd_embed(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+    from edge_shitu.codes import codes_to_hex
+    from edge_shitu.embedder import Embedder
+    from edge_shitu.enrol import embed_files
+
+    images = expand_images(args.images)
+    bundle = Bundle.load(args.bundle)
+    records = [{"image": img} for img in images]
+    sink = JsonLines(out, lines=args.jsonl, array=args.json)
+    failed = 0
+
+    def skip(i: int, why: str) -> None:
+        nonlocal failed
+        failed += 1
+        err.write(f"edge-shitu: error: {one_line(why)}\n")
+        records[i]["error"] = one_line(why)
+
+    done = 0
+    with Embedder.from_bundle(bundle, options=embedder_options(args)) as emb, \
+            Progress("embedding", len(images), err) as progress:
+        for idx, codes, _ in embed_files(emb, images, batch=emb.options.max_batch, on_skip=skip,
+                                         on_progress=lambda n, total: progress.update(n)):
+            for i, code in zip(idx, codes_to_hex(codes)):
+                records[i].update(code=code, replica=bundle.is_replica)
+            # Records go out in input order, as soon as every earlier image is done.
+            last = max(idx) + 1
+            while done < last:
+                _emit_embedding(records[done], sink, out, args)
+                done += 1
+    for record in records[done:]:
+        _emit_embedding(record, sink, out, args)
+    sink.close()
+    if failed and len(images) > 1:
+        err.write(f"edge-shitu: {failed} of {len(images)} image(s) failed\n")
+    replica_note(bundle, err)
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def _emit_embedding(record: dict, sink: JsonLines, out: TextIO, args) -> None:
+    sink.add(record)
+    if not (args.json or args.jsonl) and "code" in record:
+        out.write(f"{record['image']}\t{record['code']}\n")
+
+
+def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundle import Bundle
+    from edge_shitu.options import BackendOptions, DetectorOptions, RecognizerOptions
+    from edge_shitu.recognizer import STAGES, Recognizer
+
+    images = expand_images(args.images)
+    bundle = Bundle.load(args.bundle)
+    given = {name: getattr(args, name) for name in ("max_distance", "top_k", "whole_image")
+             if getattr(args, name) is not None}
+    detector = None
+    if bundle.detector is not None and args.threads is not None:
+        detector = DetectorOptions.from_mapping(bundle.detector.defaults, backend=BackendOptions(threads=args.threads))
+    opts = RecognizerOptions(**given, detector=detector, embedder=embedder_options(args),
+                             include_unknown=args.include_unknown, search_backend=args.search_backend,
+                             max_pixels=args.max_pixels)
+    sink = JsonLines(out, lines=args.jsonl, array=args.json)
+    structured = args.json or args.jsonl
+    with Recognizer.from_bundle(bundle, args.gallery, options=opts) as recognizer, \
+            Progress("recognising", len(images), err) as progress:
+        def work(img: str) -> dict:
+            res = recognizer.recognize(img)
+            items = [{"box": box(r.box), "label": r.label, "distance": r.distance,
+                      "similarity": None if r.similarity is None else round(r.similarity, 4)}
+                     for r in res.recognitions]
+            record = {"image": img, "results": items, "replica": bundle.is_replica}
+            if structured or args.timings:
+                record["timings_ms"] = {k: round(v, 2) for k, v in res.timings_ms.items()}
+            if not structured:
+                out.write(f"{img}: {len(items)} result(s)\n")
+                for r in res.recognitions:
+                    where = "whole image" if r.whole_image else f"box {box(r.box)}"
+                    label = r.label if r.label is not None else "(unknown)"
+                    out.write(f"  {label}  distance {r.distance}  similarity {r.similarity:.3f}  {where}\n")
+                if args.timings:
+                    out.write("  timings ms: " + ", ".join(f"{k} {res.timings_ms[k]:.1f}" for k in STAGES) + "\n")
+            return record
+
+        code = per_image(images, work, err, sink, debug=args.debug, progress=progress)
+    sink.close()
+    replica_note(bundle, err)
+    return code
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text[:40]!r}")
+    return value
+
+
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a score from 0 to 1, got {text[:40]!r}")
+    return value
+
+
+def _images_and_output(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--bundle", required=True, help="bundle folder or one-file bundle (.esb)")
+    p.add_argument("images", nargs="+", metavar="IMG",
+                   help="image files, folders (searched recursively for .jpg .jpeg .png .webp .bmp) or globs")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help=f"print one JSON array of {what} at the end")
+    out.add_argument("--jsonl", action="store_true", help=f"print {what} as JSON lines, one per image as it is done")
+    add_threads(p)
+    add_image_limit(p)
+
+
+def register(subparsers, groups) -> None:
+    """Adds ``detect``, ``embed`` and ``recognize``."""
+    d = subparsers.add_parser("detect", help="detect the main objects of images",
+                              description="Boxes of the main objects, best first.")
+    _images_and_output(d, "boxes")
+    d.add_argument("--min-score", type=_score, default=None, metavar="S",
+                   help="report boxes with at least this score, 0 to 1 (default: the bundle's)")
+    d.add_argument("--max-detections", type=int, default=None, metavar="N",
+                   help="report at most this many boxes per image (default: the bundle's)")
+    d.set_defaults(func=_cmd_detect)
+
+    e = subparsers.add_parser("embed", help="512-bit code of whole images (128 hex characters)")
+    _images_and_output(e, "codes")
+    e.set_defaults(func=_cmd_embed)
+
+    r = subparsers.add_parser("recognize", help="detect, embed and search a gallery")
+    _images_and_output(r, "recognitions")
+    r.add_argument("--gallery", required=True, help="the gallery file to search")
+    r.add_argument("--timings", action="store_true", help="also give per-stage timings in ms")
+    r.add_argument("--max-distance", type=_non_negative_int, default=None, metavar="BITS",
+                   help="accept a match within this many differing bits; smaller is stricter (default: the "
+                        "gallery's calibrated value, else the bundle's)")
+    r.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="candidates kept per region (default: the bundle's)")
+    r.add_argument("--whole-image", choices=["if_none", "always", "never"], default=None,
+                   help="recognise the whole image too: only when nothing is detected (if_none), always (the "
+                        "reference's behaviour) or never (default: the bundle's)")
+    r.add_argument("--include-unknown", action="store_true", help="also list regions with no accepted match")
+    r.add_argument("--search-backend", choices=["auto", "numpy", "faiss"], default="auto",
+                   help="Hamming search: faiss when installed (auto), or pure numpy")
+    r.set_defaults(func=_cmd_recognize)
