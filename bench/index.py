@@ -6,10 +6,8 @@ For each gallery size it measures, on one thread:
   once with the pure-numpy search and once with the faiss backend: bytes per item on disk and in
   memory once open, build time (batched ``add``), open time, search p50 for one query and for a
   batch of 6 (top-5), and, at the end, the time to remove 10,000 items and search again;
-- **faiss-binary-flat**: ``faiss.IndexBinaryFlat`` on the same codes, as faiss allocates them (4 KiB
-  pages), the baseline every Hamming speed ratio is computed against; beside it, the same index with
-  its codes on huge pages as our indexes have them (:mod:`edge_shitu.hugepages`), so that our faiss
-  wrapper's own cost can be told from the pages';
+- **faiss-binary-flat**: ``faiss.IndexBinaryFlat`` on the same codes, the baseline every Hamming speed
+  ratio is computed against;
 - **the numpy scan's floor**: its first pass alone (the XOR of the query with every code), which
   any numpy scan must make: its time over faiss's is as close as numpy can come to faiss;
 - **hnswlib-float**: ``hnswlib`` inner product, M = 32, ef_construction 40 and ef_search 64 (the
@@ -27,7 +25,7 @@ per centre. Queries are fresh draws around existing centres. Memory is the growt
 set (exact, from ``/proc/self/smaps_rollup`` where there is one) of a fresh child process across
 opening the index, after a warm-up search on a one-item index of the same kind, so each measurement
 holds only its own data and not the library code a first search loads. The search times of the
-Hamming indexes (ours with numpy, ours with faiss, raw faiss on either kind of page, the XOR pass)
+Hamming indexes (ours with numpy, ours with faiss, raw faiss, the XOR pass)
 are taken in one process that alternates them query by query, so that their ratios do not depend on
 when each one ran on a shared machine. Float indexes are built only up to ``--float-max`` items
 (hnswlib's build is slow on 2 cores).
@@ -199,7 +197,6 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
     import faiss
 
     from edge_shitu.gallery import Gallery
-    from edge_shitu.search import _advise_huge_pages
 
     faiss.omp_set_num_threads(1)
     runs, warmup, k, batch = (spec[n] for n in ("runs", "warmup", "k", "batch"))
@@ -209,18 +206,14 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
     numpy_gallery = Gallery.open(work / "ours.gallery", backend="numpy")
     faiss_gallery = Gallery.open(work / "ours.gallery", backend="faiss")
     raw = faiss.read_index_binary(str(work / "faiss.bindex"))
-    raw_huge = faiss.read_index_binary(str(work / "faiss.bindex"))
-    # The same advice as our faiss backend's, so that its wrapper's own cost can be told from the pages'.
-    huge = _advise_huge_pages(raw_huge, raw_huge.ntotal * raw_huge.code_size)
     searches = {"ours-numpy": lambda q: numpy_gallery.search(q, k),
                 "ours-faiss": lambda q: faiss_gallery.search(q, k),
                 "faiss-binary-flat": lambda q: raw.search(q, k),
-                RAW_HUGE: lambda q: raw_huge.search(q, k),
                 XOR_PASS: _xor_pass(faiss.vector_to_array(raw.xb).reshape(-1, BITS // 8))}
     out: Dict[str, Any] = {}
     for key, pick, kinds in (
-            ("search_1_ms", lambda i: qcodes[i % n:i % n + 1], HAMMING_KINDS + (RAW_HUGE, XOR_PASS)),
-            ("search_batch_ms", lambda i: qcodes[[(i + j) % n for j in range(batch)]], HAMMING_KINDS + (RAW_HUGE,))):
+            ("search_1_ms", lambda i: qcodes[i % n:i % n + 1], HAMMING_KINDS + (XOR_PASS,)),
+            ("search_batch_ms", lambda i: qcodes[[(i + j) % n for j in range(batch)]], HAMMING_KINDS)):
         samples: Dict[str, List[float]] = {kind: [] for kind in kinds}
         for i in range(warmup + runs):
             q = pick(i)
@@ -233,7 +226,6 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
         for kind in kinds:
             out.setdefault(kind, {})[key] = report.summarize(samples[kind])
     out["ours-numpy"]["xor_pass_ms"] = out.pop(XOR_PASS)["search_1_ms"]
-    out["faiss-binary-flat"]["huge_pages"] = {"advised": huge, **out.pop(RAW_HUGE)}
     out["ours-numpy"]["searched_items"] = len(numpy_gallery)
     out["ours-faiss"]["searched_items"] = len(faiss_gallery)
     out["faiss-binary-flat"]["searched_items"] = int(raw.ntotal)
@@ -241,9 +233,6 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
     faiss_gallery.close()
     return out
 
-
-RAW_HUGE = "faiss-binary-flat-huge-pages"
-"""Timed beside the Hamming indexes: raw faiss whose codes were given huge pages as our backends' are."""
 
 XOR_PASS = "numpy-xor-pass"
 """Timed beside the Hamming indexes: the first pass of the numpy scan alone (see :func:`_xor_pass`)."""
@@ -481,8 +470,7 @@ def _measure_size(size: int, o: IndexBenchOptions, work: Path) -> Dict[str, Any]
         (work / name).unlink()
 
     baseline = rows["faiss-binary-flat"]
-    huge_pages = [baseline["huge_pages"]] if "huge_pages" in baseline else []
-    for row in [*rows.values(), *huge_pages]:
+    for row in rows.values():
         for key in ("file_bytes", "memory_bytes"):
             if key in row:
                 row[key.replace("_bytes", "_bytes_per_item")] = row[key] / size
@@ -522,14 +510,6 @@ def markdown(result: Dict[str, Any]) -> str:
                                         [[f"{s:,}", f"{r['xor_pass_ms']['p50']:.2f}",
                                           f"{r['xor_pass_ratio_to_faiss']:.2f}",
                                           f"{r['search_1_ratio_to_faiss']:.2f}"] for s, r in floors]), ""]
-    huge = [[f"{e['size']:,}", *_huge_pages_row(e["indexes"])] for e in result["sizes"]
-            if "huge_pages" in e["indexes"]["faiss-binary-flat"]]
-    if huge:
-        lines += ["Raw faiss with its codes on huge pages, as our indexes have them (same process, alternated), "
-                  "and our indexes against it:", "",
-                  report.markdown_table(["size", "advised", "1 query p50 ms", "× faiss", "ours-faiss ÷ it",
-                                         "ours-numpy ÷ it", f"batch of {result['options']['batch']} p50 ms"],
-                                        huge), ""]
     removes = [(e["size"], e["indexes"]["ours-numpy"]) for e in result["sizes"] if "remove_s" in e["indexes"]["ours-numpy"]]
     if removes:
         lines += ["Our gallery after removing items (one transaction):", "",
@@ -537,14 +517,6 @@ def markdown(result: Dict[str, Any]) -> str:
                                         [[f"{s:,}", r["removed"], f"{r['remove_s']:.2f}",
                                           f"{r['search_1_after_remove_ms']['p50']:.2f}"] for s, r in removes]), ""]
     return "\n".join(lines)
-
-
-def _huge_pages_row(indexes: Dict[str, Any]) -> List[str]:
-    hp = indexes["faiss-binary-flat"]["huge_pages"]
-    one = hp["search_1_ms"]["p50"]
-    return ["yes" if hp["advised"] else "no", f"{one:.2f}", f"{hp['search_1_ratio_to_faiss']:.2f}",
-            f"{indexes['ours-faiss']['search_1_ms']['p50'] / one:.2f}",
-            f"{indexes['ours-numpy']['search_1_ms']['p50'] / one:.2f}", f"{hp['search_batch_ms']['p50']:.2f}"]
 
 
 def _chart(result: Dict[str, Any], path: Path) -> Path:

@@ -188,9 +188,6 @@ def list_images(images_dir: Path, max_images: Optional[int] = None) -> List[Path
     return paths
 
 
-# ---------------------------------------------------------------- preparation (parent process)
-
-
 @dataclass
 class _Config:
     label: str
@@ -353,9 +350,6 @@ def _check_reference_deps() -> None:
                                       f"{report.BENCH_EXTRA_HINT}")
 
 
-# ---------------------------------------------------------------- subprocesses
-
-
 def _child_env(threads: int) -> Dict[str, str]:
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -389,9 +383,6 @@ def _run_child(job: Dict[str, Any], name: str, out: Path, threads: int) -> Dict[
         raise BenchmarkError(f"{name}: the subprocess exited with code {proc.returncode} and no result "
                              f"(log: {log_path}): {' / '.join(tail)}")
     return result
-
-
-# ---------------------------------------------------------------- workers (child processes)
 
 
 def _measure(once: Callable[[str], Tuple[Dict[str, float], int, int]], images: Sequence[str], warmup: int,
@@ -435,12 +426,9 @@ def _work_bundle(job: Dict[str, Any]) -> Dict[str, Any]:
     threads = int(job["threads"])
     bundle = Bundle.load(job["bundle"])
     backend = BackendOptions(threads=threads)
-    defaults = bundle.recognition
     options = RecognizerOptions(
-        top_k=defaults.top_k, whole_image=job.get("whole_image") or defaults.whole_image,
-        final_nms_iou=defaults.final_nms_iou, embedder=EmbedderOptions(backend=backend),
-        search_backend=job.get("search_backend") or "auto",
-        detector=DetectorOptions.from_mapping(bundle.detector.defaults, backend=backend) if bundle.detector else None)
+        whole_image=job.get("whole_image"), embedder=EmbedderOptions(backend=backend),
+        search_backend=job.get("search_backend") or "auto", detector=DetectorOptions(backend=backend))
     with Recognizer.from_bundle(bundle, job["gallery"], options=options) as recognizer:
         load_ms = (time.perf_counter() - started) * 1000.0
         counter = _CountingEmbedder(recognizer.embedder)
@@ -453,7 +441,7 @@ def _work_bundle(job: Dict[str, Any]) -> Dict[str, Any]:
 
         measured = _measure(once, job["images"], job["warmup"], job["runs"])
         measured["details"] = {
-            "whole_image": options.whole_image.value, "gallery_items": len(recognizer.gallery),
+            "whole_image": recognizer.options.whole_image.value, "gallery_items": len(recognizer.gallery),
             "gallery_backend": getattr(recognizer.gallery, "backend", None),
             "backends": {r: m.backend for r, m in bundle.models.items()},
             "precision": {r: m.precision for r, m in bundle.models.items()},
@@ -519,9 +507,6 @@ def _worker(job_path: Path) -> int:
     except Exception as exc:  # reported to the parent, which raises it as a BenchmarkError
         report.write_json(result_path, {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}})
         raise
-
-
-# ---------------------------------------------------------------- report
 
 
 def summarize_configuration(result: Dict[str, Any], baseline: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -651,9 +636,6 @@ def chart(rep: Dict[str, Any], path: Path) -> Path:
              f"number = total p50")
     return report.stacked_bar_chart(path, bars, stacks, title=title, ylabel="ms per image (stage medians)",
                                      totals=totals)
-
-
-# ---------------------------------------------------------------- driver
 
 
 def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Optional[LatencyOptions] = None,
@@ -823,9 +805,6 @@ def _notes(bundles: Sequence[Any], options: LatencyOptions, ref: Optional[Dict[s
 
 def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
-
-
-# ---------------------------------------------------------------- command line (python -m edge_shitu_bench.latency)
 
 
 def options_from_args(args: argparse.Namespace) -> LatencyOptions:

@@ -1,6 +1,6 @@
 """The reference PP-ShiTu pipeline, rebuilt from its documented behaviour: the baseline of every speed claim.
 
-Written from ``ppshitu-reference.md`` §1.2-§1.7 (PaddleClas ``deploy/python``), not from its code. Per image:
+Written from the documented behaviour of PaddleClas ``deploy/python``, not from its code. Per image:
 
 1. decode: ``cv2.imread``, then BGR -> RGB as a reversed view (``[:, :, ::-1]``);
 2. detector pre-process: ``cv2.resize`` INTER_CUBIC stretch to 640x640 by scale factors; ``float32 / 255``
@@ -128,9 +128,6 @@ class ReferenceOptions:
                 raise InvalidInputError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
-# ---------------------------------------------------------------- pure steps (numpy + OpenCV)
-
-
 def read_image(path: "os.PathLike[str] | str") -> np.ndarray:
     """Read an image as the reference does: ``cv2.imread`` (BGR), then a reversed-channel view (RGB).
 
@@ -254,7 +251,7 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
 
 def binarize_sign(features: np.ndarray) -> np.ndarray:
     """The reference's ``Binarize`` with method ``sign``: bit = ``(sign(x) + 1) / 2`` truncated (0 -> 0),
-    packed MSB-first one byte at a time (one dot product per byte, as documented in §1.6).
+    packed MSB-first one byte at a time (one dot product per byte, as the reference does).
 
     Args:
       features: float (n, d), d a multiple of 8.
@@ -312,9 +309,6 @@ def _check_rgb(img: Any, name: str) -> None:
         raise InvalidInputError(f"{name} must be a non-empty (H, W, 3) array, got {shape}")
 
 
-# ---------------------------------------------------------------- Paddle Inference
-
-
 class _Predictor:
     """A Paddle Inference CPU predictor configured as the reference's ``deploy/utils/predictor.py``."""
 
@@ -355,9 +349,6 @@ class _Predictor:
             handle.copy_from_cpu(array)
         self._predictor.run()
         return [h.copy_to_cpu() for h in self._outputs[:outputs]]
-
-
-# ---------------------------------------------------------------- index
 
 
 class ReferenceIndex:
@@ -457,9 +448,6 @@ class ReferenceIndex:
     def search(self, codes: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Hamming top-k: ``(distances int32 (n, k), ids int64 (n, k))`` as faiss returns them."""
         return self.index.search(codes, k)
-
-
-# ---------------------------------------------------------------- pipeline
 
 
 @dataclass(frozen=True)

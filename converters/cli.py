@@ -102,8 +102,8 @@ def _default_verify_images() -> str:
 
 def _cmd_quickstart(args, out: TextIO, err: TextIO) -> int:
     quickstart = _module("quickstart")
-    return quickstart.run(shared=args.shared, work=args.work, models=args.models, mirror=args.mirror,
-                          threads=args.threads, limit=args.limit, out=out, err=err)
+    return quickstart.run(shared=args.shared, work=args.work, models=args.models, bundle=args.bundle,
+                          mirror=args.mirror, threads=args.threads, limit=args.limit, out=out, err=err)
 
 
 def _cmd_gallery_upgrade(args, out: TextIO, err: TextIO) -> int:
@@ -160,12 +160,18 @@ def register(subparsers, groups) -> None:
     cv.add_argument("--verify-images", help="photos for --verify (default: the shared drink test images)")
     cv.set_defaults(func=_cmd_convert)
 
-    q = subparsers.add_parser("quickstart", help="models -> bundle -> drink gallery -> recognise the test images" + note)
-    q.add_argument("--shared", help="shared data folder (default: ../shared or $EDGE_SHITU_SHARED)")
+    q = subparsers.add_parser("quickstart", help="models -> bundle -> drink gallery -> recognise the test images"
+                              + (" [without the convert extra: give --bundle]" if note else ""))
+    q.add_argument("--shared", help="shared data folder (default: $EDGE_SHITU_SHARED, else ../shared when present; "
+                                    "without one, the official demo data set is fetched into the work folder)")
     q.add_argument("--work", help="where artefacts are kept (default: ~/.cache/edge-shitu/quickstart)")
-    q.add_argument("--models", choices=["auto", "official", "replica"], default="auto",
-                   help="auto: official weights when they can be fetched, else replicas (said loudly)")
-    q.add_argument("--mirror", help="mirror of the official hosts for the official weights")
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--models", choices=["auto", "official", "replica"], default=None,
+                     help="auto (default): official weights when they can be fetched, else replicas (said loudly)")
+    src.add_argument("--bundle", help="use this bundle (from `edge-shitu convert`) instead of converting models; "
+                                      "needs only the onnx extra")
+    q.add_argument("--mirror", help="local folder (or http(s) URL) laid out like the official hosts, "
+                                    "<host>/<url path>, for the official models and data set")
     q.add_argument("--limit", type=int, default=None, help="use only the first N gallery images")
     add_threads(q)
     q.set_defaults(func=_cmd_quickstart)

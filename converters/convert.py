@@ -28,7 +28,7 @@ Both program formats are cut, each in its own IR; the two cuts give the same hea
   outputs get the legacy cut's names. Translating the PIR program back to a legacy one to reuse the
   legacy cut is not possible: Paddle 3.3 has a legacy-to-PIR translator, not the reverse.
 
-Two incompatibilities of paddle2onnx 2.1 with Paddle 3.3 (which now stores some float attributes as
+Two incompatibilities of paddle2onnx 2.1 with Paddle 3.3 (which stores some float attributes as
 doubles) are worked around, in both IRs, and the numerical check below would catch any other:
 ``nearest_interp`` ``scale`` lists abort the export, so resize ops get their static output size
 instead; and ``leaky_relu`` slopes come out as garbage, so they are written back into the ONNX
@@ -162,19 +162,19 @@ def validate_export(fmt: str, precision: str, opset: Optional[int]) -> ExportFor
     return spec
 
 
-# Reference pre-processing (ppshitu-reference.md §1.2, §1.4) when a model folder has no config.
+# The reference pipeline's pre-processing, for a model folder without a config.
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 _SCALE_1_255 = 1.0 / 255.0
 _CV2_INTERP = {0: "nearest", 1: "linear", 2: "cubic", 3: "area", 4: "lanczos"}
 _DETECTOR_SIZE = (640, 640)
 
-# The official PicoDet mainbody program: raw head outputs per stride (README of shared/, §6.2).
+# The official PicoDet mainbody program: raw head outputs per stride.
 _HEAD_STRIDES = (8, 16, 32, 64)
 _HEAD_SCORES = ("sigmoid_0.tmp_0", "sigmoid_1.tmp_0", "sigmoid_2.tmp_0", "sigmoid_3.tmp_0")
 _HEAD_BOXES = ("transpose_1.tmp_0", "transpose_3.tmp_0", "transpose_5.tmp_0", "transpose_7.tmp_0")
 
-# The detector's in-graph multiclass_nms3 settings and PaddleClas' filtering (§1.3, §6.3).
+# The detector's in-graph multiclass_nms3 settings and PaddleClas' filtering.
 _DETECTOR_DEFAULTS = {
     "score_threshold": 0.025,
     "nms_iou": 0.6,
@@ -186,7 +186,7 @@ _DETECTOR_DEFAULTS = {
 _CODES = {"bits": 512, "method": "sign", "bit_order": "big"}
 _RECOGNITION = {"max_distance": 100, "final_nms_iou": 0.05, "whole_image": "if_none", "top_k": 5}
 
-# Official programs (sha256 of inference.pdmodel, shared/README.md) -> bundle name family.
+# Official programs (sha256 of inference.pdmodel) -> bundle name family.
 _FAMILY_BY_REC_SHA = {
     "3e0ade05639ff7b5fe450a55883a8087dc2b5c2349fe6b73897cbe2a5eeb6ee8": "ppshituv2",
     "67a6c2544357a259996e9aac37464996d6a7f884638329a678641f95afb2703d": "ppshituv1",
@@ -787,7 +787,7 @@ def _convert_extractor(
 
 
 def _extractor_fields(input_name: str, input_shape: Sequence[int], output_name: str, dim: int) -> Dict[str, Any]:
-    """The manifest's ``input`` and ``output`` of a feature extractor (reference pre-processing, §1.4)."""
+    """The manifest's ``input`` and ``output`` of a feature extractor (the reference pre-processing)."""
     return {
         "input": {
             "name": input_name,

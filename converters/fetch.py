@@ -1,8 +1,12 @@
-"""Fetch official PP-ShiTu model archives pinned in ``models.lock``, verify them and unpack them safely.
+"""Fetch official PP-ShiTu archives pinned in ``models.lock`` (models and the demo data set), verify them and
+unpack them safely.
 
 Sources are either the official URL recorded in the lock (``urllib``, no third-party HTTP client) or
 a mirror given explicitly: a local directory or an ``http(s)://`` base URL laid out like the official
 hosts, ``MIRROR/<host>/<url path>``. There is never a silent fallback from one source to another.
+A verified copy in the cache is used without touching the network. A host that does not answer
+costs the short connect timeout (connection, TLS handshake and response headers), not the read
+timeout of the download, and a failed request is not retried.
 
 An archive is downloaded (or copied) to a temporary file inside the cache directory, checked against
 its pinned sha256, unpacked into a temporary directory with every member validated (no absolute
@@ -41,6 +45,7 @@ from edge_shitu.errors import BundleError, FetchError, InvalidInputError, Missin
 __all__ = [
     "LOCK_ENV_VAR",
     "CACHE_ENV_VAR",
+    "CONNECT_TIMEOUT_S",
     "ROLES",
     "FORMATS",
     "STATUS_PINNED_OK",
@@ -68,7 +73,10 @@ LOCK_ENV_VAR = "EDGE_SHITU_MODELS_LOCK"
 CACHE_ENV_VAR = "EDGE_SHITU_CACHE"
 """Environment variable naming the default model cache directory."""
 
-ROLES = ("detector", "extractor", "lite-package")
+ROLES = ("detector", "extractor", "lite-package", "dataset")
+
+CONNECT_TIMEOUT_S = 5.0
+"""Default seconds to wait for a host to accept, finish TLS and send the response headers."""
 FORMATS = ("tar", "zip")
 
 STATUS_PINNED_OK = "pinned-ok"
@@ -129,7 +137,7 @@ class ModelEntry:
 
     Attributes:
       name: short identifier used on the command line, e.g. ``"picodet-mainbody"``.
-      role: one of ``ROLES``.
+      role: one of ``ROLES`` (``"dataset"`` for a data set such as the drink demo set).
       url: official https URL of the archive.
       format: ``"tar"`` (any compression ``tarfile`` reads) or ``"zip"``.
       archive_sha256: sha256 of the archive, or None when the archive is unpinned.
@@ -459,10 +467,55 @@ def load_lock(path: Optional[Union[str, os.PathLike]] = None) -> ModelsLock:
 # sources
 
 
-def _open_url(url: str, timeout: float):
-    """Open ``url`` for reading (the single place that touches the network; tests replace it)."""
+def _read_timeout_connection(base: type, read_timeout: float) -> type:
+    """``base`` (an http.client connection class) whose socket switches to ``read_timeout`` once the
+    response headers are in: until then the request's (short) connect timeout applies."""
+
+    class _Connection(base):  # type: ignore[misc, valid-type]
+        def getresponse(self):
+            # getresponse() drops self.sock when the server will close the connection; the response
+            # still reads from that socket.
+            sock = self.sock
+            response = super().getresponse()
+            if sock is not None:
+                sock.settimeout(read_timeout)
+            return response
+
+    return _Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, read_timeout: float) -> None:
+        super().__init__()
+        self._connection = _read_timeout_connection(http.client.HTTPConnection, read_timeout)
+
+    def http_open(self, req):
+        return self.do_open(self._connection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, read_timeout: float) -> None:
+        super().__init__()
+        self._connection = _read_timeout_connection(http.client.HTTPSConnection, read_timeout)
+
+    def https_open(self, req):
+        return self.do_open(self._connection, req, context=self._context)
+
+
+def _open_url(url: str, timeout: float, connect_timeout: float):
+    """Open ``url`` for reading (the single place that touches the network; tests replace it).
+
+    ``connect_timeout`` bounds each connection attempt, the TLS handshake and the wait for the
+    response headers; ``timeout`` bounds each read of the body after that.
+    """
     request = urllib.request.Request(url, headers={"User-Agent": "edge-shitu-fetch/1"})
-    return urllib.request.urlopen(request, timeout=timeout)
+    opener = urllib.request.build_opener(_HTTPHandler(timeout), _HTTPSHandler(timeout))
+    return opener.open(request, timeout=connect_timeout)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return isinstance(reason, TimeoutError)
 
 
 def _copy_stream(
@@ -519,6 +572,7 @@ def _retrieve(
     dst: BinaryIO,
     *,
     timeout: float,
+    connect_timeout: float,
     max_bytes: int,
     progress: Optional[ProgressCallback],
 ) -> Tuple[str, int]:
@@ -528,7 +582,7 @@ def _retrieve(
         src_path = Path(location)
         if not src_path.is_file():
             raise FetchError(
-                f"archive of model {entry.name!r} not found in the mirror: expected {src_path} "
+                f"archive of {entry.name!r} not found in the mirror: expected {src_path} "
                 f"(mirror layout <mirror>/<host>/<url path> for {entry.url})"
             )
         try:
@@ -541,14 +595,17 @@ def _retrieve(
         except OSError as exc:
             raise FetchError(f"cannot copy {src_path} into the cache: {exc}") from exc
     try:
-        resp = _open_url(location, timeout)
+        resp = _open_url(location, timeout, connect_timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         raise FetchError(f"download failed: {location}: HTTP {exc.code} {_one_line(exc.reason)}") from exc
-    except urllib.error.URLError as exc:
-        raise FetchError(f"download failed: {location}: {_one_line(exc.reason)}") from exc
-    except (OSError, ValueError) as exc:
-        raise FetchError(f"download failed: {location}: {_one_line(exc)}") from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if _is_timeout(exc):
+            raise FetchError(
+                f"download failed: {location}: no answer within {connect_timeout:g} s (offline, or blocked by a firewall)"
+            ) from exc
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise FetchError(f"download failed: {location}: {_one_line(reason)}") from exc
     try:
         with resp:
             length = resp.headers.get("Content-Length")
@@ -1020,14 +1077,15 @@ def fetch(
     mirror: Optional[Union[str, os.PathLike]] = None,
     lock: Optional[ModelsLock] = None,
     timeout: float = 60,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
     force: bool = False,
     progress: Optional[ProgressCallback] = None,
     max_bytes: int = _DEFAULT_MAX_BYTES,
 ) -> FetchReport:
-    """Fetch, verify and unpack one model of ``models.lock`` into ``cache_dir``.
+    """Fetch, verify and unpack one entry of ``models.lock`` (a model or a data set) into ``cache_dir``.
 
-    A copy already in the cache is re-hashed and reused (no download) unless ``force`` is set or
-    it no longer verifies.
+    A copy already in the cache is re-hashed and reused unless ``force`` is set or it no longer
+    verifies; reusing it makes no network access at all.
 
     Args:
       name: lock entry name, e.g. ``"ppshituv2-extractor"``.
@@ -1035,7 +1093,10 @@ def fetch(
       mirror: None for the official URL; a local directory laid out as ``<mirror>/<host>/<url path>``;
         or an ``http(s)://`` base URL with the same layout. Never falls back to another source.
       lock: the lock to use; default :func:`load_lock` ().
-      timeout: socket timeout in seconds for URL sources.
+      timeout: seconds each read of a URL source's body may wait.
+      connect_timeout: seconds a URL source's host may take to accept the connection, finish TLS
+        and send the response headers; a host that does not answer fails after this long, and
+        the request is not retried.
       force: fetch again even when a verified copy is cached.
       progress: optional ``progress(done_bytes, total_bytes_or_None)``, called while the archive is
         read.
@@ -1053,8 +1114,9 @@ def fetch(
         or does not unpack to ``unpack_dir``; a pinned sha256 differs; a listed member is missing.
         Nothing is left in the cache when it is raised.
     """
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    for what, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise InvalidInputError(f"{what} must be a positive number of seconds, got {value!r}")
     if not (isinstance(max_bytes, int) and max_bytes > 0):
         raise InvalidInputError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     lock = lock if lock is not None else load_lock()
@@ -1082,7 +1144,8 @@ def fetch(
     try:
         with os.fdopen(fd, "wb") as dst:
             digest, _size = _retrieve(
-                entry, kind, location, dst, timeout=timeout, max_bytes=max_bytes, progress=progress
+                entry, kind, location, dst, timeout=timeout, connect_timeout=connect_timeout,
+                max_bytes=max_bytes, progress=progress,
             )
         if entry.archive_sha256 is not None and digest != entry.archive_sha256:
             raise FetchError(

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from edge_shitu.errors import GalleryCorruptError, GalleryError, MissingFileError
-from edge_shitu.gallery import (
+from edge_shitu.gallery_format import (
     PathLike,
     _SIDE_FILES,
     _check_bits,

@@ -196,26 +196,27 @@ def register(subparsers, groups) -> None:
     ht = h.add_parser("train", help="train a hash head on labelled embeddings")
     ht.add_argument("--embeddings", required=True, help="npz with embeddings float32 [n, d] and labels [n]")
     ht.add_argument("--out", required=True, help="head file to write (npz: weight [bits, d], bias [bits])")
-    ht.add_argument("--method", choices=["dshsd", "itq"], default="dshsd")
+    ht.add_argument("--method", choices=["dshsd", "itq"], default="dshsd",
+                    help="dshsd: supervised (uses the labels); itq: unsupervised rotation (default dshsd)")
     _training_flags(ht)
-    ht.add_argument("--json", action="store_true")
+    ht.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ht.set_defaults(func=_cmd_hash_train)
 
     he = h.add_parser("eval", help="leave-one-out recall@1 and mAP: float inner product, sign, heads")
-    he.add_argument("--embeddings", required=True)
+    he.add_argument("--embeddings", required=True, help="npz with embeddings float32 [n, d] and labels [n]")
     he.add_argument("--head", help="a head file to evaluate as well")
     he.add_argument("--split-classes", action="store_true",
                     help="train ITQ and DSHSD on part of the classes, evaluate on the others")
     he.add_argument("--train-fraction", type=float, default=0.5, help="share of the classes to train on")
     _training_flags(he)
-    he.add_argument("--json", action="store_true")
+    he.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     he.set_defaults(func=_cmd_hash_eval)
 
     hi = h.add_parser("install", help="put a hash head into a bundle (changes its codes and fingerprint)")
     hi.add_argument("head", help="head file (npz)")
-    hi.add_argument("--bundle", required=True)
+    hi.add_argument("--bundle", required=True, help="the bundle folder to put the head into")
     hi.set_defaults(func=_cmd_hash_install)
 
     hr = h.add_parser("remove", help="take the hash head out of a bundle (plain sign codes again)")
-    hr.add_argument("--bundle", required=True)
+    hr.add_argument("--bundle", required=True, help="the bundle folder to take the head out of")
     hr.set_defaults(func=_cmd_hash_remove)

@@ -94,10 +94,11 @@ def install_head(bundle_dir: PathLike, head: Union[HashHead, PathLike], *,
     Raises:
       MissingFileError, BundleError, IntegrityError: the bundle is missing, malformed or damaged.
       HashHeadError: the head file is malformed, or its ``d`` differs from the extractor's dim.
+      InvalidInputError: ``bundle_dir`` is a one-file bundle (``.esb``), or ``source`` is not JSON.
     """
     from edge_shitu.bundle import MANIFEST_NAME, Bundle
 
-    bundle = Bundle.load(bundle_dir)
+    bundle = _bundle_folder(bundle_dir)
     if not isinstance(head, HashHead):
         head = HashHead.load(head)
     ext = bundle.require("extractor")
@@ -132,7 +133,7 @@ def remove_head(bundle_dir: PathLike) -> bool:
     """
     from edge_shitu.bundle import MANIFEST_NAME, Bundle
 
-    bundle = Bundle.load(bundle_dir)
+    bundle = _bundle_folder(bundle_dir)
     if bundle.hash is None:
         return False
     manifest = json.loads(json.dumps(bundle.manifest))
@@ -154,3 +155,15 @@ def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _bundle_folder(path: PathLike):
+    from edge_shitu.bundle import Bundle
+
+    bundle = Bundle.load(path)
+    if bundle.archive is not None:
+        # A one-file bundle is what travels to devices; heads are installed where bundles are made.
+        raise InvalidInputError(f"{bundle.path}: a one-file bundle cannot be changed in place; unpack it "
+                                "(edge-shitu bundle unpack), install the head into the folder, and pack it again")
+    return bundle
+

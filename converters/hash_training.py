@@ -44,10 +44,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from edge_shitu.codes import binarize, hamming_distances, l2_normalize
+from edge_shitu.codes import binarize, l2_normalize
 from edge_shitu.errors import HashHeadError, InvalidInputError, MissingFileError
 from edge_shitu.hashing import MAX_DIM, HashHead
 from edge_shitu.npz import ArraySpec, read_npz
+from edge_shitu.search import hamming_distances
 
 __all__ = [
     "LabelledEmbeddings",
@@ -273,9 +274,6 @@ def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> No
         raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-# ---------------------------------------------------------------- data
-
-
 def load_embeddings(path: Union[str, Path]) -> LabelledEmbeddings:
     """Read an ``.npz`` with ``embeddings`` float [n, d] and ``labels`` [n] (strings or integers).
 
@@ -329,9 +327,6 @@ def split_classes(classes: np.ndarray, *, train_fraction: float = 0.5, seed: int
     return np.flatnonzero(train).astype(np.int64), np.flatnonzero(~train).astype(np.int64)
 
 
-# ---------------------------------------------------------------- evaluation
-
-
 def leave_one_out(data: LabelledEmbeddings, *, codes: Optional[np.ndarray] = None) -> RetrievalScores:
     """Leave-one-out recall@1 and mAP (see the module docstring for ranking and ties).
 
@@ -375,9 +370,6 @@ def leave_one_out(data: LabelledEmbeddings, *, codes: Optional[np.ndarray] = Non
     if hit.size == 0:
         return RetrievalScores(float("nan"), float("nan"), 0, n)
     return RetrievalScores(float(hit.mean()), float(ap.mean()), int(hit.size), n)
-
-
-# ---------------------------------------------------------------- ITQ
 
 
 def train_itq(data: LabelledEmbeddings, options: Optional[ITQOptions] = None) -> TrainingResult:
@@ -426,9 +418,6 @@ def train_itq(data: LabelledEmbeddings, options: Optional[ITQOptions] = None) ->
     info = {"method": "itq", "bits": opts.bits, "iterations": opts.iterations, "init": opts.init, "seed": opts.seed,
             "items": n, "classes": len(data.names)}
     return TrainingResult(head, "itq", opts, seconds, tuple(errors), info)
-
-
-# ---------------------------------------------------------------- DSHSD
 
 
 class _Adam:
@@ -628,9 +617,6 @@ def train_dshsd(data: LabelledEmbeddings, options: Optional[DSHSDOptions] = None
             "init_scale": opts.init_scale, "shrinkage": opts.shrinkage, "anchor": opts.anchor, "seed": opts.seed,
             "items": n, "classes": n_classes}
     return TrainingResult(head, "dshsd", opts, seconds, tuple(losses), info)
-
-
-# ---------------------------------------------------------------- comparison and selection
 
 
 def compare_heads(data: LabelledEmbeddings, heads: Mapping[str, HashHead]) -> Dict[str, RetrievalScores]:

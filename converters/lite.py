@@ -25,23 +25,23 @@ Known defects of Paddle-Lite 2.13rc0, handled here:
   without an error (or crashes). Every written file is checked with
   :func:`edge_shitu.backends.paddlelite.read_nb_targets` to hold kernels of the requested target
   only, and the manifest records that target, which the runtime checks against the machine.
-- INT8 on x86: Lite's x86 INT8 kernels give a correct extractor (cosine 0.992-0.995 against fp32 on
-  the replica, no NaN) but a silently wrong detector: its head outputs are unrelated to those of the
-  quantised program run by Paddle Inference (cosine 0.04-0.55 per head; quantising only the
-  ``conv2d`` or only the ``depthwise_conv2d`` ops is just as wrong), so :func:`convert_lite` refuses
-  an x86 INT8 detector. ARM files cannot run on an x86 machine at all: an ARM INT8 bundle is checked
-  structurally here (kernel targets, manifest loaded by the runtime) and its numerical agreement
-  must be measured on an ARM device.
+- INT8 on x86: Lite's x86 INT8 kernels give a correct extractor (close to fp32 on the replica, no
+  NaN) but a silently wrong detector: its head outputs are unrelated to those of the quantised
+  program run by Paddle Inference (quantising only the ``conv2d`` or only the ``depthwise_conv2d``
+  ops is just as wrong; figures in ``docs/benchmarks.md``, "converters/lite.py: Paddle-Lite INT8"),
+  so :func:`convert_lite` refuses an x86 INT8 detector. ARM files cannot run on an x86 machine at
+  all: an ARM INT8 bundle is checked structurally here (kernel targets, manifest loaded by the
+  runtime) and its numerical agreement must be measured on an ARM device.
 
 INT8 models come from Paddle's post-training static quantisation
 (``paddle.static.quantization.PostTrainingQuantization``, the implementation behind paddleslim's
 ``quant_post_static``, which gives identical files; paddleslim itself is not used because it would
 pull opencv-python and its other training dependencies into the converter's environment). Activation
 ranges are calibrated on real photos, decoded and pre-processed exactly as the runtime does
-(:func:`edge_shitu_converters.quantize.calibration_feeds`). Algorithms, measured on the replicas with 20 photos
-on 2 cores: ``avg`` (mean of per-batch absolute maxima; extractor 4 s, detector 37 s), ``hist``
-(99.999th percentile of a histogram; 13 s and 203 s, very slightly closer to fp32) and ``KL``
-(TensorRT-style entropy; 244 s for the extractor alone). ``avg`` is the default. Paddle-Lite needs
+(:func:`edge_shitu_converters.quantize.calibration_feeds`). Algorithms: ``avg`` (mean of per-batch
+absolute maxima; the quickest), ``hist`` (99.999th percentile of a histogram; slower, very slightly
+closer to fp32) and ``KL`` (TensorRT-style entropy; far slower still). ``avg`` is the default
+(calibration times in the same section of ``docs/benchmarks.md``). Paddle-Lite needs
 the legacy ``inference.pdmodel`` program: Paddle 3 PIR ``inference.json`` programs are refused (no
 tool converts PIR back to the legacy format).
 """

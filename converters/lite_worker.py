@@ -9,8 +9,9 @@ Protocol (stdin/stdout of the worker): frames of ``b"ESLW"``, a little-endian ui
 then the payload, an ``.npz`` archive (``np.savez``; read with ``allow_pickle=False``). Every message
 has an ``op``; the worker answers each request with ``status`` ``"ok"`` or ``"error"`` (then ``type``,
 the edge-shitu error class name, and ``message``). The worker first sends ``hello``; requests are
-``open`` (model path, target, threads, power mode, input name and shape), ``run`` (feeds, output
-names) and ``close``. The worker moves file descriptor 1 to stderr, so nothing Lite prints can
+``open`` (model path, target, threads, power mode, input name and shape; for a model of a one-file
+bundle also ``model``, its bytes as a uint8 array, and the path only names it), ``run`` (feeds,
+output names) and ``close``. The worker moves file descriptor 1 to stderr, so nothing Lite prints can
 corrupt the frames.
 
 A worker that crashes (Lite aborts or segfaults on some models) or stops answering (killed after
@@ -47,7 +48,7 @@ from edge_shitu.options import check_threads
 __all__ = ["SideEnvSession", "WorkerCrashError", "find_lite_python", "PROTOCOL"]
 
 #: Version of the frame protocol; the worker must speak the same one.
-PROTOCOL = 1
+PROTOCOL = 2
 
 _MAGIC = b"ESLW"
 _LENGTH = struct.Struct("<Q")
@@ -286,10 +287,13 @@ class SideEnvSession:
                 "reinstall this repository in the side environment (scripts/setup-lite-env)"
             )
         self.worker_versions = {k: _text(hello, k) for k in ("python", "numpy", "edge_shitu")}
+        # A model of a one-file bundle travels in the open request itself, so it is never unpacked to disk.
+        member = getattr(spec, "member", None)
+        model = None if member is None else np.frombuffer(spec.read_bytes(), dtype=np.uint8)
         reply = self._request({
             "op": "open", "path": str(self._path.absolute()), "target": spec.target, "threads": threads,
             "power_mode": power_mode, "input_name": spec.input.name,
-            "input_shape": np.asarray(spec.input.shape, dtype=np.int64),
+            "input_shape": np.asarray(spec.input.shape, dtype=np.int64), "model": model,
         }, start_timeout)
         self._inputs = _names(reply, "input_names")
         self._outputs = _names(reply, "output_names")
@@ -429,10 +433,12 @@ def _serve(proto_in: IO[bytes], proto_out: IO[bytes]) -> None:
                     raise InvalidInputError("this worker already holds a model")
                 path, name = _text(msg, "path"), _text(msg, "input_name")
                 threads = int(msg["threads"]) if "threads" in msg else None
-                session = PaddleLiteSession.from_file(
-                    path, target=_text(msg, "target"), threads=threads, power_mode=_text(msg, "power_mode"),
-                    input_shapes={name: tuple(int(d) for d in msg["input_shape"])},
-                )
+                options = dict(target=_text(msg, "target"), threads=threads, power_mode=_text(msg, "power_mode"),
+                               input_shapes={name: tuple(int(d) for d in msg["input_shape"])})
+                if "model" in msg:
+                    session = PaddleLiteSession.from_bytes(msg["model"].tobytes(), where=path, **options)
+                else:
+                    session = PaddleLiteSession.from_file(path, **options)
                 reply: Dict[str, Any] = {"input_names": list(session.input_names),
                                          "output_names": list(session.output_names)}
             elif op == "run":

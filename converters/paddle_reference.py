@@ -3,8 +3,8 @@ benchmarks.
 
 Both run on CPU with Paddle Inference's graph optimisation on (as PaddleClas' ``predictor.py`` does)
 and oneDNN/MKLDNN off: oneDNN is not reliably stable with Paddle 3.x on these graphs and changes the
-numerics, and a reference must be reproducible. Pre-processing is the caller's job (see
-``ppshitu-reference.md`` §1.2 and §1.4): these classes take the network inputs as arrays.
+numerics, and a reference must be reproducible. Pre-processing is the caller's job: these classes
+take the network inputs as arrays.
 """
 
 from __future__ import annotations

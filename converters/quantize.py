@@ -16,24 +16,23 @@ sees. :func:`quantize_model` runs these steps:
 5. the result is checked with ``onnx.checker`` and loaded by onnxruntime before it replaces
    ``out_path``.
 
-Why these defaults (measured on the replicas, i.e. the official graphs with random weights, against
-fp32 on the 13 drink test photos plus gallery photos not used for calibration, on an AVX512-VNNI x86
-CPU; replica figures are conversion fidelity, not accuracy):
+Why these defaults (figures in ``docs/benchmarks.md``, "Figures behind choices in the code",
+"converters/quantize.py: INT8 defaults"):
 
-- ``quant_pre_process``: 7.0 ms instead of 10.5 ms per extractor image, and better fidelity;
-- uint8 activations: with int8 activations the INT8 models ran 2-3x slower (the detector slower than
-  fp32): onnxruntime's x86 integer kernels are u8 x s8;
-- per-channel weights: 512-bit code agreement 99.35 % against 99.0 % per-tensor;
-- percentile (99.999) calibration: best or within noise of the best on codes (99.39 %, MinMax 99.35 %,
-  entropy 99.1 %) and on detector scores; entropy matched slightly more detector boxes but clipped
-  the box logits (SQNR 11 dB against 23 dB) and was the worst on the extractor;
-- ``float_tail``: rounding the extractor's 512-d output to 8 bits flips the sign of near-zero features
-  (code agreement 98.3 %); keeping its last layer's activations in float gives 99.4 % for 0.5 ms per
-  image. Keeping the detector's head towers float (3 layers) raises its score SQNR from 5 to 9 dB for
-  4 % more time; see :data:`ROLE_DEFAULTS` and :meth:`QuantizeOptions.for_role`.
+- ``quant_pre_process``: faster and closer to fp32, since each Conv then fuses with its activation;
+- uint8 activations: onnxruntime's x86 integer kernels take u8 x s8; int8 activations fall off them
+  (the detector then runs slower than fp32);
+- per-channel weights: higher code agreement than per-tensor;
+- percentile (99.999) calibration: best or within noise of the best on codes and on detector scores;
+  entropy matched slightly more detector boxes but clipped the box logits and was the worst on the
+  extractor;
+- ``float_tail``: rounding the extractor's 512-d output to 8 bits flips the sign of near-zero features;
+  keeping its last layer's activations in float avoids that at little extra cost. Keeping the
+  detector's head towers float (3 layers) brings its scores much closer to fp32, also at little extra
+  cost; see :data:`ROLE_DEFAULTS` and :meth:`QuantizeOptions.for_role`.
 
-Dynamic quantisation needs no photos but is 5-6x *slower* than fp32 here: ``ConvInteger`` has no
-fast kernel; it is offered for size only. Nothing is installed and nothing is downloaded; the progress
+Dynamic quantisation needs no photos but is *slower* than fp32 here: ``ConvInteger`` has no fast
+kernel; it is offered for size only. Nothing is installed and nothing is downloaded; the progress
 that onnxruntime's tools print is logged at DEBUG (logger ``edge_shitu_converters.quantize``).
 """
 
@@ -700,9 +699,9 @@ def quantize_model(
                 "percentile": q.CalibrationMethod.Percentile,
             }[options.method]
             extra = {
-                # One feed per calibration pass: the augmented model outputs every activation, about
-                # 100 MB per 640x640 detector photo, and the histogram methods keep them all until
-                # the pass ends.
+                # One feed per calibration pass: the augmented model outputs every activation, a lot
+                # for a 640x640 detector photo (docs/benchmarks.md, "converters/quantize.py: INT8
+                # defaults"), and the histogram methods keep them all until the pass ends.
                 "CalibStridedMinMax": 1,
                 # The percentile calibrator is symmetric by default, which wastes half of a uint8 range.
                 "CalibTensorRangeSymmetric": False,

@@ -155,8 +155,7 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
     if bundle.detector is not None:
         if det_dir is None:
             raise InvalidInputError("the bundle has a detector: give its Paddle model folder to verify it")
-        opts = DetectorOptions.from_mapping(bundle.detector.defaults)
-        det = Detector(bundle.detector, make(bundle.detector), opts)
+        det = Detector(bundle.detector, make(bundle.detector), DetectorOptions())
         ref = PaddleDetectorReference(det_dir, threads=threads)
         matched = total = 0
         score_diff = 0.0
@@ -167,7 +166,7 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
             ours = det.postprocess(det.infer(tensor), image_size=(w, h), scale=scale)
             rows = _reference_top(ref.run(tensor, np.array([[det.spec.input.height, det.spec.input.width]], np.float32),
                                           np.array([[scale[1], scale[0]]], np.float32)),
-                                  opts.max_detections, opts.min_score)
+                                  det.options.max_detections, det.options.min_score)
             ref_boxes = rows[:, 2:6].astype(np.float64)
             our_boxes = np.array([d.box for d in ours], dtype=np.float64).reshape(-1, 4)
             pairs = match_boxes(ref_boxes, our_boxes)

@@ -1,4 +1,5 @@
-"""Model bundles: a directory with ``manifest.json`` and the model files it names.
+"""Model bundles: a directory with ``manifest.json`` and the model files it names, or the same files
+packed into one file (``.esb``, see :mod:`edge_shitu.bundlefile`).
 
 The manifest says everything the runtime needs (input size, resize kind, mean/std, output meaning,
 default thresholds, code layout, provenance); nothing is guessed. It is parsed strictly: unknown,
@@ -17,10 +18,13 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 
 from edge_shitu.errors import BundleError, IntegrityError, InvalidInputError, MissingFileError
 from edge_shitu.options import DetectorOptions, RecognizerOptions
+
+if TYPE_CHECKING:
+    from edge_shitu.bundlefile import BundleArchive, Member
 
 __all__ = [
     "MANIFEST_NAME",
@@ -152,6 +156,11 @@ def _read_json(path: Path, *, finite: bool = True) -> Any:
         raise BundleError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if len(raw) > MAX_JSON_BYTES:
         raise BundleError(f"{path}: more than the {MAX_JSON_BYTES} bytes a bundle's JSON file may have")
+    return _parse_json(raw, path, finite=finite)
+
+
+def _parse_json(raw: bytes, path: Union[Path, str, "Member"], *, finite: bool = True) -> Any:
+    """The value of a bundle's JSON text, read strictly (see :func:`_read_json`); ``path`` names it."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -401,7 +410,8 @@ class ModelSpec:
 
     Attributes:
       role: "detector" or "extractor".
-      path: absolute path of the model file.
+      path: absolute path of the model file; in a one-file bundle ``<bundle.esb>:<member>``, which
+        names the model in messages but is no file: read the model with :meth:`read_bytes`.
       sha256: hex digest recorded by the converter (verified at load).
       backend: backend that runs the file ("onnxruntime" or "paddlelite").
       precision: "fp32", "fp16" or "int8".
@@ -414,6 +424,7 @@ class ModelSpec:
       source: provenance as written by the converter (official archive or replica + seed).
       quantization: how an int8 model was quantised (tool, method, calibration photos), else empty.
       manifest: the manifest that describes the model, for messages.
+      member: where the model lies in a one-file bundle, or None in a bundle directory.
     """
 
     role: str
@@ -429,10 +440,39 @@ class ModelSpec:
     source: Mapping[str, Any]
     quantization: Mapping[str, Any] = field(default_factory=dict)
     manifest: Optional[Path] = None
+    member: Optional["Member"] = None
 
     @property
     def is_replica(self) -> bool:
         return self.source.get("kind") == "replica"
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the model file in bytes.
+
+        Raises:
+          MissingFileError: the model file (or the one-file bundle) is missing.
+        """
+        if self.member is not None:
+            return self.member.size
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            raise MissingFileError(f"{self.path}: {self.role} model file is missing") from None
+
+    def read_bytes(self) -> bytes:
+        """Return the model file's bytes (from a one-file bundle, without unpacking it to disk).
+
+        Raises:
+          MissingFileError: the model file (or the one-file bundle) is missing.
+          BundleError: the one-file bundle changed since it was loaded.
+        """
+        if self.member is not None:
+            return self.member.read()
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            raise MissingFileError(f"{self.path}: {self.role} model file is missing") from None
 
 
 @dataclass(frozen=True)
@@ -459,11 +499,12 @@ class HashSpec:
     """A learned hash head between the L2-normalised feature and its code (see :mod:`edge_shitu.hashing`).
 
     Attributes:
-      path: absolute path of the head file (``hash.npz``).
+      path: absolute path of the head file (``hash.npz``); in a one-file bundle ``<bundle.esb>:<member>``.
       sha256: hex digest recorded in the manifest (verified at load; part of the code fingerprint).
       bits: code length the head gives (rows of its weight).
       dim: feature dimension it takes (columns of its weight; the extractor's dim).
       source: provenance (e.g. training method, seed, data) as recorded when it was installed.
+      member: where the head lies in a one-file bundle, or None in a bundle directory.
     """
 
     path: Path
@@ -471,15 +512,17 @@ class HashSpec:
     bits: int
     dim: int
     source: Mapping[str, Any]
+    member: Optional["Member"] = None
 
     @classmethod
-    def _parse(cls, r: _Reader, root: Path) -> "HashSpec":
+    def _parse(cls, r: _Reader, root: Path, archive: Optional["BundleArchive"]) -> "HashSpec":
         from edge_shitu.hashing import MAX_BITS, MAX_DIM
 
         file = _relative_file(r, "file")
         sha = _sha256(r, "sha256")
-        spec = cls(path=root / file, sha256=sha, bits=r.get("bits", int), dim=r.get("dim", int),
-                   source=dict(r.get("source", dict, optional=True, default={})))
+        path, member = _locate(r, "file", file, root, archive)
+        spec = cls(path=path, sha256=sha, bits=r.get("bits", int), dim=r.get("dim", int),
+                   source=dict(r.get("source", dict, optional=True, default={})), member=member)
         r.done()
         if not 0 < spec.bits <= MAX_BITS or spec.bits % 8 or not 1 <= spec.dim <= MAX_DIM:
             raise BundleError(f"{r.manifest}: {r.where} must have bits a positive multiple of 8 up to {MAX_BITS} and "
@@ -511,7 +554,7 @@ class Bundle:
     """A parsed, verified model bundle. Build it with :meth:`Bundle.load`.
 
     Attributes:
-      path: the bundle directory.
+      path: the bundle directory, or the one-file bundle (``.esb``).
       name: bundle name.
       models: role -> :class:`ModelSpec`.
       codes: code layout.
@@ -519,6 +562,7 @@ class Bundle:
       tools: versions of the tools that built the bundle.
       manifest: the raw manifest mapping.
       hash: the learned hash head, or None for plain sign codes of the features.
+      archive: the member index of a one-file bundle, or None for a bundle directory.
     """
 
     path: Path
@@ -529,29 +573,39 @@ class Bundle:
     tools: Mapping[str, str]
     manifest: Mapping[str, Any]
     hash: Optional[HashSpec] = None
+    archive: Optional["BundleArchive"] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike, "Bundle"], *, verify: bool = True) -> "Bundle":
         """Read and check ``path/manifest.json`` and the model files it names.
 
+        A one-file bundle (``.esb``, told by its content: a zip) is read in place, never unpacked; the
+        loaded bundle has the same API, its models read from the file by their backends.
+
         Args:
-          path: the bundle directory (or an already loaded bundle, returned as is).
+          path: the bundle directory or one-file bundle (or an already loaded bundle, returned as is).
           verify: check every model file's sha256 against the manifest.
 
         Raises:
-          MissingFileError: the directory, its manifest or a model file is missing.
+          MissingFileError: the directory or file, its manifest or a model file is missing.
           BundleError: the manifest is larger than :data:`MAX_JSON_BYTES`, not UTF-8, not valid JSON
             (duplicate keys, NaN/Infinity and nesting deeper than 32 levels included), or breaks the
             schema: a missing or unknown key, or a value of the wrong type or out of range. The
-            message names the manifest and the key.
-          IntegrityError: a model file's (or the hash head's) sha256 differs from the manifest.
+            message names the manifest and the key. For a file: it is not a zip, its zip structure
+            is not that of a one-file bundle (see :mod:`edge_shitu.bundlefile`), it holds a member
+            the manifest does not name, or lacks one it names.
+          IntegrityError: a model file's (or the hash head's) sha256 differs from the manifest; the
+            manifest or ``verify.json`` of a one-file bundle differs from its CRC-32.
         """
         if isinstance(path, Bundle):
             return path
         root = Path(path)
         manifest_path = root / MANIFEST_NAME
+        if root.is_file():
+            return cls._load_file(root, verify=verify)
         if not root.is_dir():
-            raise MissingFileError(f"{root}: bundle directory not found (expected a folder with {MANIFEST_NAME})")
+            raise MissingFileError(f"{root}: bundle directory not found (expected a folder with {MANIFEST_NAME}, "
+                                   "or a one-file bundle)")
         try:
             data = _read_json(manifest_path)
         except FileNotFoundError:
@@ -562,7 +616,30 @@ class Bundle:
         return bundle
 
     @classmethod
-    def _parse(cls, data: Any, root: Path, manifest_path: Path) -> "Bundle":
+    def _load_file(cls, path: Path, *, verify: bool) -> "Bundle":
+        from edge_shitu.bundlefile import BundleArchive
+
+        archive = BundleArchive.open(path.resolve())
+        first = next(iter(archive))
+        if first != MANIFEST_NAME:
+            raise BundleError(f"{archive.path}: its first member is {first!r}, expected {MANIFEST_NAME}")
+        manifest = archive[MANIFEST_NAME]
+        data = _parse_json(manifest.read_checked(MAX_JSON_BYTES), manifest)
+        bundle = cls._parse(data, archive.path, Path(str(manifest)), archive)
+        named = {MANIFEST_NAME, VERIFY_NAME} | {m.member.name for m in bundle.models.values()}
+        if bundle.hash is not None:
+            named.add(bundle.hash.member.name)
+        for name in archive:
+            if name not in named:
+                raise BundleError(f"{archive.path}:{name}: not named by the manifest; a one-file bundle holds only "
+                                  f"{MANIFEST_NAME}, the files it names and {VERIFY_NAME}")
+        if verify:
+            bundle.verify()
+        return bundle
+
+    @classmethod
+    def _parse(cls, data: Any, root: Path, manifest_path: Path,
+               archive: Optional["BundleArchive"] = None) -> "Bundle":
         r = _Reader(data, "manifest", manifest_path)
         fmt = r.get("format", str)
         if fmt != FORMAT:
@@ -579,7 +656,7 @@ class Bundle:
         for role in ROLES:
             m = models_r.sub(role, optional=True)
             if m is not None:
-                models[role] = _parse_model(role, m, root)
+                models[role] = _parse_model(role, m, root, archive)
         models_r.done()
         if not models:
             raise BundleError(f"{manifest_path}: models must hold a detector, an extractor or both")
@@ -592,7 +669,7 @@ class Bundle:
                               f"got {codes.bits}")
         ext = models.get("extractor")
         h = r.sub("hash", optional=True)
-        head = None if h is None else HashSpec._parse(h, root)
+        head = None if h is None else HashSpec._parse(h, root, archive)
         if head is None:
             if ext is not None and ext.output.dim != codes.bits:
                 raise BundleError(
@@ -625,7 +702,7 @@ class Bundle:
         if not all(isinstance(v, str) for v in tools.values()):
             raise BundleError(f"{manifest_path}: manifest.tools must map tool names to version strings")
         r.done()
-        return cls(root, name, models, codes, recognition, dict(tools), data, head)
+        return cls(root, name, models, codes, recognition, dict(tools), data, head, archive)
 
     def verify(self) -> None:
         """Check every model file (and the hash head) against its recorded sha256.
@@ -634,13 +711,16 @@ class Bundle:
           MissingFileError: a model file or the hash head file is missing.
           IntegrityError: a digest differs.
         """
-        files = [(spec.path, spec.sha256, "model") for spec in self.models.values()]
+        files = [(spec.path, spec.sha256, spec.member, "model") for spec in self.models.values()]
         if self.hash is not None:
-            files.append((self.hash.path, self.hash.sha256, "hash head"))
-        for path, sha, what in files:
-            if not path.is_file():
+            files.append((self.hash.path, self.hash.sha256, self.hash.member, "hash head"))
+        for path, sha, member, what in files:
+            if member is not None:
+                seen = member.sha256()
+            elif not path.is_file():
                 raise MissingFileError(f"{path}: {what} file named by {self.path / MANIFEST_NAME} is missing")
-            seen = sha256_file(path)
+            else:
+                seen = sha256_file(path)
             if seen != sha:
                 raise IntegrityError(
                     f"{path}: sha256 is {seen}, but {MANIFEST_NAME} records {sha}; "
@@ -665,13 +745,13 @@ class Bundle:
         from edge_shitu.hashing import MAX_FILE_BYTES, HashHead
 
         spec = self.hash
-        if not spec.path.is_file():
+        if spec.member is None and not spec.path.is_file():
             raise MissingFileError(f"{spec.path}: hash head file named by {self.path / MANIFEST_NAME} is missing")
-        size = spec.path.stat().st_size
+        size = spec.path.stat().st_size if spec.member is None else spec.member.size
         if size > MAX_FILE_BYTES:
             raise HashHeadError(f"{spec.path}: {size} bytes, more than the {MAX_FILE_BYTES} the largest hash head "
                                 "takes")
-        data = spec.path.read_bytes()
+        data = spec.path.read_bytes() if spec.member is None else spec.member.read()
         seen = hashlib.sha256(data).hexdigest()
         if seen != spec.sha256:
             raise IntegrityError(
@@ -690,7 +770,13 @@ class Bundle:
 
         Raises:
           BundleError: the file exists but is not valid JSON (or is larger than :data:`MAX_JSON_BYTES`).
+          IntegrityError: in a one-file bundle, it differs from its CRC-32.
         """
+        if self.archive is not None:
+            member = self.archive.members.get(VERIFY_NAME)
+            if member is None:
+                return None
+            return _parse_json(member.read_checked(MAX_JSON_BYTES), member, finite=False)
         try:
             return _read_json(self.path / VERIFY_NAME, finite=False)
         except FileNotFoundError:
@@ -767,7 +853,20 @@ class Bundle:
         return self._code_fingerprint(with_head=False)
 
 
-def _parse_model(role: str, r: _Reader, root: Path) -> ModelSpec:
+def _locate(r: _Reader, key: str, file: str, root: Path,
+            archive: Optional["BundleArchive"]) -> Tuple[Path, Optional["Member"]]:
+    """Where a file the manifest names lies: a path in a directory, or a member of a one-file bundle."""
+    if archive is None:
+        return root / file, None
+    from edge_shitu.bundlefile import _canonical
+
+    name = _canonical(file)
+    if name not in archive:
+        raise r._err(key, f"names {_short(file)}, which {archive.path.name} does not hold")
+    return Path(f"{archive.path}:{name}"), archive[name]
+
+
+def _parse_model(role: str, r: _Reader, root: Path, archive: Optional["BundleArchive"] = None) -> ModelSpec:
     file = _relative_file(r, "file")
     sha = _sha256(r, "sha256")
     backend = r.choice("backend", ("onnxruntime", "paddlelite"))
@@ -799,5 +898,6 @@ def _parse_model(role: str, r: _Reader, root: Path) -> ModelSpec:
     r.done()
     if precision == "int8" and not quantization:
         raise BundleError(f"{r.manifest}: {r.where} is int8 but does not say how it was quantised (quantization)")
-    return ModelSpec(role, root / file, sha, backend, precision, target, inp, output, labels, dict(defaults),
-                     dict(source), dict(quantization), r.manifest)
+    path, member = _locate(r, "file", file, root, archive)
+    return ModelSpec(role, path, sha, backend, precision, target, inp, output, labels, dict(defaults),
+                     dict(source), dict(quantization), r.manifest, member)

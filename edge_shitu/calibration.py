@@ -53,8 +53,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from edge_shitu.codes import hamming_distances
 from edge_shitu.errors import InvalidDtypeError, InvalidInputError
+from edge_shitu.search import check_codes, hamming_distances
 
 __all__ = [
     "CalibrationOptions",
@@ -317,11 +317,7 @@ def calibrate(
         labels have two or more items (too few to measure anything).
     """
     options = options or CalibrationOptions()
-    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
-        got = codes.dtype if isinstance(codes, np.ndarray) else type(codes).__name__
-        raise InvalidDtypeError(f"codes must be a numpy uint8 array (packed bits), got {got}")
-    if codes.ndim != 2 or codes.shape[1] == 0:
-        raise InvalidInputError(f"codes must have shape (m, nbytes) with nbytes >= 1, got {codes.shape}")
+    codes = check_codes(codes, None)
     m, nbytes = codes.shape
     bits = 8 * nbytes
     id_arr = _check_ids(ids, m)
@@ -337,7 +333,6 @@ def calibrate(
     if m > 1 and not np.all(id_arr[1:] > id_arr[:-1]):
         order = np.argsort(id_arr, kind="stable")
         id_arr, codes, label_of = id_arr[order], codes[order], label_of[order]
-    codes = np.ascontiguousarray(codes)
     queries = _sample(m, options)
 
     same_dist, same_pos, other_dist, other_pos = _nearest(codes, label_of, queries, bits)

@@ -61,7 +61,7 @@ def decode_picodet(
       heads: the bundle's head description.
       input_size: network input ``(width, height)``.
       scale: resize factors ``(sx, sy)`` = input size / original size.
-      options: thresholds.
+      options: thresholds; fields left at None are the reference pipeline's.
       min_score: drop candidates below this score before NMS. Greedy NMS walks in score order, so
         lower-scored boxes never suppress higher-scored ones: the boxes at or above ``min_score`` come
         out exactly as without this cut, only cheaper.
@@ -74,6 +74,7 @@ def decode_picodet(
     Raises:
       BundleError: an output's size does not fit the strides and input size of the manifest.
     """
+    options = options.with_defaults({})
     in_w, in_h = input_size
     sx, sy = scale
     c = heads.num_classes
@@ -137,7 +138,7 @@ class Detector:
         if not isinstance(spec.output, HeadsSpec):
             raise BundleError(f"{spec.path}: not a detector (output kind is not picodet_heads)")
         self.spec = spec
-        self.options = options
+        self.options = options.with_defaults(spec.defaults)
         self._session = session
         self._outputs = list(spec.output.scores) + list(spec.output.boxes)
         missing = [n for n in self._outputs if n not in session.output_names]
@@ -151,7 +152,8 @@ class Detector:
 
         Args:
           bundle: a bundle directory or a loaded :class:`Bundle`.
-          options: post-processing settings; ``None`` takes the bundle's defaults.
+          options: post-processing settings; fields left at None (or ``None`` for all) take the
+            bundle's defaults, field by field (:meth:`DetectorOptions.with_defaults`).
           session: an already created session (tests inject fakes); ``None`` creates one.
 
         Raises:
@@ -160,8 +162,7 @@ class Detector:
         """
         bundle = Bundle.load(bundle)
         spec = bundle.require("detector")
-        if options is None:
-            options = DetectorOptions.from_mapping(spec.defaults)
+        options = options or DetectorOptions()
         if session is None:
             session = create_session(spec, name=options.backend.name, threads=options.backend.threads)
         return cls(spec, session, options)

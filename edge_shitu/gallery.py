@@ -1,14 +1,7 @@
 """The on-device gallery: labelled binary codes in one SQLite file, searched exhaustively in memory.
 
-File layout (format version 2)::
-
-    meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
-        format_version "2", bits, bit_order "big", metric "hamming", fingerprint (hex, the model and
-        code settings that made the codes), created_by, next_id, and optionally max_distance
-        (calibrated acceptance threshold) and embedding_dim (float embeddings stored beside codes).
-    labels(id INTEGER PRIMARY KEY, label TEXT NOT NULL, count INTEGER NOT NULL)
-    items(id INTEGER PRIMARY KEY, label_id INTEGER NOT NULL, code BLOB NOT NULL,
-          embedding BLOB NULL (float32 little-endian), source TEXT NULL, added_at INTEGER NULL)
+The file format is :mod:`edge_shitu.gallery_format`; the integrity check of files, damaged ones
+included, is :mod:`edge_shitu.gallery_check` (:func:`check_gallery` is re-exported here).
 
 Labels are stored once and items refer to them by a small integer. There is no index besides the
 two integer primary keys (an index on ``labels.label`` alone would cost 7 bytes per item in a
@@ -37,20 +30,17 @@ process) has changed the file.
 from __future__ import annotations
 
 import os
-from collections import Counter, abc
-import re
 import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter, abc
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_shitu import __version__
-from edge_shitu.codes import check_codes
 from edge_shitu.errors import (
     FingerprintMismatchError,
     GalleryCorruptError,
@@ -59,38 +49,39 @@ from edge_shitu.errors import (
     InvalidInputError,
     MissingFileError,
 )
+from edge_shitu.gallery_check import _check_contents, check_gallery
+from edge_shitu.gallery_format import (
+    _MAX_ID,
+    _SIDE_FILES,
+    FORMAT_VERSION,
+    PathLike,
+    T,
+    _Meta,
+    _bump_counts,
+    _check_bits,
+    _check_fingerprint,
+    _check_schema,
+    _chunks,
+    _code_chunks,
+    _init_schema,
+    _is_corruption,
+    _label_ids,
+    _parse_meta,
+    _read_codes,
+    _read_meta_rows,
+    _REQUIRED_META,
+    _set_meta,
+    _short_list,
+    fsync_dir,
+)
 from edge_shitu.labelfile import check_label, has_breaking_characters
-from edge_shitu.search import HammingIndex, resolve_hamming_backend
+from edge_shitu.search import HammingIndex, check_codes, resolve_hamming_backend
 from edge_shitu.types import SearchResult
 
-__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "ItemBatch", "FORMAT_VERSION", "check_gallery"]
-
-FORMAT_VERSION = "2"
-"""The gallery file format this module reads and writes."""
+__all__ = ["Gallery", "GalleryItem", "GalleryInfo", "ItemBatch", "FORMAT_VERSION", "check_gallery", "fsync_dir"]
 
 _MEMORY = ":memory:"
-_MAX_ID = np.iinfo(np.int64).max - 1  # next_id = max id + 1 must still fit in SQLite's int64
-# Old SQLite builds allow at most 999 bound parameters per statement.
-_CHUNK = 500
-_REQUIRED_META = ("format_version", "bits", "bit_order", "metric", "fingerprint", "created_by", "next_id")
-_ITEM_COLUMNS = {"id", "label_id", "code", "embedding", "source", "added_at"}
-_LABEL_COLUMNS = {"id", "label", "count"}
-# Rows per fetch when loading codes: bounds the Python objects alive at once while opening.
-_FETCH_ROWS = 1 << 15
-_HEX = re.compile(r"[0-9a-fA-F]+")
-_SIDE_FILES = ("-journal", "-wal", "-shm")
 _CONSTRUCT_KEY = object()
-
-_SCHEMA = (
-    "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE labels(id INTEGER PRIMARY KEY, label TEXT NOT NULL, count INTEGER NOT NULL)",
-    "CREATE TABLE items("
-    "id INTEGER PRIMARY KEY, label_id INTEGER NOT NULL, code BLOB NOT NULL, "
-    "embedding BLOB NULL, source TEXT NULL, added_at INTEGER NULL)",
-)
-
-PathLike = Union[str, "os.PathLike[str]"]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -179,17 +170,6 @@ class _Prepared:
 
 
 @dataclass(frozen=True)
-class _Meta:
-    bits: int
-    fingerprint: str
-    created_by: str
-    next_id: int
-    max_distance: Optional[int]
-    embedding_dim: Optional[int]
-    embedding_fingerprint: Optional[str] = None
-
-
-@dataclass(frozen=True)
 class _Snapshot:
     """One committed state of the items, kept in memory so that readers never need the file.
 
@@ -231,22 +211,6 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterable[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
-def _short_list(values: Sequence[int], limit: int = 20) -> str:
-    shown = ", ".join(str(int(v)) for v in values[:limit])
-    return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)} in all)"
-
-
-def _check_fingerprint(fingerprint: object) -> str:
-    if not isinstance(fingerprint, str) or not _HEX.fullmatch(fingerprint):
-        raise InvalidInputError(f"fingerprint must be a non-empty hex string, got {fingerprint!r}")
-    return fingerprint.lower()
-
-
 def _check_embedding_fingerprint(fingerprint: object, with_embeddings: bool) -> Optional[str]:
     if not with_embeddings:
         return None
@@ -254,12 +218,6 @@ def _check_embedding_fingerprint(fingerprint: object, with_embeddings: bool) -> 
         raise InvalidInputError("embeddings need embedding_fingerprint (Bundle.embedding_fingerprint of the extractor "
                                 "that made them), so that they are never re-hashed with another model")
     return _check_fingerprint(fingerprint)
-
-
-def _check_bits(bits: object) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
-        raise InvalidInputError(f"bits must be a positive multiple of 8, got {bits!r}")
-    return int(bits)
 
 
 def _check_count(values: object, n: int, name: str) -> list:
@@ -287,131 +245,6 @@ def _check_ids(ids: object, name: str = "ids") -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _parse_int(value: str, key: str, name: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise GalleryCorruptError(f"{name}: meta {key!r} must be an integer, got {value!r}") from None
-
-
-def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
-    missing = [key for key in _REQUIRED_META if key not in rows]
-    if missing:
-        raise GalleryCorruptError(f"{name}: the meta table lacks {missing}; this is not an edge-shitu gallery")
-    version = rows["format_version"]
-    if version == "1":
-        raise GalleryError(
-            f"{name} is an edge-shitu gallery of format 1; this edge-shitu uses format {FORMAT_VERSION}. "
-            f"Upgrade it once with `edge-shitu gallery upgrade {name}` (the old file is kept as a backup; "
-            "the command comes with the convert extra: pip install \"edge-shitu[convert]\")"
-        )
-    if version != FORMAT_VERSION:
-        raise GalleryCorruptError(
-            f"{name}: gallery format_version {version!r} is not supported (this edge-shitu reads "
-            f"version {FORMAT_VERSION!r})"
-        )
-    bits = _parse_int(rows["bits"], "bits", name)
-    if bits <= 0 or bits % 8:
-        raise GalleryCorruptError(f"{name}: meta 'bits' must be a positive multiple of 8, got {bits}")
-    if rows["bit_order"] != "big":
-        raise GalleryCorruptError(f"{name}: meta 'bit_order' must be 'big', got {rows['bit_order']!r}")
-    if rows["metric"] != "hamming":
-        raise GalleryCorruptError(f"{name}: meta 'metric' must be 'hamming', got {rows['metric']!r}")
-    if not _HEX.fullmatch(rows["fingerprint"]):
-        raise GalleryCorruptError(f"{name}: meta 'fingerprint' is not a hex string: {rows['fingerprint']!r}")
-    next_id = _parse_int(rows["next_id"], "next_id", name)
-    if not 0 <= next_id <= _MAX_ID + 1:
-        raise GalleryCorruptError(f"{name}: meta 'next_id' out of range: {next_id}")
-    max_distance = None
-    if "max_distance" in rows:
-        max_distance = _parse_int(rows["max_distance"], "max_distance", name)
-        if not 0 <= max_distance <= bits:
-            raise GalleryCorruptError(f"{name}: meta 'max_distance' must be in [0, {bits}], got {max_distance}")
-    embedding_dim = None
-    if "embedding_dim" in rows:
-        embedding_dim = _parse_int(rows["embedding_dim"], "embedding_dim", name)
-        if embedding_dim <= 0:
-            raise GalleryCorruptError(f"{name}: meta 'embedding_dim' must be > 0, got {embedding_dim}")
-    embedding_fingerprint = rows.get("embedding_fingerprint")
-    if embedding_fingerprint is not None and not _HEX.fullmatch(embedding_fingerprint):
-        raise GalleryCorruptError(f"{name}: meta 'embedding_fingerprint' is not a hex string: {embedding_fingerprint!r}")
-    return _Meta(
-        bits=bits,
-        fingerprint=rows["fingerprint"].lower(),
-        created_by=rows["created_by"],
-        next_id=next_id,
-        max_distance=max_distance,
-        embedding_dim=embedding_dim,
-        embedding_fingerprint=None if embedding_fingerprint is None else embedding_fingerprint.lower(),
-    )
-
-
-def _is_corruption(exc: sqlite3.Error) -> bool:
-    """Tells damaged or foreign files apart from transient conditions (locks, permissions, disk full)."""
-    name = getattr(exc, "sqlite_errorname", None)
-    if name is not None:
-        transient = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM",
-                     "SQLITE_FULL", "SQLITE_NOMEM", "SQLITE_INTERRUPT", "SQLITE_CONSTRAINT", "SQLITE_IOERR")
-        return not name.startswith(transient)
-    # Python < 3.11 has no error names: recognise corruption by SQLite's own messages for it, so that
-    # constraint failures, locks and the like are never reported as a damaged file.
-    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.OperationalError)):
-        text = str(exc).lower()
-        return "malformed" in text or "corrupt" in text
-    text = str(exc).lower()
-    return any(word in text for word in ("malformed", "not a database", "corrupt", "encrypted"))
-
-
-def _read_meta_rows(conn: sqlite3.Connection) -> Dict[str, str]:
-    return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
-
-
-def _code_chunks(conn: sqlite3.Connection, nbytes: int, name: str, ids: np.ndarray,
-                 label_ids: np.ndarray) -> Iterator[np.ndarray]:
-    """Yields the codes in id order, a bounded batch of rows at a time, filling ``ids`` and
-    ``label_ids`` on the way.
-
-    ``ids`` and ``label_ids`` must have one slot per item (``SELECT count(*)`` in the same transaction).
-    """
-    count = ids.shape[0]
-    cursor = conn.execute("SELECT id, label_id, code FROM items ORDER BY id")
-    done = 0
-    while True:
-        rows = cursor.fetchmany(_FETCH_ROWS)
-        if not rows:
-            break
-        n = len(rows)
-        if done + n > count:
-            raise GalleryCorruptError(f"{name}: the items table changed while it was being read")
-        id_list, label_list, blobs = zip(*rows)
-        try:
-            joined = b"".join(blobs)
-            lengths_ok = set(map(len, blobs)) == {nbytes}
-        except TypeError:
-            lengths_ok = False
-        if not lengths_ok:
-            bad = [int(r[0]) for r in rows if not isinstance(r[2], bytes) or len(r[2]) != nbytes]
-            raise GalleryCorruptError(
-                f"{name}: items {_short_list(bad)} have codes that are not {nbytes}-byte blobs "
-                f"({nbytes * 8}-bit codes expected)"
-            )
-        ids[done:done + n] = id_list
-        label_ids[done:done + n] = label_list
-        done += n
-        yield np.frombuffer(joined, dtype=np.uint8).reshape(n, nbytes)
-    if done != count:
-        raise GalleryCorruptError(f"{name}: the items table changed while it was being read")
-
-
-def _read_codes(conn: sqlite3.Connection, nbytes: int, name: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Reads every (id, code) in id order: int64 ``(m,)`` and uint8 ``(m, nbytes)``."""
-    count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
-    ids, label_ids = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
-    chunks = list(_code_chunks(conn, nbytes, name, ids, label_ids))
-    codes = np.concatenate(chunks) if chunks else np.empty((0, nbytes), dtype=np.uint8)
-    return ids, codes
-
-
 def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str) -> _Snapshot:
     count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
     ids, label_ids = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
@@ -424,35 +257,6 @@ def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str)
         raise GalleryCorruptError(f"{name}: items refer to labels that do not exist (label ids {_short_list(unknown)}); "
                                   "run `edge-shitu gallery check` for details")
     return _Snapshot(ids=_frozen(ids), index=index, label_ids=_label_array(label_ids), labels=labels)
-
-
-def _check_schema(conn: sqlite3.Connection, name: str) -> None:
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = {"meta", "items", "labels"} - tables
-    if missing:
-        raise GalleryCorruptError(
-            f"{name}: not an edge-shitu gallery (SQLite database without the table(s) {sorted(missing)})"
-        )
-    for table, wanted in (("items", _ITEM_COLUMNS), ("labels", _LABEL_COLUMNS)):
-        columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-        if not wanted <= columns:
-            raise GalleryCorruptError(
-                f"{name}: the {table} table lacks the column(s) {sorted(wanted - columns)}"
-            )
-
-
-def fsync_dir(directory: Path) -> None:
-    """Makes a rename in ``directory`` durable (where the platform allows it); never raises."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Gallery:
@@ -1586,111 +1390,6 @@ class Gallery:
         return GalleryError(f"{self._name}: {what} failed and nothing was changed: {exc}")
 
 
-def _label_ids(conn: sqlite3.Connection, labels: Iterable[str]) -> Dict[str, int]:
-    """Ids of labels in the labels table, creating the missing ones (count 0)."""
-    wanted = set(labels)
-    # One scan of the (unindexed) labels table, in SQLite, against an indexed temporary list of
-    # the batch's labels serves the whole batch.
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted_labels(label TEXT PRIMARY KEY)")
-    conn.execute("DELETE FROM temp.wanted_labels")
-    conn.executemany("INSERT INTO temp.wanted_labels(label) VALUES (?)", ((lab,) for lab in wanted))
-    found: Dict[str, int] = {label: int(i) for i, label in conn.execute(
-        "SELECT l.id, l.label FROM labels AS l WHERE l.label IN (SELECT label FROM temp.wanted_labels)")}
-    conn.execute("DELETE FROM temp.wanted_labels")
-    missing = sorted(wanted - found.keys())
-    if missing:
-        start = (conn.execute("SELECT max(id) FROM labels").fetchone()[0] or 0) + 1
-        conn.executemany("INSERT INTO labels(id, label, count) VALUES (?, ?, 0)",
-                         ((start + j, lab) for j, lab in enumerate(missing)))
-        found.update((lab, start + j) for j, lab in enumerate(missing))
-    return found
-
-
-def _bump_counts(conn: sqlite3.Connection, delta: Counter) -> None:
-    """Adds ``delta[label_id]`` to each label's item count; labels left with no item are deleted."""
-    changes = [(int(n), int(lab)) for lab, n in delta.items() if n]
-    conn.executemany("UPDATE labels SET count = count + ? WHERE id = ?", changes)
-    if any(n < 0 for n, _ in changes):
-        conn.execute("DELETE FROM labels WHERE count <= 0")
-
-
-def _check_contents(conn: sqlite3.Connection, name: str) -> Tuple[List[str], Optional[_Meta]]:
-    """File-level checks (call inside a transaction); the meta is None when it could not be read."""
-    problems = [f"integrity: {r[0]}" for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
-    try:
-        _check_schema(conn, name)
-        meta = _parse_meta(_read_meta_rows(conn), name)
-    except GalleryCorruptError as exc:
-        return problems + [str(exc)], None
-    nbytes = meta.bits // 8
-    bad_codes = conn.execute(
-        "SELECT count(*) FROM items WHERE typeof(code) != 'blob' OR length(code) != ?", (nbytes,)).fetchone()[0]
-    if bad_codes:
-        problems.append(f"{bad_codes} items have codes that are not {nbytes}-byte blobs")
-    duplicated = conn.execute(
-        "SELECT count(*) FROM (SELECT label FROM labels GROUP BY label HAVING count(*) > 1)").fetchone()[0]
-    if duplicated:
-        problems.append(f"{duplicated} labels are stored more than once")
-    bad_labels = conn.execute(
-        "SELECT count(*) FROM labels WHERE typeof(label) != 'text' OR label = ''").fetchone()[0]
-    if bad_labels:
-        problems.append(f"{bad_labels} labels are empty or not text")
-    orphans = conn.execute(
-        "SELECT count(*) FROM items WHERE label_id NOT IN (SELECT id FROM labels)").fetchone()[0]
-    if orphans:
-        problems.append(f"{orphans} items refer to a label that does not exist")
-    stored = dict(conn.execute("SELECT id, count FROM labels"))
-    actual = dict(conn.execute("SELECT label_id, count(*) FROM items GROUP BY label_id"))
-    wrong = sorted(i for i in set(stored) | set(actual) if stored.get(i, 0) != actual.get(i, 0))
-    if wrong:
-        problems.append(f"the item counts of {len(wrong)} labels disagree with the items "
-                        f"(label ids {_short_list(wrong)})")
-    if meta.embedding_dim is None:
-        stray = conn.execute("SELECT count(*) FROM items WHERE embedding IS NOT NULL").fetchone()[0]
-        if stray:
-            problems.append(f"{stray} items have embeddings but meta 'embedding_dim' is missing")
-    else:
-        bad_emb = conn.execute(
-            "SELECT count(*) FROM items WHERE embedding IS NOT NULL AND "
-            "(typeof(embedding) != 'blob' OR length(embedding) != ?)", (4 * meta.embedding_dim,)).fetchone()[0]
-        if bad_emb:
-            problems.append(f"{bad_emb} items have embeddings that are not {meta.embedding_dim} float32 values")
-    low, high = conn.execute("SELECT min(id), max(id) FROM items").fetchone()
-    if low is not None and low < 0:
-        problems.append(f"negative item id {low}")
-    if high is not None and meta.next_id <= high:
-        problems.append(f"meta 'next_id' {meta.next_id} is not above the largest id {high}")
-    return problems, meta
-
-
-def _set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
-
-
-def _init_schema(conn: sqlite3.Connection, *, fingerprint: str, bits: int) -> None:
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        conn.executemany(
-            "INSERT INTO meta(key, value) VALUES (?, ?)",
-            [
-                ("format_version", FORMAT_VERSION),
-                ("bits", str(bits)),
-                ("bit_order", "big"),
-                ("metric", "hamming"),
-                ("fingerprint", fingerprint),
-                ("created_by", f"edge-shitu {__version__}"),
-                ("next_id", "0"),
-            ],
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
 def _load(conn: sqlite3.Connection, name: str, backend: str) -> Tuple[_Meta, _Snapshot, int]:
     """Reads meta and codes; call inside a transaction so both come from the same state."""
     if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()[0]:
@@ -1703,50 +1402,3 @@ def _load(conn: sqlite3.Connection, name: str, backend: str) -> Tuple[_Meta, _Sn
     snapshot = _read_snapshot(conn, meta.bits, backend, name)
     version = conn.execute("PRAGMA data_version").fetchone()[0]
     return meta, snapshot, version
-
-
-def check_gallery(path: PathLike) -> List[str]:
-    """Checks a gallery file without loading it: useful when it is too damaged to open.
-
-    Runs SQLite's integrity check and the gallery's own checks (schema, meta values, code and
-    embedding sizes, labels and their counts, ids), then reads every code. Opening the file
-    writable first lets SQLite roll back a transaction that a crashed writer left unfinished;
-    a file that cannot be written is checked read-only.
-
-    Args:
-      path: the gallery file.
-
-    Returns:
-      One message per problem; an empty list for a healthy gallery.
-
-    Raises:
-      MissingFileError: ``path`` does not exist.
-      GalleryError: ``path`` is a directory or cannot be opened at all.
-    """
-    target = Path(path)
-    if not target.exists():
-        raise MissingFileError(f"gallery file not found: {target}")
-    if target.is_dir():
-        raise GalleryError(f"{target} is a directory, not a gallery file")
-    name = str(target)
-    mode = "rw" if os.access(target, os.W_OK) else "ro"
-    try:
-        conn = sqlite3.connect(f"{target.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None, timeout=10.0)
-    except sqlite3.Error as exc:
-        raise GalleryError(f"cannot open gallery {name}: {exc}") from exc
-    try:
-        conn.execute("BEGIN")
-        try:
-            problems, meta = _check_contents(conn, name)
-            if meta is not None and not any("codes that are not" in p for p in problems):
-                try:
-                    _read_codes(conn, meta.bits // 8, name)
-                except GalleryCorruptError as exc:
-                    problems.append(str(exc))
-        finally:
-            conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        return [f"{name}: not a readable SQLite gallery: {exc}"]
-    finally:
-        conn.close()
-    return problems

@@ -114,13 +114,10 @@ _IPP_MIN_SIDE = 4
 # Target size of the float32 block the vertical pass converts at once (elements): big enough
 # to amortise Python overhead, small enough to stay in cache.
 _BLOCK_ELEMENTS = 1 << 19
-# Output pixels per dense weight block of a banded matmul (see _band_plan): measured best
-# between 4 and 16 for 640-pixel outputs from 500- to 4000-pixel sources.
+# Output pixels per dense weight block of a banded matmul (see _band_plan): wider blocks multiply
+# more zeros, narrower ones make more matmul calls (figures in docs/benchmarks.md,
+# "edge_shitu/image.py: resizing").
 _BAND = 8
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
 
 
 def load_image(
@@ -354,10 +351,6 @@ def _check_pillow_limit(size: Tuple[int, int], label: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# EXIF orientation
-
-
 def _hide_jpeg_metadata(fp: BinaryIO) -> Tuple[Optional[bytes], BinaryIO]:
     """Take a JPEG's EXIF block for ourselves and hide it, and its MPF index, from Pillow.
 
@@ -476,10 +469,6 @@ def _exif_orientation(exif: object) -> int:
     return orientation
 
 
-# --------------------------------------------------------------------------------------------
-# Conversion to RGB
-
-
 def _rgb_from_pil(im: Image.Image, label: str, orientation: int) -> np.ndarray:
     """Copy a loaded PIL image into a new uint8 RGB array, upright for ``orientation``.
 
@@ -564,10 +553,6 @@ def _rgb_from_array(arr: np.ndarray, label: str) -> np.ndarray:
 def _check_not_empty(shape: Tuple[int, ...], label: str) -> None:
     if shape[0] < 1 or shape[1] < 1:
         raise InvalidInputError(f"{label}: expected an image of at least 1x1 pixels, got shape {shape}")
-
-
-# --------------------------------------------------------------------------------------------
-# Resizing
 
 
 def resize_cubic(img: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -777,8 +762,8 @@ def _band_plan(src: int, dst: int, inv_scale: float, exact: bool, channels: int)
     Each entry is ``(d0, d1, s0, s1, weights)``: output pixels ``d0:d1`` read source pixels
     ``s0:s1`` only, through float32 ``weights`` of shape ``((s1 - s0) * C, (d1 - d0) * C)``
     (the per-pixel weights times the identity over channels, so interleaved rows can be used
-    as they are). A banded matmul wastes multiplications on zeros but runs in BLAS, several
-    times faster than gathering the taps with numpy.
+    as they are). A banded matmul wastes multiplications on zeros but runs in BLAS, which
+    beats gathering the taps with numpy.
     """
     idx, weights = _cubic_taps(src, dst, inv_scale, exact)
     eye = np.eye(channels, dtype=np.float32)
@@ -799,8 +784,8 @@ def _resize_rows(src: np.ndarray, dst: int, inv_scale: float, exact: bool) -> np
 
     Enlarging, every source row is converted once and a banded matmul does the rest.
     Shrinking, only the 4 tap rows of each output row are gathered, converted and reduced with
-    one small matmul per output row, a block at a time (measured faster than the banded matmul
-    even for a 2x reduction).
+    one small matmul per output row, a block at a time (this beats the banded matmul even for a
+    2x reduction).
     """
     h, w, c = src.shape
     row = w * c
@@ -882,10 +867,6 @@ def _linear_columns(src: int, dst: int, inv_scale: float, channels: int) -> Tupl
     flat = idx.T[:, :, None] * channels + np.arange(channels)[None, None, :]
     wide = np.repeat(weights.T, channels, axis=1).astype(np.int32)
     return _frozen(flat.reshape(2, -1)), _frozen(wide)
-
-
-# --------------------------------------------------------------------------------------------
-# Model inputs
 
 
 def normalize_chw(
@@ -987,10 +968,6 @@ def to_batch(images: Sequence[np.ndarray]) -> np.ndarray:
         if chw.ndim != 3 or chw.shape != first.shape:
             raise InvalidInputError(f"image {i}: expected shape {first.shape} (C, H, W), got {chw.shape}")
     return np.stack(images)
-
-
-# --------------------------------------------------------------------------------------------
-# Cropping
 
 
 def crop(img: np.ndarray, box: Sequence[float]) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from edge_shitu.errors import InvalidInputError
@@ -87,6 +87,14 @@ def _flag(name: str, value: object) -> None:
         raise InvalidInputError(f"{name} must be true or false, got {_short(value)}")
 
 
+def _merged(options, defaults: Mapping[str, Any], reference: Mapping[str, Any]):
+    """The one place where settings meet: every field of ``options`` left at None takes the bundle's
+    value from ``defaults``, else the reference pipeline's from ``reference``; fields the caller set
+    stay as they are."""
+    filled = {name: defaults.get(name, reference[name]) for name in reference if getattr(options, name) is None}
+    return replace(options, **filled) if filled else options
+
+
 def _instance(name: str, value: object, kind: type, *, optional: bool = False) -> None:
     if not (isinstance(value, kind) or (optional and value is None)):
         none = " or None" if optional else ""
@@ -113,10 +121,24 @@ class BackendOptions:
             check_threads(self.threads)
 
 
+_DETECTOR_REFERENCE: Mapping[str, Any] = {
+    "score_threshold": 0.025, "nms_iou": 0.6, "nms_top_k": 1000, "keep_top_k": 100, "max_detections": 5,
+    "min_score": 0.2,
+}
+"""The reference pipeline's post-processing (in-graph NMS at score 0.025 / IoU 0.6 / keep 100, then the
+top 5 with score >= 0.2): what a setting is when neither the caller nor the bundle gives it."""
+
+_RECOGNITION_REFERENCE: Mapping[str, Any] = {"top_k": 5, "whole_image": "if_none", "final_nms_iou": 0.05}
+"""Recognition settings when neither the caller nor the bundle gives them."""
+
+
 @dataclass(frozen=True)
 class DetectorOptions:
-    """PicoDet post-processing settings. The defaults reproduce the reference pipeline
-    (in-graph NMS at score 0.025 / IoU 0.6 / keep 100, then the top 5 with score >= 0.2).
+    """PicoDet post-processing settings.
+
+    A field left at None takes the bundle's default, else the reference pipeline's (in-graph NMS at
+    score 0.025 / IoU 0.6 / keep 100, then the top 5 with score >= 0.2); see :meth:`with_defaults`.
+    A :class:`~edge_shitu.detector.Detector` always holds complete options.
 
     Attributes:
       score_threshold: candidates below this score are dropped before NMS.
@@ -134,24 +156,25 @@ class DetectorOptions:
       InvalidInputError: a value of the wrong type or out of range (scores and IoUs in [0, 1]).
     """
 
-    score_threshold: float = 0.025
-    nms_iou: float = 0.6
-    nms_top_k: int = 1000
-    keep_top_k: int = 100
-    max_detections: int = 5
-    min_score: float = 0.2
+    score_threshold: Optional[float] = None
+    nms_iou: Optional[float] = None
+    nms_top_k: Optional[int] = None
+    keep_top_k: Optional[int] = None
+    max_detections: Optional[int] = None
+    min_score: Optional[float] = None
     clip: bool = True
     backend: BackendOptions = field(default_factory=BackendOptions)
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         _positive("max_pixels", self.max_pixels, MAX_PIXELS)
-        _unit("score_threshold", self.score_threshold)
-        _unit("nms_iou", self.nms_iou)
-        _unit("min_score", self.min_score)
-        _positive("nms_top_k", self.nms_top_k, MAX_CANDIDATES)
-        _positive("keep_top_k", self.keep_top_k, MAX_CANDIDATES)
-        _positive("max_detections", self.max_detections, MAX_DETECTIONS)
+        for name in ("score_threshold", "nms_iou", "min_score"):
+            if getattr(self, name) is not None:
+                _unit(name, getattr(self, name))
+        for name, maximum in (("nms_top_k", MAX_CANDIDATES), ("keep_top_k", MAX_CANDIDATES),
+                              ("max_detections", MAX_DETECTIONS)):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), maximum)
         _flag("clip", self.clip)
         _instance("backend", self.backend, BackendOptions)
 
@@ -168,7 +191,20 @@ class DetectorOptions:
         unknown = set(merged) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise InvalidInputError(f"unknown detector option(s): {', '.join(sorted(unknown))}")
+        empty = sorted(k for k in values if values[k] is None)
+        if empty:
+            # None means "the bundle's value": defaults themselves must give one.
+            raise InvalidInputError(f"detector option(s) {', '.join(empty)} must have a value, got None")
         return cls(**merged)
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> "DetectorOptions":
+        """These options with every field left at None taken from ``defaults`` (a bundle's detector
+        defaults), else from the reference pipeline.
+
+        Raises:
+          InvalidInputError: a value taken from ``defaults`` is out of range.
+        """
+        return _merged(self, defaults, _DETECTOR_REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -178,7 +214,8 @@ class EmbedderOptions:
     Attributes:
       max_batch: crops per session call, at most :data:`MAX_BATCH`; larger inputs are split into
         chunks of this size.
-      epsilon: added to the L2 norm so an all-zero feature gives zeros, not NaN (reference bug §1.9 #11).
+      epsilon: added to the L2 norm so an all-zero feature gives zeros, not the NaN of the reference
+        pipeline's bare division.
       backend: how the extractor session is created.
       max_pixels: images with more pixels are refused from their header, before decoding; decoding
         takes about 7 bytes per pixel (16 for WebP), so this bounds memory (see :mod:`edge_shitu.image`).
@@ -207,10 +244,12 @@ class RecognizerOptions:
     Attributes:
       max_distance: accept a match when its Hamming distance is at most this many bits; ``None`` takes
         the gallery's calibrated value, else the bundle default (100, the reference's hamming_radius).
-      top_k: candidates returned per region (at most :data:`MAX_TOP_K`).
-      whole_image: when the whole image is recognised as an extra region.
-      final_nms_iou: IoU of the final class-agnostic NMS, ranked by best match (smallest distance).
-      detector: detector settings; ``None`` takes the bundle defaults.
+      top_k: candidates returned per region (at most :data:`MAX_TOP_K`); ``None``: the bundle's.
+      whole_image: when the whole image is recognised as an extra region; ``None``: the bundle's.
+      final_nms_iou: IoU of the final class-agnostic NMS, ranked by best match (smallest distance);
+        ``None``: the bundle's.
+      detector: detector settings; fields left at None (or ``None`` for all of them) take the
+        bundle's detector defaults.
       embedder: extractor settings.
       include_unknown: also return regions whose best match is farther than ``max_distance``
         (with ``label=None``); by default they are dropped, as in the reference.
@@ -224,9 +263,9 @@ class RecognizerOptions:
     """
 
     max_distance: Optional[int] = None
-    top_k: int = 5
-    whole_image: WholeImagePolicy = WholeImagePolicy.IF_NONE
-    final_nms_iou: float = 0.05
+    top_k: Optional[int] = None
+    whole_image: Optional[WholeImagePolicy] = None
+    final_nms_iou: Optional[float] = None
     detector: Optional[DetectorOptions] = None
     embedder: EmbedderOptions = field(default_factory=EmbedderOptions)
     include_unknown: bool = False
@@ -237,16 +276,37 @@ class RecognizerOptions:
         _positive("max_pixels", self.max_pixels, MAX_PIXELS)
         if self.max_distance is not None and (isinstance(self.max_distance, bool) or not isinstance(self.max_distance, int) or self.max_distance < 0):
             raise InvalidInputError(f"max_distance must be a non-negative integer, got {_short(self.max_distance)}")
-        _positive("top_k", self.top_k, MAX_TOP_K)
-        _unit("final_nms_iou", self.final_nms_iou)
+        if self.top_k is not None:
+            _positive("top_k", self.top_k, MAX_TOP_K)
+        if self.final_nms_iou is not None:
+            _unit("final_nms_iou", self.final_nms_iou)
         _instance("detector", self.detector, DetectorOptions, optional=True)
         _instance("embedder", self.embedder, EmbedderOptions)
         _flag("include_unknown", self.include_unknown)
         try:
-            object.__setattr__(self, "whole_image", WholeImagePolicy(self.whole_image))
+            if self.whole_image is not None:
+                object.__setattr__(self, "whole_image", WholeImagePolicy(self.whole_image))
         except ValueError:
             choices = ", ".join(p.value for p in WholeImagePolicy)
             raise InvalidInputError(f"whole_image must be one of {choices}, got {_short(self.whole_image)}") from None
         if self.search_backend not in _SEARCH_BACKENDS:
             raise InvalidInputError(
                 f"search_backend must be one of {', '.join(_SEARCH_BACKENDS)}, got {_short(self.search_backend)}")
+
+    def with_defaults(self, recognition: Mapping[str, Any], detector: Optional[Mapping[str, Any]] = None
+                      ) -> "RecognizerOptions":
+        """These options with every field left at None taken from a bundle's defaults, field by field.
+
+        Args:
+          recognition: the bundle's recognition defaults (``top_k``, ``whole_image``, ``final_nms_iou``);
+            ``max_distance`` stays None here, since the gallery's calibrated radius comes first.
+          detector: the bundle's detector defaults, or None when the bundle has no detector.
+
+        Raises:
+          InvalidInputError: a value taken from the defaults is out of range.
+        """
+        merged = _merged(self, recognition, _RECOGNITION_REFERENCE)
+        if detector is not None:
+            merged = replace(merged, detector=(merged.detector or DetectorOptions()).with_defaults(detector))
+        return merged
+

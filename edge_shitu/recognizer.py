@@ -15,7 +15,7 @@ from edge_shitu.embedder import Embedder
 from edge_shitu.errors import ClosedError, FingerprintMismatchError
 from edge_shitu.gallery import Gallery
 from edge_shitu.image import crop, load_image
-from edge_shitu.options import DetectorOptions, RecognizerOptions
+from edge_shitu.options import RecognizerOptions
 from edge_shitu.types import Match, Recognition, RecognitionResult, WholeImagePolicy
 
 __all__ = ["Recognizer", "STAGES"]
@@ -53,7 +53,10 @@ class Recognizer:
         self.detector = detector
         self.embedder = embedder
         self.gallery = gallery
-        self.options = options
+        rec = bundle.recognition
+        self.options = options.with_defaults(
+            {"top_k": rec.top_k, "whole_image": rec.whole_image, "final_nms_iou": rec.final_nms_iou},
+            None if bundle.detector is None else bundle.detector.defaults)
         self._owns_gallery = owns_gallery
         self._closed = False
 
@@ -66,7 +69,8 @@ class Recognizer:
           bundle: a bundle directory or a loaded :class:`Bundle`. Without a detector model, every image
             is recognised whole.
           gallery: a gallery file (opened read-only) or an open :class:`Gallery`.
-          options: pipeline settings; ``None`` takes the bundle's defaults.
+          options: pipeline settings; every field left at None (or ``None`` for all) takes the
+            bundle's default, field by field (:meth:`RecognizerOptions.with_defaults`).
 
         Raises:
           MissingFileError, BundleError, IntegrityError: the bundle or gallery is missing or damaged.
@@ -74,10 +78,7 @@ class Recognizer:
           BackendUnavailableError: the backend is not installed.
         """
         bundle = Bundle.load(bundle)
-        if options is None:
-            rec = bundle.recognition
-            options = RecognizerOptions(top_k=rec.top_k, whole_image=WholeImagePolicy(rec.whole_image),
-                                        final_nms_iou=rec.final_nms_iou)
+        options = options or RecognizerOptions()
         owns = not isinstance(gallery, Gallery)
         if owns:
             gallery = Gallery.open(gallery, fingerprint=bundle.code_fingerprint, readonly=True,
@@ -85,8 +86,7 @@ class Recognizer:
         detector = None
         try:
             if bundle.detector is not None:
-                det_opts = options.detector or DetectorOptions.from_mapping(bundle.detector.defaults)
-                detector = Detector.from_bundle(bundle, options=det_opts)
+                detector = Detector.from_bundle(bundle, options=options.detector)
             embedder = Embedder.from_bundle(bundle, options=options.embedder)
             return cls(bundle, detector, embedder, gallery, options, owns_gallery=owns)
         except BaseException:

@@ -1,5 +1,10 @@
 """Exhaustive Hamming search over packed binary codes, with a pure-numpy backend and faiss.
 
+This module is the one place where codes, ``k`` and ``max_distance`` are validated
+(:func:`check_codes`) and Hamming distances are counted: :class:`HammingIndex` for top-k searches,
+:func:`hamming_distances` for the dense distance matrix that leave-one-out measurements need, both
+on the same popcount code.
+
 A :class:`HammingIndex` holds the codes of a gallery, row ``i`` being the ``i``-th item, and finds
 the ``k`` nearest rows of each query. Results are the same on every backend, ties included: rows
 are ranked by ascending distance, then ascending position. The gallery keeps its rows in ascending
@@ -8,27 +13,26 @@ id order, so ties are broken by id there.
 Backends (``backend=`` of :meth:`HammingIndex.build`):
 
 ``numpy``
-    Always available. The codes are cut into blocks of 32768 rows, and each block is one contiguous
-    word-major array: ``block[w, i]`` is the ``w``-th 64-bit word of the block's row ``i``. For each
+    Always available, and what :func:`hamming_distances` uses. The codes are cut into blocks of
+    32768 rows, and each block is one contiguous word-major array: ``block[w, i]`` is the ``w``-th 64-bit word of the block's row ``i``. For each
     block and query, the XOR of all words is one ufunc call over the block, the popcount another,
     and the sum over words three more (pairwise uint8 sums, then uint16), all into reused buffers.
     Top-k selection is done per block against the running k-th distance (a block with no closer
     row costs one ``min``), so only rows that can still enter the result are ever sorted. Codes
-    whose width is not a multiple of 64 bits are scanned byte-wise with a 256-entry table, as are
-    all codes under numpy < 2 (which has no ``bitwise_count``).
+    whose width is not a multiple of 64 bits are scanned byte by byte, and under numpy < 2 (which
+    has no ``bitwise_count``) all codes are, counted with a 256-entry table.
 ``faiss``
     ``faiss.IndexBinaryFlat`` (faiss-cpu, which has wheels for x86-64 and aarch64). faiss does not
     define the order of equal distances, so the index asks for a few more neighbours than needed
     and, in the rare case that the tie at the k-th distance extends past them, collects the whole
-    tie with a range search; both are then ordered by (distance, position).
+    tie with a range search; both are then ordered by (distance, position). faiss searches on its
+    OpenMP threads, whose number is a process-wide setting that this module leaves alone: an
+    application that runs model sessions beside the search sets it once (``faiss.omp_set_num_threads``
+    or ``OMP_NUM_THREADS``), since idle OpenMP threads spin and take the cores from the sessions.
 ``auto``
     faiss when it can be imported and passes a self-check of its Hamming kernels (done once per
     process: faiss-cpu's aarch64 wheels 1.15.1 miscount codes that differ in a whole 256-bit block),
     else numpy.
-
-Codes of 4 MiB and more are backed by transparent huge pages, from their first search, where the OS
-allows (:mod:`edge_shitu.hugepages`): numpy asks for them itself, faiss does not, and on 4 KiB pages its search
-over 1M codes took 2.5-3.0 ms instead of 2.1-2.2 ms (one x86-64 core).
 
 Each backend holds exactly one copy of the codes (64 bytes per 512-bit item), and an index never
 changes after it is built: :meth:`HammingIndex.appended` and :meth:`HammingIndex.without` return
@@ -39,14 +43,20 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 
-from edge_shitu import hugepages
 from edge_shitu.errors import BackendUnavailableError, InvalidDtypeError, InvalidInputError
 
-__all__ = ["HammingIndex", "BACKENDS", "resolve_hamming_backend", "available_backends"]
+__all__ = [
+    "HammingIndex",
+    "BACKENDS",
+    "available_backends",
+    "check_codes",
+    "hamming_distances",
+    "resolve_hamming_backend",
+]
 
 BACKENDS = ("numpy", "faiss")
 """Names of the Hamming search backends, besides ``"auto"``."""
@@ -60,6 +70,9 @@ _SEED_ROWS = 1024
 # Extra neighbours asked of faiss so that ties at the k-th distance are almost always complete.
 _FAISS_EXTRA = 16
 
+# numpy >= 2 has a vectorised popcount; numpy < 2 (Chaquopy's 1.26 on Android) counts bytes with
+# this table. Module-level so that tests can take the fallback path on numpy >= 2.
+_HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
 _POPCOUNT_TABLE = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -135,6 +148,45 @@ def resolve_hamming_backend(name: str) -> str:
     return name
 
 
+def check_codes(codes: object, nbytes: Optional[int], *, name: str = "codes") -> np.ndarray:
+    """Validates a batch of packed codes without ever casting them.
+
+    Args:
+      codes: uint8 ndarray ``(n, nbytes)``, or one code ``(nbytes,)`` when ``nbytes`` is given.
+      nbytes: expected bytes per code (bits / 8), or None for any width of at least one byte
+        (then ``codes`` must be 2-D).
+      name: what to call the argument in error messages.
+
+    Returns:
+      C-contiguous uint8 array ``(n, nbytes)`` (the input itself when it already is one).
+
+    Raises:
+      InvalidDtypeError: ``codes`` is not a numpy array of dtype uint8.
+      InvalidInputError: ``codes`` does not have shape ``(n, nbytes)`` or ``(nbytes,)``.
+    """
+    width = "bytes" if nbytes is None else nbytes
+    if not isinstance(codes, np.ndarray):
+        raise InvalidDtypeError(
+            f"{name} must be a numpy uint8 array of shape (n, {width}), got {type(codes).__name__}"
+        )
+    if codes.dtype != np.uint8:
+        per_code = "" if nbytes is None else f", {nbytes} bytes per code"
+        raise InvalidDtypeError(
+            f"{name} must have dtype uint8 (packed bits{per_code}), got {codes.dtype}; "
+            "binary codes are never cast: use edge_shitu.codes.binarize on float features"
+        )
+    if nbytes is not None and codes.ndim == 1 and codes.shape[0] == nbytes:
+        codes = codes.reshape(1, nbytes)
+    if nbytes is None:
+        if codes.ndim != 2 or codes.shape[1] == 0:
+            raise InvalidInputError(f"{name} must have shape (n, bytes) with bytes >= 1, got {codes.shape}")
+    elif codes.ndim != 2 or codes.shape[1] != nbytes:
+        raise InvalidInputError(
+            f"{name} must have shape (n, {nbytes}) ({nbytes * 8}-bit codes), got {codes.shape}"
+        )
+    return np.ascontiguousarray(codes)
+
+
 def _check_k(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
@@ -149,16 +201,84 @@ def _check_max_distance(value: object) -> Optional[int]:
     return int(value)
 
 
-def _check_matrix(codes: object, nbytes: Optional[int], name: str) -> np.ndarray:
-    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
-        got = codes.dtype if isinstance(codes, np.ndarray) else type(codes).__name__
-        raise InvalidDtypeError(f"{name} must be a numpy uint8 array of packed bits, got {got}")
-    if codes.ndim == 1 and nbytes is not None and codes.shape[0] == nbytes:
-        codes = codes.reshape(1, nbytes)
-    if codes.ndim != 2 or (nbytes is not None and codes.shape[1] != nbytes):
-        want = f"(n, {nbytes})" if nbytes is not None else "(n, bytes)"
-        raise InvalidInputError(f"{name} must have shape {want}, got {codes.shape}")
-    return np.ascontiguousarray(codes)
+def hamming_distances(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The Hamming distance of every (query, code) pair, with the numpy backend's scan.
+
+    For top-k and thresholded searches use :class:`HammingIndex`, which never holds the whole
+    ``(n, m)`` matrix; this is for measurements that need every distance (leave-one-out).
+
+    Args:
+      queries: uint8 ``(n, B)``, or one code ``(B,)``.
+      codes: uint8 ``(m, B)``, ``B >= 1``.
+
+    Returns:
+      int32 ``(n, m)``: the number of differing bits of every pair.
+
+    Raises:
+      InvalidDtypeError: an argument is not a uint8 ndarray.
+      InvalidInputError: ``codes`` is not 2-D with at least one byte per code, or the widths differ.
+    """
+    c = check_codes(codes, None, name="codes")
+    q = check_codes(queries, c.shape[1], name="queries")
+    out = np.zeros((q.shape[0], c.shape[0]), dtype=np.int32)
+    if out.size:
+        for start, row, dist in _scan(_numpy_layout(c, copy=False), q):
+            out[row, start:start + dist.shape[0]] = dist
+    return out
+
+
+def _uses_words(nbytes: int) -> bool:
+    """Whether the numpy backend keeps codes of this width as 64-bit word blocks (else as rows of bytes)."""
+    return nbytes % 8 == 0 and _HAVE_BITWISE_COUNT
+
+
+def _numpy_layout(codes: np.ndarray, *, copy: bool) -> object:
+    """The numpy backend's storage of C-contiguous uint8 codes: word blocks, or the rows of bytes."""
+    if _uses_words(codes.shape[1]):
+        return _WordBlocks.from_codes(codes)
+    return codes.copy() if copy else codes
+
+
+def _scan(data: object, q: np.ndarray) -> Iterator[Tuple[int, int, np.ndarray]]:
+    """Hamming distances of C-contiguous uint8 queries ``(n, B)`` to the codes of a numpy layout.
+
+    Yields ``(first row, query row, distances)`` block by block, every query for each block; the
+    distances (unsigned integers, one per row of the block) live in a buffer reused by the next
+    item, so they must be consumed before asking for it.
+    """
+    if isinstance(data, _WordBlocks):
+        rows = min(data.rows, data.size)
+        qw = q.view(np.uint64)  # (n, W); popcount ignores byte order
+        xor_buf = np.empty((data.words, rows), dtype=np.uint64)
+        count_buf = np.empty((data.words, rows), dtype=np.uint8)
+        dist_buf = np.empty(rows, dtype=np.uint16 if data.words * 64 < 65536 else np.uint32)
+        # Words are summed pairwise in uint8 first (2 x 64 bits <= 128 fits), halving the
+        # widening additions; only 8-word codes (512 bits) take that route.
+        pairwise = data.words == 8
+        for start, block in data.blocks():
+            width = block.shape[1]
+            x, c, d = xor_buf[:, :width], count_buf[:, :width], dist_buf[:width]
+            for j in range(q.shape[0]):
+                np.bitwise_xor(block, qw[j][:, None], out=x)
+                np.bitwise_count(x, out=c)
+                if pairwise:
+                    np.add(c[:4], c[4:], out=c[:4])
+                    np.add(c[0], c[1], out=d, dtype=d.dtype)
+                    np.add(d, c[2], out=d, casting="unsafe")
+                    np.add(d, c[3], out=d, casting="unsafe")
+                else:
+                    np.add.reduce(c, axis=0, dtype=d.dtype, out=d)
+                yield start, j, d
+    else:
+        codes = data  # (m, B) uint8
+        m = codes.shape[0]
+        rows = min(_BLOCK_ROWS, m)
+        for start in range(0, m, rows):
+            block = codes[start:min(m, start + rows)]
+            for j in range(q.shape[0]):
+                x = np.bitwise_xor(block, q[j])
+                counts = np.bitwise_count(x) if _HAVE_BITWISE_COUNT else _POPCOUNT_TABLE[x]
+                yield start, j, counts.sum(axis=1, dtype=np.int64)
 
 
 class _Selector:
@@ -302,10 +422,6 @@ class HammingIndex:
         self._bits = bits
         self._size = size
         self._data = data
-        # Advised at the first search rather than here: given while a gallery was still being opened,
-        # the advice left 2 MB more resident at 1M codes (0.1 MB once open), and indexes replaced
-        # before they are searched never pay for it.
-        self._huge_pages_due = size * (bits // 8) >= hugepages.MIN_BYTES
 
     @classmethod
     def build(cls, codes: np.ndarray, *, bits: int, backend: str = "auto") -> "HammingIndex":
@@ -327,7 +443,7 @@ class HammingIndex:
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
             raise InvalidInputError(f"bits must be a positive multiple of 8, got {bits!r}")
         bits = int(bits)
-        arr = _check_matrix(codes, bits // 8, "codes")
+        arr = check_codes(codes, bits // 8, name="codes")
         name = resolve_hamming_backend(backend)
         if name == "faiss":
             faiss = _faiss()
@@ -335,10 +451,8 @@ class HammingIndex:
             if arr.shape[0]:
                 index.add(arr)
             data: object = index
-        elif bits % 64 == 0 and _HAVE_BITWISE_COUNT:
-            data = _WordBlocks.from_codes(arr)
         else:
-            data = arr.copy()
+            data = _numpy_layout(arr, copy=True)
         return cls(_BUILD_KEY, name, bits, int(arr.shape[0]), data)
 
     @classmethod
@@ -372,12 +486,12 @@ class HammingIndex:
             # One add of all rows: faiss's code vector then has exactly their size, where growing it
             # chunk by chunk left ~30% of freed capacity resident (93 instead of 72 bytes per item).
             data: object = np.empty((size, nbytes), dtype=np.uint8)
-        elif bits % 64 == 0 and _HAVE_BITWISE_COUNT:
+        elif _uses_words(nbytes):
             data = _WordBlocks(bits // 64, size, _BLOCK_ROWS)
         else:
             data = np.empty((size, nbytes), dtype=np.uint8)
         for chunk in chunks:
-            arr = _check_matrix(chunk, nbytes, "codes")
+            arr = check_codes(chunk, nbytes, name="codes")
             n = arr.shape[0]
             if done + n > size:
                 raise InvalidInputError(f"the chunks hold more than size={size} rows")
@@ -442,7 +556,7 @@ class HammingIndex:
           InvalidDtypeError: ``codes`` is not a uint8 ndarray.
           InvalidInputError: wrong shape.
         """
-        arr = _check_matrix(codes, self._bits // 8, "codes")
+        arr = check_codes(codes, self._bits // 8, name="codes")
         if isinstance(self._data, _WordBlocks):
             data = self._data.extended(arr.view(np.uint64))
             return HammingIndex(_BUILD_KEY, "numpy", self._bits, self._size + arr.shape[0], data)
@@ -510,16 +624,13 @@ class HammingIndex:
         """
         k = min(_check_k(k), self._size)
         limit = _check_max_distance(max_distance)
-        q = _check_matrix(queries, self._bits // 8, "queries")
+        q = check_codes(queries, self._bits // 8, name="queries")
         n = q.shape[0]
         positions = np.full((n, k), -1, dtype=np.int64)
         distances = np.full((n, k), -1, dtype=np.int32)
         counts = np.zeros(n, dtype=np.int64)
         if n == 0 or self._size == 0:
             return positions, distances, counts
-        if self._huge_pages_due:
-            self._huge_pages_due = False
-            _advise_huge_pages(self._data, self.memory_bytes)
         if self._backend == "faiss":
             found = self._search_faiss(q, k, limit)
         else:
@@ -533,58 +644,13 @@ class HammingIndex:
 
     def _search_numpy(self, q: np.ndarray, k: int, limit: Optional[int]):
         selectors = [_Selector(k, limit) for _ in range(q.shape[0])]
-        m = self._size
-        if isinstance(self._data, _WordBlocks):
-            words = self._data
-            rows = min(words.rows, m)
-            qw = q.view(np.uint64)  # (n, W); popcount ignores byte order
-            xor_buf = np.empty((words.words, rows), dtype=np.uint64)
-            count_buf = np.empty((words.words, rows), dtype=np.uint8)
-            dist_buf = np.empty(rows, dtype=np.uint16 if self._bits < 65536 else np.uint32)
-            # Words are summed pairwise in uint8 first (2 x 64 bits <= 128 fits), halving the
-            # widening additions; only 8-word codes (512 bits) take that route.
-            pairwise = words.words == 8
-            for start, block in words.blocks():
-                width = block.shape[1]
-                x, c, d = xor_buf[:, :width], count_buf[:, :width], dist_buf[:width]
-                for j, sel in enumerate(selectors):
-                    np.bitwise_xor(block, qw[j][:, None], out=x)
-                    np.bitwise_count(x, out=c)
-                    if pairwise:
-                        np.add(c[:4], c[4:], out=c[:4])
-                        np.add(c[0], c[1], out=d, dtype=d.dtype)
-                        np.add(d, c[2], out=d, casting="unsafe")
-                        np.add(d, c[3], out=d, casting="unsafe")
-                    else:
-                        np.add.reduce(c, axis=0, dtype=d.dtype, out=d)
-                    sel.offer(d, start)
-        else:
-            codes = self._data  # (m, B) uint8
-            rows = min(_BLOCK_ROWS, m)
-            for start in range(0, m, rows):
-                stop = min(m, start + rows)
-                block = codes[start:stop]
-                for j, sel in enumerate(selectors):
-                    d = _POPCOUNT_TABLE[np.bitwise_xor(block, q[j])].sum(axis=1, dtype=np.int64)
-                    sel.offer(d, start)
+        for start, row, dist in _scan(self._data, q):
+            selectors[row].offer(dist, start)
         return [s.result() for s in selectors]
 
     def _search_faiss(self, q: np.ndarray, k: int, limit: Optional[int]):
-        faiss = _faiss()
-        index = self._data
-        m = self._size
+        index, m = self._data, self._size
         wanted = min(m, k + _FAISS_EXTRA)
-        # faiss's OpenMP threads busy-wait: beside the model sessions' own threads they turned a
-        # 5 us search into 36 ms on 2 cores. One query batch of a recogniser is one thread's work.
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            return self._collect_faiss(index, q, k, limit, wanted, m)
-        finally:
-            faiss.omp_set_num_threads(threads)
-
-    @staticmethod
-    def _collect_faiss(index, q: np.ndarray, k: int, limit: Optional[int], wanted: int, m: int):
         dist, lab = index.search(q, wanted)
         out = []
         for row in range(q.shape[0]):
@@ -609,20 +675,3 @@ class HammingIndex:
 
 
 _BUILD_KEY = object()
-# numpy < 2 has no bitwise_count; codes are then kept row-major and counted with the byte table.
-_HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
-
-
-def _advise_huge_pages(data: object, nbytes: int) -> bool:
-    """Backs an index's codes with huge pages (see :mod:`edge_shitu.hugepages`); a hint, never an error."""
-    if isinstance(data, _WordBlocks):
-        return hugepages.advise_array(data.flat)
-    if isinstance(data, np.ndarray):
-        return hugepages.advise_array(data)
-    try:
-        # faiss keeps the codes in its own vector, immutable once built: its address stays valid.
-        view = _faiss().rev_swig_ptr(data.xb.data(), 1)
-        address = int(view.__array_interface__["data"][0])
-    except (AttributeError, TypeError, ValueError, BackendUnavailableError):
-        return False
-    return hugepages.advise_huge_pages(address, nbytes)

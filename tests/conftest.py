@@ -1,5 +1,9 @@
-"""Shared fixtures: the shared data folder, deterministic RNGs, and replica models and bundles
-built once per test session under pytest's temporary directory."""
+"""Shared fixtures: the shared data folder, deterministic RNGs, replica models and bundles (Paddle) and a
+tiny runnable ONNX bundle (onnx + onnxruntime only), built once per test session under pytest's
+temporary directory.
+
+Nothing here imports ``edge_shitu_converters`` (or anything of the convert extra) at module level, so
+``pytest -m "not paddle"`` runs with only ``edge-shitu[onnx,dev]`` installed."""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH, find_shared
 from edge_shitu.errors import MissingFileError
 
 # Under CI every test must really run: a skip there means an install step is missing.
@@ -28,6 +31,8 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
+    from edge_shitu_converters.shared import find_shared  # stdlib only, no Paddle
+
     try:
         return find_shared()
     except MissingFileError as exc:
@@ -66,6 +71,7 @@ def replica_dirs(shared_dir: Path, tmp_path_factory) -> dict:
     """Replica Paddle inference models (official graphs, seed-0 random weights): role -> folder."""
     _need_paddle()
     from edge_shitu_converters.replica import write_replica
+    from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH
 
     root = tmp_path_factory.mktemp("replicas")
     graphs = shared_dir / "models" / "ppshitu-graphs"
@@ -178,15 +184,21 @@ def manifest_for(det_file="detector.onnx", rec_file="extractor.onnx", det_sha="0
 @pytest.fixture
 def fake_bundle(tmp_path) -> Path:
     """A bundle directory whose model files are placeholder bytes (use with injected fake sessions)."""
-    import hashlib
-    import json
-
     root = tmp_path / "fake-bundle"
     root.mkdir()
     (root / "detector.onnx").write_bytes(b"placeholder detector")
     (root / "extractor.onnx").write_bytes(b"placeholder extractor")
+    return write_manifest(root)
+
+
+def write_manifest(root: Path, name: str = "fake") -> Path:
+    """Write ``root/manifest.json`` (:func:`manifest_for`) with the real sha256 of the two model files."""
+    import hashlib
+    import json
+
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     m = manifest_for(det_sha=sha(root / "detector.onnx"), rec_sha=sha(root / "extractor.onnx"))
+    m["name"] = name
     (root / "manifest.json").write_text(json.dumps(m, indent=2))
     return root
 
@@ -252,3 +264,112 @@ class FakeExtractorSession:
 
     def close(self):
         pass
+
+
+# ---------------------------------------------------------------- tiny real ONNX models
+# Written with onnx.helper (the dev extra) and run by onnxruntime, so the runtime's whole path (bundle
+# verification, session creation, pre/post-processing, CLI) runs on real model files without Paddle.
+
+ONNX_OPSET = 13
+# IR 8 is what onnxruntime 1.14+ reads; the newest onnx would stamp a version older runtimes refuse.
+ONNX_IR_VERSION = 8
+
+
+def write_onnx(path: Path, nodes, inputs, outputs, initializers=(), *, name: str = "tiny") -> Path:
+    """Save a one-graph ONNX model (default domain at :data:`ONNX_OPSET`) after the ONNX checker passed it.
+
+    Args:
+      path: the ``.onnx`` file to write.
+      nodes, inputs, outputs: as for ``onnx.helper.make_graph``.
+      initializers: ``{name: ndarray}`` of constant tensors.
+    """
+    onnx = pytest.importorskip("onnx", reason="onnx (the 'dev' extra) is not installed")
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs),
+                              initializer=[numpy_helper.from_array(v, k) for k, v in dict(initializers).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                              producer_name="edge-shitu tests")
+    model.ir_version = ONNX_IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_shape_probe_extractor(path: Path, input_name: str = "x", dims=("N", 3, 224, 224)) -> Path:
+    """An "extractor" (ReduceMean over the last axis) whose only point is its declared input (name, dims)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ReduceMean", [input_name], ["feat"], axes=[-1], keepdims=0)
+    return write_onnx(path, [node], [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(dims))],
+                      [helper.make_tensor_value_info("feat", TensorProto.FLOAT, list(dims)[:-1])])
+
+
+TINY_STRIDES = (8, 16, 32, 64)
+TINY_REG_MAX = 7
+TINY_SEED = 0
+# Score conv: zero-mean filters (they answer to edges, not to brightness) at unit gain, and a bias that leaves
+# each drink test photo 4 or 5 boxes above the default min_score 0.2 (its best score 0.31 to 0.94).
+TINY_SCORE_GAIN, TINY_SCORE_BIAS, TINY_BOX_GAIN = 1.0, -3.0, 0.5
+
+
+def write_tiny_detector(path: Path, seed: int = TINY_SEED) -> Path:
+    """A PicoDet-shaped detector: ``image`` float32 [1, 3, 640, 640] -> the eight raw head outputs.
+
+    Per stride s: a Conv with kernel = stride = s over the input gives one class score (Sigmoid) and
+    ``4 * (reg_max + 1)`` box logits per cell, reshaped and transposed to the converter's layout
+    ``s{s}`` [1, (640/s)^2, 1] and ``b{s}`` [1, (640/s)^2, 32] (names as in :func:`manifest_for`).
+    Weights are drawn from ``default_rng(seed)``.
+    """
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes, consts = [], {"flat": np.array([1, 0, -1], np.int64)}
+    score_outputs, box_outputs = [], []
+    for s in TINY_STRIDES:
+        cells = (640 // s) ** 2
+        for kind, channels, gain, bias in (("s", 1, TINY_SCORE_GAIN, TINY_SCORE_BIAS),
+                                           ("b", 4 * (TINY_REG_MAX + 1), TINY_BOX_GAIN, 0.0)):
+            w = rng.normal(size=(channels, 3, s, s))
+            w = (w - w.mean(axis=(2, 3), keepdims=True)) * gain / np.sqrt(w[0].size)
+            consts[f"{kind}{s}_w"], consts[f"{kind}{s}_b"] = w.astype(np.float32), np.full(channels, bias, np.float32)
+            nodes.append(helper.make_node("Conv", ["image", f"{kind}{s}_w", f"{kind}{s}_b"], [f"{kind}{s}_conv"],
+                                          kernel_shape=[s, s], strides=[s, s]))
+            last = f"{kind}{s}_conv"
+            if kind == "s":
+                nodes.append(helper.make_node("Sigmoid", [last], [f"s{s}_sigmoid"]))
+                last = f"s{s}_sigmoid"
+            nodes.append(helper.make_node("Reshape", [last, "flat"], [f"{kind}{s}_flat"]))
+            nodes.append(helper.make_node("Transpose", [f"{kind}{s}_flat"], [f"{kind}{s}"], perm=[0, 2, 1]))
+            info = helper.make_tensor_value_info(f"{kind}{s}", TensorProto.FLOAT, [1, cells, channels])
+            (score_outputs if kind == "s" else box_outputs).append(info)
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 640, 640])
+    return write_onnx(path, nodes, [image], score_outputs + box_outputs, consts, name="tiny-detector")
+
+
+def write_tiny_extractor(path: Path, seed: int = TINY_SEED) -> Path:
+    """An extractor computing what :class:`FakeExtractorSession` computes: ``x`` float32 [N, 3, 224, 224]
+    -> AveragePool 28x28 (to 8x8) -> Flatten -> MatMul with ``default_rng(seed).normal((192, 512))``
+    -> ``feat`` float32 [N, 512]."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[28, 28], strides=[28, 28]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "proj"], ["feat"]),
+    ]
+    return write_onnx(path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+                      [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 512])],
+                      {"proj": FakeExtractorSession(seed).proj}, name="tiny-extractor")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A runnable fp32 ONNX bundle of :func:`write_tiny_detector` and :func:`write_tiny_extractor`, with the
+    manifest of :func:`manifest_for` (a replica's, as its weights are random). Needs onnx and onnxruntime only."""
+    pytest.importorskip("onnx", reason="onnx (the 'dev' extra) is not installed")
+    pytest.importorskip("onnxruntime", reason="onnxruntime (the 'onnx' extra) is not installed")
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    write_tiny_detector(root / "detector.onnx")
+    write_tiny_extractor(root / "extractor.onnx")
+    return write_manifest(root, name="tiny")

@@ -22,9 +22,6 @@ from edge_shitu.recognizer import STAGES
 REPO = Path(__file__).resolve().parent.parent
 
 
-# ---------------------------------------------------------------- report helpers
-
-
 def _oracle_percentile(values, q):
     s = sorted(values)
     pos = (len(s) - 1) * q / 100.0
@@ -116,9 +113,6 @@ def test_chart_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match=r"edge-shitu\[bench\]"):
         report.stacked_bar_chart(tmp_path / "c.png", ["a"], {"x": [1.0]}, title="t", ylabel="ms")
     assert not (tmp_path / "c.png").exists()
-
-
-# ---------------------------------------------------------------- reference pipeline: documented steps
 
 
 def test_parse_det_results_takes_top5_then_threshold():
@@ -258,9 +252,6 @@ def test_reference_options_are_checked():
         reference.ReferenceOptions(det_threshold=1.5)
 
 
-# ---------------------------------------------------------------- latency: options, summaries, report
-
-
 def test_parse_threads():
     assert latency.parse_threads("1,2") == (1, 2)
     assert latency.parse_threads("4") == (4,)
@@ -334,9 +325,6 @@ def test_list_images_errors(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(ImageDecodeError, match="broken.jpg"):
         latency.list_images(tmp_path)
-
-
-# ---------------------------------------------------------------- the command line
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import write_shape_probe_extractor
 from edge_shitu.bundle import Bundle
 from edge_shitu.errors import BundleError, IntegrityError, MissingFileError
 
@@ -104,7 +105,7 @@ def _ext(m):
 @pytest.mark.parametrize("mutate, message", [
     (lambda m: _det(m)["defaults"].update(min_score="high"),
      r"models\.detector\.defaults: min_score must be a number in \[0, 1\], got 'high'"),
-    (lambda m: _det(m)["defaults"].update(score_threshold=None), r"defaults: score_threshold must be a number"),
+    (lambda m: _det(m)["defaults"].update(score_threshold=None), r"defaults: detector option\(s\) score_threshold must have a value"),
     (lambda m: _det(m)["defaults"].update(nms_iou=1.5), r"defaults: nms_iou must be a number in \[0, 1\]"),
     (lambda m: _det(m)["defaults"].update(nms_top_k=0), r"defaults: nms_top_k must be a positive integer"),
     (lambda m: _det(m)["defaults"].update(keep_top_k=10**12),
@@ -235,25 +236,11 @@ def test_hash_head_file_is_size_checked_before_it_is_read(fake_bundle, monkeypat
 # ---------------------------------------------------------------- the manifest's input against the model's
 
 
-def _tiny_extractor(path, input_name="x", dims=("N", 3, 224, 224)):
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from onnx import TensorProto, helper
-
-    node = helper.make_node("ReduceMean", [input_name], ["feat"], axes=[-1], keepdims=0)
-    graph = helper.make_graph([node], "tiny",
-                              [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(dims))],
-                              [helper.make_tensor_value_info("feat", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
 def _with_model(root, model_dims, manifest_shape, input_name="x"):
     import hashlib
 
-    _tiny_extractor(root / "extractor.onnx", input_name, model_dims)
+    pytest.importorskip("onnxruntime", reason="onnxruntime (the 'onnx' extra) is not installed")
+    write_shape_probe_extractor(root / "extractor.onnx", input_name, model_dims)
     sha = hashlib.sha256((root / "extractor.onnx").read_bytes()).hexdigest()
     _rewrite(root, lambda m: (_ext(m).update(sha256=sha), _ext(m)["input"].update(shape=manifest_shape)))
     return Bundle.load(root).extractor

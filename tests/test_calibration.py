@@ -17,7 +17,7 @@ from edge_shitu import calibration
 from edge_shitu import cli
 from edge_shitu.bundle import Bundle
 from edge_shitu.calibration import CalibrationOptions, calibrate, calibrate_gallery
-from edge_shitu.codes import binarize, hamming_distances, top_k
+from edge_shitu.codes import binarize
 from edge_shitu.detector import Detector
 from edge_shitu.embedder import Embedder
 from edge_shitu.errors import InvalidDtypeError, InvalidInputError
@@ -25,6 +25,7 @@ from edge_shitu.gallery import Gallery
 from edge_shitu.image import crop
 from edge_shitu.options import RecognizerOptions
 from edge_shitu.recognizer import Recognizer
+from edge_shitu.search import hamming_distances
 
 FINGERPRINT = "ab12" * 8
 BOX = (96.0, 96.0, 176.0, 160.0)
@@ -33,19 +34,23 @@ BOX = (96.0, 96.0, 176.0, 160.0)
 # ---------------------------------------------------------------- oracle
 
 
-def _popcount_distance(a: np.ndarray, b: np.ndarray) -> int:
-    return sum(bin(x ^ y).count("1") for x, y in zip(a.tolist(), b.tolist()))
+def _distances_to(codes: np.ndarray, row: int) -> np.ndarray:
+    """Bits that differ between code ``row`` and every code, counted on unpacked bits (no XOR, no popcount)."""
+    bits = np.unpackbits(codes, axis=1)
+    return (bits != bits[row]).sum(axis=1)
 
 
 def _slow_curve(ids, codes, labels, query_ids, target):
     """The definitions of edge_shitu.calibration, written out one query at a time."""
     bits = 8 * codes.shape[1]
     size = Counter(labels)
-    rows = {int(i): (codes[r], labels[r]) for r, i in enumerate(ids)}
+    row_of = {int(i): r for r, i in enumerate(ids)}
     known, unknown = [], []
     for q in query_ids:
-        qcode, qlabel = rows[int(q)]
-        ranked = sorted((_popcount_distance(qcode, code), i, label) for i, (code, label) in rows.items() if i != q)
+        r = row_of[int(q)]
+        qlabel = labels[r]
+        dist = _distances_to(codes, r)
+        ranked = sorted((int(dist[j]), int(ids[j]), labels[j]) for j in range(len(ids)) if j != r)
         if size[qlabel] >= 2:
             d, _, label = ranked[0]
             known.append((d, label == qlabel))
@@ -64,9 +69,27 @@ def _slow_curve(ids, codes, labels, query_ids, target):
         curve["correct"].append(correct)
         curve["wrong"].append(wrong)
         curve["unknown"].append(unk)
-    good = [t for t in range(bits + 1) if curve["correct"][t] + curve["wrong"][t] + curve["unknown"][t] > 0
-            and curve["precision"][t] >= target]
-    return curve, (max(good) if good else None), len(known), len(unknown)
+    return curve, _slow_choice(curve, target), len(known), len(unknown)
+
+
+def _slow_choice(curve, target):
+    """The largest threshold that accepts something with at least the target precision, or None."""
+    good = [t for t, p in enumerate(curve["precision"]) if p == p and p >= target]
+    return max(good) if good else None
+
+
+def _slow_best(curve):
+    """The largest threshold of highest precision, as CalibrationResult.best_precision defines it."""
+    defined = [(p, t) for t, p in enumerate(curve["precision"]) if p == p]
+    return max(defined)
+
+
+def _slow_sample(ids, max_queries, seed):
+    """The documented sample: default_rng(seed) draws positions without replacement from the ascending ids."""
+    ordered = np.sort(ids)
+    if max_queries is None or max_queries >= len(ids):
+        return ordered
+    return np.sort(ordered[np.random.default_rng(seed).choice(len(ids), size=max_queries, replace=False)])
 
 
 def _random_gallery(rng, m, nbytes, n_labels):
@@ -94,12 +117,11 @@ def test_curve_matches_slow_oracle(rng, monkeypatch, m, nbytes, n_labels, max_qu
     ids, codes, labels = _random_gallery(rng, m, nbytes, n_labels)
     for target in (0.5, 0.8, 0.95, 1.0):
         res = calibrate(ids, codes, labels, options=CalibrationOptions(target_precision=target, max_queries=max_queries))
-        expected_queries = np.sort(ids) if max_queries is None else res.query_ids
-        assert res.query_ids.shape[0] == (m if max_queries is None else max_queries)
+        expected_queries = _slow_sample(ids, max_queries, seed=0)
+        assert expected_queries.shape[0] == (m if max_queries is None else max_queries)
         assert res.sampled == (max_queries is not None)
         np.testing.assert_array_equal(res.query_ids, expected_queries)
-        assert set(res.query_ids.tolist()) <= set(ids.tolist())
-        curve, chosen, n_known, n_unknown = _slow_curve(ids, codes, labels, res.query_ids, target)
+        curve, chosen, n_known, n_unknown = _slow_curve(ids, codes, labels, expected_queries, target)
         assert (res.known_queries, res.unknown_queries) == (n_known, n_unknown)
         for name, values in curve.items():
             np.testing.assert_allclose(getattr(res, name), values, rtol=0, atol=1e-12, equal_nan=True, err_msg=name)
@@ -178,10 +200,12 @@ def test_bad_options_and_arguments():
         CalibrationOptions(seed=-1)
     codes = np.zeros((4, 8), np.uint8)
     labels = ["a", "a", "b", "b"]
-    with pytest.raises(InvalidDtypeError, match="codes must be a numpy uint8 array"):
+    with pytest.raises(InvalidDtypeError, match="codes must have dtype uint8"):
         calibrate(np.arange(4), codes.astype(np.int32), labels)
-    with pytest.raises(InvalidInputError, match="shape \\(m, nbytes\\)"):
+    with pytest.raises(InvalidInputError, match="codes must have shape \\(n, bytes\\)"):
         calibrate(np.arange(4), codes.ravel(), labels)
+    with pytest.raises(InvalidInputError, match="with bytes >= 1"):
+        calibrate(np.arange(4), codes[:, :0], labels)
     with pytest.raises(InvalidInputError, match="ids must be unique"):
         calibrate(np.array([1, 1, 2, 3]), codes, labels)
     with pytest.raises(InvalidDtypeError, match="ids must be integers"):
@@ -215,45 +239,38 @@ def real_codes(embeddings_npz):
     return binarize(data["embeddings"]), [str(x) for x in data["labels"]]
 
 
-def _precision_recall_by_search(codes, labels, t):
-    """Precision and recall at t from the codes module's own exhaustive search (no calibration code)."""
-    m = codes.shape[0]
-    lab = np.array(labels)
-    dist = hamming_distances(codes, codes).astype(np.int64)
-    ids = np.arange(m)
-    far = 10_000
-    same = lab[:, None] == lab[None, :]
-    loo = top_k(np.where(np.eye(m, dtype=bool), far, dist), ids, 1)
-    loco = top_k(np.where(same, far, dist), ids, 1)
-    has_pair = same.sum(1) >= 2
-    nn = loo.ids[:, 0]
-    accepted_known = has_pair & (loo.distances[:, 0] <= t)
-    correct = int((accepted_known & (lab[nn] == lab)).sum())
-    accepted = int(accepted_known.sum()) + int((loco.distances[:, 0] <= t).sum())
-    return correct / accepted, correct / int(has_pair.sum())
-
-
-def test_real_codes_reach_095_and_are_checked_independently(real_codes):
+@pytest.fixture(scope="module")
+def real_oracle(real_codes):
+    """The slow curve of the drink codes, every item a query (ids 0 .. 593)."""
     codes, labels = real_codes
     ids = np.arange(codes.shape[0])
+    curve, _, n_known, n_unknown = _slow_curve(ids, codes, labels, ids, 1.0)
+    # [item, smallest id of another label with the very same code], for every item that has one.
+    key = [code.tobytes() for code in codes]
+    conflicts = []
+    for i in ids:
+        twins = [j for j in ids if key[j] == key[i] and labels[j] != labels[i]]
+        if twins:
+            conflicts.append([int(i), int(min(twins))])
+    return curve, n_known, n_unknown, conflicts
+
+
+def test_real_codes_match_the_slow_oracle(real_codes, real_oracle):
+    codes, labels = real_codes
+    curve, n_known, n_unknown, conflicts = real_oracle
+    ids = np.arange(codes.shape[0])
     res = calibrate(ids, codes, labels, options=CalibrationOptions(target_precision=0.95))
-    assert not res.sampled and res.items == 594 and res.labels == 118
-    assert res.known_queries == 592 and res.unknown_queries == 594  # two labels have one item
-    assert res.threshold is not None
-    chosen = res.chosen
-    precision, recall = _precision_recall_by_search(codes, labels, res.threshold)
-    assert chosen.precision >= 0.95 and chosen.precision == pytest.approx(precision, abs=1e-12)
-    assert chosen.recall == pytest.approx(recall, abs=1e-12)
-    # The largest such threshold: every larger one misses the target.
-    assert all(not res.precision[t] >= 0.95 for t in range(res.threshold + 1, res.bits + 1))
-    # The drink data lists the same five photos under two spellings of one product.
-    assert len(res.conflicts) == 10
-    # 0.99: either reached and true, or explained by a best precision below it.
+    assert not res.sampled and res.items == len(labels) and res.labels == len(set(labels))
+    assert (res.known_queries, res.unknown_queries) == (n_known, n_unknown)
+    for name, values in curve.items():
+        np.testing.assert_allclose(getattr(res, name), values, rtol=0, atol=1e-12, equal_nan=True, err_msg=name)
+    assert res.threshold is not None and res.threshold == _slow_choice(curve, 0.95)
+    assert res.chosen.precision >= 0.95
+    best_precision, best_t = _slow_best(curve)
+    assert (res.best_precision().precision, res.best_precision().threshold) == (best_precision, best_t)
     strict = calibrate(ids, codes, labels, options=CalibrationOptions(target_precision=0.99))
-    if strict.threshold is None:
-        assert strict.best_precision().precision < 0.99
-    else:
-        assert _precision_recall_by_search(codes, labels, strict.threshold)[0] >= 0.99
+    assert strict.threshold == _slow_choice(curve, 0.99)
+    assert conflicts and res.conflicts.tolist() == conflicts
 
 
 def test_real_codes_sampled_queries(real_codes):
@@ -332,19 +349,20 @@ def _stored(path):
         return g.max_distance
 
 
-def test_cli_stores_the_threshold(cli_calibrate, drink_gallery, real_codes):
-    expected = calibrate(np.arange(594), *real_codes)
+def test_cli_stores_the_threshold(cli_calibrate, drink_gallery, real_oracle):
+    curve, n_known, n_unknown, conflicts = real_oracle
     code, out, err = cli_calibrate(drink_gallery)
     assert code == 0, err
-    t = expected.threshold
-    assert f"max_distance {t} (precision {expected.chosen.precision:.4f}, recall {expected.chosen.recall:.4f}" in out
-    assert "all 594 items used as queries: 592 known (leave-one-out), 594 unknown" in out
+    t = _slow_choice(curve, 0.95)
+    precision, recall = curve["precision"][t], curve["recall"][t]
+    assert f"max_distance {t} (precision {precision:.4f}, recall {recall:.4f}" in out
+    assert f"all {n_unknown} items used as queries: {n_known} known (leave-one-out), {n_unknown} unknown" in out
     assert f"stored in {drink_gallery} (was None)" in out
     rows = [line.split() for line in out.splitlines() if re.fullmatch(r"\d+\*?", line.split()[0])]
     assert [int(r[0].rstrip("*")) for r in rows] == list(range(t - 20, t + 21, 4))
     assert [r[0] for r in rows if r[0].endswith("*")] == [f"{t}*"]
-    assert float(rows[5][1]) == round(expected.chosen.precision, 4)
-    assert "warning: 10 sampled item(s) have the very same code" in err
+    assert float(rows[5][1]) == round(precision, 4)
+    assert f"warning: {len(conflicts)} sampled item(s) have the very same code" in err
     assert _stored(drink_gallery) == t
 
 
@@ -362,19 +380,22 @@ def test_cli_dry_run_and_json(cli_calibrate, drink_gallery):
     assert _stored(drink_gallery) is None
 
 
-def test_cli_unreachable_target_exits_non_zero_and_changes_nothing(cli_calibrate, drink_gallery):
+def test_cli_unreachable_target_exits_non_zero_and_changes_nothing(cli_calibrate, drink_gallery, real_oracle):
+    curve = real_oracle[0]
+    best_precision, best_t = _slow_best(curve)
+    assert best_precision < 1.0 and _slow_choice(curve, 1.0) is None
     with Gallery.open(drink_gallery) as g:
         g.set_max_distance(99)
     code, out, _ = cli_calibrate(drink_gallery, "--precision", "1")
     assert code == 1
-    assert "target precision 1 cannot be reached: the best is 0.9501 at max_distance 136" in out
+    assert f"target precision 1 cannot be reached: the best is {best_precision:.4f} at max_distance {best_t}" in out
     assert "nothing stored" in out and "keeps max_distance 99" in out
     assert _stored(drink_gallery) == 99
 
 
 def test_cli_bad_input(cli_calibrate, drink_gallery, tmp_path):
     code, _, err = cli_calibrate(drink_gallery, "--precision", "1.5")
-    assert code == 2 and "target_precision must be a number in (0, 1]" in err
+    assert code == 2 and "--precision" in err and "(0, 1]" in err and "'1.5'" in err
     small = tmp_path / "small.gallery"
     with Gallery.create(small, fingerprint=FINGERPRINT) as g:
         g.add(np.zeros((3, 64), np.uint8), ["a", "a", "b"])

@@ -1,4 +1,6 @@
-"""The edge-shitu command, run in-process on a replica bundle and real drink photos."""
+"""The edge-shitu command, run in-process on real drink photos: on the tiny ONNX bundle (no Paddle), and
+end to end on a replica bundle (the official architecture, converted with Paddle) for detect, recognize
+and models fetch."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import pytest
 
 from edge_shitu.cli import main
 
-pytestmark = pytest.mark.paddle
+BOTH_BUNDLES = pytest.mark.parametrize("bundle", ["tiny", pytest.param("replica", marks=pytest.mark.paddle)],
+                                       indirect=True)
 
 
 def run(*argv):
@@ -20,9 +23,23 @@ def run(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.fixture
+def bundle(request):
+    """The tiny ONNX bundle, or the replica bundle where a test is parametrized with "replica"."""
+    kind = getattr(request, "param", "tiny")
+    return request.getfixturevalue({"tiny": "tiny_bundle", "replica": "replica_bundle"}[kind])
+
+
 @pytest.fixture(scope="module")
-def small_gallery(replica_bundle, drink_dir, tmp_path_factory):
-    """A gallery of the first 40 drink gallery images, plus a missing and a corrupt entry."""
+def _galleries() -> dict:
+    return {}
+
+
+@pytest.fixture
+def small_gallery(bundle, drink_dir, tmp_path_factory, _galleries):
+    """A gallery (built once per bundle) of the drink gallery's folders 0 and 1, plus a missing and a corrupt entry."""
+    if bundle in _galleries:
+        return _galleries[bundle]
     root = tmp_path_factory.mktemp("cli-gallery")
     images = root / "images"
     shutil.copytree(drink_dir / "gallery" / "0", images / "0")
@@ -34,14 +51,16 @@ def small_gallery(replica_bundle, drink_dir, tmp_path_factory):
     labels = root / "labels.txt"
     labels.write_text("\n".join(lines) + "\n", encoding="utf-8")
     db = root / "g.db"
-    code, out, err = run("gallery", "build", "--bundle", replica_bundle, "--images", images, "--labels", labels,
+    code, out, err = run("gallery", "build", "--bundle", bundle, "--images", images, "--labels", labels,
                          "--out", db)
     assert code == 0, err
-    return {"db": db, "images": images, "labels": labels, "n": len(lines) - 2, "out": out, "err": err}
+    _galleries[bundle] = {"db": db, "images": images, "labels": labels, "n": len(lines) - 2, "out": out, "err": err}
+    return _galleries[bundle]
 
 
-def test_detect_json(replica_bundle, test_images):
-    code, out, err = run("detect", "--bundle", replica_bundle, "--json", *test_images[:3])
+@BOTH_BUNDLES
+def test_detect_json(bundle, test_images):
+    code, out, err = run("detect", "--bundle", bundle, "--json", *test_images[:3])
     assert code == 0, err
     records = json.loads(out)
     assert [r["image"] for r in records] == [str(p) for p in test_images[:3]]
@@ -53,8 +72,8 @@ def test_detect_json(replica_bundle, test_images):
     assert "REPLICA" in err
 
 
-def test_embed_json_is_deterministic_hex(replica_bundle, test_images):
-    code, out, err = run("embed", "--bundle", replica_bundle, "--json", test_images[0], test_images[0], test_images[1])
+def test_embed_json_is_deterministic_hex(bundle, test_images):
+    code, out, err = run("embed", "--bundle", bundle, "--json", test_images[0], test_images[0], test_images[1])
     assert code == 0, err
     codes = [r["code"] for r in json.loads(out)]
     assert all(len(c) == 128 and int(c, 16) >= 0 for c in codes)
@@ -66,14 +85,14 @@ def test_gallery_build_reports_skips(small_gallery):
     assert "missing/0.jpg" in small_gallery["err"] and "broken.jpg" in small_gallery["err"]
 
 
-def test_gallery_info_list_add_remove_relabel(small_gallery, replica_bundle, test_images, tmp_path):
+def test_gallery_info_list_add_remove_relabel(small_gallery, bundle, test_images, tmp_path):
     db = tmp_path / "g.db"
     shutil.copy(small_gallery["db"], db)
     code, out, _ = run("gallery", "info", db, "--json")
     info = json.loads(out)
     assert code == 0 and info["items"] == small_gallery["n"] and info["bits"] == 512
 
-    code, out, err = run("gallery", "add", db, "--bundle", replica_bundle, "--label", "shelf", *test_images[:2])
+    code, out, err = run("gallery", "add", db, "--bundle", bundle, "--label", "shelf", *test_images[:2])
     assert code == 0 and "added 2 item(s)" in out, err
     code, out, _ = run("gallery", "list", db, "--label", "shelf", "--json")
     shelf = json.loads(out)
@@ -92,11 +111,12 @@ def test_gallery_info_list_add_remove_relabel(small_gallery, replica_bundle, tes
     assert code == 2 and "999999" in err and "Traceback" not in err
 
 
-def test_recognize_json_and_timings(small_gallery, replica_bundle, test_images, tmp_path):
+@BOTH_BUNDLES
+def test_recognize_json_and_timings(small_gallery, bundle, test_images, tmp_path):
     db = tmp_path / "g.db"
     shutil.copy(small_gallery["db"], db)
-    run("gallery", "add", db, "--bundle", replica_bundle, "--label", "the shelf", test_images[0])
-    code, out, err = run("recognize", "--bundle", replica_bundle, "--gallery", db, "--json", "--timings",
+    run("gallery", "add", db, "--bundle", bundle, "--label", "the shelf", test_images[0])
+    code, out, err = run("recognize", "--bundle", bundle, "--gallery", db, "--json", "--timings",
                          "--whole-image", "always", test_images[0], test_images[1])
     assert code == 0, err
     first, second = json.loads(out)
@@ -107,15 +127,15 @@ def test_recognize_json_and_timings(small_gallery, replica_bundle, test_images, 
                                           "search", "nms", "total"}
         for r in rec["results"]:
             assert set(r) == {"box", "label", "distance", "similarity"} and r["distance"] <= 100
-    # The pure-numpy search gives the same answers as the default (faiss) one.
-    code, out_numpy, err = run("recognize", "--bundle", replica_bundle, "--gallery", db, "--json",
+    # The pure-numpy search gives the same answers as the default one (faiss where it is installed).
+    code, out_numpy, err = run("recognize", "--bundle", bundle, "--gallery", db, "--json",
                                "--whole-image", "always", "--search-backend", "numpy", test_images[0], test_images[1])
     assert code == 0, err
     assert [r["results"] for r in json.loads(out_numpy)] == [first["results"], second["results"]]
 
 
-def test_recognize_text_output(small_gallery, replica_bundle, test_images):
-    code, out, err = run("recognize", "--bundle", replica_bundle, "--gallery", small_gallery["db"],
+def test_recognize_text_output(small_gallery, bundle, test_images):
+    code, out, err = run("recognize", "--bundle", bundle, "--gallery", small_gallery["db"],
                          "--timings", "--max-distance", 512, test_images[0])
     assert code == 0, err
     assert f"{test_images[0]}:" in out and "timings ms: decode" in out
@@ -123,7 +143,7 @@ def test_recognize_text_output(small_gallery, replica_bundle, test_images):
 
 @pytest.mark.parametrize("name, content", [("absent.jpg", None), ("empty.png", b""), ("text.jpg", b"hello"),
                                            ("cut.jpg", "truncated")])
-def test_bad_images_exit_2_with_one_line(replica_bundle, tmp_path, test_images, name, content):
+def test_bad_images_exit_2_with_one_line(bundle, tmp_path, test_images, name, content):
     path = tmp_path / name
     if content == "truncated":
         data = test_images[0].read_bytes()
@@ -131,25 +151,26 @@ def test_bad_images_exit_2_with_one_line(replica_bundle, tmp_path, test_images, 
     elif content is not None:
         path.write_bytes(content)
     needle = name
-    code, out, err = run("detect", "--bundle", replica_bundle, path)
+    code, out, err = run("detect", "--bundle", bundle, path)
     assert code == 2
-    lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]  # the replica note
+    # Besides the error: the replica note and the progress status line of a non-terminal stderr.
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("note:", "detecting: 1/1"))]
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("edge-shitu: error:")
 
 
-def test_debug_shows_traceback(replica_bundle, tmp_path):
-    code, _, err = run("--debug", "detect", "--bundle", replica_bundle, tmp_path / "absent.jpg")
+def test_debug_shows_traceback(bundle, tmp_path):
+    code, _, err = run("--debug", "detect", "--bundle", bundle, tmp_path / "absent.jpg")
     assert code == 2 and "Traceback" in err
 
 
-def test_bad_bundle_and_gallery(tmp_path, replica_bundle, small_gallery):
+def test_bad_bundle_and_gallery(tmp_path, bundle, small_gallery):
     code, _, err = run("detect", "--bundle", tmp_path, "x.jpg")
     assert code == 2 and "manifest" in err
     other = tmp_path / "other.db"
     from edge_shitu.gallery import Gallery
 
     Gallery.create(other, fingerprint="ab" * 16).close()
-    code, _, err = run("recognize", "--bundle", replica_bundle, "--gallery", other, "x.jpg")
+    code, _, err = run("recognize", "--bundle", bundle, "--gallery", other, "x.jpg")
     assert code == 2 and "was built with fingerprint" in err and "rebuild the gallery" in err.lower()
 
 
@@ -168,6 +189,7 @@ def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path):
     assert code == 1 and 'pip install "edge-shitu[convert]"' in err
 
 
+@pytest.mark.paddle
 def test_models_list_and_fetch_from_a_mirror(tmp_path, shared_dir, replica_dirs):
     import tarfile
 

@@ -419,9 +419,6 @@ def test_reference_runners_reject_bad_inputs(replica_dirs):
         PaddleDetectorReference(replica_dirs["extractor"])
 
 
-# ---------------------------------------------------------------- Paddle 3 PIR (.json) detector programs
-
-
 @pytest.fixture(scope="module")
 def pir_detector_dir(replica_dirs, tmp_path_factory) -> Path:
     """The detector replica as a PIR program: the official graph translated to ``inference.json``, then

@@ -28,7 +28,7 @@ def _slow_iou(a, b):
 
 
 def _slow_decode(scores, logits, in_size, scale, opt):
-    """Per-anchor loops straight from reference §6.3 and the in-graph program (clip to input, / scale)."""
+    """Per-anchor loops straight from the reference's decode and the in-graph program (clip to input, / scale)."""
     in_w, in_h = in_size
     sx, sy = scale
     cands = []
@@ -71,7 +71,7 @@ def _random_heads(rng, in_size=(640, 640), bias=-3.0):
 def test_decode_matches_slow_oracle(seed, scale):
     rng = np.random.default_rng(seed)
     scores, logits = _random_heads(rng)
-    opt = DetectorOptions(nms_top_k=300, keep_top_k=40)
+    opt = DetectorOptions(nms_top_k=300, keep_top_k=40).with_defaults({})  # the oracle reads every field
     boxes, sc, cls = decode_picodet(scores, logits, HEADS, input_size=(640, 640), scale=scale, options=opt)
     slow = _slow_decode(scores, logits, (640, 640), scale, opt)
     assert len(slow) > 5, "oracle case must exercise NMS on several boxes"
@@ -134,7 +134,7 @@ def test_nms_edge_cases():
 def test_pruned_decode_equals_full_decode_then_cut(seed):
     rng = np.random.default_rng(seed)
     scores, logits = _random_heads(rng, bias=-1.0)
-    opt = DetectorOptions()
+    opt = DetectorOptions().with_defaults({})
     full = decode_picodet(scores, logits, HEADS, input_size=(640, 640), scale=(0.5, 0.7), options=opt)
     for min_score, max_keep in [(0.2, 5), (0.5, 3), (0.0, 100), (0.9, 1)]:
         keep = full[1] >= min_score

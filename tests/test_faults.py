@@ -1,4 +1,4 @@
-"""Faults and bad input against the gallery commands and the recogniser (issue 12).
+"""Faults and bad input against the gallery commands and the recogniser.
 
 Each class of fault is tried at its root: a whole label file is validated before any image is read,
 a command's change to a gallery is one transaction (checked with an exception in the middle, a full
@@ -13,10 +13,8 @@ import io
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +106,6 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-# ---------------------------------------------------------------- label files
-
-
 @pytest.mark.parametrize("bad", ["a\x00b", "line\u2028sep", "next\u0085line", "para\u2029sep", "bell\x07"])
 def test_label_file_is_validated_whole_before_any_image_is_read(bundle, photos, tmp_path, bad):
     root, labels, lines = photos
@@ -151,9 +146,6 @@ def test_label_flag_is_checked_before_work(bundle, photos, tmp_path):
     db = _empty_gallery(bundle, tmp_path / "g.db")
     code, _, err = run("gallery", "add", db, "--bundle", bundle, "--label", "tab\there", root / "0.png")
     assert code == 2 and "--label: a label must be" in err and _Counting.calls == 0
-
-
-# ---------------------------------------------------------------- one transaction per command
 
 
 def test_gallery_add_is_one_transaction_when_a_batch_fails(bundle, photos, tmp_path, monkeypatch):
@@ -253,9 +245,6 @@ def test_sigkill_during_gallery_add_leaves_it_before_or_after(bundle, photos, tm
         assert len(g) == 151 and sum(g.label_counts().values()) == 151
 
 
-# ---------------------------------------------------------------- builds
-
-
 def test_build_checks_its_output_before_any_work(bundle, photos, tmp_path):
     root, labels, _ = photos
     for out, extra, message in [
@@ -294,9 +283,6 @@ def test_build_on_a_full_disk_leaves_no_partial(bundle, photos, small_disk):
     errors = [line for line in err.splitlines() if line.startswith("edge-shitu:")]
     assert code != 0 and len(errors) == 1 and f"{out}: not built, nothing was written" in errors[0], err
     assert "full" in errors[0] and list(small_disk.iterdir()) == []
-
-
-# ---------------------------------------------------------------- readers and killed writers
 
 
 _KILLED_WRITER = """
@@ -339,9 +325,6 @@ def test_open_reader_survives_a_killed_writer(bundle, tmp_path, rng):
         rec.recognize(image)
         assert rec.gallery.stale is None and len(rec.gallery) == 3000
     assert check_gallery(db) == []
-
-
-# ---------------------------------------------------------------- batch commands go on
 
 
 def test_recognize_detect_embed_go_on_after_a_bad_image(bundle, tmp_path, rng):

@@ -11,10 +11,12 @@ import io
 import json
 import os
 import re
+import socket
 import stat
 import struct
 import tarfile
 import threading
+import time
 import tracemalloc
 import urllib.error
 import zipfile
@@ -38,6 +40,7 @@ from edge_shitu.errors import BundleError, FetchError, InvalidInputError, Missin
 
 OFFICIAL_HOSTS = {"paddle-imagenet-models-name.bj.bcebos.com", "paddledet.bj.bcebos.com"}
 DET = "picodet-mainbody"
+DATASET = "drink-dataset-v1"
 DET_URL_PATH = "dygraph/rec/models/inference/picodet_PPLCNet_x2_5_mainbody_lite_v1.0_infer.tar"
 DET_HOST = "paddle-imagenet-models-name.bj.bcebos.com"
 # The hashes of the public copies, as listed in ../shared/README.md (independent of models.lock).
@@ -201,7 +204,7 @@ def no_network(monkeypatch):
     """Fail loudly if the code under test tries to open any URL."""
     calls = []
 
-    def refuse(url, timeout):
+    def refuse(url, timeout, connect_timeout):
         calls.append(url)
         raise AssertionError(f"network access attempted: {url}")
 
@@ -232,7 +235,7 @@ def test_repo_lock_is_valid(lock):
     for m, r in zip(lock.models, raw["models"]):
         parts = re.match(r"^https://([^/]+)/(.+)$", m.url)
         assert parts and parts.group(1) in OFFICIAL_HOSTS, m.url
-        assert m.role in ("detector", "extractor", "lite-package")
+        assert m.role in ("detector", "extractor", "lite-package", "dataset")
         assert m.notes.strip()
         # load_lock normalises; the file itself must hold 64-hex or explicit nulls.
         for value in [r["archive_sha256"], *r["files"].values()]:
@@ -244,14 +247,29 @@ def test_repo_lock_is_valid(lock):
 
 
 def test_lock_pins_match_readme_and_shared_files(lock, shared_dir):
-    by_dir = {m.unpack_dir: m for m in lock.models}
-    pinned = {(m.unpack_dir, f.path): f.sha256 for m in lock.models for f in m.files if f.pinned}
-    pinned.update({("archive", m.name): m.archive_sha256 for m in lock.models if m.archive_sha256})
+    models = [m for m in lock.models if m.role != "dataset"]
+    by_dir = {m.unpack_dir: m for m in models}
+    pinned = {(m.unpack_dir, f.path): f.sha256 for m in models for f in m.files if f.pinned}
+    pinned.update({("archive", m.name): m.archive_sha256 for m in models if m.archive_sha256})
     # Every pin is one of the README's hashes (no invented hash), and every README hash is pinned.
     assert pinned == README_HASHES
     for (folder, name), digest in README_HASHES.items():
         assert folder in by_dir
         assert sha((shared_dir / "models" / "ppshitu-graphs" / folder / name).read_bytes()) == digest
+
+
+def test_lock_pins_the_drink_dataset_from_the_shared_copy(lock, drink_dir):
+    entry = lock.get(DATASET)
+    assert entry.role == "dataset"
+    assert entry.url == f"https://{DET_HOST}/dygraph/rec/data/drink_dataset_v1.0.tar"
+    assert entry.unpack_dir == "drink_dataset_v1.0" and entry.archive_sha256 is None
+    files = {f.path: f.sha256 for f in entry.files}
+    # What the quickstart reads by name is listed, and every pin is the hash of the shared (public) copy.
+    assert "gallery/drink_label.txt" in files
+    assert {p for p in files if p.startswith("test_images/")} == {
+        f"test_images/{p.name}" for p in (drink_dir / "test_images").iterdir()}
+    for rel, digest in files.items():
+        assert digest == sha((drink_dir / rel).read_bytes()), rel
 
 
 def test_lock_from_env_var(tmp_path, monkeypatch):
@@ -407,6 +425,86 @@ def test_fetch_from_http_mirror(lock, http_mirror, mirror, tmp_path, weights):
     assert len(http_mirror.requests) == 1
 
 
+@pytest.fixture
+def no_sockets(monkeypatch):
+    """Any attempt to open a network connection fails the test, below urllib and below _open_url."""
+
+    def refuse(self, address, *args):
+        raise AssertionError(f"network connection attempted to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+def test_cache_hit_makes_no_network_attempt(lock, mirror, tmp_path, no_sockets):
+    cache = tmp_path / "cache"
+    fetch(DET, cache_dir=cache, mirror=mirror, lock=lock)
+    # The official URL and an http mirror are both "remote": a verified cached copy must not touch either.
+    assert fetch(DET, cache_dir=cache, lock=lock).cached is True
+    assert fetch(DET, cache_dir=cache, mirror="http://127.0.0.1:9/", lock=lock).cached is True
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def silent_host():
+    """A loopback port that completes TCP handshakes (the kernel's backlog) but never answers: what a host
+    behind a firewall that drops packets, or a stalled proxy, looks like to the client."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("connect_timeout", [0.5, fetch_mod.CONNECT_TIMEOUT_S])
+def test_silent_host_costs_the_connect_timeout_not_the_read_timeout(lock, tmp_path, loopback_only, silent_host,
+                                                                    connect_timeout):
+    cache = tmp_path / "cache"
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=rf"download failed: {silent_host}/.*: no answer within {connect_timeout:g} s"):
+        fetch(DET, cache_dir=cache, mirror=silent_host, lock=lock, timeout=120, connect_timeout=connect_timeout)
+    elapsed = time.monotonic() - start
+    assert connect_timeout - 0.1 <= elapsed < 2 * connect_timeout + 0.5, elapsed
+    assert cache_leftovers(cache) == []
+
+
+def test_slow_body_is_bound_by_the_read_timeout(lock, mirror, tmp_path, loopback_only):
+    # The headers come at once, then the body pauses for longer than the connect timeout: a slow but
+    # live download must not be cut by the short timeout meant for hosts that never answer.
+    data = det_archive(mirror).read_bytes()
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(data))
+            conn.sendall(data[:1000])
+            time.sleep(1.0)
+            conn.sendall(data[1000:])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        report = fetch(DET, cache_dir=tmp_path / "cache", mirror=f"http://127.0.0.1:{server.getsockname()[1]}",
+                       lock=lock, timeout=10, connect_timeout=0.3)
+    finally:
+        thread.join(timeout=10)
+        server.close()
+    assert report.cached is False and report.archive_sha256 == sha(data)
+
+
 def test_http_mirror_missing_archive(lock, http_mirror, mirror, tmp_path):
     det_archive(mirror).unlink()
     cache = tmp_path / "cache"
@@ -418,15 +516,15 @@ def test_http_mirror_missing_archive(lock, http_mirror, mirror, tmp_path):
 def test_official_url_without_mirror(lock, tmp_path, monkeypatch):
     calls = []
 
-    def offline(url, timeout):
-        calls.append((url, timeout))
+    def offline(url, timeout, connect_timeout):
+        calls.append((url, timeout, connect_timeout))
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(fetch_mod, "_open_url", offline)
     cache = tmp_path / "cache"
     with pytest.raises(FetchError, match=re.escape(f"download failed: https://{DET_HOST}/{DET_URL_PATH}: no route")):
         fetch(DET, cache_dir=cache, lock=lock, timeout=7)
-    assert calls == [(f"https://{DET_HOST}/{DET_URL_PATH}", 7)]
+    assert calls == [(f"https://{DET_HOST}/{DET_URL_PATH}", 7, fetch_mod.CONNECT_TIMEOUT_S)]
     assert cache_leftovers(cache) == []
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_shitu.codes import binarize, hamming_distances
+from edge_shitu.codes import binarize
 from edge_shitu.errors import HashHeadError, InvalidInputError, MissingFileError
+from edge_shitu.search import hamming_distances
 from edge_shitu_converters.hash_training import (
     DSHSDOptions,
     ITQOptions,
@@ -37,9 +38,6 @@ def _clusters(seed=0, classes=16, per_class=6, signal=8, noise=56):
     nui = 0.3 * rng.normal(size=(classes * per_class, noise))
     x = np.concatenate([sig, nui], axis=1).astype(np.float32)
     return LabelledEmbeddings.from_arrays(x, np.arange(classes).repeat(per_class))
-
-
-# ---------------------------------------------------------------- evaluation
 
 
 def _slow_leave_one_out(x, y, codes=None):
@@ -104,16 +102,13 @@ def test_leave_one_out_without_answerable_queries():
 def test_real_features_give_the_published_figures(embeddings_npz):
     data = load_embeddings(embeddings_npz)
     scores = compare_heads(data, {"identity": HashHead.identity(512)})
-    # shared/README.md: leave-one-out recall@1 0.971 (float inner product) and 0.960 (plain sign),
-    # i.e. 575 and 568 of the 592 queries whose label has another item.
+    # The figures documented with these features: leave-one-out recall@1 0.971 (float inner product)
+    # and 0.960 (plain sign), i.e. 575 and 568 of the 592 queries whose label has another item.
     assert scores["float"].recall_at_1 == pytest.approx(0.971, abs=1e-3)
     assert scores["sign"].recall_at_1 == pytest.approx(0.960, abs=1e-3)
     assert round(scores["float"].recall_at_1 * 592) == 575 and round(scores["sign"].recall_at_1 * 592) == 568
     assert scores["identity"] == scores["sign"]
     assert scores["float"].queries == 592 and scores["float"].items == 594
-
-
-# ---------------------------------------------------------------- data and splits
 
 
 def test_load_embeddings_str_and_int_labels(tmp_path, rng):
@@ -166,9 +161,6 @@ def test_split_classes_is_disjoint_and_seeded():
         split_classes(classes, train_fraction=1.0)
     with pytest.raises(InvalidInputError, match="at least two classes"):
         split_classes(np.zeros(5, np.int64))
-
-
-# ---------------------------------------------------------------- DSHSD
 
 
 def test_dshsd_gradients_match_finite_differences():
@@ -274,9 +266,6 @@ def test_other_starts_and_bit_lengths():
         assert (head.bits, head.dim) == (bits, 64), init
 
 
-# ---------------------------------------------------------------- whitening and ITQ
-
-
 def test_within_class_whitening_equalises_within_class_spread():
     data = _clusters(classes=24)
     head = within_class_whitening(data, shrinkage=1e-6)
@@ -319,9 +308,6 @@ def test_itq_with_pca_and_identity_start():
         ITQOptions(init="pca")
 
 
-# ---------------------------------------------------------------- selection
-
-
 def test_selection_uses_only_the_given_classes_and_picks_the_best_map():
     data = _clusters(classes=20)
     cands = [DSHSDOptions(bits=64, init="identity", epochs=0),
@@ -337,9 +323,9 @@ def test_selection_uses_only_the_given_classes_and_picks_the_best_map():
 
 @pytest.mark.slow
 def test_real_features_held_out_classes(embeddings_npz):
-    # The protocol on the real PP-ShiTuV2 features: train on half of the classes (split seed 0),
-    # evaluate on the other half. The default DSHSD head must beat plain sign clearly there (recorded
-    # run: recall@1 0.9545 vs 0.9336, mAP 0.906 vs 0.882; float inner product 0.9510 / 0.912).
+    # Held-out classes on the real PP-ShiTuV2 features: train on half of the classes (split seed 0),
+    # evaluate on the other half. The default DSHSD head must beat plain sign clearly there (figures in
+    # docs/benchmarks.md, "converters/hash_training.py: held-out classes").
     data = load_embeddings(embeddings_npz)
     train_idx, test_idx = split_classes(data.classes, train_fraction=0.5, seed=0)
     train, test = data.subset(train_idx), data.subset(test_idx)

@@ -45,9 +45,6 @@ def _features(rng, n=12, dim=512) -> np.ndarray:
     return l2_normalize(rng.normal(size=(n, dim)).astype(np.float32))
 
 
-# ---------------------------------------------------------------- format
-
-
 def test_format_round_trip_is_byte_exact(tmp_path, rng):
     head = _head(rng)
     path = save_head(head, tmp_path / "h.npz")
@@ -197,9 +194,6 @@ def test_feature_shape_mismatch(rng):
     assert head.encode(np.zeros((0, 64), np.float32)).shape == (0, 4)
 
 
-# ---------------------------------------------------------------- bundles
-
-
 def _old_fingerprint(bundle: Bundle) -> str:
     """The fingerprint formula of bundles without a head (before heads existed)."""
     payload = json.dumps({"extractor_sha256": bundle.extractor.sha256, "bits": bundle.codes.bits,
@@ -286,9 +280,6 @@ def test_manifest_hash_entry_is_strict(fake_bundle, rng, mutate, message):
         Bundle.load(fake_bundle, verify=False)
 
 
-# ---------------------------------------------------------------- runtime
-
-
 def test_embedder_applies_the_head_after_l2_normalisation(fake_bundle, rng):
     img = rng.integers(0, 255, size=(90, 70, 3), dtype=np.uint8)
     plain = Embedder.from_bundle(fake_bundle, session=FakeExtractorSession())
@@ -344,9 +335,6 @@ def test_gallery_build_stores_head_codes(fake_bundle, tmp_path, rng):
         feats = g.embeddings(ids)
     np.testing.assert_array_equal(codes, head.encode(feats))
     assert not np.array_equal(codes, binarize(feats))
-
-
-# ---------------------------------------------------------------- rehash and CLI
 
 
 @pytest.fixture
@@ -518,9 +506,6 @@ def test_cli_bad_embeddings_file(tmp_path):
     code, out, err = run("hash", "eval", "--embeddings", tmp_path / "none.npz")
     assert code == 2 and "none.npz" in err
     assert not (tmp_path / "h.npz").exists()
-
-
-# ---------------------------------------------------------------- converter
 
 
 def test_convert_refuses_a_bad_head_before_any_work(tmp_path, rng):

@@ -86,10 +86,6 @@ def _assert_close_to_cv2(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert within_one >= 0.99, f"{what}: only {within_one:.4%} of values within 1 grey level"
 
 
-# ------------------------------------------------------------------------------------------
-# load_image
-
-
 @pytest.mark.parametrize("index", range(N_TEST_IMAGES))
 def test_load_matches_cv2_imread_on_test_images(cv2, test_images, index):
     assert len(test_images) == N_TEST_IMAGES
@@ -439,10 +435,9 @@ def test_loading_leaves_the_warnings_filters_alone(tmp_path, monkeypatch):
     assert "unsupported format GIF" in str(refused.value)
 
 
-# ------------------------------------------------------------------------------------------
-# load_image on paths that are not readable regular files
-# Every failure must be one of the errors enrolment skips with a reason, never a bare OSError,
-# and must come quickly: a FIFO that blocked open() would hang a whole gallery build.
+# Paths that are not readable regular files: every failure must be one of the errors enrolment
+# skips with a reason, never a bare OSError, and must come quickly: a FIFO that blocked open()
+# would hang a whole gallery build.
 
 SKIPPED_BY_ENROLMENT = (MissingFileError, ImageDecodeError, InvalidInputError)
 
@@ -588,7 +583,6 @@ def test_io_error_while_decoding(tmp_path, rng, monkeypatch):
     _check(_load_soon(path), ImageDecodeError, r"flaky\.png: cannot read image file: Input/output error")
 
 
-# ------------------------------------------------------------------------------------------
 # EXIF orientation from malformed metadata: no warning, no error, no rotation unless an intact
 # orientation entry was read.
 
@@ -746,9 +740,8 @@ def test_exif_transposed_pil_image_is_left_alone(tmp_path):
         np.testing.assert_array_equal(load_image(im), np.asarray(upright))
 
 
-# ------------------------------------------------------------------------------------------
-# Memory of decoding, measured in a fresh process
-
+# Run in a fresh process: peak resident memory is a high-water mark that earlier tests would
+# already have raised.
 _PEAK_SCRIPT = """
 import resource, sys
 from edge_shitu.image import load_image
@@ -795,10 +788,6 @@ def test_peak_memory_is_pillows_image_plus_the_result(tmp_path, fmt, mode, orien
     )
     per_pixel = float(run.stdout)
     assert per_pixel < 8, f"decoding took {per_pixel:.2f} bytes per pixel at its peak"
-
-
-# ------------------------------------------------------------------------------------------
-# Resizing against OpenCV
 
 
 def _real_photo_cases(img: np.ndarray) -> list:
@@ -858,9 +847,10 @@ def test_resize_matches_cv2_on_edge_sizes(cv2, kind, source):
 
 
 def test_bit_fidelity_with_ipp_opencv(cv2, test_images):
-    # What the docstrings claim beyond the 1-grey-level spec, for the x86 wheels (IPP inside;
-    # checked with opencv-python 4.10 and 5.0): linear bit-exact, cubic exact on >= 99.99 % of
-    # values, including sources under 4 pixels where OpenCV switches to its fixed-point path.
+    # What the docstrings claim beyond the 1-grey-level spec, for the x86 wheels with IPP inside
+    # (versions checked: docs/benchmarks.md, "edge_shitu/image.py: resizing"): linear bit-exact,
+    # cubic exact on >= 99.99 % of values, including sources under 4 pixels where OpenCV switches
+    # to its fixed-point path.
     if platform.machine().lower() not in ("x86_64", "amd64") or not cv2.ipp.useIPP():
         pytest.skip("bit fidelity is only claimed against the IPP-enabled x86 OpenCV wheels")
     rng = np.random.default_rng(7)
@@ -896,10 +886,6 @@ def test_reference_detector_call_equals_size_call(test_images):
     img = load_image(test_images[6])
     h, w = img.shape[:2]
     np.testing.assert_array_equal(resize_cubic_scale(img, 640 / w, 640 / h), resize_cubic(img, 640, 640))
-
-
-# ------------------------------------------------------------------------------------------
-# Resizing against slow per-pixel oracles (no OpenCV needed)
 
 
 def _oracle_linear(img: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -1037,10 +1023,6 @@ def test_resize_cubic_scale_bad_factors(rng):
         resize_cubic_scale(img, 0.1, 1.0)
 
 
-# ------------------------------------------------------------------------------------------
-# normalize_chw / to_batch
-
-
 def _reference_normalize(img: np.ndarray, scale: float = 1 / 255) -> np.ndarray:
     mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(1, 1, 3)
     std = np.array(IMAGENET_STD, dtype=np.float32).reshape(1, 1, 3)
@@ -1106,10 +1088,6 @@ def test_to_batch_bad_arguments():
         to_batch([chw.astype(np.float64)])
     with pytest.raises(InvalidInputError, match=r"image 0: expected a float32 \(C, H, W\) array, got list"):
         to_batch([[1.0]])
-
-
-# ------------------------------------------------------------------------------------------
-# crop
 
 
 def _oracle_crop_mask(shape: tuple, box: tuple) -> np.ndarray:

@@ -140,9 +140,6 @@ def resaved_extractor(replica_dirs, tmp_path_factory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------- finding paddle_lite_opt
-
-
 def _executable(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("#!/bin/sh\nexit 0\n")
@@ -214,9 +211,6 @@ def test_convert_without_opt_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="setup-lite-env"):
         convert(None, tmp_path / "rec", tmp_path / "out", format="lite-arm")
     assert not (tmp_path / "out").exists()
-
-
-# ---------------------------------------------------------------- arguments and the formats table
 
 
 def test_the_formats_table_has_the_lite_formats():
@@ -291,9 +285,6 @@ def test_pir_json_programs_are_refused(precision, tmp_path, opt, gallery):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec"]
     with pytest.raises(ConversionError, match="legacy inference.pdmodel"):
         quantize_post_training(pir, tmp_path / "q", feeds=[{"x": np.zeros((1, 3, 224, 224), np.float32)}])
-
-
-# ---------------------------------------------------------------- fp32 bundles
 
 
 @pytest.mark.paddle
@@ -382,9 +373,6 @@ def test_x86_fp32_bundle_runs_in_paddle_lite_like_paddle_inference(
         np.testing.assert_allclose(lite_out[name], reference[name], rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-# ---------------------------------------------------------------- INT8
-
-
 @pytest.mark.paddle
 def test_int8_x86_extractor_bundle(int8_x86_extractor, lite_bundles):
     from edge_shitu.backends.paddlelite import read_nb_targets
@@ -434,9 +422,6 @@ def test_int8_arm_detector_bundle(replica_dirs, opt, gallery, lite_bundles, tmp_
     assert read_nb_targets(out / "detector.nb") == frozenset({"arm"})
     assert (out / "detector.nb").stat().st_size < 0.35 * (lite_bundles["arm"] / "detector.nb").stat().st_size
     assert Bundle.load(out).detector.output.scores[0] == "scores_stride8"
-
-
-# ---------------------------------------------------------------- flatten XShape fix and opt failures
 
 
 @pytest.mark.paddle

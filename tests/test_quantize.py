@@ -2,13 +2,10 @@
 own pre-processing, the float-tail graph walk and int8 tail weights (against slow oracles), tiny synthetic
 models end to end, and the replica models against fp32 through the runtime's Embedder and Detector.
 
-Replica thresholds come from measurements (calib_count 8, the 13 drink test photos, this repository's
-pinned onnxruntime): extractor 512-bit code agreement 0.991 (0.984 when the 512-d output itself is
-rounded to 8 bits), mean cosine 0.9993, min 0.996; detector: 28 % of the fp32 top-100 boxes matched
-at IoU >= 0.9 by an INT8 box, 38 % of the top-5, box-logit SQNR 8.8-19 dB per level, whereas a model
-calibrated (MinMax) on blank images gets 14 %, 18 % and 2-5 dB. The replicas have random weights, which makes
-the detector unusually fragile (even int8 *weights* alone with float activations keep only 88 % of its
-boxes): these are conversion-fidelity floors, not accuracy figures.
+Replica thresholds sit below the measured fidelity and above what a model calibrated on blank images
+reaches (figures in docs/benchmarks.md, "tests/test_quantize.py: replica thresholds"). The replicas have
+random weights, which makes the detector unusually fragile (even int8 *weights* alone with float
+activations lose some of its boxes): these are conversion-fidelity floors, not accuracy figures.
 """
 
 from __future__ import annotations
@@ -73,8 +70,6 @@ def photos(tmp_path, rng) -> Path:
     return root
 
 
-# ------------------------------------------------------------------ tiny synthetic models
-
 def _tiny_model(path: Path, rng: np.random.Generator) -> Path:
     """x (N,3,16,16) -> conv0 -> bn0 -> relu0 -> dwconv1 (weight from a Constant node) -> relu1 -> gap
     -> conv2 (16 1x1) -> flatten = "feat" (N,16); "prob" = sigmoid(feat)."""
@@ -135,8 +130,6 @@ def _conv_weights_stored_int8(path: Path) -> int:
     return len(convs) if all(dq.get(c.input[1]) in int8 for c in convs) else 0
 
 
-# ------------------------------------------------------------------ options
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "kl"}, "calibration method 'kl'"),
     ({"method": "MinMax"}, "calibration method 'MinMax'.*minmax, entropy, percentile"),
@@ -171,8 +164,6 @@ def test_role_defaults_and_overrides():
     with pytest.raises(InvalidInputError, match="unknown quantisation option.*calib_dir"):
         QuantizeOptions.for_role("detector", calib_dir="x")
 
-
-# ------------------------------------------------------------------ calibration photos
 
 def test_calibration_feeds_are_the_runtime_preprocessing_of_distinct_readable_photos(photos, caplog):
     spec = _spec()
@@ -231,8 +222,6 @@ def test_calibration_folder_errors(tmp_path):
     with pytest.raises(InvalidInputError, match="count must be an integer >= 1"):
         calibration_feeds(empty, _spec(), count=0)
 
-
-# ------------------------------------------------------------------ float tail and int8 tail weights
 
 def _min_weighted_to_output(model) -> dict:
     """Oracle: for every node, the fewest weighted layers (itself included) on any path to an output."""
@@ -328,8 +317,6 @@ def test_int8_tail_weights_handle_gemm_and_matmul_axes(rng):
     assert "ws" in inits  # a weight shared by two nodes stays float
 
 
-# ------------------------------------------------------------------ tiny models end to end
-
 def test_static_quantization_of_a_tiny_model(tiny, photos, tmp_path, rng):
     out = tmp_path / "out" / "tiny-int8.onnx"
     report = quantize_model(tiny, out, input_spec=_spec(), calib_dir=photos,
@@ -401,8 +388,6 @@ def test_quantize_model_argument_errors(tiny, photos, tmp_path):
         quantize_model(tmp_path / "bad.onnx", tmp_path / "o.onnx", input_spec=spec, calib_dir=photos)
     assert not (tmp_path / "o.onnx").exists()
 
-
-# ------------------------------------------------------------------ replica models (official graphs, random weights)
 
 def _gallery(drink_dir: Path) -> Path:
     return drink_dir / "gallery"

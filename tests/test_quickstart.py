@@ -1,18 +1,21 @@
-"""`edge-shitu quickstart` end to end, in-process: replicas, and the official route through a local mirror."""
+"""`edge-shitu quickstart` end to end, in-process: replicas, the official route through a local mirror, and where
+the demo data set comes from (shared folder, cache, mirror) when there is no checkout beside it."""
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 import tarfile
 
 import pytest
 
+from edge_shitu_converters import shared as shared_mod
 from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH
 from edge_shitu.cli import main
 from edge_shitu.gallery import Gallery
 
-pytestmark = [pytest.mark.paddle, pytest.mark.slow]
+HOST = "paddle-imagenet-models-name.bj.bcebos.com"
 
 
 def run(*argv):
@@ -20,6 +23,8 @@ def run(*argv):
     return main(list(map(str, argv)), stdout=out, stderr=err), out.getvalue(), err.getvalue()
 
 
+@pytest.mark.paddle
+@pytest.mark.slow
 def test_quickstart_with_replicas_then_reuse(tmp_path, test_images):
     work = tmp_path / "work"
     code, out, err = run("quickstart", "--work", work, "--models", "replica", "--threads", 2)
@@ -45,6 +50,8 @@ def _tar(dest, folder_name, files):
             tar.add(path, arcname=f"{folder_name}/{name}")
 
 
+@pytest.mark.paddle
+@pytest.mark.slow
 def test_quickstart_official_route_through_a_mirror(tmp_path, shared_dir, replica_dirs):
     # A mirror laid out like the official host, holding the official programs. The official weights cannot be
     # had here, so the archives carry replica weights in their place; the fetch, hash checks, conversion and
@@ -70,7 +77,87 @@ def test_quickstart_official_route_through_a_mirror(tmp_path, shared_dir, replic
         assert len(g) == 40
 
 
+@pytest.mark.paddle
 def test_quickstart_official_without_a_source_fails_cleanly(tmp_path):
     code, out, err = run("quickstart", "--work", tmp_path / "w", "--models", "official", "--mirror", tmp_path / "empty")
     # A source that cannot deliver is a failure of the environment (exit 1), reported in one line.
     assert code == 1 and err.count("\n") == 1 and err.startswith("edge-shitu: error:") and "empty" in err
+
+
+@pytest.fixture
+def no_checkout_shared(tmp_path, monkeypatch):
+    """As in an installed wheel: no $EDGE_SHITU_SHARED, no ../shared beside the package or the working folder."""
+    monkeypatch.delenv("EDGE_SHITU_SHARED", raising=False)
+    monkeypatch.setattr(shared_mod, "__file__", str(tmp_path / "site" / "pkg" / "shared.py"))
+    home = tmp_path / "site" / "cwd"
+    home.mkdir(parents=True)
+    monkeypatch.chdir(home)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Every network connection fails at once, as on a machine without network."""
+    attempts = []
+
+    def unreachable(self, address, *args):
+        attempts.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setattr(socket.socket, "connect_ex", unreachable)
+    return attempts
+
+
+def drink_mirror(mirror, drink_dir):
+    """A mirror laid out like the official host, holding drink_dataset_v1.0.tar packed from the shared copy."""
+    dest = mirror / HOST / "dygraph" / "rec" / "data" / "drink_dataset_v1.0.tar"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w") as tar:
+        tar.add(drink_dir, arcname="drink_dataset_v1.0")
+    return mirror
+
+
+def test_no_network_and_no_data_says_what_to_pass(tmp_path, no_checkout_shared, offline):
+    code, out, err = run("quickstart", "--work", tmp_path / "w", "--bundle", tmp_path / "no-bundle")
+    # One line, exit 1 (the environment cannot deliver, as for any FetchError), naming both ways out.
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("edge-shitu: error: the drink demo data set is in no shared folder nor in the cache")
+    assert "pass --mirror DIR" in err and "EDGE_SHITU_SHARED" in err
+    assert "[1/4]" in out and "[2/4]" not in out
+
+
+def test_explicit_shared_folder_without_the_data_does_not_fall_back(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("EDGE_SHITU_SHARED", str(tmp_path / "empty"))
+    code, out, err = run("quickstart", "--work", tmp_path / "w", "--bundle", tmp_path / "no-bundle")
+    assert code == 2 and "shared data not found" in err and str(tmp_path / "empty") in err
+    assert offline == []
+
+
+@pytest.mark.paddle
+@pytest.mark.slow
+def test_data_set_from_a_mirror_then_from_the_cache_without_network(tmp_path, drink_dir, replica_bundle,
+                                                                    no_checkout_shared, monkeypatch):
+    mirror = drink_mirror(tmp_path / "mirror", drink_dir)
+    work = tmp_path / "work"
+    code, out, err = run("quickstart", "--work", work, "--bundle", replica_bundle, "--mirror", mirror,
+                         "--limit", 20, "--threads", 2)
+    assert code == 0, err + out
+    data = work / "data" / "drink-dataset-v1" / "drink_dataset_v1.0"
+    assert f"data: {data} (fetched from {mirror / HOST}" in out
+    assert "[4/4]" in out and "[replica: meaningless]" in out
+    # Second run: no mirror, and any network attempt would fail the run; the verified cache is enough.
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise AssertionError(f"network connection attempted to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    code, out, err = run("quickstart", "--work", work, "--bundle", replica_bundle, "--limit", 20)
+    assert code == 0, err + out
+    assert f"data: {data} (cached, verified)" in out and attempts == []
+
+
+def test_bundle_and_models_exclude_each_other(tmp_path):
+    code, out, err = run("quickstart", "--work", tmp_path / "w", "--bundle", tmp_path, "--models", "replica")
+    assert code == 2 and "not allowed with argument" in err

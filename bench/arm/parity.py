@@ -42,9 +42,6 @@ _EXACT_PAIRING_MAX = 8  # up to this many boxes the best pairing is found by try
 Box = Sequence[float]
 
 
-# ---------------------------------------------------------------- collecting a run
-
-
 def _versions() -> Dict[str, str]:
     from importlib import metadata
 
@@ -82,7 +79,7 @@ def collect(bundle: Path, images: Sequence[Path], *, gallery: Optional[Path] = N
     t0 = time.perf_counter()
     b = Bundle.load(bundle)
     backend = BackendOptions(threads=threads)
-    det = Detector.from_bundle(b, options=DetectorOptions.from_mapping(b.require("detector").defaults, backend=backend))
+    det = Detector.from_bundle(b, options=DetectorOptions(backend=backend))
     emb = Embedder.from_bundle(b, options=EmbedderOptions(backend=backend))
     # The same (numpy) search on both machines: the point is the architecture, not the backend.
     gal = Gallery.open(gallery, fingerprint=b.code_fingerprint, readonly=True, backend="numpy") if gallery else None
@@ -90,7 +87,7 @@ def collect(bundle: Path, images: Sequence[Path], *, gallery: Optional[Path] = N
 
     def one(path: Path) -> dict:
         t = time.perf_counter()
-        img = load_image(path)  # decoded once for detection and crops; detect_ms includes it, as before
+        img = load_image(path)  # decoded once for detection and crops; detect_ms includes the decode
         dets = det.detect(img)
         t_det = time.perf_counter()
         codes = emb.embed([img] + ([crop(img, dets[0].box)] if dets else []))
@@ -180,9 +177,6 @@ def collect_sharded(bundle: Path, images: Sequence[Path], *, workers: int, galle
     return run
 
 
-# ---------------------------------------------------------------- comparing two runs
-
-
 def box_diff(a: Box, b: Box) -> float:
     """Largest absolute coordinate difference of two ``(x1, y1, x2, y2)`` boxes, in pixels."""
     return max(abs(float(x) - float(y)) for x, y in zip(a, b))
@@ -233,7 +227,8 @@ def hamming_hex(a: str, b: str) -> int:
     Raises:
       ValueError: the codes differ in length.
     """
-    from edge_shitu.codes import hamming_distances, hex_to_codes
+    from edge_shitu.codes import hex_to_codes
+    from edge_shitu.search import hamming_distances
 
     if len(a) != len(b):
         raise ValueError(f"codes of different lengths: {len(a)} and {len(b)} hex digits")
@@ -394,9 +389,6 @@ def format_report(rows: List[ImageComparison], problems: List[str], ref_meta: di
         out.append(f"PARITY OK: {len(rows)} images, {n_boxes} boxes in the same counts, largest box difference "
                    f"{worst:.2e} px (tolerance {box_tol}), identical codes" + (", identical matches" if has_search else ""))
     return "\n".join(out)
-
-
-# ---------------------------------------------------------------- command line
 
 
 def _images(paths: Sequence[str]) -> List[Path]:

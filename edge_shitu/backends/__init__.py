@@ -14,6 +14,8 @@ __all__ = ["Session", "create_session"]
 def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] = None) -> Session:
     """Create a session for one model of a bundle.
 
+    A model of a one-file bundle is handed to the backend as bytes, never written to disk.
+
     Args:
       spec: the :class:`edge_shitu.bundle.ModelSpec` to load.
       name: backend name; ``None`` uses the backend the bundle names. A different name is an error,
@@ -41,7 +43,10 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
     if backend == "onnxruntime":
         from edge_shitu.backends.onnxruntime import OnnxRuntimeSession
 
-        session = OnnxRuntimeSession.from_file(spec.path, threads=threads)
+        if spec.member is None:
+            session = OnnxRuntimeSession.from_file(spec.path, threads=threads)
+        else:
+            session = OnnxRuntimeSession.from_bytes(spec.read_bytes(), where=str(spec.path), threads=threads)
         try:
             _check_onnx_inputs(spec, session)
         except BaseException:
@@ -51,9 +56,12 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
         from edge_shitu.backends.paddlelite import PaddleLiteSession
 
         # Lite checks neither the machine nor input shapes itself: both are checked by the session.
-        session = PaddleLiteSession.from_file(
-            spec.path, target=spec.target, threads=threads, input_shapes={spec.input.name: spec.input.shape}
-        )
+        shapes = {spec.input.name: spec.input.shape}
+        if spec.member is None:
+            session = PaddleLiteSession.from_file(spec.path, target=spec.target, threads=threads, input_shapes=shapes)
+        else:
+            session = PaddleLiteSession.from_bytes(spec.read_bytes(), where=str(spec.path), target=spec.target,
+                                                   threads=threads, input_shapes=shapes)
     else:
         raise BundleError(f"{spec.path}: backend {backend!r} is not available in this edge-shitu build")
     missing = [spec.input.name] if spec.input.name not in session.input_names else []

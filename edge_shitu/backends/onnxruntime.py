@@ -7,7 +7,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from edge_shitu.errors import BackendUnavailableError, BundleError
+from edge_shitu.errors import BackendUnavailableError, BundleError, InvalidDtypeError
 from edge_shitu.options import check_threads
 
 __all__ = ["OnnxRuntimeSession"]
@@ -16,7 +16,7 @@ __all__ = ["OnnxRuntimeSession"]
 class OnnxRuntimeSession:
     """A model file run by onnxruntime's CPU execution provider.
 
-    Build it with :meth:`from_file`.
+    Build it with :meth:`from_file` or :meth:`from_bytes`.
     """
 
     def __init__(self, session) -> None:
@@ -39,6 +39,29 @@ class OnnxRuntimeSession:
           BackendUnavailableError: onnxruntime is not installed.
           BundleError: the file is not a loadable ONNX model.
         """
+        return cls._create(str(path), path, threads)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str, threads: Optional[int] = None) -> "OnnxRuntimeSession":
+        """Load an ONNX model from memory (a model of a one-file bundle, never written to disk).
+
+        Args:
+          data: the ``.onnx`` file's bytes.
+          where: what names the model in messages (``bundle.esb:extractor.onnx``).
+          threads: intra-op threads, from 1 to ``os.cpu_count()``; ``None`` lets onnxruntime decide.
+
+        Raises:
+          InvalidInputError: ``threads`` is not an int in that range.
+          InvalidDtypeError: ``data`` is not ``bytes``.
+          BackendUnavailableError: onnxruntime is not installed.
+          BundleError: the bytes are not a loadable ONNX model.
+        """
+        if not isinstance(data, bytes):
+            raise InvalidDtypeError(f"{where}: model data must be bytes, got {type(data).__name__}")
+        return cls._create(data, where, threads)
+
+    @classmethod
+    def _create(cls, model: Union[str, bytes], where, threads: Optional[int]) -> "OnnxRuntimeSession":
         if threads is not None:
             threads = check_threads(threads)
         try:
@@ -53,9 +76,9 @@ class OnnxRuntimeSession:
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            raise BundleError(f"{path}: onnxruntime cannot load this model: {exc}") from None
+            raise BundleError(f"{where}: onnxruntime cannot load this model: {exc}") from None
         return cls(session)
 
     @property

@@ -12,12 +12,14 @@ own ARM Python build.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import platform
 import re
 import struct
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -90,34 +92,38 @@ def read_nb_targets(path: Union[str, Path]) -> FrozenSet[str]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(_NB_HEADER.size)
-            if len(head) < _NB_HEADER.size:
-                raise IntegrityError(
-                    f"{path}: not a Paddle-Lite .nb model: {len(head)} bytes, expected a "
-                    f"{_NB_HEADER.size}-byte header"
-                )
-            meta_version, version, topo_size = _NB_HEADER.unpack(head)
-            if meta_version != _NB_META_VERSION:
-                raise IntegrityError(
-                    f"{path}: not a Paddle-Lite .nb model: meta version {meta_version}, expected "
-                    f"{_NB_META_VERSION} (Paddle-Lite >= 2.10)"
-                )
-            if not version.startswith(b"v"):
-                raise IntegrityError(
-                    f"{path}: not a Paddle-Lite .nb model: version field {version[:8]!r} does not start with 'v'"
-                )
-            file_size = path.stat().st_size
-            if topo_size == 0 or topo_size > file_size - _NB_HEADER.size:
-                raise IntegrityError(
-                    f"{path}: truncated or corrupt .nb model: topology of {topo_size} bytes declared, "
-                    f"{max(file_size - _NB_HEADER.size, 0)} bytes follow the header"
-                )
-            topo = f.read(topo_size)
-            _check_params_section(f, path, _NB_HEADER.size + topo_size, file_size)
+            return _nb_targets(f, os.fstat(f.fileno()).st_size, path)
     except FileNotFoundError:
         raise MissingFileError(f"{path}: no such Paddle-Lite model file") from None
     except IsADirectoryError:
         raise IntegrityError(f"{path}: is a directory, expected a Paddle-Lite .nb file") from None
+
+
+def _nb_targets(f: BinaryIO, file_size: int, path) -> FrozenSet[str]:
+    """:func:`read_nb_targets` of an open file (or an in-memory model) of ``file_size`` bytes; ``path`` names it."""
+    head = f.read(_NB_HEADER.size)
+    if len(head) < _NB_HEADER.size:
+        raise IntegrityError(
+            f"{path}: not a Paddle-Lite .nb model: {len(head)} bytes, expected a "
+            f"{_NB_HEADER.size}-byte header"
+        )
+    meta_version, version, topo_size = _NB_HEADER.unpack(head)
+    if meta_version != _NB_META_VERSION:
+        raise IntegrityError(
+            f"{path}: not a Paddle-Lite .nb model: meta version {meta_version}, expected "
+            f"{_NB_META_VERSION} (Paddle-Lite >= 2.10)"
+        )
+    if not version.startswith(b"v"):
+        raise IntegrityError(
+            f"{path}: not a Paddle-Lite .nb model: version field {version[:8]!r} does not start with 'v'"
+        )
+    if topo_size == 0 or topo_size > file_size - _NB_HEADER.size:
+        raise IntegrityError(
+            f"{path}: truncated or corrupt .nb model: topology of {topo_size} bytes declared, "
+            f"{max(file_size - _NB_HEADER.size, 0)} bytes follow the header"
+        )
+    topo = f.read(topo_size)
+    _check_params_section(f, path, _NB_HEADER.size + topo_size, file_size)
     codes = {int(m.group(3)) for m in _KERNEL_KEY.finditer(topo)}
     targets = frozenset(_TARGET_CODES.get(c, f"target{c}") for c in codes) - _PORTABLE_TARGETS
     if not targets:
@@ -204,6 +210,11 @@ def check_nb_target(path: Union[str, Path], target: str) -> str:
       MissingFileError: the file does not exist.
     """
     path = Path(path)
+    return _check_target(path, target, lambda: read_nb_targets(path))
+
+
+def _check_target(path, target: str, read_kernels: Callable[[], FrozenSet[str]]) -> str:
+    """:func:`check_nb_target` of the model ``path`` names; ``read_kernels`` is called only after the machine checks."""
     if target not in ("any", "x86", "arm"):
         raise BundleError(f"{path}: target must be any, x86 or arm, got {target!r}")
     raw_machine = platform.machine()
@@ -217,7 +228,7 @@ def check_nb_target(path: Union[str, Path], target: str) -> str:
             f"{path}: this Paddle-Lite model was built for {target}, but this machine is {raw_machine} ({machine}); "
             f"Lite runs a foreign .nb into garbage or a crash, so it is refused. Convert the models for {machine}"
         )
-    kernels = read_nb_targets(path)
+    kernels = read_kernels()
     if kernels != frozenset({machine}):
         recorded = f"the manifest records {target}, but " if target != "any" else ""
         raise TargetMismatchError(
@@ -257,7 +268,8 @@ def _check_shape_spec(name: str, shape: Sequence[int]) -> Tuple[int, ...]:
 class PaddleLiteSession:
     """A ``.nb`` model run by Paddle-Lite's light predictor (``MobileConfig``).
 
-    Build it with :meth:`from_file`, which checks the machine and the file before Lite sees them.
+    Build it with :meth:`from_file` or :meth:`from_bytes`, which check the machine and the model
+    before Lite sees them.
     Inputs and outputs are matched by name; every feed must be float32 and, for inputs with a known
     shape, of that shape (-1 = any size), because Lite runs other dtypes and shapes silently into
     garbage.
@@ -323,15 +335,52 @@ class PaddleLiteSession:
           BundleError: Lite refuses the model, or it lacks an input named in ``input_shapes``.
         """
         path = Path(path)
+        return cls._create(path, path, target=target, threads=threads, power_mode=power_mode,
+                           input_shapes=input_shapes)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str, target: str, threads: Optional[int] = None,
+                   power_mode: Optional[str] = None,
+                   input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> "PaddleLiteSession":
+        """Check and load a Paddle-Lite model from memory (``MobileConfig.set_model_from_buffer``), as
+        :meth:`from_file` does from a file; a model of a one-file bundle is never written to disk.
+
+        Args:
+          data: the ``.nb`` file's bytes.
+          where: what names the model in messages (``bundle.esb:extractor.nb``).
+          target, threads, power_mode, input_shapes: as :meth:`from_file`.
+
+        Returns:
+          The loaded session.
+
+        Raises:
+          InvalidDtypeError: ``data`` is not ``bytes``.
+          TargetMismatchError, IntegrityError, BackendUnavailableError, InvalidInputError, BundleError:
+            as :meth:`from_file`.
+        """
+        if not isinstance(data, bytes):
+            raise InvalidDtypeError(f"{where}: model data must be bytes, got {type(data).__name__}")
+        return cls._create(data, where, target=target, threads=threads, power_mode=power_mode,
+                           input_shapes=input_shapes)
+
+    @classmethod
+    def _create(cls, model: Union[Path, bytes], path, *, target: str, threads: Optional[int],
+                power_mode: Optional[str], input_shapes: Optional[Mapping[str, Sequence[int]]]) -> "PaddleLiteSession":
         if threads is not None:
             threads = check_threads(threads)
         if power_mode is not None and power_mode not in POWER_MODES:
             raise InvalidInputError(f"power_mode must be one of {', '.join(POWER_MODES)} or None, got {power_mode!r}")
         shapes = {n: _check_shape_spec(n, s) for n, s in (input_shapes or {}).items()}
-        check_nb_target(path, target)
+        if isinstance(model, bytes):
+            _check_target(path, target, lambda: _nb_targets(io.BytesIO(model), len(model), path))
+        else:
+            check_nb_target(model, target)
         lite = _import_lite()
         config = lite.MobileConfig()
-        config.set_model_from_file(str(path))
+        if isinstance(model, bytes):
+            config.set_model_from_buffer(model)
+        else:
+            config.set_model_from_file(str(model))
         if threads is not None:
             if hasattr(config, "set_threads"):
                 config.set_threads(threads)

@@ -63,8 +63,7 @@ def _parser(err: TextIO) -> argparse.ArgumentParser:
     for command, extra in _OPTIONAL_COMMANDS.items():
         if command not in sub.choices:
             sp = sub.add_parser(command, help=f"[not installed: pip install \"edge-shitu[{extra}]\"]", add_help=False)
-            sp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            sp.set_defaults(func=_not_installed(extra))
+            sp.set_defaults(func=_not_installed(extra), placeholder=True)
     return p
 
 
@@ -89,8 +88,10 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
             args, extra = parser.parse_known_args(argv)
             # argparse stops filling a positional list at the first option; file names that follow
             # options ("add G.db --label L a.jpg b.jpg") belong to the command's list all the same.
-            target = next((n for n in ("paths", "images", "rest") if isinstance(getattr(args, n, None), list)), None)
-            if extra and target and not any(e.startswith("-") for e in extra):
+            target = next((n for n in ("paths", "images") if isinstance(getattr(args, n, None), list)), None)
+            if getattr(args, "placeholder", False):
+                pass  # the command is not installed: whatever follows it is not ours to judge
+            elif extra and target and not any(e.startswith("-") for e in extra):
                 setattr(args, target, list(getattr(args, target) or []) + extra)
             elif extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")

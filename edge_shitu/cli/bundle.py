@@ -1,4 +1,5 @@
-"""``edge-shitu bundle info``: what a bundle holds and how well its conversion was verified."""
+"""``edge-shitu bundle info``: what a bundle holds and how well its conversion was verified;
+``bundle pack`` / ``bundle unpack``: a bundle folder to one file (``.esb``) and back."""
 
 from __future__ import annotations
 
@@ -39,36 +40,69 @@ def _cmd_bundle_info(args, out: TextIO, err: TextIO) -> int:
 
     bundle = Bundle.load(args.bundle)
     if args.json:
-        json.dump({"manifest": bundle.manifest, "sizes": {r: m.path.stat().st_size for r, m in bundle.models.items()},
+        json.dump({"manifest": bundle.manifest, "sizes": {r: m.nbytes for r, m in bundle.models.items()},
                    "verification": bundle.verification}, out, ensure_ascii=False, indent=2)
         out.write("\n")
         return EXIT_OK
     out.write(f"bundle {bundle.name} ({bundle.path})\n")
     total = 0
     for role, m in bundle.models.items():
-        size = m.path.stat().st_size
+        size = m.nbytes
         total += size
         src = m.source
         origin = (f"replica seed {src.get('seed')}" if m.is_replica else
                   f"official {src.get('archive', {}).get('name', src.get('model_dir_name'))}")
-        out.write(f"  {role}: {m.path.name} {size / 1e6:.2f} MB, {m.backend} {m.precision} target {m.target}, "
+        out.write(f"  {role}: {_file_name(m)} {size / 1e6:.2f} MB, {m.backend} {m.precision} target {m.target}, "
                   f"input {m.input.name} {list(m.input.shape)} {m.input.interpolation}, {origin}\n")
     out.write(f"  total {total / 1e6:.2f} MB; codes {bundle.codes.bits} bits ({bundle.codes.method}, "
               f"{bundle.codes.bit_order}-endian bits); fingerprint {bundle.code_fingerprint if bundle.extractor else '-'}\n")
     if bundle.hash is not None:
-        out.write(f"  hash head: {bundle.hash.path.name} [{bundle.hash.bits}, {bundle.hash.dim}] "
+        out.write(f"  hash head: {_file_name(bundle.hash)} [{bundle.hash.bits}, {bundle.hash.dim}] "
                   f"sha256 {bundle.hash.sha256[:16]}...\n")
     out.write("  tools: " + ", ".join(f"{k} {v}" for k, v in sorted(bundle.tools.items())) + "\n")
     print_verification(bundle.verification, out)
     return EXIT_OK
 
 
+def _file_name(spec) -> str:
+    return spec.path.name if spec.member is None else spec.member.name
+
+
+def _cmd_bundle_pack(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundlefile import pack_bundle
+
+    dest = pack_bundle(args.bundle, args.out, overwrite=args.overwrite)
+    out.write(f"packed {args.bundle} into {dest} ({dest.stat().st_size / 1e6:.2f} MB, verified)\n")
+    return EXIT_OK
+
+
+def _cmd_bundle_unpack(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.bundlefile import unpack_bundle
+
+    dest = unpack_bundle(args.bundle, args.out, overwrite=args.overwrite)
+    out.write(f"unpacked {args.bundle} into {dest} (verified)\n")
+    return EXIT_OK
+
+
 def register(subparsers, groups) -> None:
     """Adds the ``bundle`` command; ``groups["bundle"]`` takes more actions from other modules."""
-    bi = subparsers.add_parser("bundle", help="inspect bundles").add_subparsers(
+    bi = subparsers.add_parser("bundle", help="inspect, pack and unpack bundles").add_subparsers(
         dest="bundle_cmd", metavar="ACTION", required=True)
     groups["bundle"] = bi
     bif = bi.add_parser("info", help="manifest, sizes and verification figures")
     bif.add_argument("bundle", help="bundle folder or one-file bundle (.esb)")
     bif.add_argument("--json", action="store_true", help="print the manifest, sizes and verification as JSON")
     bif.set_defaults(func=_cmd_bundle_info)
+    bp = bi.add_parser("pack", help="write a bundle folder as one file (.esb) to copy to a device")
+    bp.add_argument("bundle", help="bundle folder")
+    bp.add_argument("-o", "--out", required=True, help="the one-file bundle to write (e.g. bundle.esb)")
+    bp.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it exists (only once the new file is complete and verified)")
+    bp.set_defaults(func=_cmd_bundle_pack)
+    bu = bi.add_parser("unpack", help="write a one-file bundle (.esb) back out as a bundle folder")
+    bu.add_argument("bundle", help="one-file bundle (.esb)")
+    bu.add_argument("-o", "--out", required=True, help="the bundle folder to create")
+    bu.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is a bundle folder or empty (only once the new one is complete and "
+                         "verified)")
+    bu.set_defaults(func=_cmd_bundle_unpack)

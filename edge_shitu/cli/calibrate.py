@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, TextIO
 
-from edge_shitu.cli.common import EXIT_FAILURE, EXIT_OK, heavy
+from edge_shitu.cli.common import EXIT_FAILURE, EXIT_OK, fraction, heavy, whole_number
 from edge_shitu.errors import InvalidInputError
 
 __all__ = ["register"]
@@ -35,14 +35,15 @@ def register(subparsers, groups) -> None:
                     "gallery's own codes give a precision/recall curve over max_distance; the largest "
                     "max_distance that reaches the target precision is stored in the gallery, and the "
                     "recogniser uses it whenever --max-distance is not given.")
-    p.add_argument("gallery")
-    p.add_argument("--precision", type=float, default=0.95, help="target precision in (0, 1] (default 0.95)")
-    p.add_argument("--max-queries", type=int, default=2000,
+    p.add_argument("gallery", help="the gallery file to calibrate (its own codes are the queries)")
+    p.add_argument("--precision", type=fraction(low_open=True), default=0.95,
+                   help="target precision in (0, 1] (default 0.95)")
+    p.add_argument("--max-queries", type=whole_number(1), default=2000,
                    help="items used as queries; larger galleries are sampled (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, but do not store the threshold")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the curve into this PNG (needs matplotlib)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the curve and the choice as one JSON object")
     p.set_defaults(func=_cmd_gallery_calibrate)
 
 

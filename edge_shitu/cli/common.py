@@ -20,7 +20,8 @@ from typing import Callable, List, Optional, Sequence, TextIO
 from edge_shitu.errors import BackendUnavailableError, ImageDecodeError, InvalidInputError, MissingFileError
 
 __all__ = [
-    "EXIT_OK", "EXIT_FAILURE", "EXIT_BAD_INPUT", "IMAGE_SUFFIXES", "heavy", "missing_extra", "add_threads",
+    "EXIT_OK", "EXIT_FAILURE", "EXIT_BAD_INPUT", "IMAGE_SUFFIXES", "heavy", "missing_extra", "whole_number",
+    "fraction", "add_threads",
     "add_image_limit", "embedder_options", "expand_images", "per_image", "Progress", "write_json", "JsonLines",
     "replica_note", "one_line", "box",
 ]
@@ -81,6 +82,35 @@ def _pixel_count(text: str) -> int:
     if not (value.is_integer() and 1 <= value <= MAX_PIXELS):
         raise argparse.ArgumentTypeError(f"expected a whole number of pixels from 1 to {MAX_PIXELS}, got {text[:40]!r}")
     return int(value)
+
+
+def whole_number(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (no upper bound when None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text[:40]!r}")
+        return value
+
+    return parse
+
+
+def fraction(low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in [0, 1], or (0, 1] when ``low_open``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+            raise argparse.ArgumentTypeError(f"expected a number in {'(0' if low_open else '[0'}, 1], got {text[:40]!r}")
+        return value
+
+    return parse
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from edge_shitu.cli.common import (
     expand_images,
     one_line,
     replica_note,
+    whole_number,
     write_json,
 )
 from edge_shitu.errors import GalleryError, InvalidInputError
@@ -253,20 +254,21 @@ def register(subparsers, groups) -> None:
 
     gr = g.add_parser("remove", help="remove items by id or label")
     gr.add_argument("gallery", help="the gallery file")
-    gr.add_argument("--id", dest="ids", type=int, nargs="+", metavar="N", help="ids of the items to remove")
+    gr.add_argument("--id", dest="ids", type=whole_number(0), nargs="+", metavar="N", help="ids of the items to remove")
     gr.add_argument("--label", help="remove every item with this label")
     gr.set_defaults(func=_cmd_remove)
 
     gl = g.add_parser("relabel", help="give items a new label")
     gl.add_argument("gallery", help="the gallery file")
-    gl.add_argument("--id", dest="ids", type=int, nargs="+", required=True, metavar="N", help="ids of the items")
+    gl.add_argument("--id", dest="ids", type=whole_number(0), nargs="+", required=True, metavar="N",
+                    help="ids of the items")
     gl.add_argument("--label", required=True, help="their new label")
     gl.set_defaults(func=_cmd_relabel)
 
     gs = g.add_parser("list", help="list items (id, label, source)")
     gs.add_argument("gallery", help="the gallery file")
     gs.add_argument("--label", help="only items with this label")
-    gs.add_argument("--limit", type=int, metavar="N", help="at most this many items")
+    gs.add_argument("--limit", type=whole_number(0), metavar="N", help="at most this many items")
     gs.add_argument("--json", action="store_true", help="print one JSON array")
     gs.set_defaults(func=_cmd_list)
 

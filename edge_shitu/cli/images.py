@@ -21,10 +21,13 @@ from edge_shitu.cli.common import (
     box,
     embedder_options,
     expand_images,
+    fraction,
     one_line,
     per_image,
     replica_note,
+    whole_number,
 )
+from edge_shitu.options import MAX_DETECTIONS, MAX_TOP_K
 
 __all__ = ["register"]
 
@@ -36,14 +39,13 @@ def _cmd_detect(args, out: TextIO, err: TextIO) -> int:
 
     images = expand_images(args.images)
     bundle = Bundle.load(args.bundle)
-    spec = bundle.require("detector")
+    bundle.require("detector")
     overrides = {}
     if args.min_score is not None:
         overrides["min_score"] = args.min_score
     if args.max_detections is not None:
         overrides["max_detections"] = args.max_detections
-    opts = DetectorOptions.from_mapping(spec.defaults, backend=BackendOptions(threads=args.threads),
-                                        max_pixels=args.max_pixels, **overrides)
+    opts = DetectorOptions(backend=BackendOptions(threads=args.threads), max_pixels=args.max_pixels, **overrides)
     sink = JsonLines(out, lines=args.jsonl, array=args.json)
     with Detector.from_bundle(bundle, options=opts) as det, Progress("detecting", len(images), err) as progress:
         def work(img: str) -> dict:
@@ -115,9 +117,7 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
     bundle = Bundle.load(args.bundle)
     given = {name: getattr(args, name) for name in ("max_distance", "top_k", "whole_image")
              if getattr(args, name) is not None}
-    detector = None
-    if bundle.detector is not None and args.threads is not None:
-        detector = DetectorOptions.from_mapping(bundle.detector.defaults, backend=BackendOptions(threads=args.threads))
+    detector = DetectorOptions(backend=BackendOptions(threads=args.threads))
     opts = RecognizerOptions(**given, detector=detector, embedder=embedder_options(args),
                              include_unknown=args.include_unknown, search_backend=args.search_backend,
                              max_pixels=args.max_pixels)
@@ -125,6 +125,12 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
     structured = args.json or args.jsonl
     with Recognizer.from_bundle(bundle, args.gallery, options=opts) as recognizer, \
             Progress("recognising", len(images), err) as progress:
+        if recognizer.gallery.backend == "faiss":
+            import faiss
+
+            # faiss's idle OpenMP threads spin and take the cores from the model sessions, and one image's
+            # queries are one thread's work. A process-wide setting: the application's to make, not the library's.
+            faiss.omp_set_num_threads(1)
         def work(img: str) -> dict:
             res = recognizer.recognize(img)
             items = [{"box": box(r.box), "label": r.label, "distance": r.distance,
@@ -149,26 +155,6 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
     return code
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text[:40]!r}")
-    return value
-
-
-def _score(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a score from 0 to 1, got {text[:40]!r}")
-    return value
-
-
 def _images_and_output(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--bundle", required=True, help="bundle folder or one-file bundle (.esb)")
     p.add_argument("images", nargs="+", metavar="IMG",
@@ -185,9 +171,9 @@ def register(subparsers, groups) -> None:
     d = subparsers.add_parser("detect", help="detect the main objects of images",
                               description="Boxes of the main objects, best first.")
     _images_and_output(d, "boxes")
-    d.add_argument("--min-score", type=_score, default=None, metavar="S",
+    d.add_argument("--min-score", type=fraction(), default=None, metavar="S",
                    help="report boxes with at least this score, 0 to 1 (default: the bundle's)")
-    d.add_argument("--max-detections", type=int, default=None, metavar="N",
+    d.add_argument("--max-detections", type=whole_number(1, MAX_DETECTIONS), default=None, metavar="N",
                    help="report at most this many boxes per image (default: the bundle's)")
     d.set_defaults(func=_cmd_detect)
 
@@ -199,10 +185,10 @@ def register(subparsers, groups) -> None:
     _images_and_output(r, "recognitions")
     r.add_argument("--gallery", required=True, help="the gallery file to search")
     r.add_argument("--timings", action="store_true", help="also give per-stage timings in ms")
-    r.add_argument("--max-distance", type=_non_negative_int, default=None, metavar="BITS",
+    r.add_argument("--max-distance", type=whole_number(0), default=None, metavar="BITS",
                    help="accept a match within this many differing bits; smaller is stricter (default: the "
                         "gallery's calibrated value, else the bundle's)")
-    r.add_argument("--top-k", type=int, default=None, metavar="K",
+    r.add_argument("--top-k", type=whole_number(1, MAX_TOP_K), default=None, metavar="K",
                    help="candidates kept per region (default: the bundle's)")
     r.add_argument("--whole-image", choices=["if_none", "always", "never"], default=None,
                    help="recognise the whole image too: only when nothing is detected (if_none), always (the "
