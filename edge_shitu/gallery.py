@@ -170,6 +170,51 @@ class _Prepared:
 
 
 @dataclass(frozen=True)
+class _LabelNames:
+    """Label id -> label for every label of a snapshot, packed: ascending int64 ids, one UTF-8 blob and
+    the end offset of each name in it. A dict of a million Python strings would cost more memory than
+    the codes themselves."""
+
+    ids: np.ndarray  # int64 (L,), ascending, read-only
+    ends: np.ndarray  # int64 (L,), end of each name in blob, read-only
+    blob: bytes
+
+    @classmethod
+    def build(cls, names: Dict[int, str]) -> "_LabelNames":
+        ids = np.fromiter(sorted(names), dtype=np.int64, count=len(names))
+        encoded = [names[int(i)].encode("utf-8") for i in ids]
+        ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), dtype=np.int64)
+        return cls(_frozen(ids), _frozen(ends), b"".join(encoded))
+
+    def with_names(self, names: Dict[int, str]) -> "_LabelNames":
+        """This table plus ``names`` (ids not in it yet). New label ids are larger than every id in use,
+        so they are appended without decoding the others; anything else rebuilds the table."""
+        new = {i: lab for i, lab in names.items() if not self._holds(i)}
+        if not new:
+            return self
+        ids = np.fromiter(sorted(new), dtype=np.int64, count=len(new))
+        if self.ids.size and ids[0] <= self.ids[-1]:
+            return _LabelNames.build({**self.as_dict(), **new})
+        encoded = [new[int(i)].encode("utf-8") for i in ids]
+        base = int(self.ends[-1]) if self.ends.size else 0
+        ends = base + np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), dtype=np.int64)
+        return _LabelNames(_frozen(np.concatenate([self.ids, ids])), _frozen(np.concatenate([self.ends, ends])),
+                           self.blob + b"".join(encoded))
+
+    def _holds(self, label_id: int) -> bool:
+        pos = int(np.searchsorted(self.ids, label_id))
+        return pos < self.ids.size and int(self.ids[pos]) == label_id
+
+    def get(self, label_id: int) -> str:
+        pos = int(np.searchsorted(self.ids, label_id))
+        start = int(self.ends[pos - 1]) if pos else 0
+        return self.blob[start:int(self.ends[pos])].decode("utf-8")
+
+    def as_dict(self) -> Dict[int, str]:
+        return {int(i): self.get(int(i)) for i in self.ids}
+
+
+@dataclass(frozen=True)
 class _Snapshot:
     """One committed state of the items, kept in memory so that readers never need the file.
 
@@ -177,20 +222,22 @@ class _Snapshot:
     writer left a rollback journal that a read-only connection may not roll back).
     """
 
-    ids: np.ndarray  # int64 (m,), strictly ascending, read-only
+    ids: np.ndarray  # (m,) strictly ascending, uint32 while ids fit, else int64; read-only
     index: HammingIndex  # the codes, row i belonging to ids[i]; immutable
     label_ids: np.ndarray  # (m,) label id of ids[i]: uint16 while label ids fit, else int32; read-only
-    labels: Dict[int, str]  # label id -> label, for every label with items; never mutated
+    labels: _LabelNames  # every label with items
 
     def label_of(self, positions: np.ndarray) -> List[str]:
-        return [self.labels[int(i)] for i in self.label_ids[positions]]
+        return [self.labels.get(int(i)) for i in self.label_ids[positions]]
 
     def without(self, keep: np.ndarray) -> "_Snapshot":
         """The snapshot restricted to the rows where ``keep`` (bool (m,)) is true."""
         kept = self.label_ids[keep]
-        present = set(np.unique(kept).tolist())
-        return _Snapshot(_frozen(self.ids[keep]), self.index.without(keep), _frozen(kept),
-                         {i: lab for i, lab in self.labels.items() if i in present})
+        present = np.unique(kept)
+        labels = self.labels
+        if present.size != labels.ids.size:
+            labels = _LabelNames.build({int(i): labels.get(int(i)) for i in present})
+        return _Snapshot(_frozen(_id_array(self.ids[keep])), self.index.without(keep), _frozen(kept), labels)
 
 
 def _label_array(values: Sequence[int]) -> np.ndarray:
@@ -200,10 +247,17 @@ def _label_array(values: Sequence[int]) -> np.ndarray:
     return _frozen(arr.astype(dtype))
 
 
+def _id_array(values: np.ndarray) -> np.ndarray:
+    # Four bytes per item while ids allow it, as for the label numbers.
+    arr = np.asarray(values)
+    small = arr.size == 0 or (int(arr.min()) >= 0 and int(arr.max()) <= np.iinfo(np.uint32).max)
+    return _frozen(arr.astype(np.uint32 if small else np.int64, copy=False))
+
+
 def _empty_snapshot(bits: int, backend: str) -> _Snapshot:
-    return _Snapshot(_frozen(np.empty(0, np.int64)),
+    return _Snapshot(_id_array(np.empty(0, np.int64)),
                      HammingIndex.build(np.empty((0, bits // 8), np.uint8), bits=bits, backend=backend),
-                     _label_array([]), {})
+                     _label_array([]), _LabelNames.build({}))
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -251,12 +305,14 @@ def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str)
     # Chunk by chunk, so opening never holds a second full copy of the codes.
     index = HammingIndex.from_chunks(_code_chunks(conn, bits // 8, name, ids, label_ids), size=count, bits=bits,
                                      backend=backend)
-    labels = {int(i): str(lab) for i, lab in conn.execute("SELECT id, label FROM labels")}
+    used = set(np.unique(label_ids).tolist())
+    labels = {int(i): str(lab) for i, lab in conn.execute("SELECT id, label FROM labels") if int(i) in used}
     unknown = np.setdiff1d(label_ids, np.fromiter(labels, dtype=np.int64, count=len(labels)))
     if unknown.size:
         raise GalleryCorruptError(f"{name}: items refer to labels that do not exist (label ids {_short_list(unknown)}); "
                                   "run `edge-shitu gallery check` for details")
-    return _Snapshot(ids=_frozen(ids), index=index, label_ids=_label_array(label_ids), labels=labels)
+    return _Snapshot(ids=_id_array(ids), index=index, label_ids=_label_array(label_ids),
+                     labels=_LabelNames.build(labels))
 
 
 class Gallery:
@@ -548,7 +604,7 @@ class Gallery:
         """
         with self._lock:
             self._sync()
-            return self._snapshot.ids.copy()
+            return self._snapshot.ids.astype(np.int64)
 
     def codes(self) -> Tuple[np.ndarray, np.ndarray]:
         """All ids and codes, as held in memory.
@@ -563,7 +619,7 @@ class Gallery:
         with self._lock:
             self._sync()
             snapshot = self._snapshot
-        return snapshot.ids.copy(), snapshot.index.codes()
+        return snapshot.ids.astype(np.int64), snapshot.index.codes()
 
     def search(self, codes: np.ndarray, k: int = 5, *, max_distance: Optional[int] = None) -> SearchResult:
         """Finds the k nearest items of each query code by exhaustive Hamming distance.
@@ -593,8 +649,9 @@ class Gallery:
         queries = check_codes(codes, self.nbytes)
         positions, distances, counts = snapshot.index.search(queries, k, max_distance)
         # Positions follow ascending ids, so the index's ties-by-position are ties-by-id.
-        ids = np.where(positions >= 0, snapshot.ids[np.maximum(positions, 0)] if snapshot.ids.size else -1, -1)
-        return SearchResult(ids=ids.astype(np.int64, copy=False), distances=distances, counts=counts)
+        found = snapshot.ids[np.maximum(positions, 0)].astype(np.int64) if snapshot.ids.size else -1
+        ids = np.where(positions >= 0, found, -1).astype(np.int64, copy=False)
+        return SearchResult(ids=ids, distances=distances, counts=counts)
 
     def add(
         self,
@@ -819,15 +876,14 @@ class Gallery:
             if embedding_fingerprint is not None and meta.embedding_fingerprint is None:
                 _set_meta(conn, "embedding_fingerprint", embedding_fingerprint)
                 new_meta = replace(new_meta, embedding_fingerprint=embedding_fingerprint)
-            all_ids = np.concatenate([snap.ids, new_ids])
+            all_ids = np.concatenate([snap.ids.astype(np.int64), new_ids])
             all_labels = np.concatenate([snap.label_ids.astype(np.int64), item_labels])
             index = snap.index.appended(codes)
             if (snap.ids.size and new_ids.min() < snap.ids[-1]) or np.any(new_ids[1:] < new_ids[:-1]):
                 order = np.argsort(all_ids, kind="stable")
                 all_ids, all_labels, index = all_ids[order], all_labels[order], index.reordered(order)
-            names = dict(snap.labels)
-            names.update((i, lab) for lab, i in label_ids.items())
-            return new_ids.copy(), _Snapshot(_frozen(all_ids), index, _label_array(all_labels), names), new_meta
+            names = snap.labels.with_names({i: lab for lab, i in label_ids.items()})
+            return new_ids.copy(), _Snapshot(_id_array(all_ids), index, _label_array(all_labels), names), new_meta
 
         return self._write(what, body)
 
@@ -933,10 +989,10 @@ class Gallery:
             _bump_counts(conn, delta)
             label_ids = snap.label_ids.astype(np.int64)
             label_ids[pos] = target
-            present = set(np.unique(label_ids).tolist())
-            labels = {i: lab for i, lab in snap.labels.items() if i in present}
-            labels[target] = label
-            return int(wanted.size), replace(snap, label_ids=_label_array(label_ids), labels=labels), None
+            present = np.unique(label_ids).tolist()
+            names = {i: (label if i == target else snap.labels.get(i)) for i in present}
+            return int(wanted.size), replace(snap, label_ids=_label_array(label_ids),
+                                             labels=_LabelNames.build(names)), None
 
         return self._write("relabel", body)
 

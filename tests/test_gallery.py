@@ -911,3 +911,21 @@ class TestFormat2:
             assert g.add(np.zeros((1, 8), np.uint8), ["x"]).tolist() == [12]
         with pytest.raises(GalleryError, match="not a format-1 gallery"):
             upgrade_gallery(path)
+
+
+def test_labels_held_in_memory_follow_every_change(tmp_path, rng):
+    """The snapshot's label table agrees with the file after adds, removals, relabels and label-id reuse."""
+    path = tmp_path / "labels.gallery"
+    with Gallery.create(path, fingerprint=FP) as g:
+        ids = g.add(_codes(rng, 4), ["a", "b", "c", "可乐"]).tolist()
+        g.remove_label("可乐")  # the largest label id goes: a new label takes that id again
+        ids += g.add(_codes(rng, 2), ["d", "a"]).tolist()
+        g.relabel([ids[0]], "z")
+        g.remove([ids[1]])
+        expected = {i: lab for i, lab in zip(ids, ["z", None, "c", None, "d", "a"]) if lab is not None}
+        kept = list(expected)
+        assert g.labels_of(kept) == list(expected.values())
+        assert g.labels_of([ids[3], 10**6]) == [None, None]
+    with Gallery.open(path, readonly=True) as again:
+        assert again.labels_of(kept) == list(expected.values())
+        assert {it.id: it.label for it in again.items()} == expected
