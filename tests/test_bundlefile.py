@@ -349,21 +349,26 @@ def test_lite_models_of_a_one_file_bundle_load_from_memory(monkeypatch, tmp_path
     buffers = []
     monkeypatch.setattr(sys_modules_lite().MobileConfig, "set_model_from_buffer",
                         lambda self, data: buffers.append(data), raising=False)
-    root = tmp_path / "lite"
-    root.mkdir()
     model = nb_bytes()
-    (root / "extractor.nb").write_bytes(model)
-    m = manifest_for()
-    m["models"] = {"extractor": m["models"]["extractor"]}
-    m["models"]["extractor"].update(file="extractor.nb", sha256=_sha(model), backend="paddlelite", target="x86")
-    (root / "manifest.json").write_text(json.dumps(m))
-    esb = pack_bundle(root, tmp_path / "lite.esb")
+    root, esb = _lite_esb(tmp_path, model)
     shutil.rmtree(root)  # nothing is read from the folder any more
     spec = Bundle.load(esb).extractor
     session = create_session(spec)
     assert buffers == [model] and calls["configs"][0].model is None  # no file path was handed to Lite
     assert session.input_names == ("x",)
     assert not [p for p in tmp_path.rglob("*") if p.suffix == ".nb"]
+
+
+def _lite_esb(tmp_path, model: bytes):
+    """A one-file bundle whose only model is the Paddle-Lite extractor ``model``: (its folder, the .esb)."""
+    root = tmp_path / "lite"
+    root.mkdir()
+    (root / "extractor.nb").write_bytes(model)
+    m = manifest_for()
+    m["models"] = {"extractor": m["models"]["extractor"]}
+    m["models"]["extractor"].update(file="extractor.nb", sha256=_sha(model), backend="paddlelite", target="x86")
+    (root / "manifest.json").write_text(json.dumps(m))
+    return root, pack_bundle(root, tmp_path / "lite.esb")
 
 
 def sys_modules_lite():
@@ -381,15 +386,8 @@ def test_lite_side_worker_gets_the_model_bytes(monkeypatch, tmp_path):
     from edge_shitu_converters import lite_worker
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    root = tmp_path / "lite"
-    root.mkdir()
     model = nb_bytes(ARM_KERNELS)
-    (root / "extractor.nb").write_bytes(model)
-    m = manifest_for()
-    m["models"] = {"extractor": m["models"]["extractor"]}
-    m["models"]["extractor"].update(file="extractor.nb", sha256=_sha(model), backend="paddlelite", target="x86")
-    (root / "manifest.json").write_text(json.dumps(m))
-    esb = pack_bundle(root, tmp_path / "lite.esb")
+    root, esb = _lite_esb(tmp_path, model)
     spec = Bundle.load(esb).extractor
     requests = io.BytesIO()
     lite_worker.write_frame(requests, {"op": "open", "path": str(spec.path), "target": "x86", "input_name": "x",
