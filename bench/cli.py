@@ -45,6 +45,24 @@ def register(subparsers: Any, groups: Dict[str, Any]) -> None:
     idx.add_argument("--no-chart", action="store_true", help="do not draw index.png")
     idx.set_defaults(func=_cmd_index)
 
+    kio = sub.add_parser(
+        "kiosk", help="load on the kiosk service: N clients posting camera frames on loopback",
+        description="Starts `edge-shitu serve` on a free loopback port and, for each client count, posts JPEG "
+                    "frames (the photos at 640 px, as the browser UI sends them) from that many clients for at "
+                    "most --seconds and --max-requests; prints p50/p99 latency, frames per second, errors and "
+                    "the service's resident memory, against the same pipeline called in-process. Writes "
+                    "kiosk.json and kiosk.md; exits 1 when any request failed.")
+    kio.add_argument("--bundle", required=True, metavar="B", help="the bundle to serve")
+    kio.add_argument("--images", required=True, metavar="DIR", help="folder of photos: the first 8 are the frames")
+    kio.add_argument("--gallery", default=None, metavar="G.db",
+                     help="gallery to serve (default: one built from the frames in a temporary folder)")
+    kio.add_argument("--clients", default="1,2,4", help="comma-separated client counts, one row each (default 1,2,4)")
+    kio.add_argument("--seconds", type=float, default=20.0, help="longest time of a row (default 20)")
+    kio.add_argument("--max-requests", type=int, default=2000, help="most requests of a row (default 2000)")
+    kio.add_argument("--threads", type=int, default=None, help="the service's model threads (default: backend's)")
+    kio.add_argument("--out", default="bench-kiosk", metavar="DIR", help="output folder (default ./bench-kiosk)")
+    kio.set_defaults(func=_cmd_kiosk)
+
 
 def _latency_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", action="append", required=True, metavar="B",
@@ -111,6 +129,32 @@ def _cmd_index(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     err.write(f"bench: wrote {Path(args.out) / 'index.json'}, index.md"
               f"{', index.png' if options.chart else ''}\n")
     return EXIT_OK
+
+
+def _cmd_kiosk(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from pathlib import Path
+
+    from edge_shitu.cli.common import EXIT_FAILURE, EXIT_OK, heavy
+    from edge_shitu.errors import InvalidInputError
+
+    heavy("starlette", "kiosk")
+    load = heavy("edge_shitu_bench.kiosk_load", "bench")
+    try:
+        clients = tuple(int(c) for c in args.clients.split(",") if c.strip())
+    except ValueError:
+        raise InvalidInputError(f"--clients must be comma-separated whole numbers, got {args.clients!r}") from None
+    options = load.KioskLoadOptions(bundle=Path(args.bundle), images=Path(args.images), out=Path(args.out),
+                                    gallery=None if args.gallery is None else Path(args.gallery), clients=clients,
+                                    seconds=args.seconds, max_requests=args.max_requests, threads=args.threads)
+
+    def progress(line: str) -> None:
+        err.write(f"bench: {line}\n")
+        err.flush()
+
+    report = load.run(options, progress=progress)
+    out.write(load.markdown(report) + "\n")
+    err.write(f"bench: wrote {Path(args.out) / 'kiosk.json'}, kiosk.md\n")
+    return EXIT_FAILURE if any(r["errors"] for r in report["rows"]) else EXIT_OK
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 from edge_shitu.backends import Session, create_session
 from edge_shitu.boxes import nms
 from edge_shitu.bundle import Bundle, HeadsSpec, ModelSpec
-from edge_shitu.errors import BundleError, ClosedError
+from edge_shitu.errors import BundleError, ClosedError, InvalidInputError
 from edge_shitu.image import load_image
 from edge_shitu.options import DetectorOptions
 from edge_shitu.preprocess import image_to_tensor
@@ -188,23 +188,32 @@ class Detector:
         return self._session.run({self.spec.input.name: tensor}, self._outputs)
 
     def postprocess(self, outputs: Sequence[np.ndarray], *, image_size: Tuple[int, int],
-                    scale: Tuple[float, float]) -> List[Detection]:
+                    scale: Tuple[float, float], min_score: Optional[float] = None) -> List[Detection]:
         """Decode raw outputs into detections.
 
         Args:
           outputs: what :meth:`infer` returned.
           image_size: original ``(width, height)``.
           scale: what :meth:`preprocess` returned.
+          min_score: this call's minimum box score, in [0, 1], instead of the options' ``min_score``
+            (a setting that changes while the detector runs, such as a kiosk's threshold).
 
         Returns:
           At most ``max_detections`` detections with score >= ``min_score``, best first; boxes clipped
           to the image, empty boxes dropped.
+
+        Raises:
+          InvalidInputError: ``min_score`` is not a number in [0, 1].
         """
+        if min_score is None:
+            min_score = self.options.min_score
+        elif isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0.0 <= min_score <= 1.0:
+            raise InvalidInputError(f"min_score must be a number in [0, 1], got {min_score!r}")
         heads = self.spec.output
         n = len(heads.strides)
         boxes, scores, classes = decode_picodet(
             outputs[:n], outputs[n:], heads, input_size=(self.spec.input.width, self.spec.input.height),
-            scale=scale, options=self.options, min_score=self.options.min_score,
+            scale=scale, options=self.options, min_score=min_score,
             max_keep=self.options.max_detections,
         )
         w, h = image_size
@@ -212,7 +221,7 @@ class Detector:
         for box, score, cls in zip(boxes, scores, classes):
             if len(result) >= self.options.max_detections:
                 break
-            if score < self.options.min_score:
+            if score < min_score:
                 break
             x1, y1, x2, y2 = (float(v) for v in box)
             if self.options.clip:

@@ -23,6 +23,7 @@ from edge_shitu.errors import GalleryError, ImageDecodeError, InvalidInputError,
 from edge_shitu.gallery import Gallery, ItemBatch, fsync_dir
 from edge_shitu.image import load_image
 from edge_shitu.labelfile import LabelEntry, check_label
+from edge_shitu.thumbnail import make_thumbnail
 
 __all__ = ["EnrolSummary", "embed_files", "enrol", "build_gallery"]
 
@@ -62,6 +63,16 @@ def embed_files(embedder: Embedder, paths: Sequence[Path], *, batch: int,
       ``(indices into paths, codes uint8 (n, bits/8), features float32 (n, dim))`` for the readable images
       of each batch.
     """
+    for idx, _, codes, feats in _embed_batches(embedder, paths, batch=batch, on_skip=on_skip,
+                                               on_progress=on_progress):
+        yield idx, codes, feats
+
+
+def _embed_batches(embedder: Embedder, paths: Sequence[Path], *, batch: int,
+                   on_skip: Optional[Callable[[int, str], None]] = None,
+                   on_progress: Optional[ProgressHandler] = None,
+                   ) -> Iterator[Tuple[List[int], List[np.ndarray], np.ndarray, np.ndarray]]:
+    """:func:`embed_files` that also yields the decoded images (uint8 (H, W, 3) RGB) of each batch."""
     for start in range(0, len(paths), batch):
         idx, crops = [], []
         for i in range(start, min(start + batch, len(paths))):
@@ -73,14 +84,14 @@ def embed_files(embedder: Embedder, paths: Sequence[Path], *, batch: int,
                     on_skip(i, str(exc))
         if crops:
             feats = embedder.postprocess(embedder.infer(embedder.preprocess(crops)))
-            yield idx, embedder.encode(feats), feats
+            yield idx, crops, embedder.encode(feats), feats
         if on_progress is not None:
             on_progress(min(start + batch, len(paths)), len(paths))
 
 
 def enrol(gallery: Gallery, embedder: Embedder, paths: Sequence[Path], labels: Sequence[str], *,
           sources: Optional[Sequence[str]] = None, keep_embeddings: bool = False,
-          embedding_fingerprint: Optional[str] = None,
+          embedding_fingerprint: Optional[str] = None, thumbnails: bool = False,
           on_skip: Optional[SkipHandler] = None, on_progress: Optional[ProgressHandler] = None) -> EnrolSummary:
     """Embed image files and add them to a gallery in one transaction.
 
@@ -96,8 +107,13 @@ def enrol(gallery: Gallery, embedder: Embedder, paths: Sequence[Path], labels: S
       keep_embeddings: also store the float features.
       embedding_fingerprint: ``Bundle.embedding_fingerprint`` of the embedder's bundle; required
         with ``keep_embeddings``.
+      thumbnails: also store a JPEG thumbnail of each image (the whole image, as embedded; see
+        :func:`~edge_shitu.thumbnail.make_thumbnail`) with its item.
       on_skip: called with ``(path, reason)`` for each unreadable image.
       on_progress: called with ``(done, total)`` after each batch.
+
+    Returns:
+      What was added and skipped.
 
     Raises:
       InvalidInputError: ``labels``/``sources`` lengths differ from ``paths``, or a label is bad
@@ -117,11 +133,13 @@ def enrol(gallery: Gallery, embedder: Embedder, paths: Sequence[Path], labels: S
         if on_skip is not None:
             on_skip(paths[index], reason)
 
+    # One batch of decoded images is alive at a time: the thumbnails are made as the batch is staged.
     batches = (
         ItemBatch(codes, [labels[i] for i in idx], embeddings=feats if keep_embeddings else None,
-                  sources=[(sources[i] if sources is not None else str(paths[i])) for i in idx])
-        for idx, codes, feats in embed_files(embedder, paths, batch=embedder.options.max_batch,
-                                             on_skip=skip, on_progress=on_progress)
+                  sources=[(sources[i] if sources is not None else str(paths[i])) for i in idx],
+                  thumbnails=[make_thumbnail(img) for img in images] if thumbnails else None)
+        for idx, images, codes, feats in _embed_batches(embedder, paths, batch=embedder.options.max_batch,
+                                                        on_skip=skip, on_progress=on_progress)
     )
     ids = gallery.add_batches(batches, embedding_fingerprint=embedding_fingerprint if keep_embeddings else None)
     summary.ids.extend(int(i) for i in ids)
@@ -130,8 +148,8 @@ def enrol(gallery: Gallery, embedder: Embedder, paths: Sequence[Path], labels: S
 
 
 def build_gallery(bundle, image_root: Path, entries: Sequence[LabelEntry], dest: Path, *,
-                  embedder: Embedder, keep_embeddings: bool = False, overwrite: bool = False,
-                  on_skip: Optional[SkipHandler] = None,
+                  embedder: Embedder, keep_embeddings: bool = False, thumbnails: bool = False,
+                  overwrite: bool = False, on_skip: Optional[SkipHandler] = None,
                   on_progress: Optional[ProgressHandler] = None) -> EnrolSummary:
     """Build a new gallery from a label file's entries, atomically.
 
@@ -139,6 +157,21 @@ def build_gallery(bundle, image_root: Path, entries: Sequence[LabelEntry], dest:
     written to a private file beside ``dest`` and renamed to ``dest`` only when complete; a failed
     build removes it, and the next build to ``dest`` removes what a killed one left. One build per
     ``dest`` runs at a time.
+
+    Args:
+      bundle: the loaded bundle whose extractor ``embedder`` runs (its fingerprints go into the gallery).
+      image_root: the folder the entries' paths are relative to.
+      entries: label file entries (relative path, label).
+      dest: the gallery file to write.
+      embedder: the extractor.
+      keep_embeddings: also store the float features.
+      thumbnails: also store a JPEG thumbnail of each image with its item.
+      overwrite: replace ``dest`` if it exists.
+      on_skip: called with ``(path, reason)`` for each unreadable image.
+      on_progress: called with ``(done, total)`` after each batch.
+
+    Returns:
+      What was added and skipped.
 
     Raises:
       InvalidInputError: ``image_root`` is not a directory, ``dest`` is a directory, exists and
@@ -156,7 +189,7 @@ def build_gallery(bundle, image_root: Path, entries: Sequence[LabelEntry], dest:
             with Gallery.create(partial, fingerprint=bundle.code_fingerprint, bits=bundle.codes.bits) as gallery:
                 summary = enrol(gallery, embedder, [image_root / e.path for e in entries], [e.label for e in entries],
                                 sources=[e.path for e in entries], keep_embeddings=keep_embeddings,
-                                embedding_fingerprint=bundle.embedding_fingerprint,
+                                embedding_fingerprint=bundle.embedding_fingerprint, thumbnails=thumbnails,
                                 on_skip=on_skip, on_progress=on_progress)
             _check_destination(dest, overwrite)
             os.replace(partial, dest)

@@ -20,6 +20,7 @@ __all__ = [
     "TargetMismatchError",
     "GalleryError",
     "GalleryCorruptError",
+    "UnknownItemError",
     "FingerprintMismatchError",
     "LabelFileError",
     "FetchError",
@@ -72,6 +73,13 @@ class GalleryError(EdgeShituError, ValueError):
 
 class GalleryCorruptError(GalleryError):
     """A gallery file is not a gallery, or its contents are inconsistent."""
+
+
+class UnknownItemError(GalleryError, KeyError):
+    """An item id is not in the gallery (also a ``KeyError``, as for a missing mapping key)."""
+
+    # KeyError would quote the message (str(KeyError("x")) is "'x'"): keep the plain one.
+    __str__ = Exception.__str__
 
 
 class FingerprintMismatchError(GalleryError):

@@ -21,6 +21,9 @@ copy to devices and open from read-only storage, and a WAL database is only comp
 its ``-wal``/``-shm`` side files (which a read-only opener leaves behind and cannot create on a
 read-only partition). Changes are batched, so WAL's cheaper commits would not matter.
 
+Items may carry a small JPEG thumbnail (:mod:`edge_shitu.thumbnail`) in an optional table, written,
+read and removed with them; it is never loaded into memory.
+
 In memory a gallery holds only an ascending ``int64 (m,)`` id array and one copy of the codes in a
 :class:`~edge_shitu.search.HammingIndex` (numpy or faiss): 72 bytes per 512-bit item. Both are
 replaced only after a transaction has committed, and reloaded when another connection (another
@@ -48,11 +51,13 @@ from edge_shitu.errors import (
     InvalidDtypeError,
     InvalidInputError,
     MissingFileError,
+    UnknownItemError,
 )
 from edge_shitu.gallery_check import _check_contents, check_gallery
 from edge_shitu.gallery_format import (
     _MAX_ID,
     _SIDE_FILES,
+    _THUMBNAIL_TABLE,
     FORMAT_VERSION,
     PathLike,
     T,
@@ -63,6 +68,7 @@ from edge_shitu.gallery_format import (
     _check_schema,
     _chunks,
     _code_chunks,
+    _has_thumbnails,
     _init_schema,
     _is_corruption,
     _label_ids,
@@ -76,6 +82,7 @@ from edge_shitu.gallery_format import (
 )
 from edge_shitu.labelfile import check_label, has_breaking_characters
 from edge_shitu.search import HammingIndex, check_codes, resolve_hamming_backend
+from edge_shitu.thumbnail import JPEG_MAGIC, check_thumbnail
 from edge_shitu.types import SearchResult
 
 __all__ = ["Gallery", "GalleryItem", "GalleryInfo", "ItemBatch", "FORMAT_VERSION", "check_gallery", "fsync_dir"]
@@ -95,6 +102,7 @@ class GalleryItem:
       added_at: when it was added, seconds since the Unix epoch, or None.
       has_embedding: whether a float embedding is stored beside the code.
       code: the packed binary code, ``bits // 8`` bytes, MSB-first.
+      has_thumbnail: whether a JPEG thumbnail is stored with the item (see :meth:`Gallery.thumbnail`).
     """
 
     id: int
@@ -103,6 +111,7 @@ class GalleryItem:
     added_at: Optional[float]
     has_embedding: bool
     code: bytes
+    has_thumbnail: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class GalleryInfo:
       created_by: the edge-shitu version that created the file.
       file_size: size of the database (pages x page size) in bytes.
       readonly: whether the gallery was opened read-only.
+      det_threshold: the stored detector threshold (minimum box score in [0, 1]), or None.
+      thumbnail_count: number of items with a stored thumbnail.
     """
 
     path: Optional[Path]
@@ -137,6 +148,8 @@ class GalleryInfo:
     file_size: int
     readonly: bool
     embedding_fingerprint: Optional[str] = None
+    det_threshold: Optional[float] = None
+    thumbnail_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,12 +161,15 @@ class ItemBatch:
       labels: ``n`` labels (same rules as :meth:`Gallery.add`).
       embeddings: optional float ``(n, d)`` features to store beside the codes.
       sources: optional ``n`` strings (e.g. image paths) or None entries.
+      thumbnails: optional ``n`` JPEG thumbnails (bytes, see :func:`edge_shitu.thumbnail.make_thumbnail`)
+        or None entries.
     """
 
     codes: np.ndarray
     labels: Sequence[str]
     embeddings: Optional[np.ndarray] = None
     sources: Optional[Sequence[Optional[str]]] = None
+    thumbnails: Optional[Sequence[Optional[bytes]]] = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,7 @@ class _Prepared:
     blobs: List[Optional[bytes]]  # float32 little-endian embeddings, or None
     dim: Optional[int]
     sources: List[Optional[str]]
+    thumbnails: List[Optional[bytes]]  # JPEG bytes, validated, or None
 
     @property
     def n(self) -> int:
@@ -538,6 +555,17 @@ class Gallery:
             return self._meta.max_distance
 
     @property
+    def det_threshold(self) -> Optional[float]:
+        """The stored detector threshold (minimum box score, in ``[0, 1]``), or None when none was set.
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            return self._meta.det_threshold
+
+    @property
     def backend(self) -> str:
         """The Hamming search backend in use (``"numpy"`` or ``"faiss"``)."""
         return self._backend
@@ -662,6 +690,7 @@ class Gallery:
         embeddings: Optional[np.ndarray] = None,
         embedding_fingerprint: Optional[str] = None,
         sources: Optional[Sequence[Optional[str]]] = None,
+        thumbnails: Optional[Sequence[Optional[bytes]]] = None,
     ) -> np.ndarray:
         """Adds a batch of items in one transaction: all of them or none.
 
@@ -677,20 +706,24 @@ class Gallery:
             (``Bundle.embedding_fingerprint``); required with ``embeddings`` and equal to the one
             of embeddings already stored, so a gallery never mixes two models' features.
           sources: optional ``n`` strings (e.g. image paths) or None entries.
+          thumbnails: optional ``n`` JPEG thumbnails or None entries: ``bytes`` starting with
+            ``FF D8 FF``, at most :data:`~edge_shitu.thumbnail.MAX_THUMBNAIL_BYTES` each (see
+            :func:`~edge_shitu.thumbnail.make_thumbnail`); stored in the same transaction.
 
         Returns:
           int64 ``(n,)``: the ids of the added items, in input order.
 
         Raises:
           InvalidDtypeError: ``codes`` is not uint8, ``ids`` not integers or ``embeddings`` not float.
-          InvalidInputError: wrong shapes or lengths, bad labels, sources or embeddings, or
-            ``embeddings`` without ``embedding_fingerprint``.
+          InvalidInputError: wrong shapes or lengths, bad labels, sources, embeddings or thumbnails,
+            or ``embeddings`` without ``embedding_fingerprint`` (nothing is written then).
           FingerprintMismatchError: the gallery stores embeddings of another extractor.
           GalleryError: ``ids`` repeat or already exist, the gallery is read-only or closed, or
             the write failed (nothing is written then).
         """
         self._require_writable()
-        batch = self._prepare(ItemBatch(codes, labels, embeddings=embeddings, sources=sources), 0)
+        batch = self._prepare(ItemBatch(codes, labels, embeddings=embeddings, sources=sources,
+                                        thumbnails=thumbnails), 0)
         emb_fp = _check_embedding_fingerprint(embedding_fingerprint, batch.dim is not None)
         id_arr = None
         if ids is not None:
@@ -709,6 +742,10 @@ class Gallery:
                 ((int(i), label_ids[lab], batch.codes[j].tobytes(), batch.blobs[j], batch.sources[j], now)
                  for j, (i, lab) in enumerate(zip(new_ids, batch.labels))),
             )
+            thumbs = [(int(i), jpeg) for i, jpeg in zip(new_ids, batch.thumbnails) if jpeg is not None]
+            if thumbs:
+                conn.execute(_THUMBNAIL_TABLE)
+                conn.executemany("INSERT INTO thumbnails(item_id, jpeg) VALUES (?, ?)", thumbs)
 
         return self._insert("add", batch.codes, batch.labels, batch.dim, emb_fp, id_arr, insert)
 
@@ -722,7 +759,8 @@ class Gallery:
         a batch is invalid, the disk fills up or the process dies, the gallery is left as it was.
 
         Args:
-          batches: :class:`ItemBatch` objects (codes, labels, optional embeddings and sources).
+          batches: :class:`ItemBatch` objects (codes, labels, optional embeddings, sources and
+            thumbnails).
           embedding_fingerprint: identity of the extractor that made the embeddings; required
             when any batch carries embeddings (see :meth:`add`).
 
@@ -741,11 +779,11 @@ class Gallery:
         codes: List[np.ndarray] = []
         labels: List[str] = []
         dim: Optional[int] = None
-        with_embeddings = False
+        with_embeddings = with_thumbnails = False
         conn = self._require_open()
         with self._lock:
             conn.execute(f"CREATE TEMP TABLE {table}(seq INTEGER PRIMARY KEY, label TEXT NOT NULL, "
-                         "code BLOB NOT NULL, embedding BLOB NULL, source TEXT NULL)")
+                         "code BLOB NOT NULL, embedding BLOB NULL, source TEXT NULL, thumbnail BLOB NULL)")
         try:
             for number, raw in enumerate(batches):
                 if not isinstance(raw, ItemBatch):
@@ -757,15 +795,17 @@ class Gallery:
                         raise InvalidInputError(f"batch {number}: embeddings have {batch.dim} columns, "
                                                 f"earlier batches {dim}")
                     dim = batch.dim
+                with_thumbnails = with_thumbnails or any(t is not None for t in batch.thumbnails)
                 start = len(labels)
                 with self._lock:
                     self._require_open()
                     conn.execute("BEGIN")
                     try:
                         conn.executemany(
-                            f"INSERT INTO temp.{table}(seq, label, code, embedding, source) VALUES (?, ?, ?, ?, ?)",
-                            ((start + j, batch.labels[j], batch.codes[j].tobytes(), batch.blobs[j], batch.sources[j])
-                             for j in range(batch.n)))
+                            f"INSERT INTO temp.{table}(seq, label, code, embedding, source, thumbnail) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            ((start + j, batch.labels[j], batch.codes[j].tobytes(), batch.blobs[j], batch.sources[j],
+                              batch.thumbnails[j]) for j in range(batch.n)))
                         conn.execute("COMMIT")
                     except BaseException:
                         conn.execute("ROLLBACK")
@@ -786,6 +826,10 @@ class Gallery:
                     f"SELECT ? + s.seq, m.id, s.code, s.embedding, s.source, ? FROM temp.{table} AS s "
                     f"JOIN temp.{table}_labels AS m ON m.label = s.label ORDER BY s.seq",
                     (int(new_ids[0]), now))
+                if with_thumbnails:
+                    conn.execute(_THUMBNAIL_TABLE)
+                    conn.execute(f"INSERT INTO thumbnails(item_id, jpeg) SELECT ? + seq, thumbnail "
+                                 f"FROM temp.{table} WHERE thumbnail IS NOT NULL ORDER BY seq", (int(new_ids[0]),))
 
             return self._insert("add", all_codes, labels, dim, emb_fp, None, insert)
         except sqlite3.Error as exc:
@@ -832,7 +876,16 @@ class Gallery:
                 if src is not None and (not isinstance(src, str) or has_breaking_characters(src)):
                     raise InvalidInputError(f"{where}sources[{i}] must be None or a str without tabs, newlines "
                                             f"or control characters, got {src!r}")
-        return _Prepared(arr, labels, blobs, dim, sources)
+        thumbnails: List[Optional[bytes]] = [None] * n
+        if batch.thumbnails is not None:
+            if isinstance(batch.thumbnails, (bytes, bytearray, memoryview)):
+                raise InvalidInputError(f"{where}thumbnails must be a sequence with one entry per code, got "
+                                        f"{type(batch.thumbnails).__name__}")
+            thumbnails = list(_check_count(batch.thumbnails, n, f"{where}thumbnails"))
+            for i, jpeg in enumerate(thumbnails):
+                if jpeg is not None:
+                    check_thumbnail(jpeg, f"{where}thumbnails[{i}]")
+        return _Prepared(arr, labels, blobs, dim, sources, thumbnails)
 
     def _insert(self, what: str, codes: np.ndarray, labels: List[str], dim: Optional[int],
                 embedding_fingerprint: Optional[str], explicit_ids: Optional[np.ndarray],
@@ -863,6 +916,15 @@ class Gallery:
                 present = new_ids[np.isin(new_ids, snap.ids)]
                 if present.size:
                     raise GalleryError(f"{self._name}: ids already in the gallery: {_short_list(np.sort(present))}")
+            if _has_thumbnails(conn):
+                # Thumbnails go with their items, so none can exist for a free id: a row left by a
+                # damaged file (`gallery check` reports it) must not become the new item's.
+                if explicit_ids is None:
+                    conn.execute("DELETE FROM thumbnails WHERE item_id BETWEEN ? AND ?",
+                                 (int(new_ids[0]), int(new_ids[-1])))
+                else:
+                    for part in _chunks([int(i) for i in new_ids]):
+                        conn.execute(f"DELETE FROM thumbnails WHERE item_id IN ({','.join('?' * len(part))})", part)
             label_ids = _label_ids(conn, labels)
             insert(conn, new_ids, label_ids, int(time.time()))
             item_labels = np.fromiter((label_ids[lab] for lab in labels), dtype=np.int64, count=n)
@@ -888,7 +950,7 @@ class Gallery:
         return self._write(what, body)
 
     def remove(self, ids: Sequence[int]) -> int:
-        """Removes items by id, in one transaction: all of them or none.
+        """Removes items by id, with their thumbnails, in one transaction: all of them or none.
 
         Args:
           ids: ids to remove (repeats count once).
@@ -899,8 +961,8 @@ class Gallery:
         Raises:
           InvalidDtypeError: ``ids`` are not integers.
           InvalidInputError: ``ids`` is not a 1-D sequence of ids >= 0.
-          GalleryError: some ids are not in the gallery (nothing is removed then), the gallery is
-            read-only or closed, or the write failed.
+          UnknownItemError: some ids are not in the gallery (nothing is removed then).
+          GalleryError: the gallery is read-only or closed, or the write failed.
         """
         self._require_writable()
         wanted = np.unique(_check_ids(ids))
@@ -910,11 +972,14 @@ class Gallery:
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
             gone = self._positions(snap, wanted)
             removed: Counter = Counter()
+            thumbnails = _has_thumbnails(conn)
             for part in _chunks([int(i) for i in wanted]):
                 marks = ",".join("?" * len(part))
                 removed.update(dict(conn.execute(
                     f"SELECT label_id, count(*) FROM items WHERE id IN ({marks}) GROUP BY label_id", part)))
                 conn.execute(f"DELETE FROM items WHERE id IN ({marks})", part)
+                if thumbnails:
+                    conn.execute(f"DELETE FROM thumbnails WHERE item_id IN ({marks})", part)
             _bump_counts(conn, Counter({lab: -n for lab, n in removed.items()}))
             mask = np.ones(snap.ids.shape[0], dtype=bool)
             mask[gone] = False
@@ -923,7 +988,7 @@ class Gallery:
         return self._write("remove", body)
 
     def remove_label(self, label: str) -> int:
-        """Removes every item with this label, in one transaction.
+        """Removes every item with this label, with their thumbnails, in one transaction.
 
         Args:
           label: the label to remove.
@@ -945,6 +1010,8 @@ class Gallery:
                 return 0, None, None
             gone = np.fromiter((r[0] for r in conn.execute("SELECT id FROM items WHERE label_id = ?", row)),
                                dtype=np.int64)
+            if _has_thumbnails(conn):
+                conn.execute("DELETE FROM thumbnails WHERE item_id IN (SELECT id FROM items WHERE label_id = ?)", row)
             conn.execute("DELETE FROM items WHERE label_id = ?", row)
             conn.execute("DELETE FROM labels WHERE id = ?", row)
             if gone.size == 0:
@@ -966,8 +1033,8 @@ class Gallery:
         Raises:
           InvalidDtypeError: ``ids`` are not integers.
           InvalidInputError: bad ``ids`` or ``label``.
-          GalleryError: some ids are not in the gallery (nothing changes then), the gallery is
-            read-only or closed, or the write failed.
+          UnknownItemError: some ids are not in the gallery (nothing changes then).
+          GalleryError: the gallery is read-only or closed, or the write failed.
         """
         self._require_writable()
         check_label(label, "relabel")
@@ -1109,6 +1176,92 @@ class Gallery:
 
         self._write("set_max_distance", body)
 
+    def set_det_threshold(self, value: Optional[float]) -> None:
+        """Stores (or clears, with None) the detector threshold: the minimum score of a detected box.
+
+        Args:
+          value: a finite number in ``[0, 1]``, or None.
+
+        Raises:
+          InvalidInputError: ``value`` is out of range or not a number.
+          GalleryError: the gallery is read-only or closed, or the write failed.
+        """
+        self._require_writable()
+        if value is not None:
+            if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+                    or not 0 <= value <= 1):
+                raise InvalidInputError(f"det_threshold must be a number in [0, 1] or None, got {value!r}")
+            value = float(value)
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = 'det_threshold'")
+            else:
+                _set_meta(conn, "det_threshold", value)
+            return None, None, replace(meta, det_threshold=value)
+
+        self._write("set_det_threshold", body)
+
+    def thumbnail(self, item_id: int) -> Optional[bytes]:
+        """Returns the JPEG thumbnail stored with an item.
+
+        Args:
+          item_id: the item's id.
+
+        Returns:
+          The JPEG file's bytes, or None when the item has no thumbnail.
+
+        Raises:
+          InvalidDtypeError: ``item_id`` is not an integer.
+          InvalidInputError: ``item_id`` is negative.
+          UnknownItemError: no item has this id.
+          GalleryCorruptError: the stored thumbnail is not a JPEG.
+          GalleryError: the gallery is closed or cannot be read.
+        """
+        if isinstance(item_id, (bool, np.bool_)) or not isinstance(item_id, (int, np.integer)):
+            raise InvalidDtypeError(f"item_id must be an integer, got {type(item_id).__name__}")
+        if not 0 <= item_id <= _MAX_ID:
+            raise InvalidInputError(f"item_id must be in [0, {_MAX_ID}], got {item_id}")
+        wanted = int(item_id)
+
+        def query(conn: sqlite3.Connection) -> Tuple[bool, object]:
+            if conn.execute("SELECT count(*) FROM items WHERE id = ?", (wanted,)).fetchone()[0] == 0:
+                return False, None
+            if not _has_thumbnails(conn):
+                return True, None
+            row = conn.execute("SELECT jpeg FROM thumbnails WHERE item_id = ?", (wanted,)).fetchone()
+            return True, None if row is None else row[0]
+
+        exists, blob = self._read(query)
+        if not exists:
+            raise UnknownItemError(f"{self._name}: unknown id {wanted}")
+        if blob is not None and (not isinstance(blob, bytes) or not blob.startswith(JPEG_MAGIC)):
+            raise GalleryCorruptError(f"{self._name}: the thumbnail of item {wanted} is not a JPEG; "
+                                      "run `edge-shitu gallery check` for details")
+        return blob
+
+    def count(self, label: Optional[str] = None) -> int:
+        """Counts items, e.g. the total of a paged :meth:`items` listing.
+
+        Args:
+          label: count only the items with this label (0 for a label no item has).
+
+        Returns:
+          The number of items.
+
+        Raises:
+          InvalidInputError: ``label`` is not a str or None.
+          GalleryError: the gallery is closed or cannot be read.
+        """
+        if label is not None and not isinstance(label, str):
+            raise InvalidInputError(f"label must be a str or None, got {type(label).__name__}")
+        # The per-label counts are kept exact with every change, and are far fewer rows than the items.
+        if label is None:
+            sql, params = "SELECT coalesce(sum(count), 0) FROM labels", ()
+        else:
+            sql, params = "SELECT coalesce(sum(count), 0) FROM labels WHERE label = ?", (label,)
+        return int(self._read(lambda conn: conn.execute(sql, params).fetchone()[0]))
+
     def items(self, *, label: Optional[str] = None, limit: Optional[int] = None, offset: int = 0) -> List[GalleryItem]:
         """Lists items in ascending id order.
 
@@ -1129,7 +1282,7 @@ class Gallery:
                 raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
         if label is not None and not isinstance(label, str):
             raise InvalidInputError(f"label must be a str or None, got {type(label).__name__}")
-        sql = ("SELECT items.id, labels.label, source, added_at, embedding IS NOT NULL, code "
+        sql = ("SELECT items.id, labels.label, source, added_at, embedding IS NOT NULL, code, {thumbnail} "
                "FROM items JOIN labels ON labels.id = items.label_id")
         params: list = []
         if label is not None:
@@ -1137,9 +1290,15 @@ class Gallery:
             params.append(label)
         sql += " ORDER BY items.id LIMIT ? OFFSET ?"
         params += [-1 if limit is None else int(limit), int(offset)]
-        rows = self._read(lambda conn: conn.execute(sql, params).fetchall())
+
+        def query(conn: sqlite3.Connection) -> list:
+            thumbnail = ("EXISTS(SELECT 1 FROM thumbnails WHERE thumbnails.item_id = items.id)"
+                         if _has_thumbnails(conn) else "0")
+            return conn.execute(sql.format(thumbnail=thumbnail), params).fetchall()
+
+        rows = self._read(query)
         return [GalleryItem(id=r[0], label=r[1], source=r[2], added_at=None if r[3] is None else float(r[3]),
-                            has_embedding=bool(r[4]), code=bytes(r[5]))
+                            has_embedding=bool(r[4]), code=bytes(r[5]), has_thumbnail=bool(r[6]))
                 for r in rows]
 
     def labels_of(self, ids: Sequence[int]) -> List[Optional[str]]:
@@ -1187,7 +1346,8 @@ class Gallery:
         Raises:
           InvalidDtypeError: ``ids`` are not integers.
           InvalidInputError: ``ids`` is not a 1-D sequence of ids >= 0.
-          GalleryError: some ids are unknown or have no stored embedding, or the gallery is closed.
+          UnknownItemError: some ids are not in the gallery.
+          GalleryError: some items have no stored embedding, or the gallery is closed.
           GalleryCorruptError: a stored embedding has the wrong size.
         """
         arr = _check_ids(ids)
@@ -1198,7 +1358,7 @@ class Gallery:
             dim = self._meta.embedding_dim
         missing = [i for i in wanted if i not in found]
         if missing:
-            raise GalleryError(f"{self._name}: unknown ids {_short_list(missing)}")
+            raise UnknownItemError(f"{self._name}: unknown ids {_short_list(missing)}")
         absent = [i for i in wanted if found[i] is None]
         if absent:
             raise GalleryError(f"{self._name}: items {_short_list(absent)} have no stored embedding")
@@ -1237,22 +1397,24 @@ class Gallery:
             label_count = conn.execute("SELECT count(*) FROM labels WHERE count > 0").fetchone()[0]
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            return int(count), int(label_count), int(pages * page_size)
+            thumbnails = conn.execute("SELECT count(*) FROM thumbnails").fetchone()[0] if _has_thumbnails(conn) else 0
+            return int(count), int(label_count), int(pages * page_size), int(thumbnails)
 
         with self._lock:
             self._sync()
-            count, label_count, size = self._read(query)
+            count, label_count, size, thumbnails = self._read(query)
             meta = self._meta
         return GalleryInfo(
             path=self._path, count=count, label_count=label_count, bits=meta.bits, fingerprint=meta.fingerprint,
             format_version=FORMAT_VERSION, max_distance=meta.max_distance, embedding_dim=meta.embedding_dim,
             created_by=meta.created_by, file_size=size, readonly=self._readonly,
-            embedding_fingerprint=meta.embedding_fingerprint,
+            embedding_fingerprint=meta.embedding_fingerprint, det_threshold=meta.det_threshold,
+            thumbnail_count=thumbnails,
         )
 
     def check(self) -> List[str]:
         """Looks for damage: SQLite integrity, meta values, code and embedding sizes, labels, ids,
-        and agreement between the file and the in-memory codes.
+        thumbnails, and agreement between the file and the in-memory codes.
 
         Returns:
           One message per problem found; an empty list when the gallery is healthy.
@@ -1356,7 +1518,7 @@ class Gallery:
         clipped = np.minimum(pos, max(snap.ids.shape[0] - 1, 0))
         found = (pos < snap.ids.shape[0]) & (snap.ids[clipped] == wanted) if snap.ids.size else np.zeros(wanted.shape, bool)
         if not found.all():
-            raise GalleryError(f"{self._name}: unknown ids {_short_list(wanted[~found])}; nothing was changed")
+            raise UnknownItemError(f"{self._name}: unknown ids {_short_list(wanted[~found])}; nothing was changed")
         return pos
 
     def _lookup(self, conn: sqlite3.Connection, column: str, ids: List[int]) -> Dict[int, object]:

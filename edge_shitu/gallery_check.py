@@ -12,11 +12,13 @@ from edge_shitu.gallery_format import (
     PathLike,
     _Meta,
     _check_schema,
+    _has_thumbnails,
     _parse_meta,
     _read_codes,
     _read_meta_rows,
     _short_list,
 )
+from edge_shitu.thumbnail import MAX_THUMBNAIL_BYTES
 
 __all__ = ["check_gallery"]
 
@@ -62,6 +64,21 @@ def _check_contents(conn: sqlite3.Connection, name: str) -> Tuple[List[str], Opt
             "(typeof(embedding) != 'blob' OR length(embedding) != ?)", (4 * meta.embedding_dim,)).fetchone()[0]
         if bad_emb:
             problems.append(f"{bad_emb} items have embeddings that are not {meta.embedding_dim} float32 values")
+    if _has_thumbnails(conn):
+        stray = conn.execute(
+            "SELECT item_id FROM thumbnails WHERE item_id NOT IN (SELECT id FROM items) ORDER BY item_id").fetchall()
+        if stray:
+            problems.append(f"{len(stray)} thumbnails belong to no item "
+                            f"(item ids {_short_list([r[0] for r in stray])})")
+        bad = conn.execute(
+            "SELECT item_id FROM thumbnails WHERE typeof(jpeg) != 'blob' OR substr(jpeg, 1, 3) != x'FFD8FF' "
+            "ORDER BY item_id").fetchall()
+        if bad:
+            problems.append(f"{len(bad)} thumbnails are not JPEG blobs (item ids {_short_list([r[0] for r in bad])})")
+        large = conn.execute("SELECT count(*) FROM thumbnails WHERE length(jpeg) > ?",
+                             (MAX_THUMBNAIL_BYTES,)).fetchone()[0]
+        if large:
+            problems.append(f"{large} thumbnails are larger than {MAX_THUMBNAIL_BYTES} bytes")
     low, high = conn.execute("SELECT min(id), max(id) FROM items").fetchone()
     if low is not None and low < 0:
         problems.append(f"negative item id {low}")
@@ -74,7 +91,7 @@ def check_gallery(path: PathLike) -> List[str]:
     """Checks a gallery file without loading it: useful when it is too damaged to open.
 
     Runs SQLite's integrity check and the gallery's own checks (schema, meta values, code and
-    embedding sizes, labels and their counts, ids), then reads every code. Opening the file
+    embedding sizes, labels and their counts, ids, thumbnails), then reads every code. Opening the file
     writable first lets SQLite roll back a transaction that a crashed writer left unfinished;
     a file that cannot be written is checked read-only.
 

@@ -7,11 +7,16 @@ File layout::
     meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
         format_version "2", bits, bit_order "big", metric "hamming", fingerprint (hex, the model and
         code settings that made the codes), created_by, next_id, and optionally max_distance
-        (calibrated acceptance threshold), embedding_dim and embedding_fingerprint (float embeddings
-        stored beside codes, and the extractor that made them).
+        (calibrated acceptance threshold), det_threshold (the detector's minimum box score, a float
+        in [0, 1]), embedding_dim and embedding_fingerprint (float embeddings stored beside codes,
+        and the extractor that made them).
     labels(id INTEGER PRIMARY KEY, label TEXT NOT NULL, count INTEGER NOT NULL)
     items(id INTEGER PRIMARY KEY, label_id INTEGER NOT NULL, code BLOB NOT NULL,
           embedding BLOB NULL (float32 little-endian), source TEXT NULL, added_at INTEGER NULL)
+    thumbnails(item_id INTEGER PRIMARY KEY, jpeg BLOB NOT NULL)      (optional)
+        A small JPEG per item that has one (see :mod:`edge_shitu.thumbnail`). The table is created,
+        in the same transaction, by the first write of a thumbnail, so galleries without it (all
+        those made before it existed) stay valid format-2 files; rows are deleted with their items.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ _CHUNK = 500
 _REQUIRED_META = ("format_version", "bits", "bit_order", "metric", "fingerprint", "created_by", "next_id")
 _ITEM_COLUMNS = {"id", "label_id", "code", "embedding", "source", "added_at"}
 _LABEL_COLUMNS = {"id", "label", "count"}
+_THUMBNAIL_COLUMNS = {"item_id", "jpeg"}
+_THUMBNAIL_TABLE = "CREATE TABLE IF NOT EXISTS thumbnails(item_id INTEGER PRIMARY KEY, jpeg BLOB NOT NULL)"
 # Rows per fetch when loading codes: bounds the Python objects alive at once while opening.
 _FETCH_ROWS = 1 << 15
 _HEX = re.compile(r"[0-9a-fA-F]+")
@@ -64,6 +71,7 @@ class _Meta:
     max_distance: Optional[int]
     embedding_dim: Optional[int]
     embedding_fingerprint: Optional[str] = None
+    det_threshold: Optional[float] = None
 
 
 def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterable[Sequence[T]]:
@@ -128,6 +136,15 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         max_distance = _parse_int(rows["max_distance"], "max_distance", name)
         if not 0 <= max_distance <= bits:
             raise GalleryCorruptError(f"{name}: meta 'max_distance' must be in [0, {bits}], got {max_distance}")
+    det_threshold = None
+    if "det_threshold" in rows:
+        try:
+            det_threshold = float(rows["det_threshold"])
+        except ValueError:
+            det_threshold = None
+        if det_threshold is None or not 0.0 <= det_threshold <= 1.0:
+            raise GalleryCorruptError(
+                f"{name}: meta 'det_threshold' must be a number in [0, 1], got {rows['det_threshold']!r}")
     embedding_dim = None
     if "embedding_dim" in rows:
         embedding_dim = _parse_int(rows["embedding_dim"], "embedding_dim", name)
@@ -144,6 +161,7 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         max_distance=max_distance,
         embedding_dim=embedding_dim,
         embedding_fingerprint=None if embedding_fingerprint is None else embedding_fingerprint.lower(),
+        det_threshold=det_threshold,
     )
 
 
@@ -220,12 +238,21 @@ def _check_schema(conn: sqlite3.Connection, name: str) -> None:
         raise GalleryCorruptError(
             f"{name}: not an edge-shitu gallery (SQLite database without the table(s) {sorted(missing)})"
         )
-    for table, wanted in (("items", _ITEM_COLUMNS), ("labels", _LABEL_COLUMNS)):
+    checked = [("items", _ITEM_COLUMNS), ("labels", _LABEL_COLUMNS)]
+    if "thumbnails" in tables:
+        checked.append(("thumbnails", _THUMBNAIL_COLUMNS))
+    for table, wanted in checked:
         columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if not wanted <= columns:
             raise GalleryCorruptError(
                 f"{name}: the {table} table lacks the column(s) {sorted(wanted - columns)}"
             )
+
+
+def _has_thumbnails(conn: sqlite3.Connection) -> bool:
+    """Whether the optional thumbnails table exists (call inside the transaction that uses it)."""
+    return conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'thumbnails'").fetchone()[0] > 0
 
 
 def fsync_dir(directory: Path) -> None:

@@ -57,6 +57,9 @@ class Recognizer:
         self.options = options.with_defaults(
             {"top_k": rec.top_k, "whole_image": rec.whole_image, "final_nms_iou": rec.final_nms_iou},
             None if bundle.detector is None else bundle.detector.defaults)
+        # A detector threshold given by the caller wins over the gallery's stored one, which wins over the
+        # bundle's default; only the caller's own value (not the merged one) can tell these apart.
+        self._given_min_score = None if options.detector is None else options.detector.min_score
         self._owns_gallery = owns_gallery
         self._closed = False
 
@@ -105,6 +108,20 @@ class Recognizer:
             return int(self.gallery.max_distance)
         return self.bundle.recognition.max_distance
 
+    @property
+    def det_threshold(self) -> Optional[float]:
+        """Minimum detector box score: the option, else the gallery's stored value, else the bundle default.
+
+        None when the bundle has no detector.
+        """
+        if self.detector is None:
+            return None
+        if self._given_min_score is not None:
+            return float(self._given_min_score)
+        if self.gallery.det_threshold is not None:
+            return float(self.gallery.det_threshold)
+        return float(self.detector.options.min_score)
+
     def recognize(self, image) -> RecognitionResult:
         """Recognise the objects on one image.
 
@@ -133,7 +150,7 @@ class Recognizer:
             raw = self.detector.infer(tensor)
             clock.lap("det_infer")
             regions = [(d.box, d.score, False) for d in
-                       self.detector.postprocess(raw, image_size=(w, h), scale=scale)]
+                       self.detector.postprocess(raw, image_size=(w, h), scale=scale, min_score=self.det_threshold)]
             clock.lap("det_post")
         policy = self.options.whole_image
         if self.detector is None or policy is WholeImagePolicy.ALWAYS or (policy is WholeImagePolicy.IF_NONE and not regions):

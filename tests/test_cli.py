@@ -126,7 +126,9 @@ def test_recognize_json_and_timings(small_gallery, bundle, test_images, tmp_path
         assert set(rec["timings_ms"]) >= {"decode", "det_pre", "det_infer", "det_post", "rec_pre", "rec_infer",
                                           "search", "nms", "total"}
         for r in rec["results"]:
-            assert set(r) == {"box", "label", "distance", "similarity"} and r["distance"] <= 100
+            assert set(r) == {"box", "label", "distance", "similarity", "detection_score", "whole_image",
+                              "candidates"} and r["distance"] <= 100
+            assert r["candidates"][0]["distance"] == r["distance"] and r["candidates"][0]["label"] == r["label"]
     # The pure-numpy search gives the same answers as the default one (faiss where it is installed).
     code, out_numpy, err = run("recognize", "--bundle", bundle, "--gallery", db, "--json",
                                "--whole-image", "always", "--search-backend", "numpy", test_images[0], test_images[1])

@@ -9,7 +9,7 @@ from conftest import FakeDetectorSession, FakeExtractorSession
 from edge_shitu.bundle import Bundle
 from edge_shitu.detector import Detector
 from edge_shitu.embedder import Embedder
-from edge_shitu.errors import FingerprintMismatchError
+from edge_shitu.errors import FingerprintMismatchError, InvalidInputError
 from edge_shitu.gallery import Gallery
 from edge_shitu.image import crop
 from edge_shitu.options import DetectorOptions, RecognizerOptions
@@ -128,6 +128,34 @@ def test_max_distance_resolution(fake_bundle, image):
     rec, _ = _pipeline(fake_bundle, [], max_distance=12)
     rec.gallery.set_max_distance(77)
     assert rec.max_distance == 12  # explicit option wins
+
+
+def test_detector_threshold_resolution_and_effect(fake_bundle, image):
+    boxes = [(BOX_A, 0.9), (BOX_B, 0.5)]
+    rec, _ = _pipeline(fake_bundle, boxes, include_unknown=True, whole_image=WholeImagePolicy.NEVER)
+    assert rec.det_threshold == pytest.approx(0.2)  # bundle default (the reference's threshold)
+    assert len(rec.recognize(image).recognitions) == 2
+    rec.gallery.set_det_threshold(0.7)  # stored with the gallery (the kiosk's setting)
+    assert rec.det_threshold == pytest.approx(0.7)
+    assert [r.detection_score for r in rec.recognize(image).recognitions] == pytest.approx([0.9])
+    rec.gallery.set_det_threshold(None)
+    assert len(rec.recognize(image).recognitions) == 2
+    rec, _ = _pipeline(fake_bundle, boxes, include_unknown=True, whole_image=WholeImagePolicy.NEVER,
+                       detector=DetectorOptions(min_score=0.95))
+    rec.gallery.set_det_threshold(0.1)
+    assert rec.det_threshold == pytest.approx(0.95)  # explicit option wins
+    assert rec.recognize(image).recognitions == ()
+
+
+def test_detector_postprocess_threshold_override_is_checked(fake_bundle, image):
+    det = Detector.from_bundle(fake_bundle, session=FakeDetectorSession([(BOX_A, 0.9), (BOX_B, 0.5)]))
+    tensor, scale = det.preprocess(image)
+    raw = det.infer(tensor)
+    assert len(det.postprocess(raw, image_size=(640, 640), scale=scale, min_score=0.6)) == 1
+    assert len(det.postprocess(raw, image_size=(640, 640), scale=scale, min_score=0.0)) == 2
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(InvalidInputError, match="min_score"):
+            det.postprocess(raw, image_size=(640, 640), scale=scale, min_score=bad)
 
 
 def test_gallery_of_another_model_is_refused(fake_bundle):

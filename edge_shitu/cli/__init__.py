@@ -29,7 +29,7 @@ PLUGIN_GROUP = "edge_shitu.commands"
 """Entry point group of command plugins: ``name = "package.module:register"``."""
 
 # The runtime's own command modules, in the order their commands appear.
-_MODULES = ("images", "gallery", "calibrate", "bundle")
+_MODULES = ("images", "gallery", "calibrate", "bundle", "serve")
 
 # Commands that come with an extra, for --help when their plugin is not installed: command -> extra.
 _OPTIONAL_COMMANDS = {"models": "convert", "replicate": "convert", "convert": "convert", "quickstart": "convert",

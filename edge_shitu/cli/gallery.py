@@ -39,7 +39,8 @@ def _cmd_build(args, out: TextIO, err: TextIO) -> int:
     with Embedder.from_bundle(bundle, options=embedder_options(args)) as emb, \
             Progress("embedding", len(entries), err) as progress:
         summary = build_gallery(bundle, Path(args.images), entries, Path(args.out), embedder=emb,
-                                keep_embeddings=args.keep_embeddings, overwrite=args.overwrite,
+                                keep_embeddings=args.keep_embeddings, thumbnails=args.thumbnails,
+                                overwrite=args.overwrite,
                                 on_skip=lambda p, why: err.write(f"skipped: {one_line(why)}\n"),
                                 on_progress=lambda done, total: progress.update(done))
     out.write(f"gallery {args.out}: {summary.added} image(s) added, {len(summary.skipped)} skipped, "
@@ -73,7 +74,7 @@ def _cmd_add(args, out: TextIO, err: TextIO) -> int:
             Embedder.from_bundle(bundle, options=embedder_options(args)) as emb, \
             Progress("embedding", len(paths), err) as progress:
         summary = enrol(gallery, emb, paths, labels, sources=sources, keep_embeddings=args.keep_embeddings,
-                        embedding_fingerprint=bundle.embedding_fingerprint,
+                        embedding_fingerprint=bundle.embedding_fingerprint, thumbnails=args.thumbnails,
                         on_skip=lambda p, why: err.write(f"skipped: {one_line(why)}\n"),
                         on_progress=lambda done, total: progress.update(done))
     out.write(f"added {summary.added} item(s) (ids {_ranges(summary.ids)}), skipped {len(summary.skipped)}\n")
@@ -144,13 +145,15 @@ def _cmd_info(args, out: TextIO, err: TextIO) -> int:
     record = {
         "path": str(info.path), "items": info.count, "labels": info.label_count, "bits": info.bits,
         "fingerprint": info.fingerprint, "embedding_fingerprint": info.embedding_fingerprint,
-        "format_version": info.format_version, "max_distance": info.max_distance, "file_bytes": info.file_size,
+        "format_version": info.format_version, "max_distance": info.max_distance,
+        "det_threshold": info.det_threshold, "thumbnails": info.thumbnail_count, "file_bytes": info.file_size,
     }
     if args.json:
         write_json(record, out)
     else:
         for k, v in record.items():
-            out.write(f"{k}: {v}\n")
+            if k != "det_threshold" or v is not None:
+                out.write(f"{k}: {v}\n")
     return EXIT_OK
 
 
@@ -234,6 +237,8 @@ def register(subparsers, groups) -> None:
     gb.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     gb.add_argument("--keep-embeddings", action="store_true",
                     help="also store float features (2 KB per item; lets `gallery rehash` apply a new hash head)")
+    gb.add_argument("--thumbnails", action="store_true",
+                    help="also store a small JPEG of each image (a few KB per item; shown by the kiosk's gallery)")
     add_threads(gb)
     add_image_limit(gb)
     gb.set_defaults(func=_cmd_build)
@@ -248,6 +253,8 @@ def register(subparsers, groups) -> None:
     ga.add_argument("--labels", help="label file (relative/path<TAB>label per line) instead of --label and images")
     ga.add_argument("--images-root", help="root of the label file's relative paths (default: the current folder)")
     ga.add_argument("--keep-embeddings", action="store_true", help="also store float features (see gallery build)")
+    ga.add_argument("--thumbnails", action="store_true",
+                    help="also store a small JPEG of each image (see gallery build)")
     add_threads(ga)
     add_image_limit(ga)
     ga.set_defaults(func=_cmd_add)

@@ -112,6 +112,7 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
     from edge_shitu.bundle import Bundle
     from edge_shitu.options import BackendOptions, DetectorOptions, RecognizerOptions
     from edge_shitu.recognizer import STAGES, Recognizer
+    from edge_shitu.records import result_record
 
     images = expand_images(args.images)
     bundle = Bundle.load(args.bundle)
@@ -133,18 +134,15 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
             faiss.omp_set_num_threads(1)
         def work(img: str) -> dict:
             res = recognizer.recognize(img)
-            items = [{"box": box(r.box), "label": r.label, "distance": r.distance,
-                      "similarity": None if r.similarity is None else round(r.similarity, 4)}
-                     for r in res.recognitions]
-            record = {"image": img, "results": items, "replica": bundle.is_replica}
-            if structured or args.timings:
-                record["timings_ms"] = {k: round(v, 2) for k, v in res.timings_ms.items()}
+            record = result_record(res, image=img, replica=bundle.is_replica, timings=structured or args.timings)
             if not structured:
-                out.write(f"{img}: {len(items)} result(s)\n")
+                out.write(f"{img}: {len(res.recognitions)} result(s)\n")
                 for r in res.recognitions:
                     where = "whole image" if r.whole_image else f"box {box(r.box)}"
                     label = r.label if r.label is not None else "(unknown)"
-                    out.write(f"  {label}  distance {r.distance}  similarity {r.similarity:.3f}  {where}\n")
+                    match = ("no match (empty gallery)" if r.distance is None
+                             else f"distance {r.distance}  similarity {r.similarity:.3f}")
+                    out.write(f"  {label}  {match}  {where}\n")
                 if args.timings:
                     out.write("  timings ms: " + ", ".join(f"{k} {res.timings_ms[k]:.1f}" for k in STAGES) + "\n")
             return record
