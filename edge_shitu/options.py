@@ -18,7 +18,7 @@ from edge_shitu.types import WholeImagePolicy
 __all__ = ["BackendOptions", "DetectorOptions", "EmbedderOptions", "RecognizerOptions", "check_threads",
            "MAX_CANDIDATES", "MAX_DETECTIONS", "MAX_BATCH", "MAX_TOP_K"]
 
-_BACKENDS = ("onnxruntime", "paddlelite")
+_BACKENDS = ("onnxruntime", "paddlelite", "android")
 _SEARCH_BACKENDS = ("auto", "numpy", "faiss")
 
 MAX_CANDIDATES = 100_000
@@ -107,6 +107,8 @@ class BackendOptions:
 
     Attributes:
       name: backend name, "onnxruntime" or "paddlelite"; ``None`` uses the backend the bundle names.
+        "android" runs a bundle's ONNX models in ONNX Runtime for Android through Chaquopy's Java
+        bridge (inside the app of ``android_demo/`` only; see :mod:`edge_shitu.backends.android`).
       threads: intra-op threads per session, from 1 to ``os.cpu_count()`` (see :func:`check_threads`);
         ``None`` lets the backend decide.
     """

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -373,3 +376,27 @@ def tiny_bundle(tmp_path_factory) -> Path:
     write_tiny_detector(root / "detector.onnx")
     write_tiny_extractor(root / "extractor.onnx")
     return write_manifest(root, name="tiny")
+
+
+# What the edge-shitu wheel is built from (the rest of the checkout is not packaged).
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "edge_shitu", "converters", "bench")
+
+
+def build_wheel(tmp: Path, env: Optional[dict] = None) -> Path:
+    """Build the edge-shitu wheel from a copy of the checkout (an in-tree build would write build/ and
+    *.egg-info into it) into ``tmp/dist``; returns the wheel's path."""
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp / "src"
+    src.mkdir(parents=True)
+    for name in WHEEL_SOURCES:
+        path = repo / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(path, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp / "dist"), str(src)],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp / "dist").glob("edge_shitu-*.whl")
+    return wheel
+

@@ -13,7 +13,6 @@ pip installs the extra's packages from its usual index (set PIP_FIND_LINKS / PIP
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_wheel
+
 pytestmark = [pytest.mark.paddle, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "paddle-imagenet-models-name.bj.bcebos.com"
-# What the wheel is built from (the rest of the checkout is not packaged).
-SOURCES = ("pyproject.toml", "README.md", "edge_shitu", "converters", "bench")
 
 
 def _run(cmd, *, cwd, env, timeout=600):
@@ -48,20 +47,8 @@ def _clean_env(tmp: Path) -> dict:
 def installed(tmp_path_factory) -> Path:
     """A fresh venv (no system site-packages) with the wheel installed as ``edge-shitu[onnx]``: its bin folder."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    src.mkdir()
-    # Built from a copy: an in-tree build would write build/ and *.egg-info into the checkout.
-    for name in SOURCES:
-        path = REPO / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(path, src / name)
     env = _clean_env(tmp)
-    code, out, err = _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                           "-w", tmp / "dist", src], cwd=tmp, env=env)
-    assert code == 0, out + err
-    (wheel,) = (tmp / "dist").glob("edge_shitu-*.whl")
+    wheel = build_wheel(tmp, env)
     code, out, err = _run([sys.executable, "-m", "venv", tmp / "venv"], cwd=tmp, env=env)
     assert code == 0, out + err
     bin_dir = tmp / "venv" / "bin"

@@ -19,7 +19,8 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
     Args:
       spec: the :class:`edge_shitu.bundle.ModelSpec` to load.
       name: backend name; ``None`` uses the backend the bundle names. A different name is an error,
-        because a model file only runs on the backend it was converted for.
+        because a model file only runs on the backend it was converted for; the exception is
+        ``"android"``, which runs an onnxruntime bundle's files through ONNX Runtime for Android.
       threads: intra-op threads, from 1 to ``os.cpu_count()`` (ignored by Paddle-Lite's x86 build,
         which runs on one thread, but checked all the same).
 
@@ -35,6 +36,20 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
     if threads is not None:
         threads = check_threads(threads)
     backend = name or spec.backend
+    if backend == "android" and spec.backend == "onnxruntime":
+        # The same ONNX file, run by ONNX Runtime's Android library instead of its Python package.
+        from edge_shitu.backends.android import AndroidOrtSession
+
+        if spec.member is None:
+            session = AndroidOrtSession.from_file(spec.path, threads=threads)
+        else:
+            session = AndroidOrtSession.from_bytes(spec.read_bytes(), where=str(spec.path), threads=threads)
+        try:
+            _check_onnx_inputs(spec, session)
+        except BaseException:
+            session.close()
+            raise
+        return session
     if backend != spec.backend:
         raise BundleError(
             f"{spec.path}: this {spec.role} was converted for the {spec.backend} backend, not {backend}; "

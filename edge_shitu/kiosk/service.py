@@ -4,7 +4,9 @@
 models or the gallery holds one lock, so a recognition sees the gallery before or after an enrolment,
 never half of one, and the model sessions never run two images at once (on a small device two at once
 only share the same cores). Each change is one gallery transaction. Results are plain JSON-ready dicts:
-the HTTP layer (:mod:`edge_shitu.kiosk.app`) only maps them and this module's errors to responses.
+the HTTP layer (:mod:`edge_shitu.kiosk.app`) only maps them and this module's errors to responses, and the
+Android app's Python side (``android_demo/app/src/main/python/shitu_android.py``) to JSON strings. Nothing here
+imports the web stack.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ServiceOptions:
       threads: intra-op threads of each model session; None lets the backend choose (all cores).
       max_pixels: images with more pixels are refused from their header, before decoding.
       top_k: gallery candidates returned per region.
+      backend: inference backend name (see :class:`~edge_shitu.options.BackendOptions`); None takes the
+        bundle's, ``"android"`` runs its ONNX models in ONNX Runtime for Android (the Chaquopy app).
 
     Raises:
       InvalidInputError: a value out of range.
@@ -63,6 +67,7 @@ class ServiceOptions:
     threads: Optional[int] = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     top_k: int = 5
+    backend: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "top_k"):
@@ -129,7 +134,7 @@ class KioskService:
             store = Gallery.open(path, fingerprint=bundle.code_fingerprint)
         else:
             store = Gallery.create(path, fingerprint=bundle.code_fingerprint, bits=bundle.codes.bits)
-        backend = BackendOptions(threads=options.threads)
+        backend = BackendOptions(name=options.backend, threads=options.threads)
         recognizer_options = RecognizerOptions(
             top_k=options.top_k, include_unknown=True, max_pixels=options.max_pixels,
             detector=DetectorOptions(backend=backend), embedder=EmbedderOptions(backend=backend))
@@ -172,11 +177,16 @@ class KioskService:
             "gallery": {"path": str(info.path), "items": info.count, "labels": info.label_count, **settings},
         }
 
-    def recognize(self, data: bytes, *, name: str = "upload") -> Dict[str, object]:
-        """Recognise one encoded image (the ``recognize --json`` record, unknown regions included).
+    def recognize(self, data: Union[bytes, np.ndarray], *, name: str = "upload") -> Dict[str, object]:
+        """Recognise one image (the ``recognize --json`` record, unknown regions included).
+
+        Args:
+          data: the encoded image (JPEG, PNG, WebP, BMP), or a uint8 ``(H, W, 3)`` RGB frame.
+          name: the image's name in the record and in error messages.
 
         Raises:
-          ImageDecodeError: not a readable JPEG, PNG, WebP or BMP, or over ``max_pixels``.
+          ImageDecodeError: not a readable image, or over ``max_pixels``.
+          InvalidInputError, InvalidDtypeError: a frame of the wrong shape or dtype.
         """
         img = load_image(data, max_pixels=self.options.max_pixels, name=name)
         with self._lock:
@@ -227,12 +237,12 @@ class KioskService:
 
     # ------------------------------------------------------------------ changing the gallery
 
-    def enrol(self, data: bytes, label: str, *, box: Optional[Sequence[float]] = None,
+    def enrol(self, data: Union[bytes, np.ndarray], label: str, *, box: Optional[Sequence[float]] = None,
               name: str = "upload", source: str = "kiosk") -> Dict[str, object]:
-        """Add one object of an encoded image to the gallery, with its thumbnail and float features.
+        """Add one object of an image to the gallery, with its thumbnail and float features.
 
         Args:
-          data: the encoded image.
+          data: the encoded image, or a uint8 ``(H, W, 3)`` RGB frame.
           label: the object's label.
           box: ``(x1, y1, x2, y2)`` in image pixels (clipped to the image); None takes the detector's best
             box, else the whole image.
@@ -245,6 +255,7 @@ class KioskService:
         Raises:
           InvalidInputError: a bad label, or a box outside the image or smaller than 2 pixels.
           ImageDecodeError: the image cannot be read.
+          InvalidDtypeError: a frame that is not uint8.
           GalleryError: the write failed (nothing was added).
         """
         label = check_label(label, "label")
