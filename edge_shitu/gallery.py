@@ -1166,15 +1166,7 @@ class Gallery:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= self.bits:
                 raise InvalidInputError(f"max_distance must be an integer in [0, {self.bits}] or None, got {value!r}")
             value = int(value)
-
-        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
-            if value is None:
-                conn.execute("DELETE FROM meta WHERE key = 'max_distance'")
-            else:
-                _set_meta(conn, "max_distance", value)
-            return None, None, replace(meta, max_distance=value)
-
-        self._write("set_max_distance", body)
+        self._set_setting("max_distance", value)
 
     def set_det_threshold(self, value: Optional[float]) -> None:
         """Stores (or clears, with None) the detector threshold: the minimum score of a detected box.
@@ -1192,15 +1184,19 @@ class Gallery:
                     or not 0 <= value <= 1):
                 raise InvalidInputError(f"det_threshold must be a number in [0, 1] or None, got {value!r}")
             value = float(value)
+        self._set_setting("det_threshold", value)
 
+    def _set_setting(self, key: str, value: object) -> None:
+        """One optional meta setting (a field of :class:`_Meta` of the same name), stored or cleared in one
+        transaction."""
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
             if value is None:
-                conn.execute("DELETE FROM meta WHERE key = 'det_threshold'")
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
-                _set_meta(conn, "det_threshold", value)
-            return None, None, replace(meta, det_threshold=value)
+                _set_meta(conn, key, value)
+            return None, None, replace(meta, **{key: value})
 
-        self._write("set_det_threshold", body)
+        self._write(f"set_{key}", body)
 
     def thumbnail(self, item_id: int) -> Optional[bytes]:
         """Returns the JPEG thumbnail stored with an item.

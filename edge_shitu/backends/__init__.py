@@ -40,16 +40,7 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
         # The same ONNX file, run by ONNX Runtime's Android library instead of its Python package.
         from edge_shitu.backends.android import AndroidOrtSession
 
-        if spec.member is None:
-            session = AndroidOrtSession.from_file(spec.path, threads=threads)
-        else:
-            session = AndroidOrtSession.from_bytes(spec.read_bytes(), where=str(spec.path), threads=threads)
-        try:
-            _check_onnx_inputs(spec, session)
-        except BaseException:
-            session.close()
-            raise
-        return session
+        return _onnx_session(AndroidOrtSession, spec, threads)
     if backend != spec.backend:
         raise BundleError(
             f"{spec.path}: this {spec.role} was converted for the {spec.backend} backend, not {backend}; "
@@ -58,15 +49,7 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
     if backend == "onnxruntime":
         from edge_shitu.backends.onnxruntime import OnnxRuntimeSession
 
-        if spec.member is None:
-            session = OnnxRuntimeSession.from_file(spec.path, threads=threads)
-        else:
-            session = OnnxRuntimeSession.from_bytes(spec.read_bytes(), where=str(spec.path), threads=threads)
-        try:
-            _check_onnx_inputs(spec, session)
-        except BaseException:
-            session.close()
-            raise
+        session = _onnx_session(OnnxRuntimeSession, spec, threads)
     elif backend == "paddlelite":
         from edge_shitu.backends.paddlelite import PaddleLiteSession
 
@@ -82,6 +65,20 @@ def create_session(spec, *, name: Optional[str] = None, threads: Optional[int] =
     missing = [spec.input.name] if spec.input.name not in session.input_names else []
     if missing:
         raise BundleError(f"{spec.path}: model has inputs {list(session.input_names)}, manifest names {spec.input.name!r}")
+    return session
+
+
+def _onnx_session(session_class, spec, threads: Optional[int]) -> Session:
+    """An ONNX model of a bundle (a file, or a one-file bundle's member as bytes), its inputs checked."""
+    if spec.member is None:
+        session = session_class.from_file(spec.path, threads=threads)
+    else:
+        session = session_class.from_bytes(spec.read_bytes(), where=str(spec.path), threads=threads)
+    try:
+        _check_onnx_inputs(spec, session)
+    except BaseException:
+        session.close()
+        raise
     return session
 
 
