@@ -33,6 +33,10 @@ item has the query's label; AP is the average precision of that single ranking o
 (tied items are *not* averaged over their possible orders: a tie between a right and a wrong item
 counts in index order). Queries whose label has no other item cannot be answered and are left out
 of both figures.
+
+:func:`leave_one_out_reranked` scores the search the runtime can do with compact stored features
+(:mod:`edge_shitu.compact`): the Hamming top N re-ranked by inner product, then the rest in Hamming
+order. :func:`paired_difference` and :func:`t_interval` compare methods over several class splits.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from edge_shitu.codes import binarize, l2_normalize
+from edge_shitu.compact import CompactVectors, rerank_shortlist
 from edge_shitu.errors import HashHeadError, InvalidInputError, MissingFileError
 from edge_shitu.hashing import MAX_DIM, HashHead
 from edge_shitu.npz import ArraySpec, read_npz
@@ -58,6 +63,10 @@ __all__ = [
     "TrainingResult",
     "load_embeddings",
     "leave_one_out",
+    "leave_one_out_reranked",
+    "PairedDifference",
+    "paired_difference",
+    "t_interval",
     "split_classes",
     "train_itq",
     "train_dshsd",
@@ -344,32 +353,175 @@ def leave_one_out(data: LabelledEmbeddings, *, codes: Optional[np.ndarray] = Non
     n = len(data)
     if codes is not None and (codes.ndim != 2 or codes.shape[0] != n):
         raise InvalidInputError(f"codes must have one row per item ({n}), got shape {codes.shape}")
-    y = data.classes
-    counts = np.bincount(y)
-    answerable = counts[y] > 1
-    hits, aps = [], []
+    tally = _Tally(data)
+    for rows in _row_blocks(n):
+        tally.add(rows, _ranking(data, rows, codes))
+    return tally.scores()
+
+
+def leave_one_out_reranked(data: LabelledEmbeddings, *, codes: np.ndarray, vectors: CompactVectors,
+                           shortlist: int) -> RetrievalScores:
+    """Leave-one-out scores of a Hamming search re-ranked by compact inner products.
+
+    Each query's ranking of the other items is: its ``shortlist`` nearest by Hamming distance (ties
+    by ascending index), ordered by :func:`edge_shitu.compact.rerank_shortlist` (descending inner
+    product of the query's float feature with the items' compact vectors, ties in Hamming order),
+    followed by all the other items in Hamming order. recall@1 and AP as :func:`leave_one_out`.
+
+    Args:
+      data: the items and labels; the queries' float features are ``data.embeddings``.
+      codes: uint8 ``(n, B)`` codes of the items.
+      vectors: the items' compact vectors, ``n`` of dimension ``data.dim``.
+      shortlist: candidates re-ranked per query, >= 1 (more than ``n - 1`` re-ranks them all).
+
+    Raises:
+      InvalidInputError: ``codes`` or ``vectors`` do not have one row per item, ``vectors`` another
+        dimension, or ``shortlist`` < 1.
+    """
+    n = len(data)
+    _check_positive("shortlist", shortlist)
+    if codes.ndim != 2 or codes.shape[0] != n:
+        raise InvalidInputError(f"codes must have one row per item ({n}), got shape {codes.shape}")
+    if len(vectors) != n or vectors.dim != data.dim:
+        raise InvalidInputError(f"vectors must be ({n}, {data.dim}), got ({len(vectors)}, {vectors.dim})")
+    m = min(int(shortlist), n - 1)
+    tally = _Tally(data)
+    for rows in _row_blocks(n):
+        order = _ranking(data, rows, codes)
+        if m:
+            top, _ = rerank_shortlist(np.ascontiguousarray(order[:, :m]).astype(np.int64), data.embeddings[rows],
+                                      vectors, m)
+            order = np.concatenate([top, order[:, m:]], axis=1)
+        tally.add(rows, order)
+    return tally.scores()
+
+
+def _row_blocks(n: int):
     for r0 in range(0, n, _EVAL_ROWS):
-        rows = np.arange(r0, min(n, r0 + _EVAL_ROWS))
-        if codes is None:
-            cost = -(data.embeddings[rows] @ data.embeddings.T).astype(np.float64)
-            cost[np.arange(rows.size), rows] = np.inf
+        yield np.arange(r0, min(n, r0 + _EVAL_ROWS))
+
+
+def _ranking(data: LabelledEmbeddings, rows: np.ndarray, codes: Optional[np.ndarray]) -> np.ndarray:
+    """int ``(len(rows), n - 1)``: the other items, best first (ties by ascending index)."""
+    n = len(data)
+    if codes is None:
+        cost = -(data.embeddings[rows] @ data.embeddings.T).astype(np.float64)
+        cost[np.arange(rows.size), rows] = np.inf
+    else:
+        cost = hamming_distances(codes[rows], codes).astype(np.int64)
+        cost[np.arange(rows.size), rows] = np.iinfo(np.int64).max
+    # Stable sort: equal costs keep ascending index order; the query itself sorts last.
+    return np.argsort(cost, axis=1, kind="stable")[:, : n - 1]
+
+
+class _Tally:
+    """recall@1 and AP of rankings, over the answerable queries."""
+
+    def __init__(self, data: LabelledEmbeddings) -> None:
+        self.y = data.classes
+        self.n = len(data)
+        self.answerable = np.bincount(self.y)[self.y] > 1
+        self.hits: List[np.ndarray] = []
+        self.aps: List[np.ndarray] = []
+
+    def add(self, rows: np.ndarray, order: np.ndarray) -> None:
+        rel = (self.y[order] == self.y[rows, None])[self.answerable[rows]]
+        self.hits.append(rel[:, 0])
+        prec = np.cumsum(rel, axis=1) / np.arange(1, self.n, dtype=np.float64)
+        self.aps.append((prec * rel).sum(axis=1) / rel.sum(axis=1))
+
+    def scores(self) -> RetrievalScores:
+        hit = np.concatenate(self.hits) if self.hits else np.zeros(0, bool)
+        ap = np.concatenate(self.aps) if self.aps else np.zeros(0)
+        if hit.size == 0:
+            return RetrievalScores(float("nan"), float("nan"), 0, self.n)
+        return RetrievalScores(float(hit.mean()), float(ap.mean()), int(hit.size), self.n)
+
+
+def _t_coverage(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` degrees of freedom (exact finite series, A&S 26.7.3-4)."""
+    theta = np.arctan(t / np.sqrt(df))
+    c2, term = np.cos(theta) ** 2, 1.0
+    if df % 2:
+        total = 0.0
+        if df > 1:
+            total = term = np.cos(theta)
+            for j in range(3, df - 1, 2):
+                term *= c2 * (j - 1) / j
+                total += term
+        return float(2.0 / np.pi * (theta + np.sin(theta) * total))
+    total = 1.0
+    for j in range(2, df - 1, 2):
+        term *= c2 * (j - 1) / j
+        total += term
+    return float(np.sin(theta) * total)
+
+
+def t_interval(values: Sequence[float], *, level: float = 0.95) -> Optional[Tuple[float, float]]:
+    """Two-sided Student t confidence interval of the mean of ``values``.
+
+    ``mean -/+ t_{(1 + level) / 2, K - 1} * s / sqrt(K)`` with ``s`` the sample standard deviation
+    (``ddof = 1``) of the ``K`` values; the quantile is solved from the exact t distribution.
+
+    Returns:
+      ``(low, high)``, or None when ``K < 2`` (no spread to estimate) or a value is NaN.
+
+    Raises:
+      InvalidInputError: ``level`` outside (0, 1).
+    """
+    if not 0.0 < level < 1.0:
+        raise InvalidInputError(f"level must be in (0, 1), got {level!r}")
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2 or not np.isfinite(x).all():
+        return None
+    df = x.size - 1
+    lo, hi = 0.0, 1.0
+    while _t_coverage(hi, df) < level:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_coverage(mid, df) < level:
+            lo = mid
         else:
-            cost = hamming_distances(codes[rows], codes).astype(np.int64)
-            cost[np.arange(rows.size), rows] = np.iinfo(np.int64).max
-        # Stable sort: equal costs keep ascending index order; the query itself sorts last.
-        order = np.argsort(cost, axis=1, kind="stable")[:, : n - 1]
-        rel = y[order] == y[rows, None]
-        keep = answerable[rows]
-        rel = rel[keep]
-        hits.append(rel[:, 0])
-        cum = np.cumsum(rel, axis=1)
-        prec = cum / np.arange(1, n, dtype=np.float64)
-        aps.append((prec * rel).sum(axis=1) / rel.sum(axis=1))
-    hit = np.concatenate(hits) if hits else np.zeros(0, bool)
-    ap = np.concatenate(aps) if aps else np.zeros(0)
-    if hit.size == 0:
-        return RetrievalScores(float("nan"), float("nan"), 0, n)
-    return RetrievalScores(float(hit.mean()), float(ap.mean()), int(hit.size), n)
+            hi = mid
+        if hi - lo < 1e-13 * hi:
+            break
+    half = 0.5 * (lo + hi) * float(x.std(ddof=1)) / np.sqrt(x.size)
+    mean = float(x.mean())
+    return float(mean - half), float(mean + half)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """A method's paired difference to a baseline over splits.
+
+    Attributes:
+      diffs: per-split ``method - baseline``.
+      mean: their mean.
+      ci95: the 95% t interval of the mean (:func:`t_interval`), None with fewer than two splits.
+    """
+
+    diffs: Tuple[float, ...]
+    mean: float
+    ci95: Optional[Tuple[float, float]]
+
+    @property
+    def excludes_zero(self) -> Optional[bool]:
+        """Whether the interval lies entirely above or below zero (None without an interval)."""
+        return None if self.ci95 is None else bool(self.ci95[0] > 0 or self.ci95[1] < 0)
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> PairedDifference:
+    """Per-split differences ``values - baseline``, their mean and 95% t interval.
+
+    Raises:
+      InvalidInputError: the two have different lengths or are empty.
+    """
+    a, b = np.asarray(values, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise InvalidInputError(f"paired values must be two equal non-empty lists, got {a.shape} and {b.shape}")
+    d = a - b
+    return PairedDifference(tuple(float(v) for v in d), float(d.mean()), t_interval(d))
 
 
 def train_itq(data: LabelledEmbeddings, options: Optional[ITQOptions] = None) -> TrainingResult:

@@ -471,7 +471,7 @@ def test_cli_eval_table_and_json(toy_npz, tmp_path):
     code, out, err = run("hash", "eval", "--embeddings", toy_npz, "--head", tmp_path / "id.npz", "--json")
     assert code == 0, err
     res = json.loads(out)["results"]
-    assert list(res) == ["float", "sign", "head"]
+    assert list(res) == ["float", "sign", "head", "rerank", "rerank_head"]  # rerank: the Hamming top-16 re-ranked
     assert res["head"] == res["sign"]  # the identity head is plain sign
     assert res["float"]["queries"] == 72 and 0.0 <= res["float"]["map"] <= 1.0
     code, out, err = run("hash", "eval", "--embeddings", toy_npz, "--split-classes", "--train-fraction", 0.5,
@@ -495,7 +495,7 @@ def test_cli_select_chooses_on_the_training_classes(toy_npz, tmp_path):
     assert code == 0, err
     assert "120 candidates x 2 class splits of the 6 training classes" in err
     assert "selected: init " in err
-    assert set(json.loads(out)["results"]) == {"float", "sign", "itq", "dshsd"}
+    assert set(json.loads(out)["results"]) == {"float", "sign", "itq", "dshsd", "rerank"}
 
 
 def test_cli_bad_embeddings_file(tmp_path):
