@@ -555,6 +555,19 @@ class Gallery:
             return self._meta.max_distance
 
     @property
+    def generation(self) -> int:
+        """A counter of committed changes to the items (adds, removals, relabels, re-hashes; not settings),
+        as stored in the file: files derived from the items (a float index) record it and are rebuilt when
+        it differs.
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            return self._meta.generation
+
+    @property
     def det_threshold(self) -> Optional[float]:
         """The stored detector threshold (minimum box score, in ``[0, 1]``), or None when none was set.
 
@@ -1196,7 +1209,7 @@ class Gallery:
                 _set_meta(conn, key, value)
             return None, None, replace(meta, **{key: value})
 
-        self._write(f"set_{key}", body)
+        self._write(f"set_{key}", body, changes_items=False)
 
     def thumbnail(self, item_id: int) -> Optional[bytes]:
         """Returns the JPEG thumbnail stored with an item.
@@ -1570,7 +1583,10 @@ class Gallery:
         self._meta, self._snapshot, self._version, self._stale = meta, snapshot, version, None
 
     def _write(self, what: str, body: Callable[[sqlite3.Connection, _Snapshot, _Meta],
-                                                Tuple[T, Optional[_Snapshot], Optional[_Meta]]]) -> T:
+                                                Tuple[T, Optional[_Snapshot], Optional[_Meta]]],
+               *, changes_items: bool = True) -> T:
+        """Runs ``body`` in one write transaction on the current state; a change of the items also bumps
+        the meta ``generation`` in that transaction."""
         with self._lock:
             self._require_writable()
             conn = self._conn
@@ -1584,6 +1600,10 @@ class Gallery:
                 if current != version:
                     meta, snap, version = _load(conn, self._name, self._backend)
                 result, new_snap, new_meta = body(conn, snap, meta)
+                if changes_items:
+                    after = new_meta if new_meta is not None else meta
+                    _set_meta(conn, "generation", after.generation + 1)
+                    new_meta = replace(after, generation=after.generation + 1)
                 conn.execute("COMMIT")
             except BaseException as exc:
                 try:

@@ -9,7 +9,8 @@ File layout::
         code settings that made the codes), created_by, next_id, and optionally max_distance
         (calibrated acceptance threshold), det_threshold (the detector's minimum box score, a float
         in [0, 1]), embedding_dim and embedding_fingerprint (float embeddings stored beside codes,
-        and the extractor that made them).
+        and the extractor that made them), generation (a counter of committed changes to the items,
+        0 when absent: what files derived from the items, such as a float index, are checked against).
     labels(id INTEGER PRIMARY KEY, label TEXT NOT NULL, count INTEGER NOT NULL)
     items(id INTEGER PRIMARY KEY, label_id INTEGER NOT NULL, code BLOB NOT NULL,
           embedding BLOB NULL (float32 little-endian), source TEXT NULL, added_at INTEGER NULL)
@@ -72,6 +73,7 @@ class _Meta:
     embedding_dim: Optional[int]
     embedding_fingerprint: Optional[str] = None
     det_threshold: Optional[float] = None
+    generation: int = 0
 
 
 def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterable[Sequence[T]]:
@@ -150,6 +152,9 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         embedding_dim = _parse_int(rows["embedding_dim"], "embedding_dim", name)
         if embedding_dim <= 0:
             raise GalleryCorruptError(f"{name}: meta 'embedding_dim' must be > 0, got {embedding_dim}")
+    generation = _parse_int(rows.get("generation", "0"), "generation", name)
+    if generation < 0:
+        raise GalleryCorruptError(f"{name}: meta 'generation' must be >= 0, got {generation}")
     embedding_fingerprint = rows.get("embedding_fingerprint")
     if embedding_fingerprint is not None and not _HEX.fullmatch(embedding_fingerprint):
         raise GalleryCorruptError(f"{name}: meta 'embedding_fingerprint' is not a hex string: {embedding_fingerprint!r}")
@@ -162,6 +167,7 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         embedding_dim=embedding_dim,
         embedding_fingerprint=None if embedding_fingerprint is None else embedding_fingerprint.lower(),
         det_threshold=det_threshold,
+        generation=generation,
     )
 
 

@@ -929,3 +929,28 @@ def test_labels_held_in_memory_follow_every_change(tmp_path, rng):
     with Gallery.open(path, readonly=True) as again:
         assert again.labels_of(kept) == list(expected.values())
         assert {it.id: it.label for it in again.items()} == expected
+
+
+def test_generation_counts_changes_of_the_items_not_of_the_settings(tmp_path):
+    path = tmp_path / "gen.gallery"
+    rng = np.random.default_rng(3)
+    with Gallery.create(path, fingerprint="ab" * 16) as g:
+        assert g.generation == 0
+        ids = g.add(rng.integers(0, 256, (3, 64), dtype=np.uint8), ["a", "b", "c"])
+        assert g.generation == 1
+        g.relabel([int(ids[0])], "z")
+        g.remove([int(ids[1])])
+        g.remove_label("c")
+        assert g.generation == 4
+        g.set_max_distance(30)
+        g.set_det_threshold(0.4)
+        assert g.generation == 4
+        with pytest.raises(InvalidInputError):
+            g.add(rng.integers(0, 256, (1, 64), dtype=np.uint8), ["bad\tlabel"])
+        assert g.generation == 4  # a refused change changes nothing
+        with Gallery.open(path, readonly=True) as reader:
+            assert reader.generation == 4
+            g.add(rng.integers(0, 256, (1, 64), dtype=np.uint8), ["d"])
+            assert reader.generation == 5  # another connection's commit is seen
+    with Gallery.open(path) as again:
+        assert again.generation == 5 and again.check() == []
