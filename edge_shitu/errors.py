@@ -14,6 +14,7 @@ __all__ = [
     "ImageDecodeError",
     "InvalidInputError",
     "InvalidDtypeError",
+    "MissingEmbeddingsError",
     "BundleError",
     "IntegrityError",
     "BackendUnavailableError",
@@ -69,6 +70,10 @@ class TargetMismatchError(BundleError):
 
 class GalleryError(EdgeShituError, ValueError):
     """A gallery operation was given bad arguments (unknown id, duplicate id, wrong code length)."""
+
+
+class MissingEmbeddingsError(GalleryError):
+    """Some gallery items have no stored float embedding, so a float index cannot hold them."""
 
 
 class GalleryCorruptError(GalleryError):
