@@ -136,6 +136,7 @@ def enrol(gallery: Gallery, embedder: Embedder, paths: Sequence[Path], labels: S
     # One batch of decoded images is alive at a time: the thumbnails are made as the batch is staged.
     batches = (
         ItemBatch(codes, [labels[i] for i in idx], embeddings=feats if keep_embeddings else None,
+                  features=feats if gallery.compact is not None else None,
                   sources=[(sources[i] if sources is not None else str(paths[i])) for i in idx],
                   thumbnails=[make_thumbnail(img) for img in images] if thumbnails else None)
         for idx, images, codes, feats in _embed_batches(embedder, paths, batch=embedder.options.max_batch,
@@ -149,7 +150,7 @@ def enrol(gallery: Gallery, embedder: Embedder, paths: Sequence[Path], labels: S
 
 def build_gallery(bundle, image_root: Path, entries: Sequence[LabelEntry], dest: Path, *,
                   embedder: Embedder, keep_embeddings: bool = False, thumbnails: bool = False,
-                  overwrite: bool = False, on_skip: Optional[SkipHandler] = None,
+                  compact: Optional[str] = None, overwrite: bool = False, on_skip: Optional[SkipHandler] = None,
                   on_progress: Optional[ProgressHandler] = None) -> EnrolSummary:
     """Build a new gallery from a label file's entries, atomically.
 
@@ -166,6 +167,8 @@ def build_gallery(bundle, image_root: Path, entries: Sequence[LabelEntry], dest:
       embedder: the extractor.
       keep_embeddings: also store the float features.
       thumbnails: also store a JPEG thumbnail of each image with its item.
+      compact: ``"int8"`` or ``"fp16"``: keep each item's features in that compact form, for re-ranked
+        search (see :meth:`Gallery.create`).
       overwrite: replace ``dest`` if it exists.
       on_skip: called with ``(path, reason)`` for each unreadable image.
       on_progress: called with ``(done, total)`` after each batch.
@@ -186,7 +189,8 @@ def build_gallery(bundle, image_root: Path, entries: Sequence[LabelEntry], dest:
         _remove_stale_partials(dest)
         partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.partial")
         try:
-            with Gallery.create(partial, fingerprint=bundle.code_fingerprint, bits=bundle.codes.bits) as gallery:
+            with Gallery.create(partial, fingerprint=bundle.code_fingerprint, bits=bundle.codes.bits,
+                                compact=compact) as gallery:
                 summary = enrol(gallery, embedder, [image_root / e.path for e in entries], [e.label for e in entries],
                                 sources=[e.path for e in entries], keep_embeddings=keep_embeddings,
                                 embedding_fingerprint=bundle.embedding_fingerprint, thumbnails=thumbnails,

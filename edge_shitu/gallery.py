@@ -53,9 +53,11 @@ from edge_shitu.errors import (
     MissingFileError,
     UnknownItemError,
 )
+from edge_shitu.compact import COMPACT_FORMATS, CompactVectors, compress, from_blobs, rerank_shortlist, to_blob
 from edge_shitu.gallery_check import _check_contents, check_gallery
 from edge_shitu.gallery_format import (
     _MAX_ID,
+    _COMPACT_TABLE,
     _SIDE_FILES,
     _THUMBNAIL_TABLE,
     FORMAT_VERSION,
@@ -88,6 +90,9 @@ from edge_shitu.types import SearchResult
 __all__ = ["Gallery", "GalleryItem", "GalleryInfo", "ItemBatch", "FORMAT_VERSION", "check_gallery", "fsync_dir"]
 
 _MEMORY = ":memory:"
+DEFAULT_SHORTLIST = 16
+"""Hamming candidates re-ranked per query by :meth:`Gallery.search` with features: on the real PP-ShiTuV2
+drink features 5 already reach float inner product's recall@1 (docs/benchmarks.md); 16 leaves a margin."""
 _CONSTRUCT_KEY = object()
 
 
@@ -134,6 +139,8 @@ class GalleryInfo:
       readonly: whether the gallery was opened read-only.
       det_threshold: the stored detector threshold (minimum box score in [0, 1]), or None.
       thumbnail_count: number of items with a stored thumbnail.
+      compact: the form of the compact features kept for re-ranking ("int8", "fp16"), or None.
+      min_similarity: the calibrated acceptance threshold of re-ranked search, or None.
     """
 
     path: Optional[Path]
@@ -150,6 +157,8 @@ class GalleryInfo:
     embedding_fingerprint: Optional[str] = None
     det_threshold: Optional[float] = None
     thumbnail_count: int = 0
+    compact: Optional[str] = None
+    min_similarity: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,8 @@ class ItemBatch:
       sources: optional ``n`` strings (e.g. image paths) or None entries.
       thumbnails: optional ``n`` JPEG thumbnails (bytes, see :func:`edge_shitu.thumbnail.make_thumbnail`)
         or None entries.
+      features: float ``(n, d)`` features kept in compact form for re-ranking; required by, and only
+        accepted by, a gallery created with ``compact`` (see :meth:`Gallery.add`).
     """
 
     codes: np.ndarray
@@ -170,6 +181,7 @@ class ItemBatch:
     embeddings: Optional[np.ndarray] = None
     sources: Optional[Sequence[Optional[str]]] = None
     thumbnails: Optional[Sequence[Optional[bytes]]] = None
+    features: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,7 @@ class _Prepared:
     dim: Optional[int]
     sources: List[Optional[str]]
     thumbnails: List[Optional[bytes]]  # JPEG bytes, validated, or None
+    vectors: Optional[CompactVectors] = None  # the compact features, for a compact gallery
 
     @property
     def n(self) -> int:
@@ -243,6 +256,7 @@ class _Snapshot:
     index: HammingIndex  # the codes, row i belonging to ids[i]; immutable
     label_ids: np.ndarray  # (m,) label id of ids[i]: uint16 while label ids fit, else int32; read-only
     labels: _LabelNames  # every label with items
+    vectors: Optional[CompactVectors] = None  # compact features, row i belonging to ids[i]; None: none stored
 
     def label_of(self, positions: np.ndarray) -> List[str]:
         return [self.labels.get(int(i)) for i in self.label_ids[positions]]
@@ -254,7 +268,9 @@ class _Snapshot:
         labels = self.labels
         if present.size != labels.ids.size:
             labels = _LabelNames.build({int(i): labels.get(int(i)) for i in present})
-        return _Snapshot(_frozen(_id_array(self.ids[keep])), self.index.without(keep), _frozen(kept), labels)
+        vectors = None if self.vectors is None else self.vectors.take(np.flatnonzero(keep))
+        return _Snapshot(_frozen(_id_array(self.ids[keep])), self.index.without(keep), _frozen(kept), labels,
+                         vectors)
 
 
 def _label_array(values: Sequence[int]) -> np.ndarray:
@@ -316,7 +332,8 @@ def _check_ids(ids: object, name: str = "ids") -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str) -> _Snapshot:
+def _read_snapshot(conn: sqlite3.Connection, meta: _Meta, backend: str, name: str) -> _Snapshot:
+    bits = meta.bits
     count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
     ids, label_ids = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
     # Chunk by chunk, so opening never holds a second full copy of the codes.
@@ -329,7 +346,19 @@ def _read_snapshot(conn: sqlite3.Connection, bits: int, backend: str, name: str)
         raise GalleryCorruptError(f"{name}: items refer to labels that do not exist (label ids {_short_list(unknown)}); "
                                   "run `edge-shitu gallery check` for details")
     return _Snapshot(ids=_id_array(ids), index=index, label_ids=_label_array(label_ids),
-                     labels=_LabelNames.build(labels))
+                     labels=_LabelNames.build(labels), vectors=_read_vectors(conn, meta, ids, name))
+
+
+def _read_vectors(conn: sqlite3.Connection, meta: _Meta, ids: np.ndarray, name: str) -> Optional[CompactVectors]:
+    """The compact features of the items ``ids`` (ascending), in that order; None for a gallery without them."""
+    if meta.compact is None or ids.size == 0:
+        return None
+    rows = conn.execute("SELECT item_id, vec FROM compact ORDER BY item_id").fetchall()
+    stored = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    if stored.shape != ids.shape or not np.array_equal(stored, ids) or meta.compact_dim is None:
+        raise GalleryCorruptError(f"{name}: the compact features do not match the items ({len(rows)} rows for "
+                                  f"{ids.size} items); run `edge-shitu gallery check` for details")
+    return from_blobs([r[1] for r in rows], fmt=meta.compact, dim=meta.compact_dim, where=f"{name}: compact")
 
 
 class Gallery:
@@ -384,6 +413,7 @@ class Gallery:
         bits: int = 512,
         overwrite: bool = False,
         backend: str = "auto",
+        compact: Optional[str] = None,
     ) -> "Gallery":
         """Creates an empty gallery file (or an in-memory gallery) and opens it for writing.
 
@@ -399,6 +429,9 @@ class Gallery:
           overwrite: replace an existing file at ``path``.
           backend: Hamming search backend: ``"auto"`` (faiss when installed, else numpy),
             ``"numpy"`` or ``"faiss"``; see :mod:`edge_shitu.search`.
+          compact: ``"int8"`` or ``"fp16"``: keep every item's float feature in that compact form
+            (about 0.5 or 1 KB per 512-d item), so that :meth:`search` can re-rank its Hamming
+            shortlist by inner product (:mod:`edge_shitu.compact`); None keeps codes only.
 
         Returns:
           The new, empty, writable gallery.
@@ -413,10 +446,12 @@ class Gallery:
         fingerprint = _check_fingerprint(fingerprint)
         bits = _check_bits(bits)
         backend = resolve_hamming_backend(backend)
+        if compact is not None and compact not in COMPACT_FORMATS:
+            raise InvalidInputError(f"compact must be one of {', '.join(COMPACT_FORMATS)} or None, got {compact!r}")
         if str(path) == _MEMORY:
             conn = sqlite3.connect(_MEMORY, isolation_level=None, check_same_thread=False)
             try:
-                _init_schema(conn, fingerprint=fingerprint, bits=bits)
+                _init_schema(conn, fingerprint=fingerprint, bits=bits, compact=compact)
                 meta = _parse_meta(_read_meta_rows(conn), _MEMORY)
             except BaseException:
                 conn.close()
@@ -436,7 +471,7 @@ class Gallery:
         try:
             conn = sqlite3.connect(str(tmp), isolation_level=None)
             try:
-                _init_schema(conn, fingerprint=fingerprint, bits=bits)
+                _init_schema(conn, fingerprint=fingerprint, bits=bits, compact=compact)
             finally:
                 conn.close()
             # A stale journal of the old file would be replayed onto the new one.
@@ -555,6 +590,37 @@ class Gallery:
             return self._meta.max_distance
 
     @property
+    def compact(self) -> Optional[str]:
+        """The form of the stored compact features (``"int8"``, ``"fp16"``), or None: codes only."""
+        return self._meta.compact
+
+    @property
+    def min_similarity(self) -> Optional[float]:
+        """The calibrated acceptance threshold of re-ranked search (inner product), or None.
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            return self._meta.min_similarity
+
+    def set_min_similarity(self, value: Optional[float]) -> None:
+        """Stores (or clears, with None) the acceptance threshold of re-ranked search.
+
+        Raises:
+          InvalidInputError: ``value`` is not a number in ``[-1, 1]``.
+          GalleryError: the gallery is read-only or closed, or the write failed.
+        """
+        self._require_writable()
+        if value is not None:
+            if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+                    or not -1 <= value <= 1):
+                raise InvalidInputError(f"min_similarity must be a number in [-1, 1] or None, got {value!r}")
+            value = float(value)
+        self._set_setting("min_similarity", value)
+
+    @property
     def generation(self) -> int:
         """A counter of committed changes to the items (adds, removals, relabels, re-hashes; not settings),
         as stored in the file: files derived from the items (a float index) record it and are rebuilt when
@@ -662,10 +728,14 @@ class Gallery:
             snapshot = self._snapshot
         return snapshot.ids.astype(np.int64), snapshot.index.codes()
 
-    def search(self, codes: np.ndarray, k: int = 5, *, max_distance: Optional[int] = None) -> SearchResult:
+    def search(self, codes: np.ndarray, k: int = 5, *, max_distance: Optional[int] = None,
+               features: Optional[np.ndarray] = None, shortlist: int = DEFAULT_SHORTLIST) -> SearchResult:
         """Finds the k nearest items of each query code by exhaustive Hamming distance.
 
-        Ties are broken by ascending id, so results are deterministic.
+        Ties are broken by ascending id, so results are deterministic. With ``features`` (a gallery
+        created with ``compact`` only), the Hamming top-``max(shortlist, k)`` is re-ranked by the inner
+        product of each query's L2-normalised feature with the items' stored compact features; equal
+        similarities keep the Hamming order.
 
         Args:
           codes: uint8 ``(n, bits // 8)`` query codes (or one code ``(bits // 8,)``).
@@ -675,24 +745,65 @@ class Gallery:
           max_distance: drop matches farther than this many bits. None means no limit; the
             gallery's calibrated :attr:`max_distance` is *not* applied here, so callers can see
             rejected candidates too.
+          features: float ``(n, d)`` features of the queries (the codes' own), for re-ranking.
+          shortlist: Hamming candidates re-ranked per query (with ``features``), >= 1.
 
         Returns:
-          SearchResult with ids int64 ``(n, c)``, distances int32 ``(n, c)``, counts int64 ``(n,)``.
+          SearchResult with ids int64 ``(n, c)``, distances int32 ``(n, c)``, counts int64 ``(n,)``, and
+          with ``features`` similarities float32 ``(n, c)`` (NaN where ids are -1), best first.
 
         Raises:
-          InvalidDtypeError: ``codes`` is not a uint8 ndarray.
-          InvalidInputError: ``codes`` has the wrong width, ``k < 1`` or ``max_distance < 0``.
+          InvalidDtypeError: ``codes`` is not a uint8 ndarray, ``features`` not float.
+          InvalidInputError: ``codes`` has the wrong width, ``k < 1``, ``max_distance < 0``, ``shortlist < 1``,
+            ``features`` of the wrong shape, or ``features`` for a gallery without compact features.
           GalleryError: the gallery is closed.
         """
         with self._lock:
             self._sync()
             snapshot = self._snapshot
         queries = check_codes(codes, self.nbytes)
-        positions, distances, counts = snapshot.index.search(queries, k, max_distance)
+        if features is None:
+            positions, distances, counts = snapshot.index.search(queries, k, max_distance)
+            return SearchResult(ids=self._ids_at(snapshot, positions), distances=distances, counts=counts)
+        if self._meta.compact is None:
+            raise InvalidInputError(f"{self._name} keeps no compact features: re-ranking needs a gallery created "
+                                    "with compact='int8' or 'fp16'")
+        if isinstance(shortlist, bool) or not isinstance(shortlist, (int, np.integer)) or shortlist < 1:
+            raise InvalidInputError(f"shortlist must be an integer >= 1, got {shortlist!r}")
+        feats = np.asarray(features)
+        if not np.issubdtype(feats.dtype, np.floating):
+            raise InvalidDtypeError(f"features must be a float array, got dtype {feats.dtype}")
+        if feats.ndim == 1:
+            feats = feats[None, :]
+        if feats.ndim != 2 or feats.shape[0] != queries.shape[0]:
+            raise InvalidInputError(f"features must have one row per query code ({queries.shape[0]}), "
+                                    f"got shape {feats.shape}")
+        if snapshot.vectors is not None and feats.shape[1] != snapshot.vectors.dim:
+            raise InvalidInputError(f"features must have {snapshot.vectors.dim} columns, got {feats.shape[1]}")
+        if not np.isfinite(feats).all():
+            raise InvalidInputError("features contain NaN or infinite values")
+        short, short_dist, _ = snapshot.index.search(queries, max(int(shortlist), int(k)), max_distance)
+        if snapshot.vectors is None:  # an empty gallery
+            empty = np.empty((queries.shape[0], 0))
+            return SearchResult(ids=empty.astype(np.int64), distances=empty.astype(np.int32),
+                                counts=np.zeros(queries.shape[0], np.int64), similarities=empty.astype(np.float32))
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        unit = (feats / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        cols = min(int(k), short.shape[1])
+        positions, similarities = rerank_shortlist(short.astype(np.int64), unit, snapshot.vectors, cols)
+        # The Hamming distance of each re-ranked candidate, from its place in the shortlist.
+        rows = np.arange(queries.shape[0])[:, None]
+        where = np.argmax(short[:, None, :] == positions[:, :, None], axis=2)
+        distances = np.where(positions >= 0, short_dist[rows, where], -1).astype(np.int32)
+        counts = (positions >= 0).sum(axis=1).astype(np.int64)
+        return SearchResult(ids=self._ids_at(snapshot, positions), distances=distances, counts=counts,
+                            similarities=similarities)
+
+    @staticmethod
+    def _ids_at(snapshot: _Snapshot, positions: np.ndarray) -> np.ndarray:
         # Positions follow ascending ids, so the index's ties-by-position are ties-by-id.
         found = snapshot.ids[np.maximum(positions, 0)].astype(np.int64) if snapshot.ids.size else -1
-        ids = np.where(positions >= 0, found, -1).astype(np.int64, copy=False)
-        return SearchResult(ids=ids, distances=distances, counts=counts)
+        return np.where(positions >= 0, found, -1).astype(np.int64, copy=False)
 
     def add(
         self,
@@ -704,6 +815,7 @@ class Gallery:
         embedding_fingerprint: Optional[str] = None,
         sources: Optional[Sequence[Optional[str]]] = None,
         thumbnails: Optional[Sequence[Optional[bytes]]] = None,
+        features: Optional[np.ndarray] = None,
     ) -> np.ndarray:
         """Adds a batch of items in one transaction: all of them or none.
 
@@ -722,6 +834,9 @@ class Gallery:
           thumbnails: optional ``n`` JPEG thumbnails or None entries: ``bytes`` starting with
             ``FF D8 FF``, at most :data:`~edge_shitu.thumbnail.MAX_THUMBNAIL_BYTES` each (see
             :func:`~edge_shitu.thumbnail.make_thumbnail`); stored in the same transaction.
+          features: float ``(n, d)`` finite features of the items (the extractor's, before binarisation),
+            stored in the gallery's compact form: required by a gallery created with ``compact``,
+            refused by any other.
 
         Returns:
           int64 ``(n,)``: the ids of the added items, in input order.
@@ -736,7 +851,7 @@ class Gallery:
         """
         self._require_writable()
         batch = self._prepare(ItemBatch(codes, labels, embeddings=embeddings, sources=sources,
-                                        thumbnails=thumbnails), 0)
+                                        thumbnails=thumbnails, features=features), 0)
         emb_fp = _check_embedding_fingerprint(embedding_fingerprint, batch.dim is not None)
         id_arr = None
         if ids is not None:
@@ -759,8 +874,12 @@ class Gallery:
             if thumbs:
                 conn.execute(_THUMBNAIL_TABLE)
                 conn.executemany("INSERT INTO thumbnails(item_id, jpeg) VALUES (?, ?)", thumbs)
+            if batch.vectors is not None:
+                conn.executemany("INSERT INTO compact(item_id, vec) VALUES (?, ?)",
+                                 ((int(i), to_blob(batch.vectors, j)) for j, i in enumerate(new_ids)))
 
-        return self._insert("add", batch.codes, batch.labels, batch.dim, emb_fp, id_arr, insert)
+        return self._insert("add", batch.codes, batch.labels, batch.dim, emb_fp, id_arr, insert,
+                            vectors=batch.vectors)
 
     def add_batches(self, batches: Iterable["ItemBatch"], *,
                     embedding_fingerprint: Optional[str] = None) -> np.ndarray:
@@ -791,12 +910,13 @@ class Gallery:
         table = f"staged_{uuid.uuid4().hex}"
         codes: List[np.ndarray] = []
         labels: List[str] = []
+        vectors: List[CompactVectors] = []
         dim: Optional[int] = None
         with_embeddings = with_thumbnails = False
         conn = self._require_open()
         with self._lock:
             conn.execute(f"CREATE TEMP TABLE {table}(seq INTEGER PRIMARY KEY, label TEXT NOT NULL, "
-                         "code BLOB NOT NULL, embedding BLOB NULL, source TEXT NULL, thumbnail BLOB NULL)")
+                         "code BLOB NOT NULL, embedding BLOB NULL, source TEXT NULL, thumbnail BLOB NULL, vec BLOB NULL)")
         try:
             for number, raw in enumerate(batches):
                 if not isinstance(raw, ItemBatch):
@@ -815,21 +935,29 @@ class Gallery:
                     conn.execute("BEGIN")
                     try:
                         conn.executemany(
-                            f"INSERT INTO temp.{table}(seq, label, code, embedding, source, thumbnail) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            f"INSERT INTO temp.{table}(seq, label, code, embedding, source, thumbnail, vec) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
                             ((start + j, batch.labels[j], batch.codes[j].tobytes(), batch.blobs[j], batch.sources[j],
-                              batch.thumbnails[j]) for j in range(batch.n)))
+                              batch.thumbnails[j], None if batch.vectors is None else to_blob(batch.vectors, j))
+                             for j in range(batch.n)))
                         conn.execute("COMMIT")
                     except BaseException:
                         conn.execute("ROLLBACK")
                         raise
                 codes.append(batch.codes)
                 labels.extend(batch.labels)
+                if batch.vectors is not None:
+                    vectors.append(batch.vectors)
             emb_fp = _check_embedding_fingerprint(embedding_fingerprint, with_embeddings)
             if not labels:
                 return np.empty(0, dtype=np.int64)
             all_codes = np.concatenate(codes)
             del codes
+            all_vectors = None
+            if vectors:
+                all_vectors = CompactVectors(vectors[0].fmt, np.concatenate([v.values for v in vectors]),
+                                             np.concatenate([v.scales for v in vectors]))
+                del vectors
 
             def insert(conn: sqlite3.Connection, new_ids: np.ndarray, label_ids: Dict[str, int], now: int) -> None:
                 conn.execute(f"CREATE TEMP TABLE {table}_labels(label TEXT PRIMARY KEY, id INTEGER NOT NULL)")
@@ -843,8 +971,11 @@ class Gallery:
                     conn.execute(_THUMBNAIL_TABLE)
                     conn.execute(f"INSERT INTO thumbnails(item_id, jpeg) SELECT ? + seq, thumbnail "
                                  f"FROM temp.{table} WHERE thumbnail IS NOT NULL ORDER BY seq", (int(new_ids[0]),))
+                if all_vectors is not None:
+                    conn.execute(f"INSERT INTO compact(item_id, vec) SELECT ? + seq, vec FROM temp.{table} "
+                                 "ORDER BY seq", (int(new_ids[0]),))
 
-            return self._insert("add", all_codes, labels, dim, emb_fp, None, insert)
+            return self._insert("add", all_codes, labels, dim, emb_fp, None, insert, vectors=all_vectors)
         except sqlite3.Error as exc:
             raise self._wrap(exc, "add") from exc
         finally:
@@ -898,11 +1029,29 @@ class Gallery:
             for i, jpeg in enumerate(thumbnails):
                 if jpeg is not None:
                     check_thumbnail(jpeg, f"{where}thumbnails[{i}]")
-        return _Prepared(arr, labels, blobs, dim, sources, thumbnails)
+        vectors = None
+        if self._meta.compact is None:
+            if batch.features is not None:
+                raise InvalidInputError(f"{where}features are kept only by a gallery created with compact='int8' or "
+                                        f"'fp16'; {self._name} keeps codes only")
+        else:
+            if batch.features is None:
+                raise InvalidInputError(f"{where}{self._name} keeps every item's features for re-ranking "
+                                        f"({self._meta.compact}): pass features with the codes")
+            feats = np.asarray(batch.features)
+            if not np.issubdtype(feats.dtype, np.floating):
+                raise InvalidDtypeError(f"{where}features must be a float array, got dtype {feats.dtype}")
+            if feats.ndim != 2 or feats.shape[0] != n or feats.shape[1] == 0:
+                raise InvalidInputError(f"{where}features must have shape ({n}, d), got {feats.shape}")
+            if not np.isfinite(feats).all():
+                raise InvalidInputError(f"{where}features contain NaN or infinite values")
+            vectors = compress(feats, self._meta.compact)
+        return _Prepared(arr, labels, blobs, dim, sources, thumbnails, vectors)
 
     def _insert(self, what: str, codes: np.ndarray, labels: List[str], dim: Optional[int],
                 embedding_fingerprint: Optional[str], explicit_ids: Optional[np.ndarray],
-                insert: Callable[[sqlite3.Connection, np.ndarray, Dict[str, int], int], None]) -> np.ndarray:
+                insert: Callable[[sqlite3.Connection, np.ndarray, Dict[str, int], int], None], *,
+                vectors: Optional[CompactVectors] = None) -> np.ndarray:
         """The transaction shared by :meth:`add` and :meth:`add_batches`: ids, labels, counts, meta, snapshot.
 
         ``insert(conn, new_ids, label_ids, now)`` writes the item rows; automatic ids are consecutive.
@@ -951,14 +1100,27 @@ class Gallery:
             if embedding_fingerprint is not None and meta.embedding_fingerprint is None:
                 _set_meta(conn, "embedding_fingerprint", embedding_fingerprint)
                 new_meta = replace(new_meta, embedding_fingerprint=embedding_fingerprint)
+            all_vectors = None
+            if vectors is not None:
+                if meta.compact_dim is not None and vectors.dim != meta.compact_dim:
+                    raise InvalidInputError(f"features must have {meta.compact_dim} columns like those already "
+                                            f"stored, got {vectors.dim}")
+                if meta.compact_dim is None:
+                    _set_meta(conn, "compact_dim", vectors.dim)
+                    new_meta = replace(new_meta, compact_dim=vectors.dim)
+                all_vectors = vectors if snap.vectors is None else CompactVectors(
+                    vectors.fmt, np.concatenate([snap.vectors.values, vectors.values]),
+                    np.concatenate([snap.vectors.scales, vectors.scales]))
             all_ids = np.concatenate([snap.ids.astype(np.int64), new_ids])
             all_labels = np.concatenate([snap.label_ids.astype(np.int64), item_labels])
             index = snap.index.appended(codes)
             if (snap.ids.size and new_ids.min() < snap.ids[-1]) or np.any(new_ids[1:] < new_ids[:-1]):
                 order = np.argsort(all_ids, kind="stable")
                 all_ids, all_labels, index = all_ids[order], all_labels[order], index.reordered(order)
+                all_vectors = None if all_vectors is None else all_vectors.take(order)
             names = snap.labels.with_names({i: lab for lab, i in label_ids.items()})
-            return new_ids.copy(), _Snapshot(_id_array(all_ids), index, _label_array(all_labels), names), new_meta
+            return new_ids.copy(), _Snapshot(_id_array(all_ids), index, _label_array(all_labels), names,
+                                             all_vectors), new_meta
 
         return self._write(what, body)
 
@@ -993,6 +1155,8 @@ class Gallery:
                 conn.execute(f"DELETE FROM items WHERE id IN ({marks})", part)
                 if thumbnails:
                     conn.execute(f"DELETE FROM thumbnails WHERE item_id IN ({marks})", part)
+                if meta.compact is not None:
+                    conn.execute(f"DELETE FROM compact WHERE item_id IN ({marks})", part)
             _bump_counts(conn, Counter({lab: -n for lab, n in removed.items()}))
             mask = np.ones(snap.ids.shape[0], dtype=bool)
             mask[gone] = False
@@ -1025,6 +1189,8 @@ class Gallery:
                                dtype=np.int64)
             if _has_thumbnails(conn):
                 conn.execute("DELETE FROM thumbnails WHERE item_id IN (SELECT id FROM items WHERE label_id = ?)", row)
+            if meta.compact is not None:
+                conn.execute("DELETE FROM compact WHERE item_id IN (SELECT id FROM items WHERE label_id = ?)", row)
             conn.execute("DELETE FROM items WHERE label_id = ?", row)
             conn.execute("DELETE FROM labels WHERE id = ?", row)
             if gone.size == 0:
@@ -1418,7 +1584,7 @@ class Gallery:
             format_version=FORMAT_VERSION, max_distance=meta.max_distance, embedding_dim=meta.embedding_dim,
             created_by=meta.created_by, file_size=size, readonly=self._readonly,
             embedding_fingerprint=meta.embedding_fingerprint, det_threshold=meta.det_threshold,
-            thumbnail_count=thumbnails,
+            thumbnail_count=thumbnails, compact=meta.compact, min_similarity=meta.min_similarity,
         )
 
     def check(self) -> List[str]:
@@ -1600,7 +1766,7 @@ class Gallery:
                 if current != version:
                     meta, snap, version = _load(conn, self._name, self._backend)
                 result, new_snap, new_meta = body(conn, snap, meta)
-                if changes_items:
+                if changes_items and new_snap is not None:  # no new snapshot: nothing was changed
                     after = new_meta if new_meta is not None else meta
                     _set_meta(conn, "generation", after.generation + 1)
                     new_meta = replace(after, generation=after.generation + 1)
@@ -1633,6 +1799,6 @@ def _load(conn: sqlite3.Connection, name: str, backend: str) -> Tuple[_Meta, _Sn
             _parse_meta({"format_version": "1", **{k: "" for k in _REQUIRED_META if k != "format_version"}}, name)
     _check_schema(conn, name)
     meta = _parse_meta(_read_meta_rows(conn), name)
-    snapshot = _read_snapshot(conn, meta.bits, backend, name)
+    snapshot = _read_snapshot(conn, meta, backend, name)
     version = conn.execute("PRAGMA data_version").fetchone()[0]
     return meta, snapshot, version

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from edge_shitu.compact import bytes_per_item
 from edge_shitu.errors import GalleryCorruptError, GalleryError, MissingFileError
 from edge_shitu.gallery_format import (
     PathLike,
@@ -79,12 +80,38 @@ def _check_contents(conn: sqlite3.Connection, name: str) -> Tuple[List[str], Opt
                              (MAX_THUMBNAIL_BYTES,)).fetchone()[0]
         if large:
             problems.append(f"{large} thumbnails are larger than {MAX_THUMBNAIL_BYTES} bytes")
+    if meta.compact is not None:
+        problems.extend(_check_compact(conn, meta))
     low, high = conn.execute("SELECT min(id), max(id) FROM items").fetchone()
     if low is not None and low < 0:
         problems.append(f"negative item id {low}")
     if high is not None and meta.next_id <= high:
         problems.append(f"meta 'next_id' {meta.next_id} is not above the largest id {high}")
     return problems, meta
+
+
+def _check_compact(conn: sqlite3.Connection, meta: _Meta) -> List[str]:
+    """A compact gallery keeps exactly one well-formed compact feature per item."""
+    if not conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'compact'").fetchone()[0]:
+        return [f"meta 'compact' is {meta.compact!r} but the compact table is missing"]
+    problems = []
+    missing = conn.execute("SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM compact) ORDER BY id").fetchall()
+    if missing:
+        problems.append(f"{len(missing)} items have no compact feature (item ids {_short_list([r[0] for r in missing])})")
+    stray = conn.execute("SELECT item_id FROM compact WHERE item_id NOT IN (SELECT id FROM items) ORDER BY item_id").fetchall()
+    if stray:
+        problems.append(f"{len(stray)} compact features belong to no item (item ids {_short_list([r[0] for r in stray])})")
+    if meta.compact_dim is None:
+        if conn.execute("SELECT count(*) FROM compact").fetchone()[0]:
+            problems.append("compact features are stored but meta 'compact_dim' is missing")
+        return problems
+    size = bytes_per_item(meta.compact, meta.compact_dim)
+    bad = conn.execute("SELECT item_id FROM compact WHERE typeof(vec) != 'blob' OR length(vec) != ? ORDER BY item_id",
+                       (size,)).fetchall()
+    if bad:
+        problems.append(f"{len(bad)} compact features are not {size}-byte {meta.compact} blobs "
+                        f"(item ids {_short_list([r[0] for r in bad])})")
+    return problems
 
 
 def check_gallery(path: PathLike) -> List[str]:

@@ -14,6 +14,11 @@ File layout::
     labels(id INTEGER PRIMARY KEY, label TEXT NOT NULL, count INTEGER NOT NULL)
     items(id INTEGER PRIMARY KEY, label_id INTEGER NOT NULL, code BLOB NOT NULL,
           embedding BLOB NULL (float32 little-endian), source TEXT NULL, added_at INTEGER NULL)
+    compact(item_id INTEGER PRIMARY KEY, vec BLOB NOT NULL)          (with meta compact)
+        Each item's float feature, L2-normalised and stored compactly for re-ranking (see
+        :mod:`edge_shitu.compact`): meta compact "int8" or "fp16" (chosen when the gallery is created;
+        then every item has a row), compact_dim, and optionally min_similarity (the calibrated
+        acceptance threshold of re-ranked search).
     thumbnails(item_id INTEGER PRIMARY KEY, jpeg BLOB NOT NULL)      (optional)
         A small JPEG per item that has one (see :mod:`edge_shitu.thumbnail`). The table is created,
         in the same transaction, by the first write of a thumbnail, so galleries without it (all
@@ -46,6 +51,8 @@ _ITEM_COLUMNS = {"id", "label_id", "code", "embedding", "source", "added_at"}
 _LABEL_COLUMNS = {"id", "label", "count"}
 _THUMBNAIL_COLUMNS = {"item_id", "jpeg"}
 _THUMBNAIL_TABLE = "CREATE TABLE IF NOT EXISTS thumbnails(item_id INTEGER PRIMARY KEY, jpeg BLOB NOT NULL)"
+_COMPACT_COLUMNS = {"item_id", "vec"}
+_COMPACT_TABLE = "CREATE TABLE IF NOT EXISTS compact(item_id INTEGER PRIMARY KEY, vec BLOB NOT NULL)"
 # Rows per fetch when loading codes: bounds the Python objects alive at once while opening.
 _FETCH_ROWS = 1 << 15
 _HEX = re.compile(r"[0-9a-fA-F]+")
@@ -74,6 +81,9 @@ class _Meta:
     embedding_fingerprint: Optional[str] = None
     det_threshold: Optional[float] = None
     generation: int = 0
+    compact: Optional[str] = None
+    compact_dim: Optional[int] = None
+    min_similarity: Optional[float] = None
 
 
 def _chunks(values: Sequence[T], size: int = _CHUNK) -> Iterable[Sequence[T]]:
@@ -152,6 +162,23 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         embedding_dim = _parse_int(rows["embedding_dim"], "embedding_dim", name)
         if embedding_dim <= 0:
             raise GalleryCorruptError(f"{name}: meta 'embedding_dim' must be > 0, got {embedding_dim}")
+    compact = rows.get("compact")
+    if compact is not None and compact not in ("int8", "fp16"):
+        raise GalleryCorruptError(f"{name}: meta 'compact' must be 'int8' or 'fp16', got {compact!r}")
+    compact_dim = None
+    if "compact_dim" in rows:
+        compact_dim = _parse_int(rows["compact_dim"], "compact_dim", name)
+        if compact_dim <= 0:
+            raise GalleryCorruptError(f"{name}: meta 'compact_dim' must be > 0, got {compact_dim}")
+    min_similarity = None
+    if "min_similarity" in rows:
+        try:
+            min_similarity = float(rows["min_similarity"])
+        except ValueError:
+            min_similarity = None
+        if min_similarity is None or not -1.0 <= min_similarity <= 1.0:
+            raise GalleryCorruptError(
+                f"{name}: meta 'min_similarity' must be a number in [-1, 1], got {rows['min_similarity']!r}")
     generation = _parse_int(rows.get("generation", "0"), "generation", name)
     if generation < 0:
         raise GalleryCorruptError(f"{name}: meta 'generation' must be >= 0, got {generation}")
@@ -168,6 +195,9 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         embedding_fingerprint=None if embedding_fingerprint is None else embedding_fingerprint.lower(),
         det_threshold=det_threshold,
         generation=generation,
+        compact=compact,
+        compact_dim=compact_dim,
+        min_similarity=min_similarity,
     )
 
 
@@ -247,6 +277,8 @@ def _check_schema(conn: sqlite3.Connection, name: str) -> None:
     checked = [("items", _ITEM_COLUMNS), ("labels", _LABEL_COLUMNS)]
     if "thumbnails" in tables:
         checked.append(("thumbnails", _THUMBNAIL_COLUMNS))
+    if "compact" in tables:
+        checked.append(("compact", _COMPACT_COLUMNS))
     for table, wanted in checked:
         columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if not wanted <= columns:
@@ -307,7 +339,7 @@ def _set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
     conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
 
 
-def _init_schema(conn: sqlite3.Connection, *, fingerprint: str, bits: int) -> None:
+def _init_schema(conn: sqlite3.Connection, *, fingerprint: str, bits: int, compact: Optional[str] = None) -> None:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -325,6 +357,9 @@ def _init_schema(conn: sqlite3.Connection, *, fingerprint: str, bits: int) -> No
                 ("next_id", "0"),
             ],
         )
+        if compact is not None:
+            conn.execute(_COMPACT_TABLE)
+            conn.execute("INSERT INTO meta(key, value) VALUES ('compact', ?)", (compact,))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

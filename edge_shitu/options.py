@@ -130,6 +130,10 @@ _DETECTOR_REFERENCE: Mapping[str, Any] = {
 """The reference pipeline's post-processing (in-graph NMS at score 0.025 / IoU 0.6 / keep 100, then the
 top 5 with score >= 0.2): what a setting is when neither the caller nor the bundle gives it."""
 
+DEFAULT_MIN_SIMILARITY = 0.5
+"""Acceptance threshold of re-ranked search when neither the caller nor the gallery gives one: the
+reference's ``score_thres`` for float inner-product search (PaddleClas ``inference_general.yaml``)."""
+
 _RECOGNITION_REFERENCE: Mapping[str, Any] = {"top_k": 5, "whole_image": "if_none", "final_nms_iou": 0.05}
 """Recognition settings when neither the caller nor the bundle gives them."""
 
@@ -259,6 +263,10 @@ class RecognizerOptions:
         (faiss when installed, else numpy), "numpy" or "faiss" (see :mod:`edge_shitu.search`).
       max_pixels: images with more pixels are refused from their header, before decoding; decoding
         takes about 7 bytes per pixel (16 for WebP), so this bounds memory (see :mod:`edge_shitu.image`).
+      min_similarity: with a gallery that keeps compact features (re-ranked search), accept a match
+        when its inner product is at least this, in [-1, 1]; ``None`` takes the gallery's calibrated
+        value, else :data:`DEFAULT_MIN_SIMILARITY` (0.5, the reference's score threshold of float search).
+        ``max_distance`` does not apply then.
 
     Raises:
       InvalidInputError: a value of the wrong type or out of range.
@@ -273,9 +281,13 @@ class RecognizerOptions:
     include_unknown: bool = False
     search_backend: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    min_similarity: Optional[float] = None
 
     def __post_init__(self) -> None:
         _positive("max_pixels", self.max_pixels, MAX_PIXELS)
+        m = self.min_similarity
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not -1.0 <= m <= 1.0):
+            raise InvalidInputError(f"min_similarity must be a number in [-1, 1], got {_short(m)}")
         if self.max_distance is not None and (isinstance(self.max_distance, bool) or not isinstance(self.max_distance, int) or self.max_distance < 0):
             raise InvalidInputError(f"max_distance must be a non-negative integer, got {_short(self.max_distance)}")
         if self.top_k is not None:

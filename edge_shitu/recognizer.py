@@ -15,7 +15,7 @@ from edge_shitu.embedder import Embedder
 from edge_shitu.errors import ClosedError, FingerprintMismatchError
 from edge_shitu.gallery import Gallery
 from edge_shitu.image import crop, load_image
-from edge_shitu.options import RecognizerOptions
+from edge_shitu.options import DEFAULT_MIN_SIMILARITY, RecognizerOptions
 from edge_shitu.types import Match, Recognition, RecognitionResult, WholeImagePolicy
 
 __all__ = ["Recognizer", "STAGES"]
@@ -109,6 +109,21 @@ class Recognizer:
         return self.bundle.recognition.max_distance
 
     @property
+    def reranks(self) -> bool:
+        """Whether matches are re-ranked by the gallery's compact features (and accepted by similarity)."""
+        return self.gallery.compact is not None
+
+    @property
+    def min_similarity(self) -> float:
+        """Acceptance threshold of re-ranked search: the option, else the gallery's calibrated value, else
+        :data:`~edge_shitu.options.DEFAULT_MIN_SIMILARITY`."""
+        if self.options.min_similarity is not None:
+            return float(self.options.min_similarity)
+        if self.gallery.min_similarity is not None:
+            return float(self.gallery.min_similarity)
+        return DEFAULT_MIN_SIMILARITY
+
+    @property
     def det_threshold(self) -> Optional[float]:
         """Minimum detector box score: the option, else the gallery's stored value, else the bundle default.
 
@@ -162,9 +177,10 @@ class Recognizer:
         clock.lap("rec_pre")
         feats = self.embedder.infer(batch)
         clock.lap("rec_infer")
-        codes = self.embedder.encode(self.embedder.postprocess(feats))
+        feats = self.embedder.postprocess(feats)
+        codes = self.embedder.encode(feats)
         clock.lap("rec_post")
-        found = self.gallery.search(codes, k=self.options.top_k)
+        found = self.gallery.search(codes, k=self.options.top_k, features=feats if self.reranks else None)
         recognitions = self._assemble(regions, found)
         clock.lap("search")
         result = self._final_nms(recognitions)
@@ -176,11 +192,17 @@ class Recognizer:
         wanted = sorted({int(i) for i in found.ids.ravel() if i >= 0})
         labels = dict(zip(wanted, self.gallery.labels_of(wanted)))
         out = []
-        for (box, score, whole), ids, dists, count in zip(regions, found.ids, found.distances, found.counts):
-            cands = tuple(Match(int(i), labels[int(i)], int(d), 1.0 - int(d) / bits)
-                          for i, d in zip(ids[:count], dists[:count]))
+        sims = found.similarities
+        for row, ((box, score, whole), ids, dists, count) in enumerate(zip(regions, found.ids, found.distances,
+                                                                           found.counts)):
+            cands = tuple(Match(int(i), labels[int(i)], int(d),
+                                1.0 - int(d) / bits if sims is None else float(sims[row, j]))
+                          for j, (i, d) in enumerate(zip(ids[:count], dists[:count])))
             best = cands[0] if cands else None
-            accepted = best is not None and best.distance <= self.max_distance
+            if sims is None:
+                accepted = best is not None and best.distance <= self.max_distance
+            else:
+                accepted = best is not None and best.similarity >= self.min_similarity
             if not accepted and not self.options.include_unknown:
                 continue
             out.append(Recognition(
@@ -200,9 +222,11 @@ class Recognizer:
         if not known:
             return unknown
         boxes = np.array([r.box for r in known], dtype=np.float64)
-        # Best match = smallest distance (the reference sorts Hamming results the wrong way round);
-        # the detector score breaks ties.
-        order = np.lexsort((-np.array([r.detection_score for r in known]), np.array([r.distance for r in known])))
+        # Best match = smallest distance (the reference sorts Hamming results the wrong way round), or the
+        # largest similarity of re-ranked search; the detector score breaks ties.
+        closeness = (np.array([-r.similarity for r in known]) if self.reranks
+                     else np.array([r.distance for r in known]))
+        order = np.lexsort((-np.array([r.detection_score for r in known]), closeness))
         keep = nms(boxes, order, self.options.final_nms_iou)
         return [known[i] for i in keep] + unknown
 

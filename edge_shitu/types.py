@@ -61,11 +61,14 @@ class SearchResult:
       ids: int64 ``(n, k)``, gallery item ids, best first; ``-1`` pads rows with fewer matches.
       distances: int32 ``(n, k)``, Hamming distances; ``-1`` where ``ids`` is ``-1``.
       counts: int64 ``(n,)``, how many entries of each row are real matches.
+      similarities: float32 ``(n, k)`` inner products of re-ranked search (NaN where ``ids`` is -1), or
+        None for Hamming search alone.
     """
 
     ids: np.ndarray
     distances: np.ndarray
     counts: np.ndarray
+    similarities: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -79,7 +82,8 @@ class Match:
       id: the gallery item's stable id.
       label: the item's label.
       distance: Hamming distance in bits.
-      similarity: ``1 - distance / bits`` in [0, 1].
+      similarity: ``1 - distance / bits`` in [0, 1]; in re-ranked search (a gallery with compact
+        features) the inner product of the L2-normalised features instead, in [-1, 1].
     """
 
     id: int

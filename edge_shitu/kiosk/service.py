@@ -277,7 +277,8 @@ class KioskService:
             codes = embedder.encode(features)
             ids = self.gallery.add(codes, [label], embeddings=features,
                                    embedding_fingerprint=self.bundle.embedding_fingerprint,
-                                   sources=[source], thumbnails=[make_thumbnail(img, region)])
+                                   sources=[source], thumbnails=[make_thumbnail(img, region)],
+                                   features=features if self.gallery.compact is not None else None)
         return {"id": int(ids[0]), "label": label, "box": box_list(region)}
 
     def _best_box(self, img: np.ndarray) -> Tuple[float, float, float, float]:
