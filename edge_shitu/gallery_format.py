@@ -115,6 +115,29 @@ def _parse_int(value: str, key: str, name: str) -> int:
         raise GalleryCorruptError(f"{name}: meta {key!r} must be an integer, got {value!r}") from None
 
 
+def _optional_number(rows: Dict[str, str], key: str, low: float, high: float, name: str) -> Optional[float]:
+    """An optional meta value that must be a number in [low, high]; None when absent."""
+    if key not in rows:
+        return None
+    try:
+        value = float(rows[key])
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise GalleryCorruptError(f"{name}: meta {key!r} must be a number in [{low:g}, {high:g}], got {rows[key]!r}")
+    return value
+
+
+def _optional_dim(rows: Dict[str, str], key: str, name: str) -> Optional[int]:
+    """An optional meta value that must be a positive integer; None when absent."""
+    if key not in rows:
+        return None
+    value = _parse_int(rows[key], key, name)
+    if value <= 0:
+        raise GalleryCorruptError(f"{name}: meta {key!r} must be > 0, got {value}")
+    return value
+
+
 def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
     missing = [key for key in _REQUIRED_META if key not in rows]
     if missing:
@@ -148,37 +171,13 @@ def _parse_meta(rows: Dict[str, str], name: str) -> _Meta:
         max_distance = _parse_int(rows["max_distance"], "max_distance", name)
         if not 0 <= max_distance <= bits:
             raise GalleryCorruptError(f"{name}: meta 'max_distance' must be in [0, {bits}], got {max_distance}")
-    det_threshold = None
-    if "det_threshold" in rows:
-        try:
-            det_threshold = float(rows["det_threshold"])
-        except ValueError:
-            det_threshold = None
-        if det_threshold is None or not 0.0 <= det_threshold <= 1.0:
-            raise GalleryCorruptError(
-                f"{name}: meta 'det_threshold' must be a number in [0, 1], got {rows['det_threshold']!r}")
-    embedding_dim = None
-    if "embedding_dim" in rows:
-        embedding_dim = _parse_int(rows["embedding_dim"], "embedding_dim", name)
-        if embedding_dim <= 0:
-            raise GalleryCorruptError(f"{name}: meta 'embedding_dim' must be > 0, got {embedding_dim}")
+    det_threshold = _optional_number(rows, "det_threshold", 0.0, 1.0, name)
+    embedding_dim = _optional_dim(rows, "embedding_dim", name)
     compact = rows.get("compact")
     if compact is not None and compact not in ("int8", "fp16"):
         raise GalleryCorruptError(f"{name}: meta 'compact' must be 'int8' or 'fp16', got {compact!r}")
-    compact_dim = None
-    if "compact_dim" in rows:
-        compact_dim = _parse_int(rows["compact_dim"], "compact_dim", name)
-        if compact_dim <= 0:
-            raise GalleryCorruptError(f"{name}: meta 'compact_dim' must be > 0, got {compact_dim}")
-    min_similarity = None
-    if "min_similarity" in rows:
-        try:
-            min_similarity = float(rows["min_similarity"])
-        except ValueError:
-            min_similarity = None
-        if min_similarity is None or not -1.0 <= min_similarity <= 1.0:
-            raise GalleryCorruptError(
-                f"{name}: meta 'min_similarity' must be a number in [-1, 1], got {rows['min_similarity']!r}")
+    compact_dim = _optional_dim(rows, "compact_dim", name)
+    min_similarity = _optional_number(rows, "min_similarity", -1.0, 1.0, name)
     generation = _parse_int(rows.get("generation", "0"), "generation", name)
     if generation < 0:
         raise GalleryCorruptError(f"{name}: meta 'generation' must be >= 0, got {generation}")

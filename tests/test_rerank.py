@@ -214,3 +214,12 @@ def test_recogniser_reranks_and_accepts_by_similarity(tiny_bundle, drink_dir, tm
         assert rec.min_similarity == 0.99
     with pytest.raises(InvalidInputError):
         RecognizerOptions(min_similarity=2.0)
+    # The command line: --min-similarity 1.0 accepts only an identical item, a bad value is refused in one line.
+    capsys.readouterr()
+    assert main(["recognize", "--bundle", str(tiny_bundle), "--gallery", str(db), "--json", "--whole-image",
+                 "always", "--include-unknown", "--min-similarity", "1.0", photo]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert all(r["label"] is None or r["similarity"] >= 0.9999 for r in record["results"])
+    assert main(["recognize", "--bundle", str(tiny_bundle), "--gallery", str(db), "--min-similarity", "2",
+                 photo]) == 2
+    assert "expected a number in [-1, 1]" in capsys.readouterr().err

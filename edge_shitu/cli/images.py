@@ -116,7 +116,7 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
 
     images = expand_images(args.images)
     bundle = Bundle.load(args.bundle)
-    given = {name: getattr(args, name) for name in ("max_distance", "top_k", "whole_image")
+    given = {name: getattr(args, name) for name in ("max_distance", "top_k", "whole_image", "min_similarity")
              if getattr(args, name) is not None}
     detector = DetectorOptions(backend=BackendOptions(threads=args.threads))
     opts = RecognizerOptions(**given, detector=detector, embedder=embedder_options(args),
@@ -153,6 +153,16 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
     return code
 
 
+def _similarity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], got {text[:40]!r}")
+    return value
+
+
 def _images_and_output(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--bundle", required=True, help="bundle folder or one-file bundle (.esb)")
     p.add_argument("images", nargs="+", metavar="IMG",
@@ -186,6 +196,9 @@ def register(subparsers, groups) -> None:
     r.add_argument("--max-distance", type=whole_number(0), default=None, metavar="BITS",
                    help="accept a match within this many differing bits; smaller is stricter (default: the "
                         "gallery's calibrated value, else the bundle's)")
+    r.add_argument("--min-similarity", type=_similarity, default=None, metavar="S",
+                   help="with a gallery built with --compact (re-ranked search): accept a match whose inner product "
+                        "is at least S, in [-1, 1]; larger is stricter (default: the gallery's, else 0.5)")
     r.add_argument("--top-k", type=whole_number(1, MAX_TOP_K), default=None, metavar="K",
                    help="candidates kept per region (default: the bundle's)")
     r.add_argument("--whole-image", choices=["if_none", "always", "never"], default=None,
