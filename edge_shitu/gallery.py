@@ -293,6 +293,16 @@ def _empty_snapshot(bits: int, backend: str) -> _Snapshot:
                      _label_array([]), _LabelNames.build({}))
 
 
+def _optional_number(value: object, name: str, low: float, high: float) -> Optional[float]:
+    """A setting's value: None, or a number in [low, high] as a float."""
+    if value is None:
+        return None
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not low <= value <= high):
+        raise InvalidInputError(f"{name} must be a number in [{low:g}, {high:g}] or None, got {value!r}")
+    return float(value)
+
+
 def _frozen(arr: np.ndarray) -> np.ndarray:
     arr.flags.writeable = False
     return arr
@@ -613,12 +623,7 @@ class Gallery:
           GalleryError: the gallery is read-only or closed, or the write failed.
         """
         self._require_writable()
-        if value is not None:
-            if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
-                    or not -1 <= value <= 1):
-                raise InvalidInputError(f"min_similarity must be a number in [-1, 1] or None, got {value!r}")
-            value = float(value)
-        self._set_setting("min_similarity", value)
+        self._set_setting("min_similarity", _optional_number(value, "min_similarity", -1.0, 1.0))
 
     @property
     def generation(self) -> int:
@@ -1358,12 +1363,7 @@ class Gallery:
           GalleryError: the gallery is read-only or closed, or the write failed.
         """
         self._require_writable()
-        if value is not None:
-            if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
-                    or not 0 <= value <= 1):
-                raise InvalidInputError(f"det_threshold must be a number in [0, 1] or None, got {value!r}")
-            value = float(value)
-        self._set_setting("det_threshold", value)
+        self._set_setting("det_threshold", _optional_number(value, "det_threshold", 0.0, 1.0))
 
     def _set_setting(self, key: str, value: object) -> None:
         """One optional meta setting (a field of :class:`_Meta` of the same name), stored or cleared in one

@@ -16,7 +16,7 @@ from edge_shitu.errors import ClosedError, FingerprintMismatchError
 from edge_shitu.gallery import Gallery
 from edge_shitu.image import crop, load_image
 from edge_shitu.options import DEFAULT_MIN_SIMILARITY, RecognizerOptions
-from edge_shitu.types import Match, Recognition, RecognitionResult, WholeImagePolicy
+from edge_shitu.types import Detection, Match, Recognition, RecognitionResult, WholeImagePolicy
 
 __all__ = ["Recognizer", "STAGES"]
 
@@ -160,13 +160,7 @@ class Recognizer:
 
         regions: List[Tuple[Tuple[float, float, float, float], float, bool]] = []
         if self.detector is not None:
-            tensor, scale = self.detector.preprocess(img)
-            clock.lap("det_pre")
-            raw = self.detector.infer(tensor)
-            clock.lap("det_infer")
-            regions = [(d.box, d.score, False) for d in
-                       self.detector.postprocess(raw, image_size=(w, h), scale=scale, min_score=self.det_threshold)]
-            clock.lap("det_post")
+            regions = [(d.box, d.score, False) for d in self._detect(img, clock)]
         policy = self.options.whole_image
         if self.detector is None or policy is WholeImagePolicy.ALWAYS or (policy is WholeImagePolicy.IF_NONE and not regions):
             regions.append(((0.0, 0.0, float(w), float(h)), 1.0, True))
@@ -186,6 +180,28 @@ class Recognizer:
         result = self._final_nms(recognitions)
         clock.lap("nms")
         return RecognitionResult(w, h, tuple(result), clock.finish())
+
+    def detect(self, image: np.ndarray) -> List[Detection]:
+        """The detector's boxes of one RGB uint8 ``(H, W, 3)`` image at :attr:`det_threshold`, best first;
+        empty for a bundle without a detector.
+
+        Raises:
+          InvalidInputError, InvalidDtypeError: not such an array.
+          ClosedError: the recogniser was closed.
+        """
+        if self._closed:
+            raise ClosedError("this recognizer is closed; create a new one with Recognizer.from_bundle")
+        return [] if self.detector is None else self._detect(load_image(image), _Clock())
+
+    def _detect(self, img: np.ndarray, clock: _Clock) -> List[Detection]:
+        h, w = img.shape[:2]
+        tensor, scale = self.detector.preprocess(img)
+        clock.lap("det_pre")
+        raw = self.detector.infer(tensor)
+        clock.lap("det_infer")
+        found = self.detector.postprocess(raw, image_size=(w, h), scale=scale, min_score=self.det_threshold)
+        clock.lap("det_post")
+        return found
 
     def _assemble(self, regions, found) -> List[Recognition]:
         bits = self.gallery.bits

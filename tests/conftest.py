@@ -400,3 +400,13 @@ def build_wheel(tmp: Path, env: Optional[dict] = None) -> Path:
     (wheel,) = (tmp / "dist").glob("edge_shitu-*.whl")
     return wheel
 
+
+def average_precision(relevant) -> float:
+    """Slow and obvious AP of one ranking: ``relevant`` is a bool per ranked item, at least one True."""
+    found, total = 0, 0.0
+    for rank, ok in enumerate(relevant, start=1):
+        if ok:
+            found += 1
+            total += found / rank
+    return total / found
+

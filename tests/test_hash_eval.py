@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import average_precision
 from edge_shitu.cli import main
 from edge_shitu.codes import binarize
 from edge_shitu.compact import bytes_per_item, compress
@@ -67,12 +68,7 @@ def _slow_reranked(data, codes, vectors, n):
         ranked = sorted(ham[:n], key=lambda j: (-sims[j], ham.index(j))) + ham[n:]
         rel = [y[j] == y[i] for j in ranked]
         hits.append(rel[0])
-        found, ap = 0, 0.0
-        for r, ok in enumerate(rel, start=1):
-            if ok:
-                found += 1
-                ap += found / r
-        aps.append(ap / found)
+        aps.append(average_precision(rel))
     return float(np.mean(hits)), float(np.mean(aps)), len(hits)
 
 

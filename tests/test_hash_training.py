@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import average_precision
 from edge_shitu.codes import binarize
 from edge_shitu.errors import HashHeadError, InvalidInputError, MissingFileError
 from edge_shitu.search import hamming_distances
@@ -55,12 +56,7 @@ def _slow_leave_one_out(x, y, codes=None):
         ranked = sorted(others, key=key)
         rel = [y[j] == y[i] for j in ranked]
         hits.append(rel[0])
-        found, total = 0, 0.0
-        for k, r in enumerate(rel, start=1):
-            if r:
-                found += 1
-                total += found / k
-        aps.append(total / found)
+        aps.append(average_precision(rel))
     return float(np.mean(hits)), float(np.mean(aps)), len(hits)
 
 

@@ -205,21 +205,25 @@ def test_recogniser_reranks_and_accepts_by_similarity(tiny_bundle, drink_dir, tm
         assert whole.label == labels[0].split("\t")[1] and whole.similarity == pytest.approx(1.0, abs=1e-3)
         sims = [c.similarity for c in whole.candidates]
         assert sims == sorted(sims, reverse=True)
-    strict = RecognizerOptions(whole_image=WholeImagePolicy.ALWAYS, include_unknown=True, min_similarity=1.0)
-    with Recognizer.from_bundle(tiny_bundle, db, options=strict) as rec:
-        assert all(r.label is None or r.similarity >= 1.0 for r in rec.recognize(photo).recognitions)
+    # The threshold is where acceptance flips: at the best similarity the region is known, just above it unknown.
+    for threshold, known in ((whole.similarity, True), (min(1.0, whole.similarity + 1e-4), False)):
+        edge = RecognizerOptions(whole_image=WholeImagePolicy.ALWAYS, include_unknown=True, min_similarity=threshold)
+        with Recognizer.from_bundle(tiny_bundle, db, options=edge) as rec:
+            again = [r for r in rec.recognize(photo).recognitions if r.whole_image][0]
+            assert (again.label is not None) is known, threshold
     with Gallery.open(db) as g:
         g.set_min_similarity(0.99)
     with Recognizer.from_bundle(tiny_bundle, db, options=opts) as rec:
         assert rec.min_similarity == 0.99
     with pytest.raises(InvalidInputError):
         RecognizerOptions(min_similarity=2.0)
-    # The command line: --min-similarity 1.0 accepts only an identical item, a bad value is refused in one line.
+    # The command line: the same threshold from --min-similarity; a bad value is refused in one line.
     capsys.readouterr()
-    assert main(["recognize", "--bundle", str(tiny_bundle), "--gallery", str(db), "--json", "--whole-image",
-                 "always", "--include-unknown", "--min-similarity", "1.0", photo]) == 0
-    record = json.loads(capsys.readouterr().out)[0]
-    assert all(r["label"] is None or r["similarity"] >= 0.9999 for r in record["results"])
+    for threshold, known in (("0.99", True), ("1.0", whole.similarity >= 1.0)):
+        assert main(["recognize", "--bundle", str(tiny_bundle), "--gallery", str(db), "--json", "--whole-image",
+                     "always", "--include-unknown", "--min-similarity", threshold, photo]) == 0
+        record = json.loads(capsys.readouterr().out)[0]
+        assert ([r for r in record["results"] if r["whole_image"]][0]["label"] is not None) is known, threshold
     assert main(["recognize", "--bundle", str(tiny_bundle), "--gallery", str(db), "--min-similarity", "2",
                  photo]) == 2
     assert "expected a number in [-1, 1]" in capsys.readouterr().err

@@ -282,15 +282,9 @@ class KioskService:
         return {"id": int(ids[0]), "label": label, "box": box_list(region)}
 
     def _best_box(self, img: np.ndarray) -> Tuple[float, float, float, float]:
+        found = self.recognizer.detect(img)
         h, w = img.shape[:2]
-        detector = self.recognizer.detector
-        if detector is not None:
-            tensor, scale = detector.preprocess(img)
-            found = detector.postprocess(detector.infer(tensor), image_size=(w, h), scale=scale,
-                                         min_score=self.recognizer.det_threshold)
-            if found:
-                return found[0].box
-        return (0.0, 0.0, float(w), float(h))
+        return found[0].box if found else (0.0, 0.0, float(w), float(h))
 
     def relabel(self, item_id: int, label: str) -> Dict[str, object]:
         """Give one item a new label.
