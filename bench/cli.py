@@ -33,7 +33,8 @@ def register(subparsers: Any, groups: Dict[str, Any]) -> None:
         "index", help="gallery size, open time and search latency against faiss, hnswlib and the reference",
         description="Bytes per item on disk and in memory, build and open time, and search p50 (one query, a "
                     "batch of 6) of edge-shitu galleries (numpy and faiss search), faiss IndexBinaryFlat, "
-                    "hnswlib float (M=32, ef_search 64) and exact float search, plus the size of the "
+                    "hnswlib float (M=32, ef_search 64), exact float search and galleries re-ranked by compact "
+                    "features (--rerank), plus the size of the "
                     "reference's gallery files, at each --sizes; writes index.json, index.md and index.png.")
     idx.add_argument("--sizes", default="10000,145000,1000000", help="comma-separated gallery sizes")
     idx.add_argument("--out", default="bench-index", metavar="DIR", help="output folder (default ./bench-index)")
@@ -42,6 +43,9 @@ def register(subparsers: Any, groups: Dict[str, Any]) -> None:
     idx.add_argument("--warmup", type=int, default=3, help="untimed searches first (default 3)")
     idx.add_argument("--float-max", type=int, default=1_000_000, metavar="N",
                      help="build the float indexes only up to N items (default 1000000)")
+    idx.add_argument("--rerank", default="int8,fp16", metavar="FORMATS",
+                     help="re-ranked galleries to measure: comma-separated compact formats (int8, fp16) or none "
+                          "(default int8,fp16)")
     idx.add_argument("--no-chart", action="store_true", help="do not draw index.png")
     idx.set_defaults(func=_cmd_index)
 
@@ -123,7 +127,7 @@ def _cmd_index(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     options = index.IndexBenchOptions(sizes=sizes, out=Path(args.out), work=None if args.work is None else Path(args.work),
                                       runs=args.runs, warmup=args.warmup, float_max=args.float_max,
-                                      chart=not args.no_chart)
+                                      chart=not args.no_chart, rerank=index.parse_rerank(args.rerank))
     result = index.run(options)
     out.write(index.markdown(result) + "\n")
     err.write(f"bench: wrote {Path(args.out) / 'index.json'}, index.md"

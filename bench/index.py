@@ -14,6 +14,12 @@ For each gallery size it measures, on one thread:
   reference's HNSW32 with its efSearch raised from faiss's default 16), with its recall@1 against
   exact search; its graph is built on every core (searches, like all others, on one thread);
 - **float-flat**: exact inner-product search of float32 embeddings with one matrix product;
+- **ours-rerank-int8**, **ours-rerank-fp16** (``--rerank``): our gallery keeping each item's float
+  embedding in that compact form, searched with the query's float feature, so that the Hamming
+  top-``shortlist`` (16, the library's default) is re-ranked by inner product: bytes per item on disk and
+  in memory, build and open time, search p50, their ratio to the plain Hamming search of the same codes
+  (numpy backend) timed alternately with it, and recall@1 against exact float inner product beside the
+  plain search's;
 - **reference files**: the size of what PaddleClas's ``build_gallery.py`` writes for a binary Flat
   gallery of the same items (``vector.index`` + the pickled id map ``id_map.pkl``; see reference
   §1.7). The pickle is written here only to be measured.
@@ -28,7 +34,9 @@ holds only its own data and not the library code a first search loads. The searc
 Hamming indexes (ours with numpy, ours with faiss, raw faiss, the XOR pass)
 are taken in one process that alternates them query by query, so that their ratios do not depend on
 when each one ran on a shared machine. Float indexes are built only up to ``--float-max`` items
-(hnswlib's build is slow on 2 cores).
+(hnswlib's build is slow on 2 cores); the re-ranked galleries are built at every size from the same
+embeddings, drawn again chunk by chunk (:func:`_item_embeddings`) where they are not held whole, and added
+with ``add_batches``, so the build holds the codes and the compact features, not the float ones.
 
 Run ``python -m edge_shitu_bench.index --out DIR`` or ``edge-shitu bench index``; it writes ``index.json``,
 ``index.md`` and ``index.png``.
@@ -47,20 +55,25 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from edge_shitu_bench import report
+from edge_shitu.compact import COMPACT_FORMATS
 from edge_shitu.errors import InvalidInputError
+from edge_shitu.gallery import DEFAULT_SHORTLIST
 
-__all__ = ["IndexBenchOptions", "run", "markdown", "main"]
+__all__ = ["IndexBenchOptions", "parse_rerank", "run", "markdown", "main"]
 
 DIM = 512
 BITS = 512
 FP = "be0c0000"
 _LABEL_FALLBACK = ("cola", "green tea", "orange juice", "sparkling water", "milk tea")
 _THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_CHUNK_ITEMS = 65536
+PLAIN = "ours-numpy"
+"""The plain Hamming search the re-ranked galleries are timed against (same codes, same backend)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class IndexBenchOptions:
       remove: items removed from our gallery at the end of each size.
       seed: seed of the synthetic data.
       chart: write index.png (needs matplotlib).
+      rerank: compact formats of the re-ranked galleries to measure ("int8", "fp16"); empty for none.
+      shortlist: Hamming candidates re-ranked per query.
     """
 
     sizes: Tuple[int, ...] = (10_000, 145_000, 1_000_000)
@@ -96,11 +111,13 @@ class IndexBenchOptions:
     remove: int = 10_000
     seed: int = 0
     chart: bool = True
+    rerank: Tuple[str, ...] = COMPACT_FORMATS
+    shortlist: int = DEFAULT_SHORTLIST
 
     def __post_init__(self) -> None:
         if not self.sizes or any(not isinstance(s, int) or s < 100 for s in self.sizes):
             raise InvalidInputError(f"sizes must be integers >= 100, got {self.sizes!r}")
-        for name in ("queries", "runs", "k", "batch", "add_batch"):
+        for name in ("queries", "runs", "k", "batch", "add_batch", "shortlist"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
@@ -109,6 +126,31 @@ class IndexBenchOptions:
         for name in ("warmup", "float_max", "remove"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InvalidInputError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if (not isinstance(self.rerank, tuple) or any(f not in COMPACT_FORMATS for f in self.rerank)
+                or len(set(self.rerank)) != len(self.rerank)):
+            raise InvalidInputError(f"rerank must be a tuple of distinct formats from {', '.join(COMPACT_FORMATS)}, "
+                                    f"got {self.rerank!r}")
+
+
+def parse_rerank(text: str) -> Tuple[str, ...]:
+    """The value of ``--rerank``: ``"none"`` or comma-separated distinct compact formats.
+
+    Args:
+      text: e.g. ``"int8,fp16"``, ``"fp16"`` or ``"none"``.
+
+    Returns:
+      The formats, in the order given; empty for ``"none"``.
+
+    Raises:
+      InvalidInputError: an unknown or repeated format, or nothing given.
+    """
+    words = [w.strip() for w in str(text).split(",") if w.strip()]
+    if words == ["none"]:
+        return ()
+    if not words or any(w not in COMPACT_FORMATS for w in words) or len(set(words)) != len(words):
+        raise InvalidInputError(f"--rerank must be 'none' or distinct formats from {','.join(COMPACT_FORMATS)} "
+                                f"separated by commas, got {text!r}")
+    return tuple(words)
 
 
 def _drink_labels() -> List[str]:
@@ -124,23 +166,63 @@ def _drink_labels() -> List[str]:
         return list(_LABEL_FALLBACK)
 
 
-def _synthetic(size: int, queries: int, seed: int, want_float: bool):
-    """Codes (and embeddings) of ``size`` items around ``size // 5`` centres, plus query draws."""
+def _draw_centres(size: int, seed: int) -> Tuple[np.random.Generator, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, size // 5), DIM), dtype=np.float32)
-    owner = rng.integers(0, centres.shape[0], size)
-    codes = np.empty((size, BITS // 8), dtype=np.uint8)
-    emb = np.empty((size, DIM), dtype=np.float32) if want_float else None
-    for start in range(0, size, 65536):
-        stop = min(size, start + 65536)
+    return rng, centres, rng.integers(0, centres.shape[0], size)
+
+
+def _draw_items(rng: np.random.Generator, centres: np.ndarray, owner: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, owner.size, _CHUNK_ITEMS):
+        stop = min(owner.size, start + _CHUNK_ITEMS)
         x = centres[owner[start:stop]] + 0.6 * rng.standard_normal((stop - start, DIM), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield x
+
+
+def _item_embeddings(size: int, seed: int) -> Iterator[np.ndarray]:
+    """The items' unit float32 embeddings that :func:`_synthetic` draws for ``(size, seed)``, drawn again in
+    item order, ``(m, DIM)`` at a time: the same values without holding all of them."""
+    yield from _draw_items(*_draw_centres(size, seed))
+
+
+def _synthetic(size: int, queries: int, seed: int, want_float: bool):
+    """Codes (and embeddings) of ``size`` items around ``size // 5`` centres, plus query draws."""
+    rng, centres, owner = _draw_centres(size, seed)
+    codes = np.empty((size, BITS // 8), dtype=np.uint8)
+    emb = np.empty((size, DIM), dtype=np.float32) if want_float else None
+    start = 0
+    for x in _draw_items(rng, centres, owner):
+        stop = start + x.shape[0]
         codes[start:stop] = np.packbits(x > 0, axis=1)
         if emb is not None:
             emb[start:stop] = x
+        start = stop
     q = centres[rng.integers(0, centres.shape[0], queries)] + 0.6 * rng.standard_normal((queries, DIM), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return owner, codes, emb, q.astype(np.float32), np.packbits(q > 0, axis=1)
+
+
+def _embedding_chunks(size: int, seed: int, emb: Optional[np.ndarray]) -> Iterator[np.ndarray]:
+    """The items' embeddings in order, from ``emb`` when it is held, else drawn again."""
+    if emb is None:
+        return _item_embeddings(size, seed)
+    return (emb[start:start + _CHUNK_ITEMS] for start in range(0, size, _CHUNK_ITEMS))
+
+
+def _exact_top1(chunks: Iterable[np.ndarray], qfloat: np.ndarray) -> np.ndarray:
+    """int64 ``(q,)``: the row of the largest inner product with each query (the first on ties)."""
+    best = np.full(qfloat.shape[0], -np.inf, dtype=np.float32)
+    top = np.zeros(qfloat.shape[0], dtype=np.int64)
+    start = 0
+    for x in chunks:
+        scores = x @ qfloat.T
+        arg = scores.argmax(axis=0)
+        value = scores[arg, np.arange(qfloat.shape[0])]
+        better = value > best
+        best[better], top[better] = value[better], start + arg[better]
+        start += x.shape[0]
+    return top
 
 
 def _labels(owner: np.ndarray) -> List[str]:
@@ -186,6 +268,31 @@ HAMMING_KINDS = ("ours-numpy", "ours-faiss", "faiss-binary-flat")
 """The binary indexes whose search times are taken together by :func:`_interleaved`."""
 
 
+def _rerank_kind(fmt: str) -> str:
+    return f"ours-rerank-{fmt}"
+
+
+def _alternate(searches: Dict[str, Callable[..., Any]], pick: Callable[[int], tuple], runs: int,
+               warmup: int) -> Dict[str, List[float]]:
+    """Round ``i`` calls every search once on ``pick(i)``, starting one further along each round.
+
+    Returns:
+      For each search, its ``runs`` timed calls in ms; sample ``j`` of each comes from the same round.
+    """
+    kinds = list(searches)
+    samples: Dict[str, List[float]] = {kind: [] for kind in kinds}
+    for i in range(warmup + runs):
+        args = pick(i)
+        for turn in range(len(kinds)):
+            kind = kinds[(i + turn) % len(kinds)]
+            search = searches[kind]
+            t0 = time.perf_counter()
+            search(*args)
+            if i >= warmup:
+                samples[kind].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
 def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Times the Hamming indexes of :data:`HAMMING_KINDS` in one process, turn by turn.
 
@@ -212,17 +319,9 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
                 XOR_PASS: _xor_pass(faiss.vector_to_array(raw.xb).reshape(-1, BITS // 8))}
     out: Dict[str, Any] = {}
     for key, pick, kinds in (
-            ("search_1_ms", lambda i: qcodes[i % n:i % n + 1], HAMMING_KINDS + (XOR_PASS,)),
-            ("search_batch_ms", lambda i: qcodes[[(i + j) % n for j in range(batch)]], HAMMING_KINDS)):
-        samples: Dict[str, List[float]] = {kind: [] for kind in kinds}
-        for i in range(warmup + runs):
-            q = pick(i)
-            for turn in range(len(kinds)):
-                kind = kinds[(i + turn) % len(kinds)]
-                t0 = time.perf_counter()
-                searches[kind](q)
-                if i >= warmup:
-                    samples[kind].append((time.perf_counter() - t0) * 1e3)
+            ("search_1_ms", lambda i: (qcodes[i % n:i % n + 1],), HAMMING_KINDS + (XOR_PASS,)),
+            ("search_batch_ms", lambda i: (qcodes[[(i + j) % n for j in range(batch)]],), HAMMING_KINDS)):
+        samples = _alternate({kind: searches[kind] for kind in kinds}, pick, runs, warmup)
         for kind in kinds:
             out.setdefault(kind, {})[key] = report.summarize(samples[kind])
     out["ours-numpy"]["xor_pass_ms"] = out.pop(XOR_PASS)["search_1_ms"]
@@ -231,6 +330,62 @@ def _interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
     out["faiss-binary-flat"]["searched_items"] = int(raw.ntotal)
     numpy_gallery.close()
     faiss_gallery.close()
+    return out
+
+
+def _rerank_interleaved(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Times the re-ranked galleries of ``spec["formats"]`` and the plain numpy Hamming search of the same
+    codes (:data:`PLAIN`) in one process, turn by turn (as :func:`_interleaved`), then measures the
+    recall@1 of each against exact float inner product (``exact_top1.npy``).
+
+    Each re-ranked row gets its p50s, their ratios to the plain search's, the median over rounds of the
+    time it adds to the plain search of the same queries (``*_extra_ms``), its recall@1 and the plain
+    search's; the plain row gets its recall@1.
+    """
+    from edge_shitu.gallery import Gallery
+
+    runs, warmup, k, batch, shortlist = (spec[n] for n in ("runs", "warmup", "k", "batch", "shortlist"))
+    work = Path(spec["work"])
+    qcodes, qfloat = np.load(work / "queries.npy"), np.load(work / "queries_float.npy")
+    n = qcodes.shape[0]
+    galleries = {PLAIN: Gallery.open(work / "ours.gallery", backend="numpy")}
+    for fmt in spec["formats"]:
+        galleries[_rerank_kind(fmt)] = Gallery.open(work / f"rerank-{fmt}.gallery", backend="numpy")
+
+    def searcher(kind: str) -> Callable[[np.ndarray, np.ndarray], Any]:
+        gallery = galleries[kind]
+        if kind == PLAIN:
+            return lambda q, f: gallery.search(q, k)
+        return lambda q, f: gallery.search(q, k, features=f, shortlist=shortlist)
+
+    searches = {kind: searcher(kind) for kind in galleries}
+    out: Dict[str, Any] = {kind: {} for kind in galleries}
+    for key, pick in (("search_1", lambda i: (qcodes[i % n:i % n + 1], qfloat[i % n:i % n + 1])),
+                      ("search_batch", lambda i: (qcodes[[(i + j) % n for j in range(batch)]],
+                                                  qfloat[[(i + j) % n for j in range(batch)]]))):
+        samples = _alternate(searches, pick, runs, warmup)
+        # The plain search's own row keeps the times of _interleaved; these are only the ratios' base.
+        plain = report.summarize(samples[PLAIN])
+        for kind in galleries:
+            if kind == PLAIN:
+                continue
+            found = report.summarize(samples[kind])
+            out[kind].update({
+                f"{key}_ms": found, f"plain_{key}_ms": plain,
+                f"{key}_ratio_to_plain": report.ratio(found["p50"], plain["p50"]),
+                f"{key}_extra_ms": float(np.median(np.subtract(samples[kind], samples[PLAIN])))})
+    exact = np.load(work / "exact_top1.npy")
+    for kind, gallery in galleries.items():
+        ids = gallery.ids()  # ascending: the items' order of addition, so row i of the data is ids[i]
+        top = np.concatenate([searches[kind](qcodes[s:s + batch], qfloat[s:s + batch]).ids[:, 0]
+                              for s in range(0, n, batch)])
+        out[kind]["recall_at_1"] = float((top == ids[exact]).mean())
+        out[kind]["searched_items"] = len(gallery)
+    for kind in galleries:
+        if kind != PLAIN:
+            out[kind].update(plain_recall_at_1=out[PLAIN]["recall_at_1"], shortlist=shortlist)
+    for gallery in galleries.values():
+        gallery.close()
     return out
 
 
@@ -265,16 +420,18 @@ def _xor_pass(codes: np.ndarray):
     return run
 
 
-def _warm_ours(work: Path, backend: str, query: np.ndarray, k: int) -> None:
+def _warm_ours(work: Path, backend: str, query: np.ndarray, k: int, compact: Optional[str] = None,
+               feature: Optional[np.ndarray] = None) -> None:
     """Creates, searches and deletes a one-item gallery, so that the memory then measured for the real
     one is its own: the code pages of SQLite, faiss and numpy that the first search touches (several
-    MB with faiss, as much as 5 bytes per item at 1M) are a cost per process, not per item."""
+    MB with faiss, as much as 5 bytes per item at 1M) are a cost per process, not per item. With
+    ``compact``, the gallery keeps ``feature`` in that form and the search re-ranks with it."""
     from edge_shitu.gallery import Gallery
 
     path = work / "warm.gallery"
-    with Gallery.create(path, fingerprint=FP, bits=BITS, overwrite=True, backend=backend) as g:
-        g.add(query, ["warm-up"])
-        g.search(query, k)
+    with Gallery.create(path, fingerprint=FP, bits=BITS, overwrite=True, backend=backend, compact=compact) as g:
+        g.add(query, ["warm-up"], features=feature)
+        g.search(query, k, features=feature)
     for leftover in work.glob("warm.gallery*"):
         leftover.unlink()
 
@@ -285,6 +442,8 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     kind, size, runs, warmup, k, batch = (spec[n] for n in ("kind", "size", "runs", "warmup", "k", "batch"))
     if kind == "hamming-interleaved":
         return _interleaved(spec)
+    if kind == "rerank-interleaved":
+        return _rerank_interleaved(spec)
     work = Path(spec["work"])
     qcodes = np.load(work / "queries.npy")
     out: Dict[str, Any] = {}
@@ -303,6 +462,18 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
         out["open_s"] = time.perf_counter() - t0
         out["memory_bytes"] = _rss_bytes() - before
         search = lambda q: gallery.search(q, k)  # noqa: E731
+    elif kind in {_rerank_kind(fmt) for fmt in COMPACT_FORMATS}:
+        from edge_shitu.gallery import Gallery
+
+        fmt = kind.rsplit("-", 1)[1]
+        _warm_ours(work, "numpy", qcodes[:1], k, compact=fmt, feature=np.load(work / "queries_float.npy")[:1])
+        before = _rss_bytes()
+        t0 = time.perf_counter()
+        gallery = Gallery.open(work / f"rerank-{fmt}.gallery", backend="numpy")
+        out["open_s"] = time.perf_counter() - t0
+        out["memory_bytes"] = _rss_bytes() - before
+        gallery.close()
+        return out  # its search times come from _rerank_interleaved
     elif kind == "faiss-binary-flat":
         import faiss
 
@@ -389,6 +560,34 @@ def _build_ours(work: Path, codes: np.ndarray, labels: List[str], add_batch: int
     return time.perf_counter() - t0
 
 
+def _build_rerank(work: Path, fmt: str, codes: np.ndarray, labels: List[str], features: Iterable[np.ndarray]) -> float:
+    """Builds ``rerank-{fmt}.gallery``: the codes and labels of ours.gallery, each item's feature kept in
+    ``fmt``, added with ``add_batches`` one chunk of features at a time. Returns the seconds spent in the
+    gallery, without the time taken to draw the features again."""
+    from edge_shitu.gallery import Gallery, ItemBatch
+
+    drawing = 0.0
+
+    def batches() -> Iterator[ItemBatch]:
+        nonlocal drawing
+        chunks, start = iter(features), 0
+        while True:
+            t0 = time.perf_counter()
+            x = next(chunks, None)
+            drawing += time.perf_counter() - t0
+            if x is None:
+                return
+            stop = start + x.shape[0]
+            yield ItemBatch(codes[start:stop], labels[start:stop], features=x)
+            start = stop
+
+    t0 = time.perf_counter()
+    with Gallery.create(work / f"rerank-{fmt}.gallery", fingerprint=FP, bits=BITS, overwrite=True, backend="numpy",
+                        compact=fmt) as g:
+        g.add_batches(batches())
+    return time.perf_counter() - t0 - drawing
+
+
 def _build_faiss(work: Path, codes: np.ndarray) -> float:
     import faiss
 
@@ -417,12 +616,10 @@ def _reference_files_bytes(work: Path, codes: np.ndarray, labels: List[str], own
     return total
 
 
-def _build_float(work: Path, emb: np.ndarray, qfloat: np.ndarray) -> Dict[str, Any]:
+def _build_float(work: Path, emb: np.ndarray) -> Dict[str, Any]:
     import hnswlib
 
     np.save(work / "embeddings.npy", emb)
-    np.save(work / "queries_float.npy", qfloat)
-    np.save(work / "exact_top1.npy", np.argmax(qfloat @ emb.T, axis=1).astype(np.int64))
     t0 = time.perf_counter()
     index = hnswlib.Index(space="ip", dim=DIM)
     index.init_index(max_elements=emb.shape[0], M=32, ef_construction=40, random_seed=0)
@@ -438,11 +635,29 @@ def _build_float(work: Path, emb: np.ndarray, qfloat: np.ndarray) -> Dict[str, A
 # ---------------------------------------------------------------- the run
 
 
+def _measure_rerank(size: int, o: IndexBenchOptions, work: Path, base: Dict[str, Any], codes: np.ndarray,
+                    labels: List[str], emb: Optional[np.ndarray]) -> Dict[str, Dict[str, Any]]:
+    """The re-ranked galleries' rows (and, under :data:`PLAIN`, the plain search's recall@1). Runs before
+    the removal from ours.gallery, whose codes the plain search reads."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for fmt in o.rerank:
+        build_s = _build_rerank(work, fmt, codes, labels, _embedding_chunks(size, o.seed, emb))
+        kind = _rerank_kind(fmt)
+        rows[kind] = {"build_s": build_s, "file_bytes": (work / f"rerank-{fmt}.gallery").stat().st_size,
+                      **_run_child({**base, "kind": kind})}
+    timings = _run_child({**base, "kind": "rerank-interleaved", "formats": list(o.rerank), "shortlist": o.shortlist})
+    for kind, found in timings.items():
+        rows.setdefault(kind, {}).update(found)
+    return rows
+
+
 def _measure_size(size: int, o: IndexBenchOptions, work: Path) -> Dict[str, Any]:
     want_float = size <= o.float_max
     owner, codes, emb, qfloat, qcodes = _synthetic(size, o.queries, o.seed, want_float)
     labels = _labels(owner)
     np.save(work / "queries.npy", qcodes)
+    np.save(work / "queries_float.npy", qfloat)
+    np.save(work / "exact_top1.npy", _exact_top1(_embedding_chunks(size, o.seed, emb), qfloat))
     base = {"size": size, "runs": o.runs, "warmup": o.warmup, "k": o.k, "batch": o.batch, "work": str(work)}
     rows: Dict[str, Dict[str, Any]] = {}
 
@@ -455,14 +670,17 @@ def _measure_size(size: int, o: IndexBenchOptions, work: Path) -> Dict[str, Any]
     # Opening, memory and removal come from each index's own process; search times from one process
     # that alternates the three (see _interleaved). The removal changes the gallery file: it runs last.
     timings = _run_child({**base, "kind": "hamming-interleaved"})
+    reranked = _measure_rerank(size, o, work, base, codes, labels, emb) if o.rerank else {}
     rows["ours-numpy"] = {"build_s": build_s, "file_bytes": disk,
                           **_run_child({**base, "kind": "ours-numpy", "remove": o.remove})}
     for kind, found in timings.items():
         rows[kind].update(found)
-    rows = {kind: rows[kind] for kind in HAMMING_KINDS}
+    if reranked:
+        rows[PLAIN]["recall_at_1"] = reranked.pop(PLAIN)["recall_at_1"]
+    rows = {**{kind: rows[kind] for kind in HAMMING_KINDS}, **reranked}
     rows["reference-files"] = {"file_bytes": _reference_files_bytes(work, codes, labels, owner)}
     if want_float:
-        built = _build_float(work, emb, qfloat)
+        built = _build_float(work, emb)
         rows["hnswlib-float"] = {**built, **_run_child({**base, "kind": "hnswlib-float", "ef_search": 64})}
         rows["float-flat"] = {"build_s": 0.0, "file_bytes": (work / "embeddings.npy").stat().st_size,
                               **_run_child({**base, "kind": "float-flat"})}
@@ -485,7 +703,8 @@ def _measure_size(size: int, o: IndexBenchOptions, work: Path) -> Dict[str, Any]
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    """The report as Markdown: one table row per (size, index), then the removal timings."""
+    """The report as Markdown: one table row per (size, index), then the numpy scan's floor, the re-ranked
+    galleries against the plain search and the removal timings."""
     headers = ["size", "index", "disk B/item", "memory B/item", "build s", "open s", "1 query p50 ms",
                "× faiss", f"batch of {result['options']['batch']} p50 ms", "× faiss", "batch / 1", "recall@1"]
     rows = []
@@ -510,6 +729,24 @@ def markdown(result: Dict[str, Any]) -> str:
                                         [[f"{s:,}", f"{r['xor_pass_ms']['p50']:.2f}",
                                           f"{r['xor_pass_ratio_to_faiss']:.2f}",
                                           f"{r['search_1_ratio_to_faiss']:.2f}"] for s, r in floors]), ""]
+    reranked = [(e["size"], name, r) for e in result["sizes"] for name, r in e["indexes"].items()
+                if "search_1_ratio_to_plain" in r]
+    if reranked:
+        f = lambda v, d: f"{v:.{d}f}"  # noqa: E731
+        shortlist = result["options"].get("shortlist", DEFAULT_SHORTLIST)
+        lines += [f"Re-ranked galleries: the Hamming top-{shortlist} re-ranked by inner product with each item's "
+                  "compact feature, timed alternately with the plain search of the same codes (ours-numpy) in one process; "
+                  "\"+ ms\" is the median over rounds of the time re-ranking added to the plain search of the same "
+                  "queries; recall@1 against exact float inner product:", "",
+                  report.markdown_table(
+                      ["size", "index", "disk B/item", "memory B/item", "open s", "1 query p50 ms", "× plain", "+ ms",
+                       f"batch of {result['options']['batch']} p50 ms", "× plain", "+ ms", "recall@1",
+                       "plain recall@1"],
+                      [[f"{s:,}", name, f(r["file_bytes_per_item"], 1), f(r["memory_bytes_per_item"], 1),
+                        f(r["open_s"], 3), f(r["search_1_ms"]["p50"], 3), f(r["search_1_ratio_to_plain"], 2),
+                        f(r["search_1_extra_ms"], 3), f(r["search_batch_ms"]["p50"], 3),
+                        f(r["search_batch_ratio_to_plain"], 2), f(r["search_batch_extra_ms"], 3),
+                        f(r["recall_at_1"], 3), f(r["plain_recall_at_1"], 3)] for s, name, r in reranked]), ""]
     removes = [(e["size"], e["indexes"]["ours-numpy"]) for e in result["sizes"] if "remove_s" in e["indexes"]["ours-numpy"]]
     if removes:
         lines += ["Our gallery after removing items (one transaction):", "",
@@ -526,14 +763,18 @@ def _chart(result: Dict[str, Any], path: Path) -> Path:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = sorted({n for e in result["sizes"] for n in e["indexes"]})
-    for name in names:
+    # One colour per index in both panels: its 1-query and batch lines would otherwise outrun the 10-colour cycle.
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for number, name in enumerate(names):
+        colour = colours(number % colours.N)
         sizes = [e["size"] for e in result["sizes"] if name in e["indexes"]]
         rows = [e["indexes"][name] for e in result["sizes"] if name in e["indexes"]]
         per_item = [r.get("file_bytes_per_item") for r in rows]
-        ax1.plot(sizes, per_item, marker="o", label=name)
+        ax1.plot(sizes, per_item, marker="o", color=colour, label=name)
         if all("search_1_ms" in r for r in rows):
-            ax2.plot(sizes, [r["search_1_ms"]["p50"] for r in rows], marker="o", label=f"{name} (1 query)")
-            ax2.plot(sizes, [r["search_batch_ms"]["p50"] for r in rows], marker="x", linestyle="--",
+            ax2.plot(sizes, [r["search_1_ms"]["p50"] for r in rows], marker="o", color=colour,
+                     label=f"{name} (1 query)")
+            ax2.plot(sizes, [r["search_batch_ms"]["p50"] for r in rows], marker="x", linestyle="--", color=colour,
                      label=f"{name} (batch of {result['options']['batch']})")
     for ax, title, ylabel in ((ax1, "Size on disk", "bytes per item"), (ax2, "Search latency, p50, 1 thread", "ms")):
         ax.set_xscale("log")

@@ -38,6 +38,7 @@ __all__ = [
     "inner_products",
     "rerank_shortlist",
     "to_blob",
+    "unit_queries",
 ]
 
 COMPACT_FORMATS = ("int8", "fp16")
@@ -291,6 +292,19 @@ def from_blob(blob: bytes, *, fmt: str, dim: int, where: str = "compact embeddin
       GalleryCorruptError: the blob's length or contents are not a valid item.
     """
     return from_blobs([blob], fmt=fmt, dim=dim, where=where)
+
+
+def unit_queries(features: np.ndarray) -> np.ndarray:
+    """Query features as the re-ranking uses them: each row divided by its L2 norm (a zero row stays zero).
+
+    Args:
+      features: floating-point ``(q, d)``.
+
+    Returns:
+      float32 ``(q, d)``.
+    """
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return (features / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 def rerank_shortlist(shortlist: np.ndarray, query_features: np.ndarray, vectors: CompactVectors,

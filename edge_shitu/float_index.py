@@ -50,7 +50,8 @@ from edge_shitu.gallery_format import fsync_dir
 if TYPE_CHECKING:
     from edge_shitu.gallery import Gallery
 
-__all__ = ["FloatIndex", "FloatIndexOptions", "MissingEmbeddingsError", "FORMAT_VERSION", "HNSW_EXTRA_HINT"]
+__all__ = ["FloatIndex", "FloatIndexOptions", "MissingEmbeddingsError", "FORMAT_VERSION", "HNSW_EXTRA_HINT",
+           "index_status"]
 
 FORMAT_VERSION = 1
 """Version of the sidecar's layout; a sidecar of another version is rebuilt."""
@@ -444,31 +445,71 @@ def _record(state: Dict[str, Any], options: FloatIndexOptions) -> Dict[str, Any]
     }
 
 
-def _load(hnswlib: Any, index_path: Path, state: Dict[str, Any],
-          options: FloatIndexOptions) -> Tuple[Optional[Any], Optional[str]]:
-    """The saved index when its sidecar matches ``state`` and ``options``, else (None, why not)."""
+def _check_files(index_path: Path, state: Dict[str, Any], options: Optional[FloatIndexOptions]) -> Optional[str]:
+    """Why the index file and its sidecar do not answer for ``state`` (and ``options``, when given), or None.
+
+    Reads the sidecar and hashes the index file; needs no hnswlib.
+    """
     sidecar = _sidecar_path(index_path)
     if not sidecar.exists():
-        return None, f"no sidecar {sidecar.name}"
+        return f"no sidecar {sidecar.name}"
     try:
         recorded = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return None, f"sidecar {sidecar.name} is unreadable ({exc})"
+        return f"sidecar {sidecar.name} is unreadable ({exc})"
     if not isinstance(recorded, dict):
-        return None, f"sidecar {sidecar.name} is not a JSON object"
+        return f"sidecar {sidecar.name} is not a JSON object"
     if recorded.get("format") != _FORMAT or recorded.get("format_version") != FORMAT_VERSION:
-        return None, (f"sidecar {sidecar.name} is format {recorded.get('format')!r} version "
-                      f"{recorded.get('format_version')!r}, expected {_FORMAT!r} version {FORMAT_VERSION}")
-    wanted = _record(state, options)
-    why = _difference(recorded, wanted, _STATE_KEYS + _BUILD_KEYS)
+        return (f"sidecar {sidecar.name} is format {recorded.get('format')!r} version "
+                f"{recorded.get('format_version')!r}, expected {_FORMAT!r} version {FORMAT_VERSION}")
+    if options is None:
+        why = _difference(recorded, state, _STATE_KEYS)
+    else:
+        why = _difference(recorded, _record(state, options), _STATE_KEYS + _BUILD_KEYS)
     if why is not None:
-        return None, why
+        return why
     try:
         size, digest = _file_digest(index_path)
     except OSError as exc:
-        return None, f"index file {index_path.name} is unreadable ({exc})"
+        return f"index file {index_path.name} is unreadable ({exc})"
     if size != recorded.get("index_bytes") or digest != recorded.get("index_sha256"):
-        return None, f"index file {index_path.name} is not the one its sidecar describes (changed or damaged)"
+        return f"index file {index_path.name} is not the one its sidecar describes (changed or damaged)"
+    return None
+
+
+def index_status(gallery: "Gallery", path: Optional[Union[str, "os.PathLike[str]"]] = None) -> Optional[Tuple[Path, Optional[str]]]:
+    """Whether the float index file of a gallery answers for it as it is now (without hnswlib).
+
+    The file is a cache: one that does not answer is rebuilt the next time it is used, so this
+    reports, it does not repair.
+
+    Args:
+      gallery: an open gallery.
+      path: the index file; default ``<gallery file>.hnsw``.
+
+    Returns:
+      None when there is no index file (or the gallery lives in memory), else ``(path, why)`` with
+      ``why`` None when the index is up to date, else a sentence saying what differs.
+
+    Raises:
+      GalleryError: the gallery is closed or cannot be read.
+    """
+    if path is None:
+        if gallery.path is None:
+            return None
+        path = str(gallery.path) + _INDEX_SUFFIX
+    index_path = Path(path)
+    if not index_path.exists() and not _sidecar_path(index_path).exists():
+        return None
+    return index_path, _check_files(index_path, _gallery_state(gallery), None)
+
+
+def _load(hnswlib: Any, index_path: Path, state: Dict[str, Any],
+          options: FloatIndexOptions) -> Tuple[Optional[Any], Optional[str]]:
+    """The saved index when its sidecar matches ``state`` and ``options``, else (None, why not)."""
+    why = _check_files(index_path, state, options)
+    if why is not None:
+        return None, why
     index = hnswlib.Index(space=_SPACE, dim=int(state["dim"]))
     try:
         index.load_index(str(index_path), max_elements=int(state["count"]))

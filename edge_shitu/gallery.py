@@ -40,7 +40,7 @@ import uuid
 from collections import Counter, abc
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,10 +50,19 @@ from edge_shitu.errors import (
     GalleryError,
     InvalidDtypeError,
     InvalidInputError,
+    MissingEmbeddingsError,
     MissingFileError,
     UnknownItemError,
 )
-from edge_shitu.compact import COMPACT_FORMATS, CompactVectors, compress, from_blobs, rerank_shortlist, to_blob
+from edge_shitu.compact import (
+    COMPACT_FORMATS,
+    CompactVectors,
+    compress,
+    from_blobs,
+    rerank_shortlist,
+    to_blob,
+    unit_queries,
+)
 from edge_shitu.gallery_check import _check_contents, check_gallery
 from edge_shitu.gallery_format import (
     _MAX_ID,
@@ -94,6 +103,8 @@ DEFAULT_SHORTLIST = 16
 """Hamming candidates re-ranked per query by :meth:`Gallery.search` with features: on the real PP-ShiTuV2
 drink features 5 already reach float inner product's recall@1 (docs/benchmarks.md); 16 leaves a margin."""
 _CONSTRUCT_KEY = object()
+# Rows read (or written) at a time when compact features are loaded or made from stored embeddings.
+_VECTOR_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -360,15 +371,58 @@ def _read_snapshot(conn: sqlite3.Connection, meta: _Meta, backend: str, name: st
 
 
 def _read_vectors(conn: sqlite3.Connection, meta: _Meta, ids: np.ndarray, name: str) -> Optional[CompactVectors]:
-    """The compact features of the items ``ids`` (ascending), in that order; None for a gallery without them."""
+    """The compact features of the items ``ids`` (ascending), in that order; None for a gallery without them.
+
+    Read in chunks into arrays of the final size, so a million-item gallery never holds its rows as
+    Python objects nor a second full copy of the features.
+    """
     if meta.compact is None or ids.size == 0:
         return None
-    rows = conn.execute("SELECT item_id, vec FROM compact ORDER BY item_id").fetchall()
-    stored = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    if stored.shape != ids.shape or not np.array_equal(stored, ids) or meta.compact_dim is None:
-        raise GalleryCorruptError(f"{name}: the compact features do not match the items ({len(rows)} rows for "
-                                  f"{ids.size} items); run `edge-shitu gallery check` for details")
-    return from_blobs([r[1] for r in rows], fmt=meta.compact, dim=meta.compact_dim, where=f"{name}: compact")
+    m, dim = ids.shape[0], meta.compact_dim
+    count = conn.execute("SELECT count(*) FROM compact").fetchone()[0]
+    if count != m or dim is None:
+        raise GalleryCorruptError(f"{name}: the compact features do not match the items ({count} rows for "
+                                  f"{m} items); run `edge-shitu gallery check` for details")
+    values = np.empty((m, dim), dtype=np.int8 if meta.compact == "int8" else np.dtype("<f2"))
+    scales = np.empty(m, dtype=np.float32)
+    cursor = conn.execute("SELECT item_id, vec FROM compact ORDER BY item_id")
+    done = 0
+    while True:
+        rows = cursor.fetchmany(_VECTOR_CHUNK)
+        if not rows:
+            break
+        stored = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        expected = ids[done:done + len(rows)]
+        if stored.shape != expected.shape or not np.array_equal(stored, expected):
+            at = int(np.flatnonzero(stored[:expected.size] != expected)[0]) if expected.size else 0
+            raise GalleryCorruptError(
+                f"{name}: the compact features do not match the items (a row for item {int(stored[at])} where "
+                f"item {int(expected[at]) if at < expected.size else 'none'} was expected); run "
+                "`edge-shitu gallery check` for details")
+        part = from_blobs([r[1] for r in rows], fmt=meta.compact, dim=dim, where=f"{name}: compact")
+        values[done:done + len(rows)] = part.values
+        scales[done:done + len(rows)] = part.scales
+        done += len(rows)
+    if done != m:
+        raise GalleryCorruptError(f"{name}: the compact features changed while they were read")
+    # Read-only arrays are taken as they are (no copy): see CompactVectors.
+    return CompactVectors(meta.compact, _frozen(values), _frozen(scales))
+
+
+def _embedding_chunks(conn: sqlite3.Connection, dim: int, rows: int, name: str) -> Iterator[Tuple[List[int], np.ndarray]]:
+    """The stored float embeddings in id order, ``rows`` items at a time: ``(ids, float32 (n, dim))`` (read-only).
+
+    Raises:
+      GalleryCorruptError: an embedding is missing or is not ``dim`` float32 values.
+    """
+    cursor = conn.execute("SELECT id, embedding FROM items ORDER BY id")
+    while True:
+        chunk = cursor.fetchmany(rows)
+        if not chunk:
+            return
+        if any(r[1] is None or len(r[1]) != 4 * dim for r in chunk):
+            raise GalleryCorruptError(f"{name}: stored embeddings are not {dim} float32 values")
+        yield [int(r[0]) for r in chunk], np.frombuffer(b"".join(r[1] for r in chunk), dtype="<f4").reshape(len(chunk), dim)
 
 
 class Gallery:
@@ -733,6 +787,22 @@ class Gallery:
             snapshot = self._snapshot
         return snapshot.ids.astype(np.int64), snapshot.index.codes()
 
+    def compact_features(self) -> Tuple[np.ndarray, np.ndarray, Optional[CompactVectors]]:
+        """All ids, codes and compact features of one state of the gallery, as held in memory.
+
+        Returns:
+          ``(ids, codes, vectors)``: int64 ``(m,)`` ascending, uint8 ``(m, bits // 8)`` (copies) and the
+          compact features, row i belonging to ``ids[i]`` (read-only), or None for a gallery without
+          them (or an empty one).
+
+        Raises:
+          GalleryError: the gallery is closed.
+        """
+        with self._lock:
+            self._sync()
+            snapshot = self._snapshot
+        return snapshot.ids.astype(np.int64), snapshot.index.codes(), snapshot.vectors
+
     def search(self, codes: np.ndarray, k: int = 5, *, max_distance: Optional[int] = None,
                features: Optional[np.ndarray] = None, shortlist: int = DEFAULT_SHORTLIST) -> SearchResult:
         """Finds the k nearest items of each query code by exhaustive Hamming distance.
@@ -792,10 +862,9 @@ class Gallery:
             empty = np.empty((queries.shape[0], 0))
             return SearchResult(ids=empty.astype(np.int64), distances=empty.astype(np.int32),
                                 counts=np.zeros(queries.shape[0], np.int64), similarities=empty.astype(np.float32))
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        unit = (feats / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         cols = min(int(k), short.shape[1])
-        positions, similarities = rerank_shortlist(short.astype(np.int64), unit, snapshot.vectors, cols)
+        positions, similarities = rerank_shortlist(short.astype(np.int64), unit_queries(feats), snapshot.vectors,
+                                                   cols)
         # The Hamming distance of each re-ranked candidate, from its place in the shortlist.
         rows = np.arange(queries.shape[0])[:, None]
         where = np.argmax(short[:, None, :] == positions[:, :, None], axis=2)
@@ -1273,8 +1342,9 @@ class Gallery:
             wrong dtype or shape (nothing is changed then).
           FingerprintMismatchError: the stored embeddings come from another extractor, or their
             origin cannot be proven.
-          GalleryError: some items have no stored embedding (the gallery was built without
-            ``keep_embeddings``), the gallery is read-only or closed, or the write failed.
+          MissingEmbeddingsError: some items have no stored embedding (the gallery was built without
+            ``keep_embeddings``).
+          GalleryError: the gallery is read-only or closed, or the write failed.
         """
         self._require_writable()
         fingerprint = _check_fingerprint(fingerprint)
@@ -1284,12 +1354,7 @@ class Gallery:
             raise InvalidInputError(f"batch must be a positive integer, got {batch!r}")
 
         def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
-            missing = conn.execute("SELECT count(*) FROM items WHERE embedding IS NULL").fetchone()[0]
-            if missing:
-                raise GalleryError(
-                    f"{self._name}: {missing} of {snap.ids.shape[0]} items have no stored float embedding, so "
-                    "their codes cannot be recomputed; rebuild the gallery from the images with "
-                    "--keep-embeddings (edge-shitu gallery build ... --keep-embeddings)")
+            self._require_embeddings(conn, snap, "their codes cannot be recomputed", "--keep-embeddings")
             stored = meta.embedding_fingerprint
             if stored is None and snap.ids.size and meta.fingerprint not in proofs:
                 raise FingerprintMismatchError(
@@ -1301,25 +1366,18 @@ class Gallery:
                     f"{self._name}: its embeddings were made by extractor {stored}, but the new codes would be "
                     f"computed for extractor {embedding_fingerprint}: they would mean nothing. Re-hash with a "
                     "bundle of the same extractor, or rebuild the gallery from the images")
-            dim = meta.embedding_dim or 0
             codes = np.empty((snap.ids.shape[0], meta.bits // 8), dtype=np.uint8)
-            cursor = conn.execute("SELECT id, embedding FROM items ORDER BY id")
             done = 0
-            while True:
-                rows = cursor.fetchmany(batch)
-                if not rows:
-                    break
-                if any(len(r[1]) != 4 * dim for r in rows):
-                    raise GalleryCorruptError(f"{self._name}: stored embeddings are not {dim} float32 values")
-                emb = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+            for _, emb in _embedding_chunks(conn, meta.embedding_dim or 0, batch, self._name):
+                n = emb.shape[0]
                 new = encode(emb.astype(np.float32))
-                if not isinstance(new, np.ndarray) or new.dtype != np.uint8 or new.shape != (len(rows), meta.bits // 8):
+                if not isinstance(new, np.ndarray) or new.dtype != np.uint8 or new.shape != (n, meta.bits // 8):
                     got = f"{new.dtype} {new.shape}" if isinstance(new, np.ndarray) else type(new).__name__
                     raise InvalidInputError(
-                        f"encode must return uint8 codes of shape ({len(rows)}, {meta.bits // 8}) "
+                        f"encode must return uint8 codes of shape ({n}, {meta.bits // 8}) "
                         f"({meta.bits} bits, the gallery's code length), got {got}")
-                codes[done:done + len(rows)] = new
-                done += len(rows)
+                codes[done:done + n] = new
+                done += n
             if done != snap.ids.shape[0]:
                 raise GalleryCorruptError(f"{self._name}: the items changed while they were being re-hashed")
             conn.executemany("UPDATE items SET code = ? WHERE id = ?",
@@ -1334,6 +1392,83 @@ class Gallery:
             return done, replace(snap, index=index), new_meta
 
         return self._write("rehash", body)
+
+    def set_compact(self, fmt: Optional[str]) -> int:
+        """Makes (or drops, with None) every item's compact feature from its stored float embedding, in one
+        transaction.
+
+        This upgrades a gallery built with ``keep_embeddings`` to re-ranked search (or changes its
+        compact form) without the images. The calibrated ``min_similarity`` is cleared whenever the
+        compact form changes, since it was measured on other features (or on none).
+
+        Args:
+          fmt: ``"int8"``, ``"fp16"`` (see :mod:`edge_shitu.compact`), or None to drop the compact
+            features (the recogniser then accepts by Hamming distance again).
+
+        Returns:
+          The number of items whose compact feature was written (0 when dropping).
+
+        Raises:
+          InvalidInputError: unknown ``fmt``.
+          MissingEmbeddingsError: some items store no float embedding (nothing is changed then).
+          GalleryCorruptError: a stored embedding has the wrong size or is not finite.
+          GalleryError: the gallery is read-only or closed, or the write failed (nothing is changed then).
+        """
+        self._require_writable()
+        if fmt is not None and fmt not in COMPACT_FORMATS:
+            raise InvalidInputError(f"compact must be one of {', '.join(COMPACT_FORMATS)} or None, got {fmt!r}")
+
+        def body(conn: sqlite3.Connection, snap: _Snapshot, meta: _Meta):
+            cleared = replace(meta, compact=None, compact_dim=None, min_similarity=None)
+            if fmt is None:
+                if meta.compact is None:
+                    return 0, None, None
+                conn.execute("DROP TABLE IF EXISTS compact")
+                conn.execute("DELETE FROM meta WHERE key IN ('compact', 'compact_dim', 'min_similarity')")
+                return 0, replace(snap, vectors=None), cleared
+            self._require_embeddings(conn, snap, "no compact feature can be made for them", "--compact int8")
+            dim = meta.embedding_dim
+            values = np.empty((snap.ids.shape[0], dim or 1), dtype=np.int8 if fmt == "int8" else np.dtype("<f2"))
+            scales = np.empty(snap.ids.shape[0], dtype=np.float32)
+            conn.execute(_COMPACT_TABLE)
+            conn.execute("DELETE FROM compact")
+            done = 0
+            for item_ids, emb in _embedding_chunks(conn, dim or 0, _VECTOR_CHUNK, self._name):
+                if not np.isfinite(emb).all():
+                    raise GalleryCorruptError(f"{self._name}: stored embeddings hold NaN or infinite values")
+                part = compress(emb, fmt)
+                conn.executemany("INSERT INTO compact(item_id, vec) VALUES (?, ?)",
+                                 ((i, to_blob(part, j)) for j, i in enumerate(item_ids)))
+                n = len(item_ids)
+                values[done:done + n] = part.values
+                scales[done:done + n] = part.scales
+                done += n
+            if done != snap.ids.shape[0]:
+                raise GalleryCorruptError(f"{self._name}: the items changed while their compact features were made")
+            _set_meta(conn, "compact", fmt)
+            new_meta = replace(meta, compact=fmt, compact_dim=dim)
+            if dim is None:
+                conn.execute("DELETE FROM meta WHERE key = 'compact_dim'")
+            else:
+                _set_meta(conn, "compact_dim", dim)
+            if meta.compact != fmt:
+                conn.execute("DELETE FROM meta WHERE key = 'min_similarity'")
+                new_meta = replace(new_meta, min_similarity=None)
+            vectors = CompactVectors(fmt, _frozen(values), _frozen(scales)) if done else None
+            return done, replace(snap, vectors=vectors), new_meta
+
+        # The items keep their ids, codes and labels: derived files (a float index) stay valid.
+        return self._write("set_compact", body, changes_items=False)
+
+    def _require_embeddings(self, conn: sqlite3.Connection, snap: _Snapshot, consequence: str, option: str) -> None:
+        """Raises MissingEmbeddingsError (saying ``consequence`` and to rebuild with ``option``) when an item has no
+        stored float embedding."""
+        missing = conn.execute("SELECT count(*) FROM items WHERE embedding IS NULL").fetchone()[0]
+        if missing:
+            raise MissingEmbeddingsError(
+                f"{self._name}: {missing} of {snap.ids.shape[0]} items have no stored float embedding, so "
+                f"{consequence}; rebuild the gallery from the images with {option} (edge-shitu gallery build ... "
+                f"{option})")
 
     def set_max_distance(self, value: Optional[int]) -> None:
         """Stores (or clears, with None) the calibrated acceptance threshold.

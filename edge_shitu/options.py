@@ -9,17 +9,20 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from edge_shitu.errors import InvalidInputError
 from edge_shitu.image import DEFAULT_MAX_PIXELS
 from edge_shitu.types import WholeImagePolicy
 
+if TYPE_CHECKING:
+    from edge_shitu.float_index import FloatIndexOptions
+
 __all__ = ["BackendOptions", "DetectorOptions", "EmbedderOptions", "RecognizerOptions", "check_threads",
            "MAX_CANDIDATES", "MAX_DETECTIONS", "MAX_BATCH", "MAX_TOP_K"]
 
 _BACKENDS = ("onnxruntime", "paddlelite", "android")
-_SEARCH_BACKENDS = ("auto", "numpy", "faiss")
+_SEARCH_BACKENDS = ("auto", "numpy", "faiss", "hnsw")
 
 MAX_CANDIDATES = 100_000
 """Largest ``nms_top_k`` / ``keep_top_k``: greedy NMS is quadratic in its candidates."""
@@ -259,14 +262,21 @@ class RecognizerOptions:
       embedder: extractor settings.
       include_unknown: also return regions whose best match is farther than ``max_distance``
         (with ``label=None``); by default they are dropped, as in the reference.
-      search_backend: Hamming search backend of a gallery the recogniser opens itself: "auto"
-        (faiss when installed, else numpy), "numpy" or "faiss" (see :mod:`edge_shitu.search`).
+      search_backend: how the gallery is searched. "auto" (faiss when installed, else numpy), "numpy"
+        or "faiss": exhaustive Hamming search of the codes with that backend (see :mod:`edge_shitu.search`),
+        which is also the Hamming backend of a gallery the recogniser opens itself. "hnsw": approximate
+        inner-product search of the gallery's stored float embeddings (a gallery built with
+        ``--keep-embeddings``) through an hnswlib index kept beside the gallery
+        (:class:`~edge_shitu.float_index.FloatIndex`, the ``hnsw`` extra); matches are accepted by
+        ``min_similarity`` and ``max_distance`` must be None.
       max_pixels: images with more pixels are refused from their header, before decoding; decoding
         takes about 7 bytes per pixel (16 for WebP), so this bounds memory (see :mod:`edge_shitu.image`).
-      min_similarity: with a gallery that keeps compact features (re-ranked search), accept a match
-        when its inner product is at least this, in [-1, 1]; ``None`` takes the gallery's calibrated
-        value, else :data:`DEFAULT_MIN_SIMILARITY` (0.5, the reference's score threshold of float search).
-        ``max_distance`` does not apply then.
+      min_similarity: with a gallery that keeps compact features (re-ranked search) or with
+        ``search_backend="hnsw"``, accept a match when its inner product is at least this, in [-1, 1];
+        ``None`` takes the gallery's calibrated value, else :data:`DEFAULT_MIN_SIMILARITY` (0.5, the
+        reference's score threshold of float search). ``max_distance`` does not apply then.
+      float_index: how the HNSW index of ``search_backend="hnsw"`` is built and searched (``ef_search``
+        trades recall for time); ``None`` takes ``FloatIndexOptions()``. Only with that backend.
 
     Raises:
       InvalidInputError: a value of the wrong type or out of range.
@@ -282,6 +292,7 @@ class RecognizerOptions:
     search_backend: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_similarity: Optional[float] = None
+    float_index: Optional["FloatIndexOptions"] = None
 
     def __post_init__(self) -> None:
         _positive("max_pixels", self.max_pixels, MAX_PIXELS)
@@ -306,6 +317,19 @@ class RecognizerOptions:
         if self.search_backend not in _SEARCH_BACKENDS:
             raise InvalidInputError(
                 f"search_backend must be one of {', '.join(_SEARCH_BACKENDS)}, got {_short(self.search_backend)}")
+        if self.search_backend == "hnsw":
+            if self.max_distance is not None:
+                raise InvalidInputError(
+                    f"max_distance ({self.max_distance}) does not apply to search_backend 'hnsw', which accepts "
+                    "matches by similarity: give min_similarity instead")
+        elif self.float_index is not None:
+            raise InvalidInputError(
+                f"float_index applies to search_backend 'hnsw' only, got search_backend {_short(self.search_backend)}")
+        if self.float_index is not None:
+            # Imported here: the options module stays free of the gallery's storage code.
+            from edge_shitu.float_index import FloatIndexOptions
+
+            _instance("float_index", self.float_index, FloatIndexOptions)
 
     def with_defaults(self, recognition: Mapping[str, Any], detector: Optional[Mapping[str, Any]] = None
                       ) -> "RecognizerOptions":

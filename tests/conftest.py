@@ -410,3 +410,15 @@ def average_precision(relevant) -> float:
             total += found / rank
     return total / found
 
+
+
+def run_cli(*argv, stderr=None):
+    """Runs ``edge-shitu ARGV...`` in this process: ``(exit code, stdout, stderr)``; ``stderr`` may be a stream
+    of the caller's (its text is then not returned)."""
+    import io
+
+    from edge_shitu.cli import main
+
+    out, err = io.StringIO(), stderr or io.StringIO()
+    code = main(list(map(str, argv)), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()

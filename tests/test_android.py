@@ -188,8 +188,9 @@ def test_the_simulator_has_the_kotlin_bridges_signatures(java):
 
 def test_every_python_function_the_kotlin_calls_exists(app):
     source = _kotlin("ShituPython.kt")
-    called = set(re.findall(r'callAttr\(\s*"(\w+)"', source))
-    assert called, "ShituPython.kt calls no Python function"
+    # Through its call("name", ...) helper, or callAttr("name", ...) directly.
+    called = set(re.findall(r'\b(?:call|callAttr)\(\s*"(\w+)"', source))
+    assert {"open", "recognize_rgb", "enrol_rgb", "set_max_distance", "set_min_similarity", "thumbnail"} <= called
     missing = sorted(name for name in called if not callable(getattr(app, name, None)))
     assert missing == []
 
@@ -230,13 +231,17 @@ def test_app_flow_enrol_recognise_list_relabel_remove(app, java, tiny_bundle, tm
     assert json.loads(app.relabel(boxed["id"], "百事")) == {"id": boxed["id"], "label": "百事"}
     assert json.loads(app.remove(boxed["id"])) == {"deleted": 1}
     assert "error" in json.loads(app.remove(boxed["id"]))
+    # A gallery the phone creates keeps int8 compact features: accepted by similarity, its own slider.
+    settings = json.loads(app.settings())
+    assert (settings["mode"], settings["compact"], settings["min_similarity"]) == ("similarity", "int8", 0.5)
+    assert json.loads(app.set_min_similarity(0.75))["min_similarity"] == 0.75
     assert json.loads(app.set_max_distance(0))["max_distance"] == 0
     assert json.loads(app.settings())["max_distance"] == 0
     assert json.loads(app.close()) == {"closed": True}
 
     # The phone's gallery is a desktop gallery: it checks clean and the desktop recogniser finds the item.
     with Gallery.open(tmp_path / "phone.db") as g:
-        assert g.check() == [] and len(g) == 1 and g.max_distance == 0
+        assert g.check() == [] and len(g) == 1 and g.max_distance == 0 and g.min_similarity == 0.75
     with KioskService.open(tiny_bundle, tmp_path / "phone.db", options=ServiceOptions(threads=1)) as desktop:
         assert desktop.recognize(frames[0])["results"][0]["label"] == "红牛"
 
@@ -268,6 +273,7 @@ def test_rotation_gives_boxes_in_the_upright_frame(app, tiny_bundle, tmp_path, f
     (lambda a, f: a.relabel(12345, "x"), "no gallery item"),
     (lambda a, f: a.list_items("", 0, 0), "limit"),
     (lambda a, f: a.set_max_distance(513), "max_distance"),
+    (lambda a, f: a.set_min_similarity(1.5), "min_similarity"),
 ])
 def test_bad_calls_answer_one_line_errors(app, tiny_bundle, tmp_path, frames, call, words):
     json.loads(app.open(str(tiny_bundle), str(tmp_path / "g.db"), 1))

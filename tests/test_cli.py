@@ -4,23 +4,17 @@ and models fetch."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
 
 import pytest
 
-from edge_shitu.cli import main
+
+from conftest import run_cli as run
 
 BOTH_BUNDLES = pytest.mark.parametrize("bundle", ["tiny", pytest.param("replica", marks=pytest.mark.paddle)],
                                        indirect=True)
-
-
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(map(str, argv)), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FakeDetectorSession, FakeExtractorSession
+from conftest import FakeDetectorSession, FakeExtractorSession, run_cli as run
 from edge_shitu.bundle import Bundle
-from edge_shitu.cli import _parser, main
+from edge_shitu.cli import _parser
 from edge_shitu.gallery import Gallery
-
-
-def run(*argv, stderr=None):
-    out, err = io.StringIO(), stderr or io.StringIO()
-    code = main(list(map(str, argv)), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 
 import numpy as np
 
-from edge_shitu.cli import main
 from edge_shitu.gallery import Gallery
 
+from conftest import run_cli as run
+
 FP = "0123abcd"
-
-
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(map(str, argv)), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _gallery(path, rng, n=40):

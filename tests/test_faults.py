@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FakeDetectorSession, FakeExtractorSession
+from conftest import FakeDetectorSession, FakeExtractorSession, run_cli as run
 from edge_shitu.bundle import Bundle
 from edge_shitu.cli import main
 from edge_shitu.errors import ClosedError, GalleryError, LabelFileError
@@ -41,12 +41,6 @@ import edge_shitu.embedder, edge_shitu.detector
 edge_shitu.embedder.create_session = lambda spec, **kw: FakeExtractorSession()
 edge_shitu.detector.create_session = lambda spec, **kw: FakeDetectorSession([((100, 100, 148, 148), 0.9)])
 """
-
-
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(map(str, argv)), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 class _Counting(FakeExtractorSession):

@@ -428,3 +428,34 @@ def test_bench_short_run_writes_json_and_markdown(tmp_path, capsys):
     assert entry["by_ef"][1]["recall_at_1"] >= 0.99 and entry["smallest_ef_reaching_target"] in (8, 64)
     assert "| 300 |" in (tmp_path / "float_index.md").read_text(encoding="utf-8") and "recall@1" in capsys.readouterr().out
     assert bench.main(["--sizes", "300", "--efs", "2", "--out", str(tmp_path)]) == 1
+
+
+def test_gallery_check_reports_the_state_of_the_float_index(small, capsys):
+    from edge_shitu.cli import main
+    from edge_shitu.float_index import index_status
+
+    gallery_path = small[0]
+    rng = np.random.default_rng(5)
+    with Gallery.open(gallery_path) as g:
+        assert index_status(g) is None  # no index built yet
+        FloatIndex.for_gallery(g).close()
+        path, why = index_status(g)
+        assert path == Path(str(gallery_path) + ".hnsw") and why is None
+    assert main(["gallery", "check", str(gallery_path)]) == 0
+    assert f"float index {gallery_path}.hnsw: up to date" in capsys.readouterr().out
+    with Gallery.open(gallery_path) as g:
+        g.add(_codes(rng, 1), ["new"], embeddings=_unit(rng, 1, 32), embedding_fingerprint=EMB_FP)
+        assert "generation" in index_status(g)[1]
+    assert main(["gallery", "check", str(gallery_path), "--json"]) == 0  # a cache out of date is not damage
+    record = json.loads(capsys.readouterr().out)
+    assert record["ok"] and record["float_index"]["current"] is False and "generation" in record["float_index"]["why"]
+    with Gallery.open(gallery_path) as g:
+        FloatIndex.for_gallery(g).close()  # rebuilt
+        assert index_status(g)[1] is None
+        index_file = Path(str(gallery_path) + ".hnsw")
+        data = bytearray(index_file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        index_file.write_bytes(bytes(data))
+        assert "changed or damaged" in index_status(g)[1]
+    assert main(["gallery", "check", str(gallery_path)]) == 0
+    assert "out of date, rebuilt when next used: index file" in capsys.readouterr().out

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import numpy as np
 import pytest
 
-from conftest import average_precision
-from edge_shitu.cli import main
+from conftest import average_precision, run_cli as run
 from edge_shitu.codes import binarize
 from edge_shitu.compact import bytes_per_item, compress
 from edge_shitu.errors import InvalidInputError
@@ -26,12 +24,6 @@ from edge_shitu_converters.hash_training import (
 
 # Two-sided 95% Student t quantiles t_{0.975, df} (tables), for the interval checks.
 _T975 = {1: 12.706204736174698, 2: 4.302652729911275, 4: 2.7764451051977987}
-
-
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(map(str, argv)), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _toy(seed=0, classes=12, per_class=6, dim=64):

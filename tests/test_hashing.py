@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import zipfile
 
 import numpy as np
 import pytest
 
-from conftest import FakeExtractorSession
+from conftest import FakeExtractorSession, run_cli as run
 from edge_shitu.bundle import Bundle
-from edge_shitu.cli import main
 from edge_shitu.codes import binarize, l2_normalize
 from edge_shitu.embedder import Embedder
 from edge_shitu.errors import (
@@ -28,12 +26,6 @@ from edge_shitu.hashing import HEAD_FILE, HashHead, encoder_for
 from edge_shitu_converters.hash_heads import head_bytes, head_sha256, install_head, remove_head, save_head
 from edge_shitu.recognizer import Recognizer
 from edge_shitu.options import RecognizerOptions
-
-
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(map(str, argv)), stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _head(rng, bits=64, dim=512) -> HashHead:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -15,7 +14,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +101,12 @@ def test_recognize_answers_what_recognize_json_prints(client, photos, tiny_bundl
     best = body["results"][0]
     assert set(best) == {"box", "label", "distance", "similarity", "detection_score", "whole_image", "candidates"}
     assert best["label"] == "可口可乐" and best["distance"] == 0
-    assert best["candidates"][0] == {"id": created.json()["id"], "label": "可口可乐", "distance": 0, "similarity": 1.0}
+    # A new kiosk gallery keeps int8 compact features: the photo's own similarity is 1 up to int8 rounding.
+    assert service.gallery.compact == "int8"
+    first = best["candidates"][0]
+    assert {k: first[k] for k in ("id", "label", "distance")} == {"id": created.json()["id"], "label": "可口可乐",
+                                                                  "distance": 0}
+    assert first["similarity"] == best["similarity"] and abs(first["similarity"] - 1.0) < 2e-3
 
     # The same photo through the CLI, on the same gallery: the same record but for names and timings.
     photo = tmp_path / "a.jpg"
@@ -166,36 +169,67 @@ def test_relabel_delete_and_delete_label(client, photos):
 
 def test_settings_are_validated_applied_and_persisted(tiny_bundle, tmp_path, photos):
     path = tmp_path / "g.db"
-    with KioskService.open(tiny_bundle, path, options=ServiceOptions(threads=1)) as svc, \
-            TestClient(create_app(svc)) as c:
+    options = ServiceOptions(threads=1, compact=None)
+    with KioskService.open(tiny_bundle, path, options=options) as svc, TestClient(create_app(svc)) as c:
         default = c.get("/api/settings").json()
-        assert set(default) == {"max_distance", "det_threshold", "bits"} and default["bits"] == 512
+        assert default == {"mode": "distance", "max_distance": default["max_distance"], "min_similarity": None,
+                           "det_threshold": default["det_threshold"], "bits": 512, "compact": None}
         post_image(c, "/api/items", photos[0], label="cola")
         changed = c.put("/api/settings", json={"max_distance": 0, "det_threshold": 0.5}).json()
-        assert changed == {"max_distance": 0, "det_threshold": 0.5, "bits": 512}
+        assert changed == {"mode": "distance", "max_distance": 0, "min_similarity": None, "det_threshold": 0.5,
+                           "bits": 512, "compact": None}
         # Radius 0 accepts only identical codes: another photo is now unknown.
         others = post_image(c, "/api/recognize", photos[3]).json()["results"]
         assert all(r["label"] is None or r["distance"] == 0 for r in others)
         for bad in ({"max_distance": 513}, {"max_distance": -1}, {"max_distance": 1.5}, {"max_distance": True},
                     {"det_threshold": 1.5}, {"det_threshold": "0.3"}, {"det_threshold": float("nan")},
-                    {"threshold": 3}, [1, 2]):
+                    {"threshold": 3}, [1, 2], {"min_similarity": 0.5}):
             r = c.put("/api/settings", content=json.dumps(bad, allow_nan=True).encode())
             assert r.status_code == 400 and "error" in r.json(), bad
         assert c.get("/api/settings").json() == changed
-    with KioskService.open(tiny_bundle, path, options=ServiceOptions(threads=1)) as again:
+    with KioskService.open(tiny_bundle, path, options=options) as again:
         assert again.settings() == changed
 
 
-def test_calibrate_returns_the_curve_and_refuses_a_tiny_gallery(client, photos):
-    r = client.post("/api/calibrate", json={"precision": 0.9})
-    assert r.status_code == 400 and "error" in r.json()
-    for i, data in enumerate(photos):
-        post_image(client, "/api/items", data, label=f"label{i % 2}")
-    body = client.post("/api/calibrate", json={"precision": 0.9}).json()
-    assert set(body) >= {"target_precision", "threshold", "reached", "curve", "items", "labels"}
-    assert len(body["curve"]) == 513 and body["curve"][0]["threshold"] == 0 and body["items"] == 5
-    for bad in ({"precision": 0}, {"precision": 1.5}, {"precision": "high"}, {"target": 0.9}):
-        assert client.post("/api/calibrate", json=bad).status_code == 400, bad
+def test_similarity_settings_of_a_gallery_with_compact_features(tiny_bundle, tmp_path, photos):
+    path = tmp_path / "g.db"
+    with KioskService.open(tiny_bundle, path, options=ServiceOptions(threads=1)) as svc, \
+            TestClient(create_app(svc)) as c:
+        default = c.get("/api/settings").json()
+        assert (default["mode"], default["min_similarity"], default["compact"]) == ("similarity", 0.5, "int8")
+        post_image(c, "/api/items", photos[0], label="cola")
+        own = post_image(c, "/api/recognize", photos[0]).json()["results"]
+        assert [r["label"] for r in own if r["distance"] == 0] and all(r["similarity"] < 1.0 for r in own)
+        # The photo's own regions are accepted at 0.5; at 1.0 the int8 rounding (0.9999...) rejects every one.
+        changed = c.put("/api/settings", json={"min_similarity": 1.0, "det_threshold": 0.2}).json()
+        assert (changed["min_similarity"], changed["det_threshold"]) == (1.0, 0.2)
+        assert all(r["label"] is None for r in post_image(c, "/api/recognize", photos[0]).json()["results"])
+        for bad in ({"min_similarity": 1.5}, {"min_similarity": -2}, {"min_similarity": "0.3"},
+                    {"min_similarity": True}, {"min_similarity": float("nan")}):
+            r = c.put("/api/settings", content=json.dumps(bad, allow_nan=True).encode())
+            assert r.status_code == 400 and "min_similarity" in r.json()["error"], bad
+        assert c.get("/api/settings").json() == changed
+    with KioskService.open(tiny_bundle, path, options=ServiceOptions(threads=1, compact=None)) as again:
+        assert again.settings() == changed  # an existing gallery keeps its own form
+
+
+@pytest.mark.parametrize("compact, metric, points, first", [("int8", "similarity", 401, -1.0),
+                                                            (None, "distance", 513, 0)])
+def test_calibrate_returns_the_curve_and_refuses_a_tiny_gallery(tiny_bundle, tmp_path, photos, compact, metric,
+                                                                points, first):
+    with KioskService.open(tiny_bundle, tmp_path / "g.db", options=ServiceOptions(threads=1, compact=compact)) as svc, \
+            TestClient(create_app(svc)) as client:
+        r = client.post("/api/calibrate", json={"precision": 0.9})
+        assert r.status_code == 400 and "error" in r.json()
+        for i, data in enumerate(photos):
+            post_image(client, "/api/items", data, label=f"label{i % 2}")
+        body = client.post("/api/calibrate", json={"precision": 0.9}).json()
+        assert set(body) >= {"metric", "target_precision", "threshold", "reached", "curve", "items", "labels"}
+        assert body["metric"] == metric and body["items"] == 5
+        assert len(body["curve"]) == points and body["curve"][0]["threshold"] == first
+        assert body["threshold"] is None or any(p["threshold"] == body["threshold"] for p in body["curve"])
+        for bad in ({"precision": 0}, {"precision": 1.5}, {"precision": "high"}, {"target": 0.9}):
+            assert client.post("/api/calibrate", json=bad).status_code == 400, bad
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -310,21 +310,29 @@ def test_live_enrol_gallery_settings_photos(kiosk, test_images, drink_dir):
     wait_for(d, f"{LABEL!r} among the live results", lambda d: LABEL in live_labels(d))
     shot("live")
 
-    # Settings: the preview lists the last frame's candidates; save a radius; calibrate answers or says why not.
+    # Settings: a gallery the kiosk creates keeps int8 compact features, so matches are accepted by similarity:
+    # the similarity slider (not the radius) is shown; the preview lists the last frame's candidates, accepted
+    # or not by the slider's value before it is saved; save a threshold; calibrate answers or says why not.
     el(d, "tab-settings").click()
     _, settings = server.api("/api/settings")
-    wait_for(d, "the settings", lambda d: text(d, "settings-radius-value") == str(settings["max_distance"]))
-    assert el(d, "settings-radius").get_attribute("max") == str(settings["bits"])
-    assert by_css(d, f'#settings-preview .cand[data-label="{LABEL}"]'), text(d, "settings-preview")
-    assert "smaller is stricter" in text(d, "page-settings")
-    new_radius = max(1, settings["max_distance"] - 10)
-    d.execute_script("const r = document.getElementById('settings-radius'); r.value = arguments[0];"
-                     "r.dispatchEvent(new Event('input'));", new_radius)
+    assert settings["mode"] == "similarity" and settings["compact"] == "int8", settings
+    wait_for(d, "the settings", lambda d: text(d, "settings-sim-value") == f"{settings['min_similarity']:.3f}")
+    assert el(d, "settings-sim").is_displayed() and not el(d, "settings-radius").is_displayed()
+    assert "larger is stricter" in text(d, "page-settings")
+    mine = f'#settings-preview .cand[data-label="{LABEL}"]'
+    assert by_css(d, mine), text(d, "settings-preview")
+    d.execute_script("const r = document.getElementById('settings-sim'); r.value = 1;"
+                     "r.dispatchEvent(new Event('input'));")
+    wait_for(d, "no candidate accepted at similarity 1", lambda d: not by_css(d, mine))
+    assert "✗" in text(d, "settings-preview") and "✓" not in text(d, "settings-preview")
+    d.execute_script("const r = document.getElementById('settings-sim'); r.value = 0.6;"
+                     "r.dispatchEvent(new Event('input'));")
+    wait_for(d, "the candidate accepted again", lambda d: by_css(d, mine))
     el(d, "settings-save").click()
-    wait_for(d, "the saved settings", lambda d: server.api("/api/settings")[1]["max_distance"] == new_radius)
+    wait_for(d, "the saved settings", lambda d: server.api("/api/settings")[1]["min_similarity"] == 0.6)
     el(d, "calibrate-run").click()
     wait_for(d, "the calibration's answer", lambda d: not el(d, "calibrate-run").get_property("disabled")
-             and (text(d, "calibrate-result").startswith("Radius") or status_line(d)[0] == "error"))
+             and (text(d, "calibrate-result").startswith("Minimum similarity") or status_line(d)[0] == "error"))
     # One item is too small a gallery to calibrate: the API's error is shown in the status line.
     assert status_line(d)[0] == "error" and "/api/calibrate: 400" in status_line(d)[1], status_line(d)
 
@@ -372,7 +380,7 @@ def test_live_enrol_gallery_settings_photos(kiosk, test_images, drink_dir):
     assert server.api(f"/api/items/{item_id}/thumbnail")[0] == 404
 
     # Calibration on a gallery of two labels with three items each (enrolled through the API): the curve and
-    # "Use this radius".
+    # "Use this similarity".
     for folder, label in (("0", "cal-a"), ("1", "cal-b")):
         for photo in sorted((drink_dir / "gallery" / folder).glob("*.jpg"))[:3]:
             status, answer = server.api(f"/api/items?label={label}", method="POST", body=photo.read_bytes(),
@@ -380,13 +388,15 @@ def test_live_enrol_gallery_settings_photos(kiosk, test_images, drink_dir):
             assert status == 201 and answer["label"] == label, (status, answer)
     el(d, "tab-settings").click()
     el(d, "calibrate-run").click()
-    wait_for(d, "the calibration", lambda d: text(d, "calibrate-result").startswith("Radius"))
+    wait_for(d, "the calibration", lambda d: text(d, "calibrate-result").startswith("Minimum similarity"))
     _, calibration = server.api("/api/calibrate", method="POST", body=b'{"precision": 0.95}',
                                 content_type="application/json")
-    assert f"Radius {calibration['threshold']} bits" in text(d, "calibrate-result")
+    assert calibration["metric"] == "similarity" and calibration["threshold"] is not None, calibration
+    assert f"Minimum similarity {calibration['threshold']:.3f}" in text(d, "calibrate-result")
+    assert text(d, "calibrate-use") == "Use this similarity"
     el(d, "calibrate-use").click()
-    assert el(d, "settings-radius").get_property("value") == str(calibration["threshold"])
-    assert text(d, "settings-radius-value") == str(calibration["threshold"])
+    assert abs(float(el(d, "settings-sim").get_property("value")) - calibration["threshold"]) < 1e-9
+    assert text(d, "settings-sim-value") == f"{calibration['threshold']:.3f}"
     shot("settings")
 
     # Nothing went wrong along the way that the status line showed, and no script error.
@@ -406,8 +416,9 @@ def test_token_for_non_loopback_client(kiosk, tiny_bundle):
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(TOKEN + "\n")
+    # This gallery keeps codes only: the UI shows the acceptance radius instead of the similarity.
     server = Server(tmp, "serve-lan", tiny_bundle, tmp / "lan.db", host="0.0.0.0", probe_host=ip,
-                    extra=("--token-file", str(token_file)))
+                    extra=("--token-file", str(token_file), "--compact", "none"))
     try:
         assert server.api("/healthz")[0] == 200
         status, answer = server.api("/api/items")
@@ -427,6 +438,17 @@ def test_token_for_non_loopback_client(kiosk, tiny_bundle):
         wait_for(d, "the gallery through the token", lambda d: "0 items" in text(d, "gallery-summary"))
         assert not el(d, "token-dialog").is_displayed()
         assert status_line(d)[0] != "error", status_line(d)
+        status, settings = server.api("/api/settings", token=TOKEN)
+        assert status == 200 and settings["mode"] == "distance", settings
+        el(d, "tab-settings").click()
+        wait_for(d, "the radius", lambda d: text(d, "settings-radius-value") == str(settings["max_distance"]))
+        assert el(d, "settings-radius").is_displayed() and not el(d, "settings-sim").is_displayed()
+        assert el(d, "settings-radius").get_attribute("max") == str(settings["bits"])
+        assert "smaller is stricter" in text(d, "page-settings")
+        d.execute_script("const r = document.getElementById('settings-radius'); r.value = 42;"
+                         "r.dispatchEvent(new Event('input'));")
+        el(d, "settings-save").click()
+        wait_for(d, "the saved radius", lambda d: server.api("/api/settings", token=TOKEN)[1]["max_distance"] == 42)
         # Over plain http on a LAN address the browser gives no camera: the UI says so.
         el(d, "tab-live").click()
         wait_for(d, "the no-camera notice", lambda d: el(d, "live-nocamera").is_displayed())

@@ -3,7 +3,6 @@ the demo data set comes from (shared folder, cache, mirror) when there is no che
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import tarfile
@@ -12,15 +11,11 @@ import pytest
 
 from edge_shitu_converters import shared as shared_mod
 from edge_shitu_converters.shared import DET_GRAPH, REC_GRAPH
-from edge_shitu.cli import main
 from edge_shitu.gallery import Gallery
 
+from conftest import run_cli as run
+
 HOST = "paddle-imagenet-models-name.bj.bcebos.com"
-
-
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    return main(list(map(str, argv)), stdout=out, stderr=err), out.getvalue(), err.getvalue()
 
 
 @pytest.mark.paddle

@@ -1,4 +1,4 @@
-"""``edge-shitu gallery build | add | remove | relabel | list | info | check | rehash``.
+"""``edge-shitu gallery build | add | remove | relabel | list | info | check | rehash | compact``.
 
 Each command's change to a gallery is one transaction (see :mod:`edge_shitu.enrol`); label files
 and labels are checked whole before any image is read.
@@ -159,13 +159,15 @@ def _cmd_info(args, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_check(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.float_index import index_status
     from edge_shitu.gallery import Gallery, check_gallery
 
     problems = check_gallery(args.gallery)
-    info = None
+    info = index = None
     if not problems:
         with Gallery.open(args.gallery, readonly=True) as gallery:
             info = gallery.info()
+            index = index_status(gallery)
             if args.bundle:
                 from edge_shitu.bundle import Bundle
                 from edge_shitu.hashing import encoder_for
@@ -177,15 +179,23 @@ def _cmd_check(args, out: TextIO, err: TextIO) -> int:
     if args.json:
         record = {"path": str(args.gallery), "ok": not problems, "problems": problems}
         if info is not None:
-            record.update(items=info.count, labels=info.label_count, bits=info.bits, fingerprint=info.fingerprint)
+            record.update(items=info.count, labels=info.label_count, bits=info.bits, fingerprint=info.fingerprint,
+                          compact=info.compact)
+        if index is not None:
+            record["float_index"] = {"path": str(index[0]), "current": index[1] is None, "why": index[1]}
         write_json(record, out)
     elif problems:
         out.write(f"{args.gallery}: {len(problems)} problem(s)\n")
         for p in problems:
             out.write(f"  {p}\n")
     else:
-        out.write(f"{args.gallery}: ok ({info.count} items, {info.label_count} labels, {info.bits}-bit codes, "
-                  f"fingerprint {info.fingerprint})\n")
+        compact = f", {info.compact} compact features" if info.compact else ""
+        out.write(f"{args.gallery}: ok ({info.count} items, {info.label_count} labels, {info.bits}-bit codes"
+                  f"{compact}, fingerprint {info.fingerprint})\n")
+    if index is not None and not args.json:
+        # A cache, rebuilt whenever it is next used: its state is reported, it is not a problem of the gallery.
+        state = "up to date" if index[1] is None else f"out of date, rebuilt when next used: {index[1]}"
+        out.write(f"float index {index[0]}: {state}\n")
     return EXIT_OK if not problems else EXIT_FAILURE
 
 
@@ -220,6 +230,30 @@ def _cmd_rehash(args, out: TextIO, err: TextIO) -> int:
     out.write(f"re-hashed {n} item(s) of {args.gallery} with {bundle.path} "
               f"({'hash head' if bundle.hash is not None else 'plain sign'}, {bundle.codes.bits} bits); "
               f"fingerprint {fingerprint}\n")
+    return EXIT_OK
+
+
+def _cmd_compact(args, out: TextIO, err: TextIO) -> int:
+    from edge_shitu.compact import bytes_per_item
+    from edge_shitu.gallery import DEFAULT_SHORTLIST, Gallery
+
+    fmt = None if args.format == "none" else args.format
+    with Gallery.open(args.gallery) as gallery:
+        before = gallery.compact
+        if before == fmt:
+            out.write(f"{args.gallery}: {'already keeps ' + fmt if fmt else 'keeps no'} compact features; "
+                      "nothing to do\n")
+            return EXIT_OK
+        n = gallery.set_compact(fmt)
+        dim = gallery.info().embedding_dim
+    if fmt is None:
+        out.write(f"{args.gallery}: compact features dropped; the recogniser searches by Hamming distance and "
+                  "accepts by max_distance again\n")
+    else:
+        size = f" ({bytes_per_item(fmt, dim)} B each)" if dim else ""
+        out.write(f"{args.gallery}: {n} item(s) now keep {fmt} compact features{size}; the recogniser re-ranks the "
+                  f"Hamming top-{DEFAULT_SHORTLIST} by them and accepts by min_similarity; run `edge-shitu gallery "
+                  f"calibrate {args.gallery}` to choose it for this gallery\n")
     return EXIT_OK
 
 
@@ -300,3 +334,14 @@ def register(subparsers, groups) -> None:
     gh.add_argument("--bundle", required=True, help="the bundle whose codes the gallery is to hold")
     gh.add_argument("--force", action="store_true", help="re-hash even when the fingerprint already matches")
     gh.set_defaults(func=_cmd_rehash)
+
+    gk = g.add_parser("compact", help="make compact features from stored embeddings for re-ranked search (or drop them)",
+                      description="Makes every item's compact feature (int8: d+4 bytes, fp16: 2d) from its stored "
+                                  "float embedding, in one transaction, so that the recogniser re-ranks the Hamming "
+                                  "shortlist and accepts by similarity, as for a gallery built with --compact; "
+                                  "`none` drops them. Needs a gallery built with --keep-embeddings. The calibrated "
+                                  "min_similarity is cleared when the form changes.")
+    gk.add_argument("gallery", help="the gallery file (built with --keep-embeddings)")
+    gk.add_argument("format", choices=["int8", "fp16", "none"],
+                    help="int8 (per-item scale), fp16, or none to drop the compact features")
+    gk.set_defaults(func=_cmd_compact)

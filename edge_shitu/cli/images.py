@@ -27,6 +27,7 @@ from edge_shitu.cli.common import (
     replica_note,
     whole_number,
 )
+from edge_shitu.errors import InvalidInputError
 from edge_shitu.options import MAX_DETECTIONS, MAX_TOP_K
 
 __all__ = ["register"]
@@ -114,10 +115,21 @@ def _cmd_recognize(args, out: TextIO, err: TextIO) -> int:
     from edge_shitu.recognizer import STAGES, Recognizer
     from edge_shitu.records import result_record
 
+    # Checked here too, so that the message names the flags rather than the option fields.
+    if args.search_backend == "hnsw" and args.max_distance is not None:
+        raise InvalidInputError("--max-distance does not apply to --search-backend hnsw, which accepts matches by "
+                                "similarity: use --min-similarity")
+    if args.hnsw_ef is not None and args.search_backend != "hnsw":
+        raise InvalidInputError(f"--hnsw-ef applies to --search-backend hnsw only, got --search-backend "
+                                f"{args.search_backend}")
     images = expand_images(args.images)
     bundle = Bundle.load(args.bundle)
     given = {name: getattr(args, name) for name in ("max_distance", "top_k", "whole_image", "min_similarity")
              if getattr(args, name) is not None}
+    if args.hnsw_ef is not None:
+        from edge_shitu.float_index import FloatIndexOptions
+
+        given["float_index"] = FloatIndexOptions(ef_search=args.hnsw_ef)
     detector = DetectorOptions(backend=BackendOptions(threads=args.threads))
     opts = RecognizerOptions(**given, detector=detector, embedder=embedder_options(args),
                              include_unknown=args.include_unknown, search_backend=args.search_backend,
@@ -176,6 +188,8 @@ def _images_and_output(p: argparse.ArgumentParser, what: str) -> None:
 
 def register(subparsers, groups) -> None:
     """Adds ``detect``, ``embed`` and ``recognize``."""
+    from edge_shitu.float_index import FloatIndexOptions
+
     d = subparsers.add_parser("detect", help="detect the main objects of images",
                               description="Boxes of the main objects, best first.")
     _images_and_output(d, "boxes")
@@ -195,16 +209,23 @@ def register(subparsers, groups) -> None:
     r.add_argument("--timings", action="store_true", help="also give per-stage timings in ms")
     r.add_argument("--max-distance", type=whole_number(0), default=None, metavar="BITS",
                    help="accept a match within this many differing bits; smaller is stricter (default: the "
-                        "gallery's calibrated value, else the bundle's)")
+                        "gallery's calibrated value, else the bundle's); not with --search-backend hnsw")
     r.add_argument("--min-similarity", type=_similarity, default=None, metavar="S",
-                   help="with a gallery built with --compact (re-ranked search): accept a match whose inner product "
-                        "is at least S, in [-1, 1]; larger is stricter (default: the gallery's, else 0.5)")
+                   help="with a gallery built with --compact (re-ranked search) or with --search-backend hnsw: "
+                        "accept a match whose inner product is at least S, in [-1, 1]; larger is stricter "
+                        "(default: the gallery's, else 0.5)")
     r.add_argument("--top-k", type=whole_number(1, MAX_TOP_K), default=None, metavar="K",
                    help="candidates kept per region (default: the bundle's)")
     r.add_argument("--whole-image", choices=["if_none", "always", "never"], default=None,
                    help="recognise the whole image too: only when nothing is detected (if_none), always (the "
                         "reference's behaviour) or never (default: the bundle's)")
     r.add_argument("--include-unknown", action="store_true", help="also list regions with no accepted match")
-    r.add_argument("--search-backend", choices=["auto", "numpy", "faiss"], default="auto",
-                   help="Hamming search: faiss when installed (auto), or pure numpy")
+    r.add_argument("--search-backend", choices=["auto", "numpy", "faiss", "hnsw"], default="auto",
+                   help="auto, numpy, faiss: exact Hamming search of the codes (auto: faiss when installed, else "
+                        "numpy); hnsw: approximate inner-product search of the float embeddings the gallery stores "
+                        "(built with --keep-embeddings), through an index file kept beside the gallery (G.db.hnsw, "
+                        "rebuilt when the gallery changes); needs pip install \"edge-shitu[hnsw]\"")
+    r.add_argument("--hnsw-ef", type=whole_number(1, 100_000), default=None, metavar="EF",
+                   help="with --search-backend hnsw: candidates examined per search; larger finds more of the true "
+                        f"nearest items, slower (default {FloatIndexOptions().ef_search})")
     r.set_defaults(func=_cmd_recognize)

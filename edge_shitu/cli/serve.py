@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TextIO
 
@@ -25,6 +24,10 @@ def register(subparsers, groups) -> None:
                     "The API is described in docs/kiosk.md.")
     p.add_argument("--bundle", required=True, help="bundle folder or one-file bundle (.esb)")
     p.add_argument("--gallery", required=True, help="the gallery file (created when missing)")
+    p.add_argument("--compact", choices=["int8", "fp16", "none"], default="int8",
+                   help="compact features a gallery created by serve keeps for re-ranked search (default int8: "
+                        "float search's recall@1 for d+4 bytes per item; none: codes only); an existing gallery "
+                        "keeps its own (see `gallery compact`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this device only)")
     p.add_argument("--port", type=whole_number(1, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--token-file", type=Path, default=None,
@@ -56,7 +59,8 @@ def _cmd_serve(args, out: TextIO, err: TextIO) -> int:
                   "clients send it as 'Authorization: Bearer TOKEN', the UI takes it once from "
                   "http://HOST:PORT/#token=TOKEN\n")
     hosts = allowed_hosts(args.host, args.allow_host)
-    options = ServiceOptions(threads=args.threads, max_pixels=args.max_pixels)
+    options = ServiceOptions(threads=args.threads, max_pixels=args.max_pixels,
+                             compact=None if args.compact == "none" else args.compact)
     with KioskService.open(args.bundle, args.gallery, options=options) as service:
         app = create_app(service, token=token, hosts=hosts, max_body=args.max_body or DEFAULT_MAX_BODY)
         if service.bundle.is_replica:

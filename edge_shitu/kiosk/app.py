@@ -24,7 +24,6 @@ from starlette.staticfiles import StaticFiles
 from edge_shitu.errors import (
     EdgeShituError,
     FingerprintMismatchError,
-    GalleryError,
     ImageDecodeError,
     InvalidInputError,
     LabelFileError,

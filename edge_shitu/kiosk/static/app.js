@@ -221,9 +221,22 @@
     return { s, x: (cw - iw * s) / 2, y: (ch - ih * s) / 2, w: iw * s, h: ih * s };
   }
 
+  // The gallery's acceptance rule: the best match within a radius of Hamming distance, or (a gallery that keeps
+  // compact features) a re-ranked similarity of at least a threshold.
+  function simMode() {
+    const s = state.settings || (state.info && state.info.gallery);
+    return !!(s && s.mode === 'similarity');
+  }
+
+  function closeness(c) {
+    if (simMode()) return typeof c.similarity === 'number' ? c.similarity.toFixed(3) : '';
+    return c.distance !== undefined && c.distance !== null ? String(c.distance) : '';
+  }
+
   function resultText(r) {
     if (r.label === null || r.label === undefined) return '?';
-    return r.distance !== undefined && r.distance !== null ? `${r.label} ${r.distance}` : String(r.label);
+    const c = closeness(r);
+    return c ? `${r.label} ${c}` : String(r.label);
   }
 
   // Boxes are in the coordinates of an image of width iw; `fit` maps that image onto the canvas.
@@ -269,7 +282,8 @@
       const d = document.createElement('span');
       d.className = 'd';
       const best = r.candidates && r.candidates.length ? r.candidates[0] : null;
-      d.textContent = known ? `${r.distance} bits` : best ? `best ${best.label} ${best.distance}` : '';
+      const unit = simMode() ? `similarity ${closeness(r)}` : `${r.distance} bits`;
+      d.textContent = known ? unit : best ? `best ${best.label} ${closeness(best)}` : '';
       li.append(name, d);
       ul.append(li);
     });
@@ -921,21 +935,35 @@
   function showSettings(s) {
     if (s.bits) $('settings-radius').max = s.bits;
     $('settings-radius').value = s.max_distance;
+    if (typeof s.min_similarity === 'number') $('settings-sim').value = s.min_similarity;
+    $('settings-radius-box').hidden = s.mode === 'similarity';
+    $('settings-sim-box').hidden = s.mode !== 'similarity';
+    $('calibrate-use').textContent = s.mode === 'similarity' ? 'Use this similarity' : 'Use this radius';
     $('settings-det').value = s.det_threshold;
     settingsInput();
   }
 
   function settingsInput() {
     $('settings-radius-value').textContent = $('settings-radius').value;
+    $('settings-sim-value').textContent = Number($('settings-sim').value).toFixed(3);
     $('settings-det-value').textContent = Number($('settings-det').value).toFixed(2);
     renderPreview();
     drawCurve();
   }
 
+  // The acceptance threshold on the Settings page (not saved yet), and whether it accepts a candidate.
+  function threshold() {
+    return Number($(simMode() ? 'settings-sim' : 'settings-radius').value);
+  }
+
+  function accepts(c, t) {
+    return simMode() ? typeof c.similarity === 'number' && c.similarity >= t : c.distance <= t;
+  }
+
   function renderPreview() {
     const ul = $('settings-preview');
     ul.textContent = '';
-    const radius = Number($('settings-radius').value);
+    const limit = threshold();
     const det = Number($('settings-det').value);
     const r = state.last;
     const note = (text) => {
@@ -954,7 +982,8 @@
     }
     r.results.forEach((res, i) => {
       const cands = res.candidates || [];
-      const accepted = cands.find((c) => c.distance <= radius);
+      // The best candidate decides, as in the recogniser.
+      const accepted = cands.length && accepts(cands[0], limit) ? cands[0] : null;
       const li = document.createElement('li');
       li.className = 'cand result' + (accepted ? '' : ' unknown');
       li.dataset.label = accepted ? accepted.label : '';
@@ -963,7 +992,7 @@
       a.textContent = `${i + 1}: ${accepted ? accepted.label : 'unknown'}` + (lowScore ? ' (box below threshold)' : '');
       const d = document.createElement('span');
       d.className = 'd';
-      d.textContent = cands.slice(0, 3).map((c) => `${c.label} ${c.distance}${c.distance <= radius ? ' ✓' : ' ✗'}`).join(' · ')
+      d.textContent = cands.slice(0, 3).map((c) => `${c.label} ${closeness(c)}${accepts(c, limit) ? ' ✓' : ' ✗'}`).join(' · ')
         || 'no candidates';
       li.append(a, d);
       ul.append(li);
@@ -971,11 +1000,15 @@
   }
 
   async function saveSettings() {
-    const body = { max_distance: Number($('settings-radius').value), det_threshold: Number($('settings-det').value) };
+    const body = { det_threshold: Number($('settings-det').value) };
+    if (simMode()) body.min_similarity = threshold();
+    else body.max_distance = threshold();
     try {
       state.settings = await api('PUT', '/api/settings', { json: body });
       showSettings(state.settings);
-      setStatus(`Saved: radius ${state.settings.max_distance} bits, detector threshold ${state.settings.det_threshold}`, 'ok');
+      const rule = simMode() ? `minimum similarity ${state.settings.min_similarity}`
+        : `radius ${state.settings.max_distance} bits`;
+      setStatus(`Saved: ${rule}, detector threshold ${state.settings.det_threshold}`, 'ok');
     } catch (e) {
       showError(e);
     }
@@ -992,7 +1025,10 @@
       if (typeof r.reached === 'boolean') reached = r.reached ? 'target reached' : 'target NOT reached';
       else if (typeof r.reached === 'number') reached = `precision reached ${r.reached.toFixed(3)}`;
       else reached = '';
-      $('calibrate-result').textContent = `Radius ${r.threshold} bits for precision ${r.target_precision}: ${reached}`
+      const chosen = typeof r.threshold !== 'number' ? 'none'
+        : r.metric === 'similarity' ? r.threshold.toFixed(3) : String(r.threshold);
+      const rule = r.metric === 'similarity' ? `Minimum similarity ${chosen}` : `Radius ${chosen} bits`;
+      $('calibrate-result').textContent = `${rule} for precision ${r.target_precision}: ${reached}`
         + (r.items !== undefined ? ` (${r.items} items, ${r.labels} labels)` : '');
       $('calibrate-use').hidden = r.threshold === null || r.threshold === undefined;
       drawCurve();
@@ -1012,21 +1048,27 @@
     ctx.font = '11px system-ui, sans-serif';
     ctx.fillStyle = '#6b747d';
     if (!r || !r.curve || !r.curve.length) {
-      ctx.fillText('Calibrate to see precision and recall by radius', 8, 16);
+      ctx.fillText(`Calibrate to see precision and recall by ${simMode() ? 'similarity' : 'radius'}`, 8, 16);
       return;
     }
     const pad = { l: 28, r: 8, t: 8, b: 18 };
+    const sim = r.metric === 'similarity';
     const xs = r.curve.map((p) => p.threshold);
-    const xmax = Math.max(...xs, r.threshold || 0, Number($('settings-radius').value), 1);
-    const X = (t) => pad.l + (t / xmax) * (w - pad.l - pad.r);
+    const current = threshold();
+    // Similarities: from a little below where every query is accepted (the curve is flat lower down) to 1.
+    const flat = r.curve.filter((p) => p.recall !== null && p.unknown_accept_rate === 1).map((p) => p.threshold);
+    const xmin = sim ? Math.max(-1, Math.min(flat.length ? Math.max(...flat) : -1, current, r.threshold ?? 1) - 0.05) : 0;
+    const xmax = sim ? 1 : Math.max(...xs, r.threshold || 0, current, 1);
+    const X = (t) => pad.l + ((t - xmin) / (xmax - xmin)) * (w - pad.l - pad.r);
+    const inside = (p) => p.threshold >= xmin && p.threshold <= xmax;
     const Y = (v) => pad.t + (1 - v) * (h - pad.t - pad.b);
     ctx.strokeStyle = '#3c444d';
     ctx.lineWidth = 1;
     ctx.strokeRect(pad.l, pad.t, w - pad.l - pad.r, h - pad.t - pad.b);
     ctx.fillText('1', 12, Y(1) + 4);
     ctx.fillText('0', 12, Y(0));
-    ctx.fillText('0', pad.l, h - 4);
-    ctx.fillText(`${Math.round(xmax)} bits`, w - pad.r - 44, h - 4);
+    ctx.fillText(sim ? xmin.toFixed(2) : '0', pad.l, h - 4);
+    ctx.fillText(sim ? 'similarity 1' : `${Math.round(xmax)} bits`, w - pad.r - (sim ? 64 : 44), h - 4);
     const series = [['precision', '#60a5fa'], ['recall', '#3ddc84'], ['unknown_accept_rate', '#f87171']];
     series.forEach(([key, color], k) => {
       ctx.strokeStyle = color;
@@ -1034,7 +1076,7 @@
       ctx.beginPath();
       let started = false;
       for (const p of r.curve) {
-        if (typeof p[key] !== 'number') continue;
+        if (typeof p[key] !== 'number' || !inside(p)) continue;
         if (!started) ctx.moveTo(X(p.threshold), Y(p[key]));
         else ctx.lineTo(X(p.threshold), Y(p[key]));
         started = true;
@@ -1053,14 +1095,16 @@
       ctx.setLineDash([]);
     };
     if (typeof r.threshold === 'number') mark(r.threshold, '#facc15', []);
-    mark(Number($('settings-radius').value), '#e8eaed', [4, 4]);
+    mark(current, '#e8eaed', [4, 4]);
   }
 
   function useCalibrated() {
     if (!state.calib || typeof state.calib.threshold !== 'number') return;
-    $('settings-radius').value = state.calib.threshold;
+    const sim = state.calib.metric === 'similarity';
+    $(sim ? 'settings-sim' : 'settings-radius').value = state.calib.threshold;
     settingsInput();
-    setStatus(`Radius set to ${state.calib.threshold} bits: press Save to keep it`, 'ok');
+    setStatus(sim ? `Minimum similarity set to ${state.calib.threshold.toFixed(3)}: press Save to keep it`
+      : `Radius set to ${state.calib.threshold} bits: press Save to keep it`, 'ok');
   }
 
   // ------------------------------------------------------------------ photos
@@ -1166,6 +1210,7 @@
     $('gallery-refresh').onclick = () => loadGallery(true);
     $('gallery-more').onclick = () => loadMore();
     $('settings-radius').addEventListener('input', settingsInput);
+    $('settings-sim').addEventListener('input', settingsInput);
     $('settings-det').addEventListener('input', settingsInput);
     $('settings-save').onclick = saveSettings;
     $('settings-reset').onclick = loadSettings;

@@ -23,7 +23,7 @@ from edge_shitu.errors import EdgeShituError, InvalidInputError
 from edge_shitu.kiosk.service import KioskService, ServiceOptions, parse_box
 
 __all__ = ["open", "close", "recognize_rgb", "enrol_rgb", "remove", "relabel", "list_items", "labels",
-           "thumbnail", "set_max_distance", "settings"]
+           "thumbnail", "set_max_distance", "set_min_similarity", "settings"]
 
 # Frames from the camera are small (640x480 in the app); this bounds what a bad caller can make us allocate.
 _MAX_FRAME_PIXELS = 4096 * 4096
@@ -79,9 +79,10 @@ def _frame(data, width: int, height: int, rotation: int) -> np.ndarray:
 
 def _summary(service: KioskService) -> dict:
     info = service.info()
-    return {"bits": info["bundle"]["bits"], "items": info["gallery"]["items"], "labels": info["gallery"]["labels"],
-            "max_distance": info["gallery"]["max_distance"], "det_threshold": info["gallery"]["det_threshold"],
-            "replica": info["bundle"]["replica"]}
+    gallery = info["gallery"]
+    return {"bits": info["bundle"]["bits"], "items": gallery["items"], "labels": gallery["labels"],
+            "mode": gallery["mode"], "max_distance": gallery["max_distance"], "min_similarity": gallery["min_similarity"],
+            "det_threshold": gallery["det_threshold"], "replica": info["bundle"]["replica"]}
 
 
 def open(bundle_path: str, gallery_path: str, threads: int = 0) -> str:  # noqa: A001 - the app's verb
@@ -93,7 +94,9 @@ def open(bundle_path: str, gallery_path: str, threads: int = 0) -> str:  # noqa:
       threads: model threads per session; 0 lets ONNX Runtime choose.
 
     Returns:
-      JSON ``{"bits", "items", "labels", "max_distance", "det_threshold", "replica"}``.
+      JSON ``{"bits", "items", "labels", "mode", "max_distance", "min_similarity", "det_threshold", "replica"}``;
+      ``mode`` is the gallery's acceptance rule: "similarity" (a gallery created here keeps int8 compact
+      features: re-ranked search, accepted at ``min_similarity``) or "distance" (``max_distance`` bits).
     """
     def work() -> dict:
         global _service
@@ -199,8 +202,14 @@ def set_max_distance(value: int) -> str:
     return _answer(lambda: _current().update_settings({"max_distance": value}))
 
 
+def set_min_similarity(value: float) -> str:
+    """Set and store the acceptance similarity of a gallery in mode "similarity" (larger is stricter). Returns the
+    settings as JSON."""
+    return _answer(lambda: _current().update_settings({"min_similarity": value}))
+
+
 def settings() -> str:
-    """Returns JSON ``{"max_distance", "det_threshold", "bits"}``."""
+    """Returns JSON ``{"mode", "max_distance", "min_similarity", "det_threshold", "bits", "compact"}``."""
     return _answer(lambda: _current().settings())
 
 

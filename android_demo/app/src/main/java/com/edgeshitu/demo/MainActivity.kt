@@ -62,6 +62,7 @@ class MainActivity : AppCompatActivity() {
     @Volatile private var frozen = false      // showing a still frame for enrolment
     private var shown: Frame? = null          // the frame whose results the overlay shows (main thread)
     private var bits = 0
+    private var similarityMode = false
 
     private val galleryPath: String
         get() = prefs.getString(KEY_GALLERY, null) ?: File(filesDir, "gallery.db").path
@@ -103,13 +104,17 @@ class MainActivity : AppCompatActivity() {
             }
             true
         }
+        // One slider for the gallery's acceptance rule: a radius in bits, or (a gallery with compact features)
+        // a minimum similarity in [-1, 1], in steps of 0.01.
         binding.radius.setOnSeekBarChangeListener(object : SeekBar.OnSeekBarChangeListener {
             override fun onProgressChanged(bar: SeekBar, progress: Int, fromUser: Boolean) {
-                if (fromUser) binding.radiusLabel.text = getString(R.string.radius_label, progress)
+                if (fromUser) showThreshold(progress)
             }
             override fun onStartTrackingTouch(bar: SeekBar) {}
             override fun onStopTrackingTouch(bar: SeekBar) {
-                shitu.setMaxDistance(bar.progress) { r -> if (r.ok) showSettings(r.json) else showError(r.error) }
+                val done = { r: Reply -> if (r.ok) showSettings(r.json) else showError(r.error) }
+                if (similarityMode) shitu.setMinSimilarity(similarityOf(bar.progress), done)
+                else shitu.setMaxDistance(bar.progress, done)
             }
         })
 
@@ -155,7 +160,6 @@ class MainActivity : AppCompatActivity() {
     private fun onOpened(summary: JSONObject) {
         bits = summary.optInt("bits")
         ready = true
-        binding.radius.max = bits
         binding.radius.isEnabled = true
         showSettings(summary)
         binding.status.text = getString(
@@ -163,14 +167,26 @@ class MainActivity : AppCompatActivity() {
         )
     }
 
+    private fun similarityOf(progress: Int) = progress / 100.0 - 1.0
+
+    private fun showThreshold(progress: Int) {
+        binding.radiusLabel.text = if (similarityMode) getString(R.string.similarity_label, similarityOf(progress))
+            else getString(R.string.radius_label, progress)
+    }
+
     private fun showSettings(s: JSONObject) {
-        if (s.has("bits")) {
-            bits = s.optInt("bits", bits)
+        if (s.has("bits")) bits = s.optInt("bits", bits)
+        if (s.has("mode")) similarityMode = s.optString("mode") == "similarity"
+        binding.overlay.similarityMode = similarityMode
+        val progress = if (similarityMode) {
+            binding.radius.max = 200
+            Math.round((s.optDouble("min_similarity", similarityOf(binding.radius.progress)) + 1.0) * 100).toInt()
+        } else {
             binding.radius.max = bits
+            s.optInt("max_distance", binding.radius.progress)
         }
-        val radius = s.optInt("max_distance", binding.radius.progress)
-        binding.radius.progress = radius
-        binding.radiusLabel.text = getString(R.string.radius_label, radius)
+        binding.radius.progress = progress
+        showThreshold(progress)
     }
 
     private fun importBundle(uri: Uri): Unit = importFile(uri, "bundle", ".esb") { file ->

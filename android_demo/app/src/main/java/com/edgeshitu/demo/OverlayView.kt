@@ -29,6 +29,7 @@ class OverlayView @JvmOverloads constructor(
         val box: RectF,          // frame coordinates
         val label: String?,      // null: unknown
         val distance: Double?,   // Hamming distance of the best match, bits
+        val similarity: Double?, // similarity of the best match (re-ranked search)
         val json: JSONArray,     // the box as Python gave it, for enrol_rgb
     )
 
@@ -36,6 +37,10 @@ class OverlayView @JvmOverloads constructor(
         private set
     private var frameWidth = 0
     private var frameHeight = 0
+
+    /** Whether the gallery accepts by similarity (shown as s=0.93) rather than by distance (d=41). */
+    var similarityMode = false
+        set(value) { field = value; invalidate() }
 
     /** Index into [detections] drawn highlighted, or -1. */
     var selected = -1
@@ -71,9 +76,10 @@ class OverlayView @JvmOverloads constructor(
             if (b.length() != 4) continue
             val label = if (r.isNull("label")) null else r.optString("label")
             val distance = if (r.isNull("distance")) null else r.optDouble("distance").takeIf { !it.isNaN() }
+            val similarity = if (r.isNull("similarity")) null else r.optDouble("similarity").takeIf { !it.isNaN() }
             list += Detection(
                 RectF(b.optDouble(0).toFloat(), b.optDouble(1).toFloat(), b.optDouble(2).toFloat(), b.optDouble(3).toFloat()),
-                label, distance, b,
+                label, distance, similarity, b,
             )
         }
         detections = list
@@ -129,11 +135,9 @@ class OverlayView @JvmOverloads constructor(
                 else -> knownPaint
             }
             canvas.drawRect(r, paint)
-            val text = when {
-                d.label == null -> context.getString(R.string.unknown) +
-                    (d.distance?.let { "  d=${it.toInt()}" } ?: "")
-                else -> d.label + (d.distance?.let { "  d=${it.toInt()}" } ?: "")
-            }
+            val closeness = if (similarityMode) d.similarity?.let { "  s=" + String.format("%.2f", it) }
+                else d.distance?.let { "  d=${it.toInt()}" }
+            val text = (d.label ?: context.getString(R.string.unknown)) + (closeness ?: "")
             val tw = textPaint.measureText(text)
             val th = fm.descent - fm.ascent
             // Above the box when there is room, else inside its top edge.

@@ -109,6 +109,8 @@ class ShituPython private constructor(context: Context) {
 
     fun setMaxDistance(value: Int, done: (Reply) -> Unit) = call("set_max_distance", value, done = done)
 
+    fun setMinSimilarity(value: Double, done: (Reply) -> Unit) = call("set_min_similarity", value, done = done)
+
     fun settings(done: (Reply) -> Unit) = call("settings", done = done)
 
     /** The item's thumbnail decoded, or null when it has none; `thumbnail()` answers bytes or None, not JSON. */
