@@ -24,7 +24,8 @@ def register(subparsers: Any, groups: Dict[str, Any]) -> None:
     lat = sub.add_parser(
         "latency", help="per-stage latency (p50/p90/p99) and peak memory of bundles, side by side",
         description="Per-stage latency and peak memory of one or more bundles (and the reference pipeline with "
-                    "--reference), each configuration in its own subprocess; writes latency.json, latency.md "
+                    "--reference), each configuration in its own subprocess, beside this CPU's fp32 and int8 GEMM "
+                    "rates and the fraction of them each model reaches; writes latency.json, latency.md "
                     "and latency.png into --out.")
     _latency_arguments(lat)
     lat.set_defaults(func=_cmd_latency)
@@ -93,6 +94,13 @@ def _latency_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the reference's Paddle without MKLDNN (its configuration turns MKLDNN on)")
     p.add_argument("--shared", default=None, metavar="DIR",
                    help="shared data folder (default: ../shared or $EDGE_SHITU_SHARED)")
+    p.add_argument("--gemm-runs", type=int, default=5, metavar="N",
+                   help="timed runs of each GEMM-rate measurement (fp32 and int8 2048³ in onnxruntime, before and "
+                        "after each --threads count's configurations) that model GMAC/s are compared with (default 5; "
+                        "0 skips the GEMM rates, model GMAC and fractions)")
+    p.add_argument("--session-config", action="append", default=None, metavar="KEY=VALUE",
+                   help="an onnxruntime session config entry for the bundles' sessions, over the backend's own "
+                        "(repeatable); e.g. session.intra_op.allow_spinning=1 for onnxruntime's default spinning")
 
 
 def _cmd_latency(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -180,4 +188,8 @@ def _command_line(args: argparse.Namespace) -> str:
             words += ["--" + flag.replace("_", "-"), str(value)]
     if args.reference_no_mkldnn:
         words.append("--reference-no-mkldnn")
+    if args.gemm_runs != 5:
+        words += ["--gemm-runs", str(args.gemm_runs)]
+    for item in args.session_config or ():
+        words += ["--session-config", item]
     return " ".join(shlex.quote(str(w)) for w in words)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -2,6 +2,7 @@
 
     edge-shitu bench latency --bundle B [--bundle B2 ...] [--reference] --images DIR [--threads 1,2]
                              [--warmup N] [--runs N] [--out DIR] [--gallery G.db | --gallery-limit N]
+                             [--gemm-runs N] [--session-config KEY=VALUE ...]
 
 Every configuration (a bundle, or the reference pipeline of ``edge_shitu_bench.reference``) runs in a fresh
 subprocess per thread count, on the same images in the same (name) order: ``--warmup`` passes over the
@@ -22,6 +23,19 @@ built from the same gallery images with its own pre-processing and Paddle extrac
 The reference's models: ``--reference-det/--reference-rec`` folders, else the official graphs in the
 shared folder; without their weights, replicas with the first bundle's replica seed are written into the
 out dir (a replica costs what the real model costs).
+
+Against the machine (``edge_shitu_bench.machine``): in the same run, this CPU's GEMM rates are measured with
+onnxruntime (an fp32 ``MatMul`` and a u8 × s8 ``MatMulInteger`` of 2048³, ``--gemm-runs`` timed runs each,
+median) at each ``--threads`` count just before and just after that count's configurations (and at one thread
+first when 1 is not among them), and each ONNX model's MACs are counted from its graph (the detector at its
+fixed input, the extractor per crop). Each configuration then reports per model its GMAC/s and the fraction
+of the rate of its precision at its thread count, the mean of the two bracketing measurements (fp32 models
+against the fp32 rate, int8 models against the int8 rate), and the fraction of the mixed limit (its float
+MACs at the fp32 rate, its integer MACs at the int8 rate). ``--gemm-runs 0`` skips all of this.
+
+``--session-config KEY=VALUE`` (repeatable) changes an onnxruntime session config entry of the bundles' sessions
+in the measured subprocesses, over the backend's own (``edge_shitu.backends.onnxruntime.SESSION_CONFIG``): e.g.
+``session.intra_op.allow_spinning=1`` measures onnxruntime's default spinning against the backend's.
 
 Output in ``--out``: ``latency.json`` (machine, versions, threads, image count, every sample),
 ``latency.md`` and ``latency.png`` (stage medians stacked per configuration). Also ``python -m
@@ -49,8 +63,9 @@ from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidIn
 from edge_shitu.recognizer import STAGES
 from edge_shitu.options import check_threads
 
-__all__ = ["LatencyOptions", "LatencyRun", "STAGE_TITLES", "IMAGE_SUFFIXES", "parse_threads", "list_images",
-           "run", "summarize_configuration", "markdown", "chart", "options_from_args", "main"]
+__all__ = ["LatencyOptions", "LatencyRun", "STAGE_TITLES", "IMAGE_SUFFIXES", "parse_threads", "parse_session_config",
+           "list_images", "run", "summarize_configuration", "model_fractions", "markdown", "chart", "options_from_args",
+           "main"]
 
 STAGE_TITLES = {
     "decode": "decode",
@@ -66,7 +81,7 @@ STAGE_TITLES = {
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 REFERENCE_LABEL = "reference"
-_VERSIONED = ("edge-shitu", "numpy", "pillow", "onnxruntime", "paddlepaddle",
+_VERSIONED = ("edge-shitu", "numpy", "pillow", "onnxruntime", "onnx", "paddlepaddle",
               ("opencv-python-headless", "opencv-python"), "faiss-cpu", "matplotlib")
 Progress = Callable[[str], None]
 
@@ -91,6 +106,10 @@ class LatencyOptions:
       reference_rec: the reference extractor's Paddle folder; ``None``: the shared official graph.
       reference_mkldnn: run the reference's Paddle with MKLDNN, as its configuration does.
       shared: the shared data folder (default: ``edge_shitu_converters.shared.find_shared()``).
+      gemm_runs: timed runs of each GEMM-rate measurement (one warm-up run before them), >= 0; ``0`` skips
+        the comparison with the machine (GEMM rates, model MACs and fractions).
+      session_config: onnxruntime session config entries (key, value) set over the backend's own for the
+        bundles' sessions (see ``edge_shitu.backends.onnxruntime.SESSION_CONFIG``); empty: the backend's.
     """
 
     threads: Tuple[int, ...] = (1,)
@@ -106,6 +125,8 @@ class LatencyOptions:
     reference_rec: Optional[Path] = None
     reference_mkldnn: bool = True
     shared: Optional[Path] = None
+    gemm_runs: int = 5
+    session_config: Tuple[Tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         threads = tuple(self.threads)
@@ -116,7 +137,7 @@ class LatencyOptions:
         if len(set(threads)) != len(threads):
             raise InvalidInputError(f"threads repeat a value: {list(threads)}")
         object.__setattr__(self, "threads", threads)
-        for name, low in (("warmup", 0), ("runs", 1)):
+        for name, low in (("warmup", 0), ("runs", 1), ("gemm_runs", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
@@ -130,6 +151,14 @@ class LatencyOptions:
             raise InvalidInputError(f"whole_image must be if_none, always or never, got {self.whole_image!r}")
         if self.gallery is not None and self.gallery_limit is not None:
             raise InvalidInputError("give either a gallery or gallery_limit (for the gallery built here), not both")
+        config = tuple(tuple(item) if isinstance(item, (tuple, list)) else (item,) for item in self.session_config)
+        if any(len(item) != 2 or not all(isinstance(x, str) and x for x in item) for item in config):
+            raise InvalidInputError(f"session_config must be (key, value) pairs of non-empty strings, "
+                                    f"got {list(self.session_config)!r}")
+        keys = [key for key, _ in config]
+        if len(set(keys)) != len(keys):
+            raise InvalidInputError(f"session_config repeats a key: {keys}")
+        object.__setattr__(self, "session_config", config)
         if not self.reference and (self.reference_det is not None or self.reference_rec is not None):
             raise InvalidInputError("reference model folders were given without reference=True (--reference)")
 
@@ -164,6 +193,22 @@ def parse_threads(text: str) -> Tuple[int, ...]:
     if any(v < 1 for v in values) or len(set(values)) != len(values):
         raise InvalidInputError(f"--threads takes distinct integers >= 1, got {text!r}")
     return values
+
+
+def parse_session_config(items: Sequence[str]) -> Tuple[Tuple[str, str], ...]:
+    """Parse ``["session.intra_op.allow_spinning=1", ...]`` into ``(("session.intra_op.allow_spinning", "1"), ...)``.
+
+    Raises:
+      InvalidInputError: an item is not ``KEY=VALUE`` with a non-empty key and value.
+    """
+    parsed = []
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InvalidInputError(f"--session-config takes KEY=VALUE (an onnxruntime session config entry), "
+                                    f"got {item!r}")
+        parsed.append((key.strip(), value.strip()))
+    return tuple(parsed)
 
 
 def list_images(images_dir: Path, max_images: Optional[int] = None) -> List[Path]:
@@ -424,6 +469,11 @@ def _work_bundle(job: Dict[str, Any]) -> Dict[str, Any]:
 
     started = time.perf_counter()
     threads = int(job["threads"])
+    if job.get("session_config"):
+        from edge_shitu.backends import onnxruntime as ort_backend
+
+        # This subprocess only measures: the what-if entries replace the backend's before any session exists.
+        ort_backend.SESSION_CONFIG.update(job["session_config"])
     bundle = Bundle.load(job["bundle"])
     backend = BackendOptions(threads=threads)
     options = RecognizerOptions(
@@ -444,11 +494,20 @@ def _work_bundle(job: Dict[str, Any]) -> Dict[str, Any]:
             "whole_image": recognizer.options.whole_image.value, "gallery_items": len(recognizer.gallery),
             "gallery_backend": getattr(recognizer.gallery, "backend", None),
             "backends": {r: m.backend for r, m in bundle.models.items()},
+            "onnxruntime_session_config": _session_config_in_effect(),
             "precision": {r: m.precision for r, m in bundle.models.items()},
             "replica": bundle.is_replica,
         }
     measured["load_ms"] = load_ms
     return measured
+
+
+def _session_config_in_effect() -> Optional[Dict[str, str]]:
+    try:
+        from edge_shitu.backends.onnxruntime import SESSION_CONFIG
+    except ImportError:
+        return None
+    return dict(SESSION_CONFIG)
 
 
 def _work_reference(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -495,10 +554,19 @@ def _work_reference_index(job: Dict[str, Any]) -> Dict[str, Any]:
     return {"items": len(index)}
 
 
+def _work_gemm(job: Dict[str, Any]) -> Dict[str, Any]:
+    from edge_shitu_bench import machine
+
+    rate = machine.measure_gemm_rate(job["precision"], size=int(job["size"]), threads=int(job["threads"]),
+                                     runs=int(job["runs"]))
+    return {"gemm": rate.to_json()}
+
+
 def _worker(job_path: Path) -> int:
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     result_path = Path(job["result"])
-    kinds = {"bundle": _work_bundle, "reference": _work_reference, "reference_index": _work_reference_index}
+    kinds = {"bundle": _work_bundle, "reference": _work_reference, "reference_index": _work_reference_index,
+             "gemm": _work_gemm}
     try:
         result = kinds[job["kind"]](job)
         result.update(ok=True, peak_rss_mb=report.peak_rss_mb(), versions=report.package_versions(_VERSIONED))
@@ -579,6 +647,10 @@ def markdown(rep: Dict[str, Any]) -> str:
                        if c.get("kind") == "bundle" and c.get("details")})
     if searches:
         lines.append(f"- edge-shitu Hamming search backend: {', '.join(searches)}")
+    sessions = sorted({json.dumps(c["details"]["onnxruntime_session_config"], sort_keys=True) for c in configs
+                       if c.get("kind") == "bundle" and (c.get("details") or {}).get("onnxruntime_session_config")})
+    if sessions:
+        lines.append(f"- onnxruntime session config of the bundles' sessions: {'; '.join(sessions)}")
     if rep.get("reference"):
         ref = rep["reference"]
         lines.append(f"- reference index: {ref['index']['items']} codes, {ref['index']['source']}")
@@ -586,6 +658,9 @@ def markdown(rep: Dict[str, Any]) -> str:
                      f"{ref['models']['extractor']['weights']}; MKLDNN {'on' if ref['mkldnn'] else 'off'}")
     lines.append(f"- baseline: **{rep['baseline']}**; ratio = p50 ÷ baseline p50 at the same thread count "
                  "(below 1 = faster)")
+    against = rep.get("against_machine")
+    if against:
+        lines += _machine_lines(against)
     lines.append("")
     for threads in rep["threads"]:
         rows_cfg = [c for c in configs if c["threads"] == threads]
@@ -615,10 +690,78 @@ def markdown(rep: Dict[str, Any]) -> str:
                 crops.append("")
                 found.append("")
         rows += [rss, crops, found]
+        if against:
+            rows += _fraction_rows(rows_cfg)
         lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "", report.markdown_table(headers, rows), ""]
     if rep.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in rep["notes"]]
     return "\n".join(lines)
+
+
+def _machine_lines(against: Dict[str, Any]) -> List[str]:
+    parts = []
+    for threads in sorted({int(g["threads"]) for g in against["gemm"]}):
+        rates = []
+        for precision in ("fp32", "int8"):
+            gs = [g for g in against["gemm"] if int(g["threads"]) == threads and g["precision"] == precision]
+            if not gs:
+                continue
+            used = against["rates"].get(str(threads), {}).get(precision)
+            text = f"{precision} {used:.1f}" if used is not None else precision
+            text += " (" + ", ".join(f"{g['when']} {g['gmac_per_s']:.1f}" for g in gs)
+            cpu = [g["gmac_per_cpu_s"] for g in gs if g.get("gmac_per_cpu_s")]
+            if cpu:
+                text += "; per CPU-second " + ", ".join(f"{v:.1f}" for v in cpu)
+            rates.append(text + ")")
+        parts.append(f"{threads} thread{'s' if threads > 1 else ''}: " + ", ".join(rates))
+    size = against["gemm_size"]
+    lines = [f"- this CPU, GMAC/s (onnxruntime GEMM {size}×{size}×{size}: fp32 MatMul, u8 × s8 MatMulInteger; "
+             f"median of {against['gemm_runs']} run(s), measured before and after each thread count's "
+             "configurations): "
+             + "; ".join(parts) + ". Before and after far apart, or at one thread a wall rate far below the "
+             "per-CPU-second rate: other work shared the cores"]
+    for label, models in against["models"].items():
+        items = []
+        for role, m in models.items():
+            if "skipped" in m:
+                items.append(f"{role} not counted ({m['skipped']})")
+                continue
+            shape = "×".join(str(d) for d in next(iter(m["input_shapes"].values())))
+            share = f", {m['int8_share']:.0%} of it on integer kernels" if m["precision"] == "int8" else ""
+            items.append(f"{role} {m['gmac']:.3g} GMAC per {m['per']} ({shape}, {m['precision']}{share})")
+        lines.append(f"- model work of {label} (from the ONNX graph): " + "; ".join(items))
+    lines.append("- 'GMAC/s' rows: model GMAC ÷ inference p50 (the extractor per crop), then the fraction of the GEMM "
+                 "rate of its precision at the same thread count; 'mixed' (int8 models) counts float layers at the "
+                 "fp32 rate")
+    return lines
+
+
+def _fraction_rows(configs: Sequence[Dict[str, Any]]) -> List[List[str]]:
+    roles: List[str] = []
+    for c in configs:
+        for role in (c.get("models") or {}):
+            if role not in roles:
+                roles.append(role)
+    rows = []
+    for role in roles:
+        row = [f"{role} GMAC/s (of the GEMM rate)"]
+        for i, c in enumerate(configs):
+            m = (c.get("models") or {}).get(role)
+            if not m or m["gmac_per_s"] is None:
+                row.append("—")
+            else:
+                cell = f"{m['gmac_per_s']:.1f} ({_pct(m['fraction_of_rate'])} of {m['rate']})"
+                if m["precision"] == "int8" and m["int8_share"] < 1.0:
+                    cell += f", mixed {_pct(m['fraction_of_mixed_limit'])}"
+                row.append(cell)
+            if i:
+                row.append("")
+        rows.append(row)
+    return rows
+
+
+def _pct(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v:.0%}"
 
 
 def chart(rep: Dict[str, Any], path: Path) -> Path:
@@ -669,6 +812,10 @@ def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Opt
         b.require("extractor")
     images = list_images(Path(images_dir), options.max_images)
     report.require_matplotlib()
+    if options.gemm_runs:
+        from edge_shitu_bench.machine import require_onnx
+
+        require_onnx()
     if options.reference:
         _check_reference_deps()
         from edge_shitu_converters import paddle_io
@@ -694,10 +841,34 @@ def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Opt
     for bundle, label in zip(loaded, labels):
         configs.append(_Config(label, "bundle", bundle=bundle.path, gallery=galleries[label]))
 
+    by_label = dict(zip(labels, loaded))
+    macs: Dict[str, Dict[str, Any]] = {}
+    against: Optional[Dict[str, Any]] = None
+    if options.gemm_runs:
+        from edge_shitu_bench.machine import GEMM_SIZE
+
+        macs, described = _model_work(loaded, labels)
+        against = {
+            "gemm_size": GEMM_SIZE, "gemm_runs": options.gemm_runs, "gemm": [],
+            "when": "each thread count's configurations are bracketed by GEMM-rate measurements at that thread count "
+                    "(before and after, each GEMM in its own subprocess); the fractions use the mean of the two",
+            "rates": {},
+            "models": described,
+            "fraction_of_rate": "model GMAC ÷ (inference p50 × the GEMM rate of its manifest precision at its thread "
+                                "count): fp32 models against the fp32 rate, int8 models against the int8 rate",
+            "fraction_of_mixed_limit": "(float MACs ÷ fp32 rate + integer MACs ÷ int8 rate) ÷ inference p50",
+        }
+        if 1 not in options.threads:
+            against["gemm"] += _gemm_rates(1, "start", options, out, say)
+            against["rates"]["1"] = _bracketed_rates(against["gemm"], 1)
+
     image_names = [str(p) for p in images]
     summaries: List[Dict[str, Any]] = []
     for threads in options.threads:
         baseline = None
+        block: List[Tuple[Dict[str, Any], Dict[str, Any], _Config]] = []
+        if against is not None:
+            against["gemm"] += _gemm_rates(threads, "before", options, out, say)
         for cfg in configs:
             say(f"measuring {cfg.label} with {threads} thread(s): {len(images)} images, "
                 f"{options.warmup} warm-up + {options.runs} timed pass(es)")
@@ -705,6 +876,7 @@ def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Opt
                    "runs": options.runs}
             if cfg.kind == "bundle":
                 job.update(bundle=str(cfg.bundle), gallery=str(cfg.gallery), whole_image=options.whole_image,
+                           session_config=dict(options.session_config),
                            search_backend=options.search_backend)
             else:
                 job.update(det=cfg.details["det"], rec=cfg.details["rec"], index=cfg.details["index"],
@@ -718,9 +890,20 @@ def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Opt
                            gallery=str(cfg.gallery) if cfg.gallery else None,
                            samples_ms=result["samples_ms"], crops=result["crops"], results=result["results"],
                            log=str(out / "jobs" / f"{name}.log"))
+            summary["models"] = None
+            block.append((summary, result, cfg))
             if baseline is None:
                 baseline = summary
             summaries.append(summary)
+        if against is not None:
+            against["gemm"] += _gemm_rates(threads, "after", options, out, say)
+            rates = _bracketed_rates(against["gemm"], threads)
+            against["rates"][str(threads)] = rates
+            for summary, result, cfg in block:
+                if cfg.kind == "bundle":
+                    bundle = by_label[cfg.label]
+                    summary["models"] = model_fractions(
+                        result, macs[cfg.label], {r: m.precision for r, m in bundle.models.items()}, rates)
 
     rep: Dict[str, Any] = {
         "benchmark": "latency",
@@ -738,6 +921,7 @@ def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Opt
         "ratio": "p50 of the configuration / p50 of the baseline (the first configuration) at the same thread count",
         "gallery": gallery_info,
         "reference": ref_info,
+        "against_machine": against,
         "configurations": summaries,
         "notes": _notes(loaded, options, ref_info),
     }
@@ -746,6 +930,106 @@ def run(bundles: Sequence[Any], images_dir: Path, out_dir: Path, *, options: Opt
     md_path = report.write_text(out / "latency.md", text)
     png_path = chart(rep, out / "latency.png")
     return LatencyRun(rep, text, json_path, md_path, png_path)
+
+
+def _model_work(bundles: Sequence[Any], labels: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]],
+                                                                        Dict[str, Dict[str, Any]]]:
+    """Every ONNX model's MACs: label -> role -> ModelMacs (or None), and the same described for the report."""
+    from edge_shitu_bench import machine
+
+    macs: Dict[str, Dict[str, Any]] = {}
+    described: Dict[str, Dict[str, Any]] = {}
+    for bundle, label in zip(bundles, labels):
+        macs[label], described[label] = {}, {}
+        for role, spec in bundle.models.items():
+            counted = machine.bundle_model_macs(spec)
+            macs[label][role] = counted
+            described[label][role] = ({"skipped": f"{spec.backend} model: no ONNX graph to count"} if counted is None
+                                      else dict(counted.to_json(), precision=spec.precision,
+                                                rate=machine.rate_for(spec.precision),
+                                                per="crop" if role == "extractor" else "image"))
+    return macs, described
+
+
+def _gemm_rates(threads: int, when: str, options: LatencyOptions, out: Path, say: Progress) -> List[Dict[str, Any]]:
+    """The fp32 and int8 GEMM rates at ``threads``, each measured in its own subprocess."""
+    from edge_shitu_bench import machine
+
+    measured = []
+    for precision in machine.PRECISIONS:
+        say(f"measuring this CPU's {precision} GEMM rate ({machine.GEMM_SIZE}³, {threads} thread(s), "
+            f"{options.gemm_runs} run(s), {when})")
+        job = {"kind": "gemm", "precision": precision, "size": machine.GEMM_SIZE, "threads": threads,
+               "runs": options.gemm_runs}
+        rate = _run_child(job, f"gemm-{precision}-t{threads}-{when}", out, threads)["gemm"]
+        measured.append(dict(rate, when=when))
+    return measured
+
+
+def _bracketed_rates(measured: Sequence[Dict[str, Any]], threads: int) -> Dict[str, float]:
+    """Per precision, the mean of the rates measured before and after the configurations at ``threads``."""
+    rates: Dict[str, float] = {}
+    for precision in {g["precision"] for g in measured}:
+        values = [g["gmac_per_s"] for g in measured if g["precision"] == precision and g["threads"] == threads]
+        if values:
+            rates[precision] = sum(values) / len(values)
+    return rates
+
+
+def model_fractions(result: Dict[str, Any], macs: Dict[str, Any], precisions: Dict[str, str],
+                    rates: Dict[str, float]) -> Dict[str, Optional[Dict[str, Any]]]:
+    """Each model's speed against the machine in one configuration.
+
+    The detector runs once per image: its time is the p50 of ``det_infer``. The extractor is counted per
+    crop: its time is the p50 over images of ``rec_infer`` ÷ crops of that image (images without a crop
+    are left out).
+
+    Args:
+      result: a worker result: ``samples_ms`` (stage -> list of ms) and ``crops`` (per sample).
+      macs: role -> :class:`edge_shitu_bench.machine.ModelMacs`, or ``None`` for a model not counted.
+      precisions: role -> the manifest precision (``"fp32"``, ``"fp16"``, ``"int8"``).
+      rates: ``{"fp32": GMAC/s, "int8": GMAC/s}`` measured at the configuration's thread count.
+
+    Returns:
+      role -> ``None`` (not counted) or ``{"per", "gmac", "int8_share", "precision", "rate", "rate_gmac_per_s",
+      "ms_p50", "gmac_per_s", "fraction_of_rate", "fraction_of_mixed_limit"}``; time-derived values are
+      ``None`` without samples.
+
+    Raises:
+      InvalidInputError: a role in ``macs`` has no precision, or the samples and crops differ in length.
+    """
+    from edge_shitu_bench import machine
+
+    stage = {"detector": "det_infer", "extractor": "rec_infer"}
+    out: Dict[str, Optional[Dict[str, Any]]] = {}
+    for role, counted in macs.items():
+        if counted is None:
+            out[role] = None
+            continue
+        if role not in precisions:
+            raise InvalidInputError(f"no precision for the {role}")
+        samples = result["samples_ms"].get(stage.get(role, ""), [])
+        if role == "extractor":
+            crops = result.get("crops") or []
+            if len(crops) != len(samples):
+                raise InvalidInputError(f"{len(samples)} extractor samples but {len(crops)} crop counts")
+            samples = [ms / n for ms, n in zip(samples, crops) if n > 0]
+        ms = report.percentiles(samples)["p50"] if samples else None
+        rate_name = machine.rate_for(precisions[role])
+        rate = rates.get(rate_name)
+        out[role] = {
+            "per": "crop" if role == "extractor" else "image",
+            "gmac": counted.gmac,
+            "int8_share": counted.int8_share,
+            "precision": precisions[role],
+            "rate": rate_name,
+            "rate_gmac_per_s": rate,
+            "ms_p50": ms,
+            "gmac_per_s": counted.gmac / (ms / 1000.0) if ms else None,
+            "fraction_of_rate": machine.fraction_of_rate(counted.gmac, ms, rate),
+            "fraction_of_mixed_limit": machine.mixed_limit_fraction(counted, ms, rates),
+        }
+    return out
 
 
 def _reference_index(options: LatencyOptions, rec_dir: Path, models: Dict[str, Any], first_gallery: Path,
@@ -816,6 +1100,7 @@ def options_from_args(args: argparse.Namespace) -> LatencyOptions:
     path = lambda v: Path(v) if v is not None else None
     return LatencyOptions(
         threads=parse_threads(args.threads), warmup=args.warmup, runs=args.runs, max_images=args.max_images,
+        gemm_runs=args.gemm_runs, session_config=parse_session_config(args.session_config or ()),
         whole_image=args.whole_image, search_backend=args.search_backend, gallery=path(args.gallery), gallery_limit=args.gallery_limit,
         reference=args.reference, reference_det=path(args.reference_det), reference_rec=path(args.reference_rec),
         reference_mkldnn=not args.reference_no_mkldnn, shared=path(args.shared))

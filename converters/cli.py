@@ -7,12 +7,15 @@ says when the ``convert`` extra is missing.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Optional, TextIO
 
 from edge_shitu.cli.bundle import print_verification
 from edge_shitu.cli.common import EXIT_OK, Progress, add_threads, heavy, missing_extra
 from edge_shitu.errors import EdgeShituError, InvalidInputError
+# Standard library and numpy only: the names of paddleslim's algorithms without Paddle.
+from edge_shitu_converters.paddleslim_worker import ALGOS as _SLIM_ALGOS
 
 __all__ = ["register"]
 
@@ -80,6 +83,12 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
         quant.update({k: v for k, v in onnx_quant.items() if v is not None})
     else:
         quant.update({"lite_algo": args.lite_algo, "lite_opt": args.lite_opt, "lite_python": args.lite_python})
+    if args.lite_skip is not None:
+        quant["lite_skip"] = _names(args.lite_skip, "--lite-skip")
+    if args.int8_layers is not None:
+        if args.format != "onnx":
+            raise InvalidInputError("--int8-layers is for onnx int8 bundles (Paddle-Lite: --lite-skip)")
+        quant["int8_layers"] = args.int8_layers
     path = convert.convert(Path(args.det) if args.det else None, Path(args.rec) if args.rec else None,
                            Path(args.out), format=args.format, precision=args.precision, verify=args.verify,
                            verify_images=verify_images, hash_head=args.hash_head, **quant)
@@ -89,6 +98,21 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
 
         print_verification(Bundle.load(path).verification, out)
     return EXIT_OK
+
+
+def _int8_layers(text: str):
+    if text in ("auto", "all"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected auto, all or a whole number of blocks, got {text[:40]!r}")
+
+
+def _names(text: str, flag: str) -> list:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise InvalidInputError(f"{flag} takes comma-separated names without empty ones, got {text!r}")
+    return names
 
 
 def _default_verify_images() -> str:
@@ -152,9 +176,18 @@ def register(subparsers, groups) -> None:
     cv.add_argument("--calib-count", type=int, help="int8: how many calibration photos")
     cv.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], help="onnx int8: calibration method")
     cv.add_argument("--quant-mode", choices=["static", "dynamic"], help="onnx int8: static (calibrated) or dynamic")
-    cv.add_argument("--lite-algo", choices=["avg", "hist", "KL"], help="lite int8: post-training quantisation algorithm")
+    cv.add_argument("--int8-layers", type=_int8_layers, default=None, metavar="auto|all|N",
+                    help="onnx int8: what stays float. auto (default): with --verify, a model that fails is searched "
+                         "for the fewest float blocks (a weighted layer and the ops after it, most damaging first) "
+                         "with which it passes, each step printed; all: quantise every block; N: keep the N most "
+                         "damaging blocks float")
+    cv.add_argument("--lite-algo", choices=list(_SLIM_ALGOS),
+                    help="lite int8: paddleslim quant_post_static algorithm (default avg)")
+    cv.add_argument("--lite-skip", metavar="NAME,...",
+                    help="lite int8: weights whose ops stay in float (paddleslim skip_tensor_list), e.g. "
+                         "extractor:conv2d_0.w_0 (a bare name when only one model has it)")
     cv.add_argument("--lite-opt", help="lite: the paddle_lite_opt executable (default: $EDGE_SHITU_LITE_OPT, PATH)")
-    cv.add_argument("--lite-python", help="lite --verify: Python of the Lite side environment")
+    cv.add_argument("--lite-python", help="lite: Python of the Lite side environment (int8 quantisation, --verify)")
     cv.add_argument("--verify", action="store_true",
                     help="compare with Paddle Inference on real photos; fail when agreement is too low")
     cv.add_argument("--verify-images", help="photos for --verify (default: the shared drink test images)")

@@ -60,7 +60,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -892,9 +892,12 @@ def _tool_versions(tools: Tuple[Any, Any, Any]) -> Dict[str, str]:
 
 
 def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: Path, timings: Dict[str, float], *,
-                         calib_dir, calib_count: Optional[int], method: Optional[str], mode: Optional[str]) -> None:
-    """Replace a bundle's fp32 ONNX model by its INT8 version (edge_shitu_converters.quantize); update its manifest entry."""
-    from edge_shitu_converters.quantize import QuantizeOptions, quantize_model
+                         calib_dir, calib_count: Optional[int], method: Optional[str], mode: Optional[str],
+                         budget: Union[str, int]) -> Any:
+    """Replace a bundle's fp32 ONNX model by its INT8 version (edge_shitu_converters.quantize); update its manifest
+    entry. Returns the prepared :class:`~edge_shitu_converters.quantize.ModelQuantizer`, for the INT8 search."""
+    from edge_shitu_converters.int8_search import rank_blocks
+    from edge_shitu_converters.quantize import ModelQuantizer, QuantizeOptions
     from edge_shitu.bundle import InputSpec
 
     overrides = {k: v for k, v in (("mode", mode), ("method", method), ("calib_count", calib_count)) if v is not None}
@@ -907,11 +910,16 @@ def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: 
     final = staging / entry["file"]
     fp32 = work / f"{role}.fp32.onnx"
     os.replace(final, fp32)
+    scratch = work / f"{role}.quantize"
+    scratch.mkdir()
     with _step(f"{role}: int8 quantisation ({options.mode}, {options.method})", None, timings):
-        report = quantize_model(fp32, final, input_spec=input_spec,
-                                calib_dir=calib_dir if options.mode == "static" else None, options=options)
+        quantizer = ModelQuantizer.prepare(fp32, scratch, input_spec=input_spec,
+                                           calib_dir=calib_dir if options.mode == "static" else None, options=options)
+        float_blocks: List[str] = []
+        if isinstance(budget, int) and budget > 0:
+            float_blocks = [d.block for d in rank_blocks(quantizer, quantizer.probe_feeds(3))[:budget]]
+        report = quantizer.quantize(final, float_blocks=float_blocks)
     static = options.mode == "static"
-    entry["sha256"] = sha256_file(final)
     entry["precision"] = "int8"
     entry["quantization"] = {
         "tool": "onnxruntime.quantization", "mode": options.mode, "method": options.method if static else None,
@@ -919,7 +927,66 @@ def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: 
         "activations": options.activation_type, "weights": options.weight_type,
         "float_tail_layers": options.float_tail, "calibration_images": report.calib_images,
         "calibration_folder": Path(calib_dir).name if static else None, "preprocessing": "edge_shitu runtime",
+        "int8_layers": budget, "blocks": len(quantizer.blocks), "float_blocks": float_blocks,
     }
+    entry["sha256"] = sha256_file(final)
+    return quantizer
+
+
+def _rewrite_manifest(staging: Path, role: str, update: Mapping[str, Any]) -> None:
+    """Updates one model's manifest entry in a staging bundle (after its file was replaced)."""
+    path = staging / MANIFEST_NAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["models"][role].update(update)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Optional[Path], rec: Optional[Path],
+                           images: "os.PathLike[str] | str | None", timings: Dict[str, float]) -> Dict[str, Any]:
+    """``int8_layers="auto"``: each INT8 model that fails the verification is searched for the fewest float blocks
+    with which it passes (:func:`edge_shitu_converters.int8_search.search_int8`); returns role -> search record."""
+    from edge_shitu_converters.int8_search import search_int8
+    from edge_shitu_converters.verify import verify_bundle
+
+    if images is None:
+        raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
+
+    def verify_roles() -> Dict[str, Any]:
+        return verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images))
+
+    with _step("verify the INT8 models", None, timings):
+        first = verify_roles()
+    records: Dict[str, Any] = {}
+    for role, quantizer in quantizers.items():
+        if not any(f.startswith(role) for f in first["failures"]):
+            continue
+        entry = Bundle.load(staging).manifest["models"][role]
+        target = staging / entry["file"]
+
+        def check(path: Path, role: str = role) -> Tuple[bool, List[str], Dict[str, Any]]:
+            _rewrite_manifest(staging, role, {"sha256": sha256_file(path)})
+            report = verify_roles()
+            failures = [f for f in report["failures"] if f.startswith(role)]
+            figures = {k: v for k, v in report.get(role, {}).items() if isinstance(v, (int, float))}
+            return not failures, failures, figures
+
+        with _step(f"{role}: int8 search", None, timings):
+            result = search_int8(quantizer, target, check)
+        record = result.record()
+        quantization = dict(entry["quantization"], float_blocks=list(result.float_blocks),
+                            search={"steps": len(result.steps), "chosen": record["chosen"]})
+        _rewrite_manifest(staging, role, {"sha256": sha256_file(target), "quantization": quantization})
+        records[role] = record
+    return records
+
+
+def _add_search_to_verify_json(path: Path, records: Mapping[str, Any]) -> None:
+    """Adds the INT8 search (ranking, every step tried, the blocks kept float) to a verification report."""
+    report = json.loads(path.read_text(encoding="utf-8"))
+    report["int8_search"] = dict(records)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional[Path],
@@ -1055,10 +1122,12 @@ def convert(
     calib_dir: "os.PathLike[str] | str | None" = None,
     calib_count: Optional[int] = None,
     lite_algo: Optional[str] = None,
+    lite_skip: Optional[Sequence[str]] = None,
     lite_opt: "os.PathLike[str] | str | None" = None,
     lite_python: "os.PathLike[str] | str | None" = None,
     calib_method: Optional[str] = None,
     quant_mode: Optional[str] = None,
+    int8_layers: Union[str, int] = "auto",
     hash_head: "os.PathLike[str] | str | None" = None,
 ) -> Path:
     """Convert a detector and/or a feature extractor into an edge-shitu bundle directory.
@@ -1088,12 +1157,18 @@ def convert(
       verify_images: folder of real photos for ``verify``.
       calib_dir: INT8 only: folder of real photos to calibrate activation ranges on.
       calib_count: INT8 only: number of calibration photos (default: the format's default).
-      lite_algo: Lite INT8 only: ``"avg"``, ``"hist"`` or ``"KL"`` (see :mod:`edge_shitu_converters.lite`).
+      lite_algo: Lite INT8 only: paddleslim's algorithm, one of :data:`edge_shitu_converters.lite.PTQ_ALGOS`.
+      lite_skip: Lite INT8 only: weight names whose ops stay in float (see :mod:`edge_shitu_converters.lite`).
       lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`edge_shitu_converters.lite.find_opt`).
       calib_method: ONNX int8 only: "minmax" (default), "entropy" or "percentile" (see :mod:`edge_shitu_converters.quantize`).
       quant_mode: ONNX int8 only: "static" (default; calibrated on ``calib_dir``) or "dynamic".
-      lite_python: Lite + verify only: the side environment's Python that runs ``.nb`` files
-        (see :func:`edge_shitu_converters.lite_worker.find_lite_python`).
+      int8_layers: ONNX int8 only: which parts stay float (see :mod:`edge_shitu_converters.int8_search`).
+        ``"auto"`` (default): with ``verify``, when a quantised model fails the verification, search for
+        the fewest float blocks with which it passes (without ``verify``, as ``"all"``); ``"all"``:
+        quantise every block (only the float tail stays float); ``N``: keep the ``N`` blocks of most
+        output noise float.
+      lite_python: Lite only: the side environment's Python that quantises (int8) and runs ``.nb`` files
+        (verify; see :func:`edge_shitu_converters.lite_worker.find_lite_python`).
       hash_head: a learned hash head file (``edge-shitu hash train``) to put into the bundle as
         ``hash.npz`` (see :mod:`edge_shitu.hashing`); it needs the extractor. It is read and checked
         before anything is converted.
@@ -1138,13 +1213,26 @@ def convert(
             calib_dir=calib_dir,
             calib_count=calib_count,
             algo=lite_algo,
+            skip=lite_skip,
             opt=lite_opt,
+            python=lite_python,
             name=name,
             before_publish=_with_head(head, hash_head, check_lite if verify else None),
         )
-    if lite_algo is not None or lite_opt is not None or lite_python is not None:
-        raise InvalidInputError(f"lite_algo, lite_opt and lite_python are for the Paddle-Lite formats, not {spec.name}")
+    if lite_algo is not None or lite_skip is not None or lite_opt is not None or lite_python is not None:
+        raise InvalidInputError(
+            f"lite_algo, lite_skip, lite_opt and lite_python are for the Paddle-Lite formats, not {spec.name}")
     det, rec, out = _check_request(det_dir, rec_dir, out_dir, name)
+    from edge_shitu_converters.int8_search import parse_int8_layers
+
+    budget = parse_int8_layers(int8_layers)
+    if budget != "auto" and precision != "int8":
+        raise InvalidInputError(f"int8_layers is for int8 bundles; precision is {precision!r}")
+    if budget == "auto" and precision == "int8" and not verify:
+        _LOG.info("int8_layers 'auto' searches only with verify: every block is quantised")
+    if budget != "auto" and (quant_mode or "static") != "static" and not isinstance(budget, str):
+        raise InvalidInputError("int8_layers N ranks blocks on calibration photos: it needs static quantisation")
+    quantizers: Dict[str, Any] = {}
     timings: Dict[str, float] = {}
     with _step("import tools", None, timings):
         tools = _import_runtime_tools()
@@ -1158,12 +1246,25 @@ def convert(
             models["extractor"] = _convert_extractor(rec, staging, opset, tools, timings)
         if precision == "int8":
             for role, entry in models.items():
-                _quantize_onnx_entry(role, entry, staging, work, timings, calib_dir=calib_dir, calib_count=calib_count,
-                                     method=calib_method, mode=quant_mode)
+                quantizers[role] = _quantize_onnx_entry(
+                    role, entry, staging, work, timings, calib_dir=calib_dir, calib_count=calib_count,
+                    method=calib_method, mode=quant_mode, budget=budget)
         return models, _tool_versions(tools)
 
     def check(staging: Path) -> None:
-        _verify_or_fail(staging, out, det, rec, verify_images, timings)
+        searched = {}
+        if budget == "auto" and quantizers:
+            searched = _search_failing_models(staging, quantizers, det, rec, verify_images, timings)
+        try:
+            _verify_or_fail(staging, out, det, rec, verify_images, timings)
+        except ConversionError:
+            if searched:  # the failure report says what the search tried
+                _add_search_to_verify_json(out.parent / f"{out.name}.verify-failed.json", searched)
+            raise
+        if searched:
+            from edge_shitu_converters.verify import VERIFY_FILE
+
+            _add_search_to_verify_json(staging / VERIFY_FILE, searched)
 
     return _publish_bundle(
         out, build, name=name, name_suffix=precision, timings=timings,

@@ -33,31 +33,36 @@ Known defects of Paddle-Lite 2.13rc0, handled here:
   all: an ARM INT8 bundle is checked structurally here (kernel targets, manifest loaded by the
   runtime) and its numerical agreement must be measured on an ARM device.
 
-INT8 models come from Paddle's post-training static quantisation
-(``paddle.static.quantization.PostTrainingQuantization``, the implementation behind paddleslim's
-``quant_post_static``, which gives identical files; paddleslim itself is not used because it would
-pull opencv-python and its other training dependencies into the converter's environment). Activation
-ranges are calibrated on real photos, decoded and pre-processed exactly as the runtime does
-(:func:`edge_shitu_converters.quantize.calibration_feeds`). Algorithms: ``avg`` (mean of per-batch
-absolute maxima; the quickest), ``hist`` (99.999th percentile of a histogram; slower, very slightly
-closer to fp32) and ``KL`` (TensorRT-style entropy; far slower still). ``avg`` is the default
-(calibration times in the same section of ``docs/benchmarks.md``). Paddle-Lite needs
+INT8 models come from paddleslim's post-training static quantisation (``paddleslim.quant.quant_post_static``),
+the toolkit PaddleClas quantises its own PP-ShiTu models with. paddleslim 2.6.0 runs on paddlepaddle 2.6
+and pins ``opencv-python==4.6.0.66`` and numpy < 2, so it runs in the same side environment as
+``opt``, as a subprocess (:mod:`edge_shitu_converters.paddleslim_worker`); the main environment keeps numpy 2
+and Paddle 3. Activation ranges are calibrated on real photos, decoded and pre-processed exactly as
+the runtime does (:func:`edge_shitu_converters.quantize.calibration_feeds`, in this environment; the batches
+reach the worker as an ``.npz`` file). Weights get one scale per output channel; activations one scale
+per tensor, computed by one of paddleslim's algorithms: ``avg`` (mean of per-batch absolute maxima; the
+quickest and the default), ``abs_max`` (the largest absolute value seen), ``hist`` (99.99th percentile
+of a histogram), ``KL`` (TensorRT-style entropy), ``mse`` and ``emd`` (the scale that minimises the
+mean squared error or the earth mover's distance to float; the slowest). ``skip`` names weights
+(e.g. ``extractor:conv2d_0.w_0``; :func:`quantizable_weights` lists them) whose ops stay in float, through
+paddleslim's ``skip_tensor_list``; the manifest records the tool, its version, the algorithm and the
+skipped weights (calibration times and agreement in ``docs/benchmarks.md``). Paddle-Lite needs
 the legacy ``inference.pdmodel`` program: Paddle 3 PIR ``inference.json`` programs are refused (no
 tool converts PIR back to the legacy format).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,6 +81,7 @@ from edge_shitu_converters.convert import (
     validate_export,
 )
 from edge_shitu_converters.paddle_io import ModelFiles
+from edge_shitu_converters.paddleslim_worker import ALGOS as _SLIM_ALGOS, EXIT_MISSING as _SLIM_MISSING
 from edge_shitu.bundle import InputSpec, sha256_file
 from edge_shitu.errors import (
     BackendUnavailableError,
@@ -95,6 +101,9 @@ __all__ = [
     "find_opt",
     "run_opt",
     "restore_flatten_xshape",
+    "QuantizedModel",
+    "paddleslim_versions",
+    "quantizable_weights",
     "quantize_post_training",
     "convert_lite",
 ]
@@ -102,8 +111,8 @@ __all__ = [
 _LOG = logging.getLogger(__name__)
 
 LITE_TARGETS = ("x86", "arm")
-# Paddle's algorithm names; accepted case-insensitively.
-PTQ_ALGOS = ("avg", "hist", "KL")
+# paddleslim's algorithm names; accepted case-insensitively.
+PTQ_ALGOS = _SLIM_ALGOS
 DEFAULT_ALGO = "avg"
 DEFAULT_CALIB_COUNT = 32
 OPT_ENV = "EDGE_SHITU_LITE_OPT"
@@ -122,7 +131,12 @@ OPT_INSTALL_HINT = (
 # Weighted ops quantised: paddleslim's defaults plus matmul (the PP-ShiTu programs have convolutions only).
 _QUANTIZABLE_OPS = ("conv2d", "depthwise_conv2d", "mul", "matmul", "matmul_v2")
 _CALIB_SEED = 0
-_PADDLE_LOGGERS = ("paddle.static.quantization.post_training_quantization", "paddle.static.io")
+_SLIM_TOOL = "paddleslim.quant_post_static"
+_SLIM_HINT = "run scripts/setup-lite-env, which adds paddlepaddle 2.6.2 and paddleslim 2.6.0 to the side environment"
+# A hung worker is killed. KL took 8 min on the extractor with 32 photos on 2 loaded cores, and the detector
+# takes about 7x as long (docs/benchmarks.md, "Paddle-Lite INT8 with paddleslim").
+_SLIM_TIMEOUT_S = 4 * 3600
+_PROBE_TIMEOUT_S = 300
 _OPT_TIMEOUT_S = 900
 _LOG_TAIL_LINES = 25
 # .nb header: uint16 meta version, then a 16-byte version string ("v2.13-rc\0" + uninitialised bytes).
@@ -390,18 +404,135 @@ def _normalise_algo(algo: Optional[str]) -> str:
     return by_lower[algo.lower()]
 
 
+def _normalise_skip(skip: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    """The skip list as a tuple of distinct names, in the order given."""
+    if skip is None:
+        return ()
+    if isinstance(skip, (str, bytes)):
+        raise InvalidInputError(f"skip must be a list of weight names, not the single string {skip!r}")
+    names = tuple(skip)
+    bad = [n for n in names if not isinstance(n, str) or not n.strip() or n != n.strip()]
+    if bad:
+        raise InvalidInputError(
+            f"skip must hold weight names (non-empty strings without surrounding spaces), got {bad!r}")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """A program quantised by :func:`quantize_post_training`.
+
+    Attributes:
+      files: the quantised legacy program and its weights.
+      algo: the activation algorithm used (paddleslim's spelling).
+      skip_tensors: the weights whose ops were kept in float, as given.
+      quantized_ops: the number of weighted ops that got INT8 weights.
+      versions: ``{"paddleslim": ..., "paddlepaddle": ...}`` of the side environment that quantised it.
+    """
+
+    files: ModelFiles
+    algo: str
+    skip_tensors: Tuple[str, ...]
+    quantized_ops: int
+    versions: Dict[str, str]
+
+
+def _run_slim(python: Path, args: Sequence[str], what: str, cwd: Path, timeout_s: float) -> str:
+    """Run the paddleslim worker; return its stdout, or raise with the tail of its log."""
+    command = [str(python), "-I", "-m", "edge_shitu_converters.paddleslim_worker", *args]
+    _LOG.debug("running %s", " ".join(command))
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, cwd=str(cwd), env=_opt_env(),
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else ""
+        raise ConversionError(
+            f"{what} did not finish in {timeout_s:g} s; its log ends with:\n{_log_tail(output)}") from None
+    except OSError as exc:
+        raise BackendUnavailableError(f"cannot run {python} ({exc}); {_SLIM_HINT}") from exc
+    log = done.stderr.decode("utf-8", "replace")
+    _LOG.debug("%s said:\n%s", what, (done.stdout.decode("utf-8", "replace") + log).strip())
+    if done.returncode == _SLIM_MISSING:
+        last = log.strip().splitlines()[-1] if log.strip() else "no output"
+        raise BackendUnavailableError(
+            f"the Paddle-Lite side environment {python} cannot quantise ({last}); {_SLIM_HINT}")
+    if done.returncode != 0:
+        raise ConversionError(f"{what} {_describe_exit(done.returncode)}; its log ends with:\n{_log_tail(log)}")
+    return done.stdout.decode("utf-8", "replace")
+
+
+def paddleslim_versions(python: "os.PathLike[str] | str | None" = None) -> Dict[str, str]:
+    """The paddleslim and paddlepaddle versions of the Paddle-Lite side environment.
+
+    Args:
+      python: the side environment's Python; default
+        :func:`edge_shitu_converters.lite_worker.find_lite_python`.
+
+    Returns:
+      ``{"paddleslim": ..., "paddlepaddle": ...}``.
+
+    Raises:
+      BackendUnavailableError: no side environment, or it cannot import paddle and paddleslim (the
+        message says to run ``scripts/setup-lite-env``).
+      ConversionError: the worker failed otherwise.
+    """
+    from edge_shitu_converters.lite_worker import find_lite_python
+
+    exe = find_lite_python(python)
+    out = _run_slim(exe, ["--versions"], f"paddleslim worker ({exe})", Path.cwd(), _PROBE_TIMEOUT_S)
+    try:
+        found = json.loads(out.strip().splitlines()[-1])
+        return {"paddleslim": str(found["paddleslim"]), "paddlepaddle": str(found["paddlepaddle"])}
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise ConversionError(f"paddleslim worker ({exe}) printed no versions: {out[-500:]!r}") from exc
+
+
+def quantizable_weights(model_dir: "os.PathLike[str] | str") -> List[str]:
+    """The weights that post-training quantisation gives INT8 values: the persistable inputs of the
+    program's ``conv2d``, ``depthwise_conv2d``, ``mul`` and ``matmul(_v2)`` ops, in program order.
+
+    These are the names ``skip`` (CLI ``--lite-skip``) takes.
+
+    Args:
+      model_dir: folder with a legacy ``inference.pdmodel``.
+
+    Returns:
+      The weight names (e.g. ``conv2d_0.w_0``).
+
+    Raises:
+      MissingFileError: a model file is missing.
+      ConversionError: the program is a PIR ``.json`` program, or Paddle cannot read it.
+      BackendUnavailableError: paddlepaddle is not installed.
+    """
+    files = _legacy_files(model_dir, "model")
+    block = paddle_io.load_program(files.program).global_block()
+    names: Dict[str, None] = {}
+    for op in block.ops:
+        if op.type not in _QUANTIZABLE_OPS:
+            continue
+        for name in op.input_arg_names:
+            if block.has_var(name) and block.var(name).persistable:
+                names[name] = None
+    return list(names)
+
+
 def quantize_post_training(
     model_dir: "os.PathLike[str] | str",
     out_dir: "os.PathLike[str] | str",
     *,
     feeds: Sequence[Dict[str, np.ndarray]],
     algo: str = DEFAULT_ALGO,
-) -> ModelFiles:
-    """Post-training static INT8 quantisation of a legacy Paddle program (for Paddle-Lite).
+    skip: Optional[Sequence[str]] = None,
+    python: "os.PathLike[str] | str | None" = None,
+    timeout_s: float = _SLIM_TIMEOUT_S,
+) -> QuantizedModel:
+    """Post-training static INT8 quantisation of a legacy Paddle program with paddleslim (for Paddle-Lite).
 
-    Weights get one scale per output channel (``channel_wise_abs_max``); activations one scale per
-    tensor from the calibration ``feeds``, computed by ``algo``. ``conv2d``, ``depthwise_conv2d``,
-    ``mul`` and ``matmul(_v2)`` ops are quantised. The result is a legacy program with
+    Runs ``paddleslim.quant.quant_post_static`` in the Paddle-Lite side environment
+    (:mod:`edge_shitu_converters.paddleslim_worker`). Weights get one scale per output channel
+    (``channel_wise_abs_max``); activations one scale per tensor from the calibration ``feeds``,
+    computed by ``algo``. ``conv2d``, ``depthwise_conv2d``, ``mul`` and ``matmul(_v2)`` ops are
+    quantised, except those reading a tensor of ``skip``. The result is a legacy program with
     fake-quantisation ops, which Paddle Inference runs in simulated INT8 and Paddle-Lite's ``opt``
     turns into INT8 kernels.
 
@@ -411,86 +542,73 @@ def quantize_post_training(
         (created).
       feeds: calibration batches ``{input name: float32 (N, 3, H, W)}``, e.g. from
         :func:`edge_shitu_converters.quantize.calibration_feeds`; all of them are used.
-      algo: ``"avg"``, ``"hist"`` or ``"KL"`` (case-insensitive; see the module docstring).
+      algo: one of :data:`PTQ_ALGOS` (case-insensitive; see the module docstring).
+      skip: weight names whose ops stay in float (see :func:`quantizable_weights`); names the program
+        does not have are ignored here (:func:`convert_lite` refuses them).
+      python: the side environment's Python; default
+        :func:`edge_shitu_converters.lite_worker.find_lite_python`.
+      timeout_s: seconds before the worker is killed.
 
     Returns:
-      The written :class:`~edge_shitu_converters.paddle_io.ModelFiles`.
+      The :class:`QuantizedModel`.
 
     Raises:
-      InvalidInputError: no feeds, or an unknown algorithm.
+      InvalidInputError: no feeds, feeds of different inputs or shapes, an unknown algorithm or a
+        malformed skip list.
       MissingFileError: a model file is missing.
-      ConversionError: the program is a PIR ``.json`` program, or Paddle fails.
-      BackendUnavailableError: paddlepaddle is not installed.
+      ConversionError: the program is a PIR ``.json`` program, or paddleslim fails (the message
+        has the end of its log).
+      BackendUnavailableError: no side environment, or it lacks paddleslim (the message says to run
+        ``scripts/setup-lite-env``).
     """
-    paddle_algo = _normalise_algo(algo)
+    from edge_shitu_converters.lite_worker import find_lite_python
+
+    slim_algo = _normalise_algo(algo)
+    names = _normalise_skip(skip)
     batches = list(feeds)
     if not batches:
         raise InvalidInputError("post-training quantisation needs at least one calibration batch")
+    keys = set(batches[0])
+    if not keys or any(set(b) != keys for b in batches):
+        raise InvalidInputError(
+            f"every calibration batch must feed the same inputs, got {[sorted(b) for b in batches]}")
     files = _legacy_files(model_dir, "model")
-    paddle = paddle_io.import_paddle()
-    from paddle.static.quantization import PostTrainingQuantization
-
-    out = Path(out_dir)
+    exe = find_lite_python(python)
+    out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    scope = paddle.static.Scope()
-    executor = paddle.static.Executor(paddle.CPUPlace())
-    chatter = io.StringIO()
+    work = out / f".slim-{secrets.token_hex(6)}"
+    work.mkdir()
     try:
-        # Its progress bars and loggers write to stdout/stderr; they go to our debug log instead.
-        with paddle.static.scope_guard(scope), _paddle_logs_to_debug(), contextlib.redirect_stdout(
-            chatter
-        ), contextlib.redirect_stderr(chatter):
-            ptq = PostTrainingQuantization(
-                executor=executor,
-                model_dir=str(files.directory),
-                scope=scope,
-                model_filename=files.program.name,
-                params_filename=files.params.name,
-                data_loader=lambda: iter(batches),
-                batch_nums=len(batches),
-                algo=paddle_algo,
-                quantizable_op_type=list(_QUANTIZABLE_OPS),
-                # Lite's long-standing fake-quant format; onnx_format=True gives the same extractor
-                # results in Lite but its saved program needs restore_flatten_xshape.
-                onnx_format=False,
-            )
-            ptq.quantize()
-            ptq.save_quantized_model(str(out), model_filename="inference.pdmodel", params_filename="inference.pdiparams")
-    except Exception as exc:
-        raise ConversionError(
-            f"post-training quantisation ({paddle_algo}) of {files.directory} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        try:
+            arrays = {k: np.stack([np.asarray(b[k], dtype=np.float32) for b in batches]) for k in sorted(keys)}
+        except ValueError as exc:
+            raise InvalidInputError(f"calibration batches of one input must have one shape: {exc}") from None
+        np.savez(work / "feeds.npz", **arrays)
+        del arrays
+        request = {
+            "model_dir": str(files.directory.absolute()),
+            "model_filename": files.program.name,
+            "params_filename": files.params.name,
+            "out_dir": str(out),
+            "feeds": str(work / "feeds.npz"),
+            "algo": slim_algo,
+            "skip_tensors": list(names),
+            "quantizable_op_types": list(_QUANTIZABLE_OPS),
+            "result": str(work / "result.json"),
+        }
+        (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
+        what = f"paddleslim quant_post_static ({slim_algo}) of {files.directory}"
+        _run_slim(exe, [str(work / "request.json")], what, work, timeout_s)
+        result = json.loads((work / "result.json").read_text(encoding="utf-8"))
     finally:
-        text = chatter.getvalue().strip()
-        if text:
-            _LOG.debug("PostTrainingQuantization said:\n%s", text)
-    return paddle_io.find_model_files(out)
-
-
-class _Forward(logging.Handler):
-    """Re-log a Paddle logger's records at debug level under this module's logger."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        _LOG.debug("%s: %s", record.name, record.getMessage())
-
-
-@contextlib.contextmanager
-def _paddle_logs_to_debug() -> Iterator[None]:
-    """Route the loggers of Paddle's quantisation and model I/O (each has its own stderr handler)
-    to this module's debug log for the duration of the block."""
-    forward = _Forward()
-    saved = []
-    for name in _PADDLE_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, list(logger.handlers), logger.propagate))
-        logger.handlers = [forward]
-        logger.propagate = False
-    try:
-        yield
-    finally:
-        for logger, handlers, propagate in saved:
-            logger.handlers = handlers
-            logger.propagate = propagate
+        shutil.rmtree(work, ignore_errors=True)
+    return QuantizedModel(
+        files=paddle_io.find_model_files(out),
+        algo=slim_algo,
+        skip_tensors=names,
+        quantized_ops=int(result["quantized_ops"]),
+        versions={"paddleslim": str(result["paddleslim"]), "paddlepaddle": str(result["paddlepaddle"])},
+    )
 
 
 def _legacy_files(model_dir: "os.PathLike[str] | str", role: str) -> ModelFiles:
@@ -543,11 +661,14 @@ class _LiteJob:
     """One convert_lite run: its settings and the per-model steps."""
 
     def __init__(
-        self, target: str, precision: str, calib_dir: Optional[Path], calib_count: int, algo: str, opt: Path
+        self, target: str, precision: str, calib_dir: Optional[Path], calib_count: int, algo: str, opt: Path,
+        skip: Dict[str, Tuple[str, ...]], python: Optional[Path], slim_versions: Dict[str, str],
     ) -> None:
         self.target, self.precision = target, precision
         self.calib_dir, self.calib_count, self.algo, self.opt = calib_dir, calib_count, algo, opt
+        self.skip, self.python, self.slim_versions = skip, python, slim_versions
         self.versions: List[str] = []
+        self.quantized: Dict[str, QuantizedModel] = {}
 
     def _finish(
         self, role: str, folder: Path, files: ModelFiles, input_spec: Dict[str, Any], staging: Path, work: Path,
@@ -557,8 +678,15 @@ class _LiteJob:
         if self.calib_dir is not None:  # int8: convert_lite requires photos
             with _step(f"{role}: calibration photos", folder, timings):
                 feeds = _calibration(self.calib_dir, input_spec, self.calib_count)
-            with _step(f"{role}: post-training quantisation ({self.algo}, {len(feeds)} batches)", folder, timings):
-                files = quantize_post_training(files.directory, work / f"{role}_int8", feeds=feeds, algo=self.algo)
+            skip = self.skip.get(role, ())
+            kept = f", {len(skip)} weight(s) kept in float" if skip else ""
+            with _step(f"{role}: paddleslim quant_post_static ({self.algo}, {len(feeds)} batches{kept})", folder,
+                       timings):
+                quantized = quantize_post_training(files.directory, work / f"{role}_int8", feeds=feeds, algo=self.algo,
+                                                   skip=skip, python=self.python)
+            del feeds
+            self.quantized[role] = quantized
+            files = quantized.files
         path = staging / f"{role}{EXPORT_FORMATS['lite-' + self.target].suffix}"
         with _step(f"{role}: paddle_lite_opt {self.target}", folder, timings):
             program = _opt_ready_program(files, work / f"{role}_opt")
@@ -578,7 +706,7 @@ class _LiteJob:
                 raise ConversionError(f"expected input [N,3,H,W] and output [N,D], got {input_shape} -> {output_shape}")
             fields = _extractor_fields(input_name, input_shape, output_name, output_shape[1])
         path = self._finish("extractor", rec, files, fields["input"], staging, work, timings)
-        return self._entry(path, fields, source)
+        return self._entry("extractor", path, fields, source)
 
     def detector(self, det: Path, staging: Path, work: Path, timings: Dict[str, float]) -> Dict[str, Any]:
         with _step("detector: load", det, timings):
@@ -589,10 +717,10 @@ class _LiteJob:
             heads = cut_detector_heads(det, work / "detector_heads")
         fields = _detector_fields(input_spec, heads)
         path = self._finish("detector", det, heads.files, fields["input"], staging, work, timings)
-        return self._entry(path, fields, source)
+        return self._entry("detector", path, fields, source)
 
-    def _entry(self, path: Path, fields: Dict[str, Any], source: Dict[str, Any]) -> Dict[str, Any]:
-        return {
+    def _entry(self, role: str, path: Path, fields: Dict[str, Any], source: Dict[str, Any]) -> Dict[str, Any]:
+        entry = {
             "file": path.name,
             "sha256": sha256_file(path),
             "backend": EXPORT_FORMATS["lite-" + self.target].backend,
@@ -600,12 +728,54 @@ class _LiteJob:
             "precision": self.precision,
             **fields,
             "source": source,
-            **({"quantization": {
-                "tool": "paddle.static.quantization.PostTrainingQuantization", "algo": self.algo,
-                "calibration_images": self.calib_count, "calibration_folder": Path(self.calib_dir).name,
-                "preprocessing": "edge_shitu runtime",
-            }} if self.precision == "int8" else {}),
         }
+        if self.precision == "int8":
+            quantized = self.quantized[role]
+            entry["quantization"] = {
+                "tool": _SLIM_TOOL,
+                "version": quantized.versions["paddleslim"],
+                "paddlepaddle": quantized.versions["paddlepaddle"],
+                "algo": quantized.algo,
+                "skip_tensors": list(quantized.skip_tensors),
+                "quantized_ops": quantized.quantized_ops,
+                "calibration_images": self.calib_count,
+                "calibration_folder": Path(self.calib_dir).name,
+                "preprocessing": "edge_shitu runtime",
+            }
+        return entry
+
+
+def _skip_by_role(
+    skip: Tuple[str, ...], folders: Sequence[Tuple[str, Optional[Path]]]
+) -> Dict[str, Tuple[str, ...]]:
+    """Share the skip list out to the models: ``detector:NAME`` / ``extractor:NAME``, or a bare ``NAME``
+    that only one of the converted models has (the replicas' weight names repeat across models)."""
+    if not skip:
+        return {}
+    weights = {role: quantizable_weights(folder) for role, folder in folders if folder is not None}
+    chosen: Dict[str, List[str]] = {role: [] for role in weights}
+    for entry in skip:
+        prefix, colon, name = entry.partition(":")
+        if colon and prefix in ("detector", "extractor"):
+            if prefix not in weights:
+                raise InvalidInputError(f"skip names {entry}, but no {prefix} is being converted")
+            roles = [prefix] if name in weights[prefix] else []
+        else:
+            name = entry
+            roles = [role for role, names in weights.items() if name in names]
+            if len(roles) > 1:
+                raise InvalidInputError(
+                    f"skip names {name}, a weight of both the detector and the extractor: write detector:{name} "
+                    f"or extractor:{name}"
+                )
+        if not roles:
+            examples = ", ".join(f"{role}:{names[0]}" for role, names in weights.items() if names)
+            raise InvalidInputError(
+                f"skip names {entry}, which is not a weight of a quantised op ({', '.join(_QUANTIZABLE_OPS)}) in "
+                f"the {' or the '.join(weights)}; expected names like {examples} (quantizable_weights lists them)"
+            )
+        chosen[roles[0]].append(name)
+    return {role: tuple(dict.fromkeys(names)) for role, names in chosen.items() if names}
 
 
 def convert_lite(
@@ -618,7 +788,9 @@ def convert_lite(
     calib_dir: "os.PathLike[str] | str | None" = None,
     calib_count: Optional[int] = None,
     algo: Optional[str] = None,
+    skip: Optional[Sequence[str]] = None,
     opt: "os.PathLike[str] | str | None" = None,
+    python: "os.PathLike[str] | str | None" = None,
     name: Optional[str] = None,
     before_publish: Optional[Callable[[Path], None]] = None,
 ) -> Path:
@@ -634,11 +806,16 @@ def convert_lite(
       rec_dir: the feature extractor folder (legacy ``inference.pdmodel``), or None.
       out_dir: the bundle folder to create; it must not exist or be empty.
       target: ``"x86"`` or ``"arm"``: the machine the bundle runs on.
-      precision: ``"fp32"`` or ``"int8"`` (post-training quantisation, see the module docstring).
+      precision: ``"fp32"`` or ``"int8"`` (paddleslim post-training quantisation, see the module docstring).
       calib_dir: int8 only, required: folder of real photos (e.g. the drink gallery) to calibrate on.
       calib_count: int8 only: number of calibration photos (default :data:`DEFAULT_CALIB_COUNT`).
-      algo: int8 only: ``"avg"`` (default), ``"hist"`` or ``"KL"``.
+      algo: int8 only: one of :data:`PTQ_ALGOS` (default ``"avg"``).
+      skip: int8 only: weights whose ops stay in float (:func:`quantizable_weights` lists them), as
+        ``detector:NAME`` or ``extractor:NAME``, or as a bare ``NAME`` when only one of the converted
+        models has that weight (the replicas' detector and extractor share names like ``conv2d_0.w_0``).
       opt: the ``paddle_lite_opt`` executable; default: ``$EDGE_SHITU_LITE_OPT``, then ``PATH``.
+      python: int8 only: the side environment's Python that runs paddleslim; default
+        :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       name: bundle name; default e.g. ``ppshituv2-replica-s0-lite-x86-int8``.
 
     Returns:
@@ -647,10 +824,12 @@ def convert_lite(
     Raises:
       InvalidInputError: both model folders are None, a bad name, ``out_dir`` is not empty, an unknown
         target or algorithm, a bad ``calib_count``, int8 without ``calib_dir``, calibration options
-        with fp32, or a calibration folder without readable photos.
+        with fp32, a skip name that no converted model has or that is ambiguous, or a calibration folder
+        without readable photos.
       MissingFileError: a model folder, one of its files, or ``calib_dir`` is missing.
       BackendUnavailableError: ``paddle_lite_opt`` (the message says how to install it),
-        paddlepaddle or PyYAML is missing.
+        paddlepaddle or PyYAML is missing; for int8, the side environment or its paddleslim is missing
+        (the message says to run ``scripts/setup-lite-env``).
       ConversionError: an unsupported precision, a Paddle 3 PIR ``.json`` program, an x86 INT8
         detector (Paddle-Lite 2.13rc0 computes it wrongly), or a conversion step failed (the message
         names the step and the model folder).
@@ -678,24 +857,35 @@ def convert_lite(
                 "Paddle-Lite 2.13rc0's x86 INT8 kernels compute the detector wrongly, without an error (head scores "
                 "unrelated to the quantised program's): build the detector for x86 in fp32, or for arm in int8"
             )
-    elif calib_dir is not None or calib_count is not None or algo is not None:
-        raise InvalidInputError(f"calib_dir, calib_count and algo are for int8 bundles; precision is {precision!r}")
+    elif calib_dir is not None or calib_count is not None or algo is not None or skip is not None:
+        raise InvalidInputError(
+            f"calib_dir, calib_count, algo and skip are for int8 bundles; precision is {precision!r}"
+        )
     job_algo = _normalise_algo(algo)
+    skip_names = _normalise_skip(skip)
     opt_path = find_opt(opt)
     timings: Dict[str, float] = {}
+    slim_python: Optional[Path] = None
+    slim_versions: Dict[str, str] = {}
     with _step("import tools", None, timings):
         paddle_version = paddle_io.paddle_version()
+        if precision == "int8":
+            from edge_shitu_converters.lite_worker import find_lite_python
+
+            slim_python = find_lite_python(python)
+            slim_versions = paddleslim_versions(slim_python)
     _check_model_folders(det, rec)
     # Refuse PIR programs before any work.
     for role, folder in (("detector", det), ("extractor", rec)):
         if folder is not None:
             _legacy_files(folder, role)
+    skip_roles = _skip_by_role(skip_names, (("detector", det), ("extractor", rec)))
     if precision == "int8" and target == "arm":
         _LOG.warning(
             "ARM INT8 models cannot run on this machine: only their structure is checked here; measure their "
             "agreement with the fp32 models on an ARM device"
         )
-    job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path)
+    job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path, skip_roles, slim_python, slim_versions)
 
     def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
         import edge_shitu
@@ -709,6 +899,7 @@ def convert_lite(
             "edge_shitu": edge_shitu.__version__,
             "paddlepaddle": paddle_version,
             "paddlelite_opt": "+".join(sorted(set(job.versions))),
+            **({"paddleslim": slim_versions["paddleslim"]} if precision == "int8" else {}),
         }
         return models, tools
 

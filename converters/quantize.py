@@ -74,6 +74,10 @@ __all__ = [
     "OutputAgreement",
     "calibration_feeds",
     "quantize_model",
+    "ModelQuantizer",
+    "BlockDamage",
+    "quantizable_blocks",
+    "TAIL_WEIGHTS",
     "float_tail_nodes",
     "int8_tail_weights",
     "compare_outputs",
@@ -600,6 +604,352 @@ def _unfolded_batchnorms(model) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "BatchNormalization" and producer.get(n.input[0]) == "Conv")
 
 
+def _quantize_static_accepts_cache(q) -> bool:
+    """Whether this onnxruntime's ``quantize_static`` can save and reuse its calibration (``calibration_cache_path``)."""
+    import inspect
+
+    return "calibration_cache_path" in inspect.signature(q.quantize_static).parameters
+
+
+def quantizable_blocks(model, float_nodes: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
+    """The model's quantisable nodes grouped into blocks: each weighted layer with the plain ops after it.
+
+    A block is a weighted node (Conv, ConvTranspose, Gemm, MatMul) outside ``float_nodes`` and every
+    node its outputs reach through non-weighted nodes (activations, Mul, Concat, Resize, ...), in graph
+    order; a node reached from two blocks belongs to the first. Keeping a block float keeps every tensor
+    it computes float: excluding a weighted layer alone leaves the quantisation of the activations
+    around it, which on the PP-ShiTu detector is most of the noise (docs/benchmarks.md).
+
+    Args:
+      model: an ``onnx.ModelProto`` whose nodes all have names, in topological order.
+      float_nodes: nodes that stay float anyway (the float tail); they join no block.
+
+    Returns:
+      Block name (its weighted node's name) -> node names, in graph order.
+    """
+    keep = set(float_nodes)
+    consumers: Dict[str, List[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    owner: Dict[str, str] = {}
+    blocks: Dict[str, List[str]] = {}
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHTED_OPS or node.name in keep or node.name in owner:
+            continue
+        blocks[node.name] = [node.name]
+        owner[node.name] = node.name
+        stack = list(node.output)
+        while stack:
+            for child in consumers.get(stack.pop(), []):
+                if child.op_type in _WEIGHTED_OPS or child.name in owner or child.name in keep:
+                    continue
+                owner[child.name] = node.name
+                blocks[node.name].append(child.name)
+                stack.extend(child.output)
+    return {name: tuple(nodes) for name, nodes in blocks.items()}
+
+
+@dataclass(frozen=True)
+class BlockDamage:
+    """How much one block, quantised alone, changes the model's outputs.
+
+    Attributes:
+      block: the block's name (its weighted node).
+      nodes: the block's nodes.
+      noise_share: this block's share of the summed output noise of all blocks, in [0, 1].
+      sqnr_db: output SQNR with only this block quantised (``inf`` when it changes nothing).
+    """
+
+    block: str
+    nodes: Tuple[str, ...]
+    noise_share: float
+    sqnr_db: float
+
+
+class ModelQuantizer:
+    """One float model prepared and calibrated once, then quantised any number of times with other parts
+    kept float (the INT8 search). Create it with :meth:`prepare`; :func:`quantize_model` is the one-shot form.
+
+    Attributes:
+      source: the float model.
+      options: the quantisation options.
+      model: the prepared ``onnx.ModelProto`` (opset >= 13, constants as initializers, pre-processed,
+        every node named): node names in :attr:`blocks` and ``exclude_nodes`` are its names.
+      tail: nodes of the float tail (``options.float_tail``), float in every result.
+      blocks: :func:`quantizable_blocks` outside the tail and ``options.exclude_nodes``.
+      calib_images: photos the calibration saw.
+    """
+
+    def __init__(self, key: object, source: Path, options: QuantizeOptions, model: Any, prepared: Path, work: Path,
+                 feeds: List[Dict[str, np.ndarray]], seconds: Dict[str, float]) -> None:
+        if key is not _KEY:
+            raise TypeError("use ModelQuantizer.prepare")
+        self.source, self.options, self.model = source, options, model
+        self._prepared, self._work, self._feeds = prepared, work, feeds
+        self._seconds = seconds
+        self._cache: Optional[Path] = None
+        self.tail = tuple(sorted(float_tail_nodes(model, options.float_tail)))
+        always = set(self.tail) | set(options.exclude_nodes)
+        always |= {n.name for n in model.graph.node if n.op_type in options.exclude_op_types}
+        self._always_float = always
+        self.blocks = quantizable_blocks(model, sorted(always))
+        self.calib_images = sum(next(iter(f.values())).shape[0] for f in feeds)
+
+    @classmethod
+    def prepare(
+        cls,
+        fp32_path: Union[str, os.PathLike],
+        work: Union[str, os.PathLike],
+        *,
+        input_spec: InputSpec,
+        calib_dir: Optional[Union[str, os.PathLike]] = None,
+        options: Optional[QuantizeOptions] = None,
+    ) -> "ModelQuantizer":
+        """Prepares a float model for quantisation and reads its calibration photos.
+
+        Args:
+          fp32_path: the float model.
+          work: an existing scratch folder the quantiser may fill (prepared model, calibration cache).
+          input_spec: the model's input description from the bundle manifest: calibration photos are
+            pre-processed with it, as the runtime does.
+          calib_dir: folder of calibration photos; required in static mode, ignored in dynamic mode.
+          options: quantisation settings; ``None`` means ``QuantizeOptions()``.
+
+        Raises:
+          As :func:`quantize_model`.
+        """
+        options = QuantizeOptions() if options is None else options
+        if not isinstance(options, QuantizeOptions):
+            raise InvalidInputError(f"options must be QuantizeOptions, got {type(options).__name__}")
+        if not isinstance(input_spec, InputSpec):
+            raise InvalidInputError(f"input_spec must be an edge_shitu.bundle.InputSpec, got {type(input_spec).__name__}")
+        source, work = Path(fp32_path), Path(work)
+        if not source.is_file():
+            raise MissingFileError(f"{source}: no such model file")
+        static = options.mode == "static"
+        if static and calib_dir is None:
+            raise InvalidInputError(
+                f"{source}: static quantisation needs a folder of calibration photos (calib_dir, e.g. the drink "
+                "gallery); pass one or use mode='dynamic'"
+            )
+        onnx, _, q = _import_tools()
+        seconds: Dict[str, float] = {}
+        feeds: List[Dict[str, np.ndarray]] = []
+        if static:
+            batch = input_spec.shape[0] if input_spec.shape[0] > 0 else options.calib_batch
+            with _step("calibration photos", source, seconds):
+                feeds = calibration_feeds(calib_dir, input_spec, count=options.calib_count, seed=options.seed,
+                                          batch=batch)
+        prepared, optimized = work / "prepared.onnx", work / "optimized.onnx"
+        with _step("prepare", source, seconds):
+            model = onnx.load(str(source))
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _OPSET)
+            if opset < _OPSET:
+                model = onnx.version_converter.convert_version(model, _OPSET)
+            _constants_to_initializers(model)
+            onnx.save(model, str(prepared))
+            if options.pre_process:
+                # Given paths, not a ModelProto: onnxruntime 1.2x-1.31 fails on in-memory models
+                # without external data and then silently skips the optimisation.
+                q.quant_pre_process(str(prepared), str(optimized), skip_symbolic_shape=True)
+                model = onnx.load(str(optimized))
+                unfolded = _unfolded_batchnorms(model)
+                if unfolded:
+                    _LOG.warning("%s: %d BatchNormalization nodes after Conv were not folded", source, unfolded)
+            _name_nodes(model)
+            onnx.save(model, str(prepared))
+        names = {n.name for n in model.graph.node}
+        unknown = sorted(set(options.exclude_nodes) - names)
+        if unknown:
+            raise InvalidInputError(
+                f"{source}: exclude_nodes names no node of the pre-processed model: {', '.join(unknown[:5])} "
+                "(node names are those after quant_pre_process; QuantReport.float_nodes shows some)"
+            )
+        return cls(_KEY, source, options, model, prepared, work, feeds, seconds)
+
+    def probe_feeds(self, count: int) -> List[Dict[str, np.ndarray]]:
+        """The first ``count`` calibration feeds (fewer when there are fewer).
+
+        Raises:
+          InvalidInputError: dynamic mode, which reads no calibration photos.
+        """
+        if not self._feeds:
+            raise InvalidInputError(f"{self.source}: dynamic quantisation reads no calibration photos to probe with")
+        return list(self._feeds[:count])
+
+    def _run_quantizer(self, out: Path, *, exclude: Sequence[str], only: Optional[Sequence[str]] = None) -> None:
+        """``quantize_static``/``quantize_dynamic`` of the prepared model into ``out``; the calibration is
+        computed once and reused when onnxruntime can (``calibration_cache_path``)."""
+        _, _, q = _import_tools()
+        options = self.options
+        qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
+        if options.mode != "static":
+            q.quantize_dynamic(str(self._prepared), str(out), per_channel=options.per_channel,
+                               reduce_range=options.reduce_range, weight_type=qtype[options.weight_type],
+                               nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None)
+            return
+        method = {
+            "minmax": q.CalibrationMethod.MinMax,
+            "entropy": q.CalibrationMethod.Entropy,
+            "percentile": q.CalibrationMethod.Percentile,
+        }[options.method]
+        extra = {
+            # One feed per calibration pass: the augmented model outputs every activation, a lot
+            # for a 640x640 detector photo (docs/benchmarks.md, "converters/quantize.py: INT8
+            # defaults"), and the histogram methods keep them all until the pass ends.
+            "CalibStridedMinMax": 1,
+            # The percentile calibrator is symmetric by default, which wastes half of a uint8 range.
+            "CalibTensorRangeSymmetric": False,
+            "CalibPercentile": float(options.percentile),
+        }
+        reader: Any = _reader(self._feeds)
+        cache: Dict[str, Any] = {}
+        if _quantize_static_accepts_cache(q):
+            path = self._work / "calibration.json"
+            if self._cache is not None:
+                reader = None
+            cache = {"calibration_cache_path": str(path)}
+            self._cache = path
+        fmt = q.QuantFormat.QDQ if options.quant_format == "qdq" else q.QuantFormat.QOperator
+        q.quantize_static(
+            str(self._prepared), str(out), reader,
+            quant_format=fmt, per_channel=options.per_channel, reduce_range=options.reduce_range,
+            activation_type=qtype[options.activation_type], weight_type=qtype[options.weight_type],
+            nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
+            calibrate_method=method, extra_options=extra, **cache,
+        )
+
+    def quantize(self, out_path: Union[str, os.PathLike], *, float_blocks: Sequence[str] = ()) -> QuantReport:
+        """Writes the INT8 model with the float tail, ``exclude_nodes`` and the nodes of ``float_blocks`` kept float.
+
+        Args:
+          out_path: where to write the quantised model; replaced atomically. Must differ from the source.
+          float_blocks: names of :attr:`blocks` to keep float, weights included (``tail_int8_weights``
+            applies to the float tail and ``exclude_nodes`` only).
+
+        Returns:
+          A :class:`QuantReport`.
+
+        Raises:
+          InvalidInputError: ``out_path`` is the source, or an unknown block name.
+          ConversionError: a quantisation step failed, quantised nothing, or its result is not a valid,
+            loadable model.
+        """
+        onnx, ort, _ = _import_tools()
+        target = Path(out_path)
+        if target.resolve() == self.source.resolve():
+            raise InvalidInputError(f"{target}: the quantised model cannot overwrite its float source")
+        unknown = sorted(set(float_blocks) - set(self.blocks) - {TAIL_WEIGHTS})
+        if unknown:
+            raise InvalidInputError(f"{self.source}: no quantisable block named {', '.join(unknown[:5])}")
+        options, seconds = self.options, dict(self._seconds)
+        float_nodes = sorted(self._always_float | {n for b in float_blocks if b != TAIL_WEIGHTS
+                                                   for n in self.blocks[b]})
+        quantized = self._work / "quantized.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        step = "quantize_static" if options.mode == "static" else "quantize_dynamic"
+        with _step(step, self.source, seconds):
+            self._run_quantizer(quantized, exclude=float_nodes)
+        with _step("check", self.source, seconds):
+            result = onnx.load(str(quantized))
+            weight_only: List[str] = []
+            tail = sorted(self._always_float)
+            if options.tail_int8_weights and tail and TAIL_WEIGHTS not in float_blocks:
+                # Only the float tail's weights: blocks kept float by the INT8 search keep float weights, since
+                # what they are kept float for is agreement (int8 weights alone move the replica detector's
+                # scores by more than the verification allows).
+                weight_only = int8_tail_weights(result, tail)
+                if weight_only:
+                    onnx.save(result, str(quantized))
+            counts = _quantized_ops(result, float_nodes)
+            if not counts:
+                raise ConversionError(f"{self.source}: quantisation left every node in float")
+            onnx.checker.check_model(result)
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            ort.InferenceSession(str(quantized), sess_options=so, providers=["CPUExecutionProvider"])
+            partial = target.with_name(f".{target.name}.partial")
+            try:
+                shutil.copyfile(quantized, partial)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+        report = QuantReport(
+            source=self.source, output=target, options=options, fp32_bytes=self.source.stat().st_size,
+            int8_bytes=target.stat().st_size, calib_images=self.calib_images, float_nodes=tuple(float_nodes),
+            weight_only_nodes=tuple(weight_only), quantized_ops=counts, seconds=seconds,
+        )
+        _LOG.info(
+            "%s -> %s: %s%s, %.2f MB -> %.2f MB (%.2fx), %d nodes float, in %.1f s",
+            self.source, target, options.mode, f" {options.method}" if options.mode == "static" else "",
+            report.fp32_bytes / 1e6, report.int8_bytes / 1e6, report.ratio, len(float_nodes), report.total_seconds,
+        )
+        return report
+
+    def block_damage(self, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: Optional[int] = None) -> List[BlockDamage]:
+        """Each block's effect on the outputs: the model with only that block quantised, against the float model.
+
+        The output noise power of the whole INT8 model is close to the sum of the blocks' (quantisation
+        noise of separate tensors adds up), so keeping the blocks of largest noise float removes the
+        most noise for the fewest float blocks.
+
+        Args:
+          feeds: input dicts (e.g. a few calibration photos).
+          threads: onnxruntime intra-op threads; None lets it choose.
+
+        Returns:
+          One :class:`BlockDamage` per block, most damaging first (ties by graph order).
+
+        Raises:
+          InvalidInputError: ``feeds`` is empty.
+          ConversionError: a quantisation step failed.
+        """
+        if not feeds:
+            raise InvalidInputError("block_damage needs at least one feed")
+        _, ort, _ = _import_tools()
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads is not None:
+            so.intra_op_num_threads = threads
+        reference = ort.InferenceSession(str(self._prepared), sess_options=so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in reference.get_outputs()]
+        expected = [reference.run(names, dict(f)) for f in feeds]
+        signal = sum(float(np.square(a.astype(np.float64)).sum()) for r in expected for a in r)
+        one = self._work / "one-block.onnx"
+        noise: Dict[str, float] = {}
+        units = dict(self.blocks)
+
+        def measure(unit: str) -> None:
+            session = ort.InferenceSession(str(one), sess_options=so, providers=["CPUExecutionProvider"])
+            noise[unit] = sum(float(np.square(a.astype(np.float64) - b).sum())
+                              for f, r in zip(feeds, expected) for a, b in zip(r, session.run(names, dict(f))))
+
+        for block, nodes in self.blocks.items():
+            with _step("quantize one block", self.source, {}):
+                self._run_quantizer(one, exclude=sorted(self._always_float), only=nodes)
+            measure(block)
+        onnx, _, _ = _import_tools()
+        # The float tail's int8 weights, alone: the float model with only those weights rounded.
+        model = onnx.load(str(self._prepared))
+        tail_weights = int8_tail_weights(model, sorted(self._always_float)) if self.options.tail_int8_weights else []
+        if tail_weights:
+            onnx.save(model, str(one))
+            units[TAIL_WEIGHTS] = tuple(tail_weights)
+            measure(TAIL_WEIGHTS)
+        total = sum(noise.values())
+        order = sorted(units, key=lambda b: -noise[b])  # stable: graph order breaks ties
+        return [BlockDamage(b, units[b], noise[b] / total if total > 0 else 0.0,
+                            10 * math.log10(signal / noise[b]) if noise[b] > 0 else math.inf) for b in order]
+
+
+_KEY = object()
+
+TAIL_WEIGHTS = "float-tail-weights"
+"""The unit of :meth:`ModelQuantizer.block_damage` and ``float_blocks`` that stands for the int8 *weights* of the
+float tail (``tail_int8_weights``): keeping it "float" keeps those weights float too."""
+
+
 def quantize_model(
     fp32_path: Union[str, os.PathLike],
     out_path: Union[str, os.PathLike],
@@ -608,7 +958,7 @@ def quantize_model(
     calib_dir: Optional[Union[str, os.PathLike]] = None,
     options: Optional[QuantizeOptions] = None,
 ) -> QuantReport:
-    """Quantise one float ONNX model to INT8.
+    """Quantise one float ONNX model to INT8 (:class:`ModelQuantizer` for several variants of one model).
 
     Args:
       fp32_path: the float model (e.g. a bundle's ``detector.onnx`` or ``extractor.onnx``).
@@ -632,134 +982,9 @@ def quantize_model(
       ConversionError: a quantisation step failed, quantised nothing, or its result is not a valid,
         loadable model.
     """
-    options = QuantizeOptions() if options is None else options
-    if not isinstance(options, QuantizeOptions):
-        raise InvalidInputError(f"options must be QuantizeOptions, got {type(options).__name__}")
-    if not isinstance(input_spec, InputSpec):
-        raise InvalidInputError(f"input_spec must be an edge_shitu.bundle.InputSpec, got {type(input_spec).__name__}")
     source, target = Path(fp32_path), Path(out_path)
-    if not source.is_file():
-        raise MissingFileError(f"{source}: no such model file")
-    if target.resolve() == source.resolve():
+    if source.is_file() and target.resolve() == source.resolve():
         raise InvalidInputError(f"{target}: the quantised model cannot overwrite its float source")
-    static = options.mode == "static"
-    if static and calib_dir is None:
-        raise InvalidInputError(
-            f"{source}: static quantisation needs a folder of calibration photos (calib_dir, e.g. the drink "
-            "gallery); pass one or use mode='dynamic'"
-        )
-    onnx, ort, q = _import_tools()
-    seconds: Dict[str, float] = {}
-
-    feeds: List[Dict[str, np.ndarray]] = []
-    if static:
-        batch = input_spec.shape[0] if input_spec.shape[0] > 0 else options.calib_batch
-        with _step("calibration photos", source, seconds):
-            feeds = calibration_feeds(calib_dir, input_spec, count=options.calib_count, seed=options.seed, batch=batch)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edge-shitu-quant-") as tmp:
-        work = Path(tmp)
-        prepared, optimized = work / "prepared.onnx", work / "optimized.onnx"
-        quantized = work / "quantized.onnx"
-        with _step("prepare", source, seconds):
-            model = onnx.load(str(source))
-            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _OPSET)
-            if opset < _OPSET:
-                model = onnx.version_converter.convert_version(model, _OPSET)
-            _constants_to_initializers(model)
-            onnx.save(model, str(prepared))
-            if options.pre_process:
-                # Given paths, not a ModelProto: onnxruntime 1.2x-1.31 fails on in-memory models
-                # without external data and then silently skips the optimisation.
-                q.quant_pre_process(str(prepared), str(optimized), skip_symbolic_shape=True)
-                model = onnx.load(str(optimized))
-                unfolded = _unfolded_batchnorms(model)
-                if unfolded:
-                    _LOG.warning("%s: %d BatchNormalization nodes after Conv were not folded", source, unfolded)
-            _name_nodes(model)
-            onnx.save(model, str(prepared))
-
-        names = {n.name for n in model.graph.node}
-        unknown = sorted(set(options.exclude_nodes) - names)
-        if unknown:
-            raise InvalidInputError(
-                f"{source}: exclude_nodes names no node of the pre-processed model: {', '.join(unknown[:5])} "
-                "(node names are those after quant_pre_process; QuantReport.float_nodes shows some)"
-            )
-        excluded = set(float_tail_nodes(model, options.float_tail)) | set(options.exclude_nodes)
-        excluded |= {n.name for n in model.graph.node if n.op_type in options.exclude_op_types}
-        float_nodes = sorted(excluded)
-
-        qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
-        if static:
-            method = {
-                "minmax": q.CalibrationMethod.MinMax,
-                "entropy": q.CalibrationMethod.Entropy,
-                "percentile": q.CalibrationMethod.Percentile,
-            }[options.method]
-            extra = {
-                # One feed per calibration pass: the augmented model outputs every activation, a lot
-                # for a 640x640 detector photo (docs/benchmarks.md, "converters/quantize.py: INT8
-                # defaults"), and the histogram methods keep them all until the pass ends.
-                "CalibStridedMinMax": 1,
-                # The percentile calibrator is symmetric by default, which wastes half of a uint8 range.
-                "CalibTensorRangeSymmetric": False,
-                "CalibPercentile": float(options.percentile),
-            }
-            fmt = q.QuantFormat.QDQ if options.quant_format == "qdq" else q.QuantFormat.QOperator
-            with _step("quantize_static", source, seconds):
-                q.quantize_static(
-                    str(prepared), str(quantized), _reader(feeds),
-                    quant_format=fmt, per_channel=options.per_channel, reduce_range=options.reduce_range,
-                    activation_type=qtype[options.activation_type], weight_type=qtype[options.weight_type],
-                    nodes_to_exclude=float_nodes, calibrate_method=method, extra_options=extra,
-                )
-        else:
-            with _step("quantize_dynamic", source, seconds):
-                q.quantize_dynamic(
-                    str(prepared), str(quantized),
-                    per_channel=options.per_channel, reduce_range=options.reduce_range,
-                    weight_type=qtype[options.weight_type], nodes_to_exclude=float_nodes,
-                )
-
-        with _step("check", source, seconds):
-            result = onnx.load(str(quantized))
-            weight_only: List[str] = []
-            if options.tail_int8_weights and float_nodes:
-                weight_only = int8_tail_weights(result, float_nodes)
-                if weight_only:
-                    onnx.save(result, str(quantized))
-            counts = _quantized_ops(result, float_nodes)
-            if not counts:
-                raise ConversionError(f"{source}: quantisation left every node in float")
-            onnx.checker.check_model(result)
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            ort.InferenceSession(str(quantized), sess_options=so, providers=["CPUExecutionProvider"])
-            partial = target.with_name(f".{target.name}.partial")
-            try:
-                shutil.copyfile(quantized, partial)
-                os.replace(partial, target)
-            finally:
-                partial.unlink(missing_ok=True)
-
-    report = QuantReport(
-        source=source,
-        output=target,
-        options=options,
-        fp32_bytes=source.stat().st_size,
-        int8_bytes=target.stat().st_size,
-        calib_images=sum(next(iter(f.values())).shape[0] for f in feeds),
-        float_nodes=tuple(float_nodes),
-        weight_only_nodes=tuple(weight_only),
-        quantized_ops=counts,
-        seconds=dict(seconds),
-    )
-    _LOG.info(
-        "%s -> %s: %s%s, %.2f MB -> %.2f MB (%.2fx), %d nodes float, in %.1f s",
-        source, target, options.mode, f" {options.method}" if static else "", report.fp32_bytes / 1e6,
-        report.int8_bytes / 1e6, report.ratio, len(float_nodes), report.total_seconds,
-    )
-    return report
-
+        return ModelQuantizer.prepare(source, tmp, input_spec=input_spec, calib_dir=calib_dir,
+                                      options=options).quantize(target)

@@ -31,8 +31,8 @@ def iou_one_to_many(box: np.ndarray, boxes: np.ndarray, box_area: Optional[float
     ih = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
     inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
     union = box_area + boxes_area - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
+    # Divides only where the union is not empty: no warnings to silence, 0 elsewhere.
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def nms(boxes: np.ndarray, order: np.ndarray, iou_threshold: float, *, max_keep: Optional[int] = None) -> np.ndarray:

@@ -86,7 +86,8 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     if not eps > 0:
         raise InvalidInputError(f"eps must be > 0, got {eps!r}")
     arr = _as_float_matrix(x, "x", allow_inf=False).astype(np.float32, copy=False)
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    # np.linalg.norm(arr, axis=1, keepdims=True) computes exactly this, through more temporaries.
+    norms = np.sqrt(np.add.reduce(arr * arr, axis=1, keepdims=True))
     return (arr / np.maximum(norms, np.float32(eps))).astype(np.float32, copy=False)
 
 

@@ -6,6 +6,7 @@ here exactly, so the bundle's model stops at the eight raw head outputs and need
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,7 +16,7 @@ from edge_shitu.backends import Session, create_session
 from edge_shitu.boxes import nms
 from edge_shitu.bundle import Bundle, HeadsSpec, ModelSpec
 from edge_shitu.errors import BundleError, ClosedError, InvalidInputError
-from edge_shitu.image import load_image
+from edge_shitu.image import Workspace, load_image
 from edge_shitu.options import DetectorOptions
 from edge_shitu.preprocess import image_to_tensor
 from edge_shitu.types import Detection
@@ -35,6 +36,40 @@ def _softmax_expectation(logits: np.ndarray, reg_max: int) -> np.ndarray:
     bins = logits.reshape(-1, 4, reg_max + 1)
     e = np.exp(bins - bins.max(axis=2, keepdims=True))
     return (e @ np.arange(reg_max + 1, dtype=np.float32)) / e.sum(axis=2)
+
+
+@functools.lru_cache(maxsize=16)
+def _anchor_grid(strides: Tuple[int, ...], cell_offset: float, in_w: int,
+                 in_h: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Anchor centres ``(i + cell_offset) * stride`` (float32, in input pixels) and strides (float32) of
+    every level's cells, row-major, concatenated level by level; and the levels' first rows (int64, with
+    the total as a last entry)."""
+    xs, ys, ss, starts = [], [], [], [0]
+    for stride in strides:
+        fm_w, fm_h = math.ceil(in_w / stride), math.ceil(in_h / stride)
+        cell = np.arange(fm_w * fm_h)
+        xs.append(((cell % fm_w).astype(np.float32) + np.float32(cell_offset)) * np.float32(stride))
+        ys.append(((cell // fm_w).astype(np.float32) + np.float32(cell_offset)) * np.float32(stride))
+        ss.append(np.full(cell.size, stride, dtype=np.float32))
+        starts.append(starts[-1] + cell.size)
+    grid = (np.concatenate(xs), np.concatenate(ys), np.concatenate(ss), np.array(starts, dtype=np.int64))
+    for arr in grid:
+        arr.setflags(write=False)
+    return grid
+
+
+def _level_top_k(best: np.ndarray, passing: np.ndarray, picked: np.ndarray, starts: np.ndarray,
+                 k: int) -> np.ndarray:
+    """``picked`` less, in every level with more than ``k`` of them, those outside the level's ``k`` best
+    anchors (as the hosted graph's per-level top-k selects them, ties included)."""
+    parts = []
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        level = picked[(picked >= lo) & (picked < hi)]
+        if level.size > k:
+            top = np.argpartition(-best[lo:hi], k - 1)[:k]
+            level = np.sort(top[passing[lo:hi][top]]) + lo
+        parts.append(level)
+    return np.concatenate(parts)
 
 
 def decode_picodet(
@@ -79,7 +114,7 @@ def decode_picodet(
     sx, sy = scale
     c = heads.num_classes
     bins = 4 * (heads.reg_max + 1)
-    all_boxes, all_scores = [], []
+    level_scores, level_logits = [], []
     for level, stride in enumerate(heads.strides):
         fm_w, fm_h = math.ceil(in_w / stride), math.ceil(in_h / stride)
         sc = np.asarray(scores[level], dtype=np.float32)
@@ -89,30 +124,33 @@ def decode_picodet(
                 f"detector output for stride {stride} has shapes {sc.shape} and {lg.shape}; expected "
                 f"{fm_h}x{fm_w} cells with {c} scores and {bins} box logits each"
             )
-        sc = sc.reshape(-1, c)
-        lg = lg.reshape(-1, bins)
-        best = sc.max(axis=1)
-        idx = np.arange(best.size)
-        if best.size > options.nms_top_k:
-            idx = np.argpartition(-best, options.nms_top_k - 1)[: options.nms_top_k]
-        # Anchors whose every class score is under the threshold can never reach the NMS: skip their decode.
-        idx = idx[(best[idx] > options.score_threshold) & (best[idx] >= min_score)]
-        if idx.size == 0:
-            continue
-        idx.sort()
-        d = _softmax_expectation(lg[idx], heads.reg_max) * np.float32(stride)
-        cx = ((idx % fm_w).astype(np.float32) + np.float32(heads.cell_offset)) * np.float32(stride)
-        cy = ((idx // fm_w).astype(np.float32) + np.float32(heads.cell_offset)) * np.float32(stride)
-        b = np.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], axis=1)
-        if options.clip:
-            np.clip(b[:, 0::2], 0, in_w, out=b[:, 0::2])
-            np.clip(b[:, 1::2], 0, in_h, out=b[:, 1::2])
-        all_boxes.append(b / np.array([sx, sy, sx, sy], dtype=np.float32))
-        all_scores.append(sc[idx])
-    if not all_boxes:
+        level_scores.append(sc.reshape(-1, c))
+        level_logits.append(lg.reshape(-1, bins))
+    # All levels at once: the anchors of level l are rows starts[l]:starts[l + 1].
+    centre_x, centre_y, strides, starts = _anchor_grid(heads.strides, heads.cell_offset, in_w, in_h)
+    all_scores = np.concatenate(level_scores)
+    best = all_scores.max(axis=1)
+    # Anchors whose every class score is under the threshold can never reach the NMS: skip their decode.
+    passing = (best > options.score_threshold) & (best >= min_score)
+    picked = np.flatnonzero(passing)
+    if picked.size > options.nms_top_k:
+        picked = _level_top_k(best, passing, picked, starts, options.nms_top_k)
+    if picked.size == 0:
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64)
-    boxes = np.concatenate(all_boxes)
-    cls_scores = np.concatenate(all_scores)
+    bounds = np.searchsorted(picked, starts)
+    box_logits = np.concatenate([
+        level_logits[level][picked[bounds[level]:bounds[level + 1]] - starts[level]]
+        for level in range(len(level_logits))
+    ])
+    d = _softmax_expectation(box_logits, heads.reg_max)
+    d *= strides[picked, None]
+    cx, cy = centre_x[picked], centre_y[picked]
+    b = np.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], axis=1)
+    if options.clip:
+        np.clip(b[:, 0::2], 0, in_w, out=b[:, 0::2])
+        np.clip(b[:, 1::2], 0, in_h, out=b[:, 1::2])
+    boxes = b / np.array([sx, sy, sx, sy], dtype=np.float32)
+    cls_scores = all_scores[picked]
 
     kept_boxes, kept_scores, kept_classes = [], [], []
     for k in range(c):
@@ -140,6 +178,7 @@ class Detector:
         self.spec = spec
         self.options = options.with_defaults(spec.defaults)
         self._session = session
+        self._workspace = Workspace()
         self._outputs = list(spec.output.scores) + list(spec.output.boxes)
         missing = [n for n in self._outputs if n not in session.output_names]
         if missing:
@@ -177,9 +216,10 @@ class Detector:
           ``(tensor float32 (1, 3, h, w), (sx, sy))`` where ``(sx, sy)`` are the resize factors.
         """
         inp = self.spec.input
-        tensor = image_to_tensor(image, inp)
+        tensor = np.empty((1, 3, inp.height, inp.width), dtype=np.float32)
+        image_to_tensor(image, inp, out=tensor[0], workspace=self._workspace)
         h, w = image.shape[:2]
-        return tensor[None], (inp.width / w, inp.height / h)
+        return tensor, (inp.width / w, inp.height / h)
 
     def infer(self, tensor: np.ndarray) -> List[np.ndarray]:
         """Run the network. Returns the score outputs, then the box outputs, in stride order."""
@@ -218,19 +258,19 @@ class Detector:
         )
         w, h = image_size
         result = []
-        for box, score, cls in zip(boxes, scores, classes):
+        # Python numbers: cheaper to walk than numpy scalars, and the same values.
+        for box, score, cls in zip(boxes.tolist(), scores.tolist(), classes.tolist()):
             if len(result) >= self.options.max_detections:
                 break
             if score < min_score:
                 break
-            x1, y1, x2, y2 = (float(v) for v in box)
+            x1, y1, x2, y2 = box
             if self.options.clip:
                 x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
                 y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
             if x2 <= x1 or y2 <= y1:
                 continue
-            label = self.spec.labels[int(cls)]
-            result.append(Detection((x1, y1, x2, y2), float(score), int(cls), label))
+            result.append(Detection((x1, y1, x2, y2), score, cls, self.spec.labels[cls]))
         return result
 
     def detect(self, image) -> List[Detection]:

@@ -14,7 +14,7 @@ from edge_shitu.backends import Session, create_session
 from edge_shitu.bundle import Bundle, CodeSpec, EmbeddingSpec, ModelSpec
 from edge_shitu.codes import binarize, l2_normalize
 from edge_shitu.errors import BundleError, ClosedError
-from edge_shitu.image import load_image
+from edge_shitu.image import Workspace, load_image
 from edge_shitu.options import EmbedderOptions
 from edge_shitu.preprocess import image_to_tensor
 
@@ -41,6 +41,7 @@ class Embedder:
         self.head = head
         self.options = options
         self._session = session
+        self._workspace = Workspace()
         batch = spec.input.shape[0]
         # A model exported with a fixed batch (e.g. 1 for Paddle-Lite) is fed that many crops per call.
         self._max_batch = options.max_batch if batch <= 0 else min(batch, options.max_batch)
@@ -85,7 +86,7 @@ class Embedder:
         inp = self.spec.input
         out = np.empty((len(crops), 3, inp.height, inp.width), dtype=np.float32)
         for i, crop in enumerate(crops):
-            out[i] = image_to_tensor(crop, inp)
+            image_to_tensor(crop, inp, out=out[i], workspace=self._workspace)
         return out
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

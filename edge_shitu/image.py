@@ -8,7 +8,8 @@ The reference pipeline reads photos with ``cv2.imread(path)[:, :, ::-1]`` and re
 * :func:`resize_cubic` and :func:`resize_linear` follow ``cv2.resize`` with ``INTER_CUBIC`` and
   ``INTER_LINEAR`` (half-pixel centres, replicated borders, OpenCV's fixed-point and rounding
   rules), separably in float32 with cached tap tables.
-* :func:`normalize_chw` and :func:`to_batch` build model inputs; :func:`crop` cuts detections
+* :func:`normalize_chw` and :func:`to_batch` build model inputs, and
+  :func:`resize_normalize_chw` resizes and normalises in one go; :func:`crop` cuts detections
   out of an image without the reference's wrap-around and empty-crop bugs.
 
 Memory of decoding: Pillow's decoded image (4 bytes per pixel for colour, 1 for grey or
@@ -29,10 +30,11 @@ import math
 import os
 import stat
 import struct
+import threading
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .errors import (
     EdgeShituError,
@@ -50,6 +52,8 @@ __all__ = [
     "resize_cubic_scale",
     "resize_linear",
     "normalize_chw",
+    "resize_normalize_chw",
+    "Workspace",
     "to_batch",
     "crop",
 ]
@@ -104,6 +108,8 @@ _ORIENTATIONS: Dict[int, Tuple[Optional[Image.Transpose], bool, bool]] = {
 # Pixels per strip copied from Pillow's image into the result: the strip's temporary copies
 # stay around a megabyte whatever the image size.
 _STRIP_PIXELS = 1 << 18
+# Modes whose RGB samples Pillow's raw encoder packs straight into the result (see _pack_rgb).
+_PACKED_MODES = ("RGB", "RGBA", "RGBX")
 
 # OpenCV's fixed-point resize works with 11-bit coefficients (INTER_RESIZE_COEF_BITS).
 _COEF_SCALE = 2048
@@ -111,13 +117,16 @@ _CUBIC_A = -0.75
 # Below this many source pixels along either axis, the IPP build of OpenCV falls back from
 # IPP's float cubic resize to OpenCV's own fixed-point one.
 _IPP_MIN_SIDE = 4
-# Target size of the float32 block the vertical pass converts at once (elements): big enough
-# to amortise Python overhead, small enough to stay in cache.
-_BLOCK_ELEMENTS = 1 << 19
-# Output pixels per dense weight block of a banded matmul (see _band_plan): wider blocks multiply
-# more zeros, narrower ones make more matmul calls (figures in docs/benchmarks.md,
-# "edge_shitu/image.py: resizing").
+# Output pixels per dense weight block of a banded matmul (see _band_plan), in both passes of the
+# cubic resize: wider blocks multiply more zeros, narrower ones make more matmul calls (figures in
+# docs/benchmarks.md, "Overhead outside the models"; another width would also change a few
+# rounding results of the detector's input).
 _BAND = 8
+# Rows rounded and normalised at a time: a block that stays in cache between its passes.
+_NORMALIZE_ROWS = 64
+# Largest temporary a Workspace keeps (bytes): the vertical pass of a 1920-pixel-wide frame to
+# 640 rows takes 14.7 MB; larger photos are rare enough to allocate for.
+_WORKSPACE_MAX_BYTES = 16 << 20
 
 
 def load_image(
@@ -473,9 +482,14 @@ def _rgb_from_pil(im: Image.Image, label: str, orientation: int) -> np.ndarray:
     """Copy a loaded PIL image into a new uint8 RGB array, upright for ``orientation``.
 
     A strip of rows at a time is turned upright and converted, then copied to its place in the
-    result: the peak is Pillow's image plus the result, with no other full-size copy.
+    result: the peak is Pillow's image plus the result, with no other full-size copy. Upright
+    colour images, most photos, are packed straight into the result instead (:func:`_pack_rgb`).
     """
     width, height = im.size
+    # _pack_rgb drives Pillow's raw encoder, a private interface (stable since PIL): a Pillow without it
+    # takes the strips below.
+    if orientation == 1 and im.mode in _PACKED_MODES and width and height and hasattr(Image, "_getencoder"):
+        return _pack_rgb(im, label)
     convert = _strip_converter(im, label)
     method, from_end, as_columns = _ORIENTATIONS[orientation]
     out = np.empty((width, height, 3) if as_columns else (height, width, 3), dtype=np.uint8)
@@ -488,6 +502,35 @@ def _rgb_from_pil(im: Image.Image, label: str, orientation: int) -> np.ndarray:
         band = slice(height - bottom, height - top) if from_end else slice(top, bottom)
         target = out[:, band] if as_columns else out[band]
         target[...] = convert(strip)
+    return out
+
+
+def _pack_rgb(im: Image.Image, label: str) -> np.ndarray:
+    """A loaded RGB, RGBA or RGBX image's RGB samples as a new uint8 ``(H, W, 3)`` array.
+
+    Drives the raw encoder that ``Image.tobytes()`` (and so ``np.asarray(im)``) uses, writing its
+    chunks straight into the result: one packing pass plus a copy of each small chunk, where the
+    strips of :func:`_rgb_from_pil` take a crop, ``tobytes()`` and a copy of every strip
+    (docs/benchmarks.md, "Overhead outside the models").
+    """
+    width, height = im.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    target = memoryview(out).cast("B")
+    encoder = Image._getencoder(im.mode, "raw", ("RGB", 0, 1))
+    try:
+        encoder.setimage(im.im, (0, 0, width, height))
+        chunk = max(ImageFile.MAXBLOCK, width * 4)
+        written = 0
+        while True:
+            _, status, data = encoder.encode(chunk)
+            target[written : written + len(data)] = data
+            written += len(data)
+            if status:
+                break
+    finally:
+        encoder.cleanup()
+    if status < 0 or written != out.nbytes:
+        raise ImageDecodeError(f"{label}: cannot convert image mode {im.mode} to RGB (encoder status {status})")
     return out
 
 
@@ -640,10 +683,8 @@ def resize_linear(img: np.ndarray, width: int, height: int) -> np.ndarray:
     h, w = src.shape[:2]
     if (width, height) == (w, h):
         return np.array(img, order="C")
-    columns = _linear_columns(w, width, width / w, src.shape[2])
-    yi, yw = _linear_taps(h, height, height / h, False)
-    out = _resize_fixed_linear(src, columns, yi, yw)
-    return out.reshape(height, width) if img.ndim == 2 else out
+    out = _linear_values(src, width, height).astype(np.uint8)
+    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, src.shape[2])
 
 
 def _resize_cubic(
@@ -652,13 +693,8 @@ def _resize_cubic(
     h, w = src.shape[:2]
     if (width, height) == (w, h):
         return np.array(img, order="C")
-    channels = src.shape[2]
-    exact = min(w, h) >= _IPP_MIN_SIDE
-    rows = _resize_rows(src, height, inv_y, exact)
-    columns = _band_plan(w, width, inv_x, exact, channels)
-    out = _round_u8(_resize_columns(rows, columns, width * channels))
-    out = out.reshape(height, width, channels)
-    return out.reshape(height, width) if img.ndim == 2 else out
+    out = _round(_cubic_values(src, width, height, inv_x, inv_y)).astype(np.uint8)
+    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, src.shape[2])
 
 
 def _check_resize_source(img: np.ndarray) -> np.ndarray:
@@ -779,85 +815,144 @@ def _band_plan(src: int, dst: int, inv_scale: float, exact: bool, channels: int)
     return tuple(plan)
 
 
-def _resize_rows(src: np.ndarray, dst: int, inv_scale: float, exact: bool) -> np.ndarray:
-    """Vertical cubic pass of uint8 ``(H, W, C)``: float32 ``(dst, W * C)``.
+class Workspace:
+    """Scratch memory that :func:`resize_normalize_chw` reuses from one call to the next.
 
-    Enlarging, every source row is converted once and a banded matmul does the rest.
-    Shrinking, only the 4 tap rows of each output row are gathered, converted and reduced with
-    one small matmul per output row, a block at a time (this beats the banded matmul even for a
-    2x reduction).
+    Resizing a photo for a model takes a few large temporary arrays (about 15 MB from a
+    1200x1200 photo to 640x640). Allocated afresh for every call, their pages can be faulted in
+    and zeroed by the kernel each time, which costs about as much as one of the resize's passes
+    (docs/benchmarks.md, "Overhead outside the models"). A workspace keeps the largest
+    temporaries it has served, each up to ``max_bytes``, for as long as it lives; larger ones are
+    allocated for the call and dropped.
+
+    Thread-safe: a call that finds the workspace in use by another thread allocates its own
+    temporaries instead of waiting.
+
+    Args:
+      max_bytes: size of the largest temporary kept, in bytes.
+    """
+
+    def __init__(self, *, max_bytes: int = _WORKSPACE_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._buffers: Dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(buf.nbytes for buf in list(self._buffers.values()))
+
+    def _claim(self) -> Optional["Workspace"]:
+        """This workspace if no other thread is using it (release it with ``_lock.release()``), else None."""
+        return self if self._lock.acquire(blocking=False) else None
+
+    def _array(self, slot: str, shape: Tuple[int, ...], dtype: type) -> np.ndarray:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if nbytes > self.max_bytes:
+            return np.empty(shape, dtype=dtype)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._buffers[slot] = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _scratch(workspace: Optional[Workspace], slot: str, shape: Tuple[int, ...], dtype: type) -> np.ndarray:
+    """An uninitialised temporary: from the workspace when there is one, else a new array."""
+    if workspace is None:
+        return np.empty(shape, dtype=dtype)
+    return workspace._array(slot, shape, dtype)
+
+
+def _resize_rows(
+    src: np.ndarray, dst: int, inv_scale: float, exact: bool, workspace: Optional[Workspace] = None
+) -> np.ndarray:
+    """Vertical cubic pass of uint8 ``(H, W, C)`` (any strides): float32 ``(dst, W * C)``.
+
+    A banded matmul per run of output rows, over only the source rows that run reads, converted
+    to float32 into one small buffer that stays in cache. Converting the whole source first, or
+    gathering the 4 tap rows of every output row, moves several times more memory.
     """
     h, w, c = src.shape
-    row = w * c
-    out = np.empty((dst, row), dtype=np.float32)
-    if dst >= h:
-        flat = src.reshape(h, row) if src.flags.c_contiguous else np.ascontiguousarray(src).reshape(h, row)
-        converted = flat.astype(np.float32)
-        for d0, d1, s0, s1, weights in _band_plan(h, dst, inv_scale, exact, 1):
-            np.matmul(weights.T, converted[s0:s1], out=out[d0:d1])
-        return out
-    idx, weights = _cubic_taps(h, dst, inv_scale, exact)
-    taps = idx.shape[1]
-    block = max(1, min(dst, _BLOCK_ELEMENTS // (taps * row)))
-    work = np.empty((block * taps, row), dtype=np.float32)
-    row_weights = weights[:, None, :]
-    for d0 in range(0, dst, block):
-        d1 = min(dst, d0 + block)
-        n = d1 - d0
-        converted = work[: n * taps]
-        np.copyto(converted, src.take(idx[d0:d1].reshape(-1), axis=0).reshape(n * taps, row))
-        np.matmul(row_weights[d0:d1], converted.reshape(n, taps, row), out=out[d0:d1, None, :])
+    out = _scratch(workspace, "rows", (dst, w * c), np.float32)
+    plan = _band_plan(h, dst, inv_scale, exact, 1)
+    work = _scratch(workspace, "work", (max(s1 - s0 for _, _, s0, s1, _ in plan), w, c), np.float32)
+    for d0, d1, s0, s1, weights in plan:
+        rows = work[: s1 - s0]
+        np.copyto(rows, src[s0:s1])
+        np.matmul(weights.T, rows.reshape(s1 - s0, w * c), out=out[d0:d1])
     return out
 
 
-def _resize_columns(rows: np.ndarray, plan: _Band, width: int) -> np.ndarray:
-    """Horizontal pass: float32 ``(N, W * C)`` rows to ``(N, width)`` with a band plan."""
-    out = np.empty((rows.shape[0], width), dtype=np.float32)
+def _resize_columns(rows: np.ndarray, plan: _Band, width: int, out: np.ndarray) -> np.ndarray:
+    """Horizontal pass: float32 ``(N, W * C)`` rows to ``out`` ``(N, width)`` with a band plan."""
     channels = width // plan[-1][1]
     for d0, d1, s0, s1, weights in plan:
         np.matmul(rows[:, s0 * channels : s1 * channels], weights, out=out[:, d0 * channels : d1 * channels])
     return out
 
 
-def _round_u8(values: np.ndarray) -> np.ndarray:
+def _cubic_values(
+    src: np.ndarray, width: int, height: int, inv_x: float, inv_y: float, workspace: Optional[Workspace] = None
+) -> np.ndarray:
+    """Cubic resize of uint8 ``(H, W, C)`` to float32 ``(height, width * C)``, before rounding and
+    saturation (:func:`_round` does both)."""
+    h, w, c = src.shape
+    exact = min(w, h) >= _IPP_MIN_SIDE
+    rows = _resize_rows(src, height, inv_y, exact, workspace)
+    values = _scratch(workspace, "values", (height, width * c), np.float32)
+    return _resize_columns(rows, _band_plan(w, width, inv_x, exact, c), width * c, values)
+
+
+def _round(values: np.ndarray) -> np.ndarray:
+    """Rounds float32 resize values in place to whole numbers in [0, 255], as OpenCV saturates them."""
     np.rint(values, out=values)
     np.clip(values, 0, 255, out=values)
-    return values.astype(np.uint8)
+    return values
 
 
-def _resize_fixed_linear(
-    src: np.ndarray, columns: Tuple[np.ndarray, np.ndarray], yi: np.ndarray, yw: np.ndarray
-) -> np.ndarray:
-    """OpenCV's uint8 INTER_LINEAR in integers: uint8 ``(H, W, C)`` to ``(dh, dw, C)``.
+def _linear_values(src: np.ndarray, width: int, height: int, workspace: Optional[Workspace] = None) -> np.ndarray:
+    """OpenCV's uint8 INTER_LINEAR in integers: uint8 ``(H, W, C)`` (any strides) to int32
+    ``(height, width * C)`` holding 0..255.
 
     Horizontal pass: exact sums of 11-bit weights. Vertical pass as in OpenCV's SIMD kernel
     (``VResizeLinearVec_32s8u``): each row sum is shifted right by 4, multiplied by its 11-bit
-    weight keeping the high 16 bits, and the sum rounded with ``(v + 2) >> 2``.
+    weight keeping the high 16 bits, and the sum rounded with ``(v + 2) >> 2``. The weights of
+    each pass are non-negative and add up to at most 2049, so the result never exceeds 255 and,
+    unlike OpenCV's generic kernel, needs no saturation.
     """
     h, w, c = src.shape
-    flat_idx, flat_w = columns
-    dh, dw = yi.shape[0], flat_idx.shape[1] // c
-    used, inverse = np.unique(yi, return_inverse=True)
-    inverse = inverse.reshape(yi.shape)
+    columns, column_weights = _linear_columns(w, width, width / w, c)
+    used, inverse, row_weights = _linear_rows(h, height, height / h)
+    wc = width * c
     # Only the rows the vertical pass reads, and of those only the tap columns.
-    lines = src.take(used, axis=0).reshape(len(used), w * c)
-    acc = lines.take(flat_idx[0], axis=1).astype(np.int32)
-    acc *= flat_w[0]
-    part = lines.take(flat_idx[1], axis=1).astype(np.int32)
-    part *= flat_w[1]
-    acc += part
+    # (np.take copies through a temporary unless told what to do with out-of-range indices, which
+    # these are not.)
+    lines = np.take(src, used, axis=0, mode="clip", out=_scratch(workspace, "lines", (len(used), w, c), np.uint8))
+    taps = np.take(lines.reshape(len(used), w * c), columns, axis=1, mode="clip",
+                   out=_scratch(workspace, "taps", (len(used), 2, wc), np.uint8))
+    products = np.multiply(taps, column_weights, out=_scratch(workspace, "products", (len(used), 2, wc), np.int32))
+    acc = np.add(products[:, 0], products[:, 1], out=_scratch(workspace, "sums", (len(used), wc), np.int32))
     acc >>= 4
-    top = acc.take(inverse[:, 0], axis=0)
-    bottom = acc.take(inverse[:, 1], axis=0)
-    top *= yw[:, 0, None].astype(np.int32)
-    bottom *= yw[:, 1, None].astype(np.int32)
-    top >>= 16
-    bottom >>= 16
-    top += bottom
+    # Both taps of every output row at once: rows 0..height-1 the upper, height.. the lower.
+    vertical = np.take(acc, inverse, axis=0, mode="clip",
+                       out=_scratch(workspace, "vertical", (2 * height, wc), np.int32))
+    vertical *= row_weights
+    vertical >>= 16
+    top = np.add(vertical[:height], vertical[height:], out=vertical[:height])
     top += 2
     top >>= 2
-    np.clip(top, 0, 255, out=top)
-    return top.astype(np.uint8).reshape(dh, dw, c)
+    return top
+
+
+@functools.lru_cache(maxsize=128)
+def _linear_rows(src: int, dst: int, inv_scale: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row taps: the source rows read (int64, ascending), the upper then the lower tap of every
+    output row as positions in those rows (int64 ``(2 * dst,)``) and their int32 weights
+    ``(2 * dst, 1)``."""
+    idx, weights = _linear_taps(src, dst, inv_scale, False)
+    used, inverse = np.unique(idx, return_inverse=True)
+    inverse = inverse.reshape(idx.shape).T.reshape(-1)
+    return _frozen(used), _frozen(inverse), _frozen(weights.T.reshape(-1, 1).astype(np.int32))
 
 
 @functools.lru_cache(maxsize=128)
@@ -906,27 +1001,144 @@ def normalize_chw(
     if img.ndim != 3 or img.shape[0] < 1 or img.shape[1] < 1:
         raise InvalidInputError(f"expected a uint8 image of shape (H, W, C), got {img.shape}")
     h, w, c = img.shape
-    mean64 = _per_channel(mean, c, "mean")
-    std64 = _per_channel(std, c, "std")
+    gain, bias = _normalization(mean, std, scale, c)
+    out = _chw_out(out, (c, h, w))
+    _normalize_into(img, gain, bias, out)
+    return out
+
+
+def resize_normalize_chw(
+    img: np.ndarray,
+    width: int,
+    height: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: float = 1.0 / 255.0,
+    *,
+    interpolation: str = "cubic",
+    out: Optional[np.ndarray] = None,
+    workspace: Optional[Workspace] = None,
+) -> np.ndarray:
+    """Resize an image and normalise it to CHW in one go, as a model input.
+
+    Equals ``normalize_chw(resize_cubic(img, width, height), mean, std, scale)`` (or
+    :func:`resize_linear`) bit for bit, without the intermediate uint8 image: the resize's
+    rounded values are normalised where they are, which saves a full pass and a conversion.
+
+    Args:
+      img: uint8 ``(H, W, C)`` with ``C == len(mean)``; any strides (a :func:`crop` view, or
+        ``img[:, :, ::-1]`` for BGR, is read without a copy).
+      width: output width in pixels, >= 1.
+      height: output height in pixels, >= 1.
+      mean: per-channel mean, in the scaled unit (e.g. ImageNet ``0.485, 0.456, 0.406``).
+      std: per-channel standard deviation, non-zero.
+      scale: multiplier applied to the raw uint8 values first.
+      interpolation: ``"cubic"`` (:func:`resize_cubic`) or ``"linear"`` (:func:`resize_linear`).
+      out: optional float32 ``(C, height, width)`` C-contiguous array to write into (e.g. a slot
+        of a batch), returned.
+      workspace: scratch memory to reuse for the temporaries (see :class:`Workspace`); None
+        allocates them for this call.
+
+    Returns:
+      float32 ``(C, height, width)``.
+
+    Raises:
+      InvalidDtypeError: ``img`` is not uint8, or ``out`` is not float32.
+      InvalidInputError: ``img`` is not ``(H, W, C)`` or is empty, a size is not a positive
+        int, ``interpolation`` is unknown, ``mean``/``std`` have the wrong length, or a
+        ``std``/``mean``/``scale`` is zero (``std``) or not finite.
+    """
+    if interpolation not in ("cubic", "linear"):
+        raise InvalidInputError(f"interpolation must be 'cubic' or 'linear', got {interpolation!r}")
+    src = _check_resize_source(img)
+    if img.ndim != 3:
+        raise InvalidInputError(f"expected an image of shape (H, W, C), got {img.shape}")
+    width, height = _check_size(width, "width"), _check_size(height, "height")
+    h, w, c = src.shape
+    gain, bias = _normalization(mean, std, scale, c)
+    out = _chw_out(out, (c, height, width))
+    if (width, height) == (w, h):
+        _normalize_into(src, gain, bias, out)
+        return out
+    claimed = None if workspace is None else workspace._claim()
+    try:
+        if interpolation == "cubic":
+            values = _cubic_values(src, width, height, width / w, height / h, claimed)
+            _normalize_into(values, gain, bias, out, rounding=True)
+        else:
+            _normalize_into(_linear_values(src, width, height, claimed), gain, bias, out)
+    finally:
+        if claimed is not None:
+            claimed._lock.release()
+    return out
+
+
+def _normalization(
+    mean: Sequence[float], std: Sequence[float], scale: float, channels: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(x * scale - mean) / std`` folded into float32 ``x * gain + bias``, per channel."""
+    if isinstance(mean, tuple) and isinstance(std, tuple):
+        # A model's input spec (tuples) comes back for every crop: validate and fold it once.
+        try:
+            return _folded_normalization(mean, std, scale, channels)
+        except TypeError:  # unhashable entries: validated below
+            pass
+    return _fold_normalization(mean, std, scale, channels)
+
+
+@functools.lru_cache(maxsize=32)
+def _folded_normalization(
+    mean: Tuple[float, ...], std: Tuple[float, ...], scale: float, channels: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    gain, bias = _fold_normalization(mean, std, scale, channels)
+    return _frozen(gain), _frozen(bias)
+
+
+def _fold_normalization(
+    mean: Sequence[float], std: Sequence[float], scale: float, channels: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    mean64 = _per_channel(mean, channels, "mean")
+    std64 = _per_channel(std, channels, "std")
     if np.any(std64 == 0):
         raise InvalidInputError(f"std must be non-zero, got {list(std64)}")
     scale32 = np.float32(scale)
     if not np.isfinite(scale32):
         raise InvalidInputError(f"scale must be finite, got {scale!r}")
-    if out is None:
-        out = np.empty((c, h, w), dtype=np.float32)
-    elif not isinstance(out, np.ndarray) or out.dtype != np.float32:
-        raise InvalidDtypeError(f"out must be a float32 array, got {getattr(out, 'dtype', type(out))}")
-    elif out.shape != (c, h, w) or not out.flags.c_contiguous:
-        raise InvalidInputError(
-            f"out must be a C-contiguous float32 array of shape {(c, h, w)}, got {out.shape}"
-        )
     gain = (np.float64(scale32) / std64).astype(np.float32)
     bias = (-mean64 / std64).astype(np.float32)
-    for ch in range(c):
-        np.multiply(img[:, :, ch], gain[ch], out=out[ch])
-        out[ch] += bias[ch]
+    return gain, bias
+
+
+def _chw_out(out: Optional[np.ndarray], shape: Tuple[int, int, int]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+        raise InvalidDtypeError(f"out must be a float32 array, got {getattr(out, 'dtype', type(out))}")
+    if out.shape != shape or not out.flags.c_contiguous:
+        raise InvalidInputError(f"out must be a C-contiguous float32 array of shape {shape}, got {out.shape}")
     return out
+
+
+def _normalize_into(
+    values: np.ndarray, gain: np.ndarray, bias: np.ndarray, out: np.ndarray, *, rounding: bool = False
+) -> None:
+    """``out[ch] = values of channel ch * gain[ch] + bias[ch]`` in float32.
+
+    ``values`` holds whole numbers 0..255, as uint8, int32 or float32, either ``(H, W, C)`` or
+    interleaved rows ``(H, W * C)``; all give the same float32 result, which is exact for them.
+    With ``rounding``, ``values`` are float32 resize values, rounded in place first (:func:`_round`).
+    A few rows at a time, so that each row is rounded and normalised while it is in cache.
+    """
+    channels = out.shape[0]
+    for top in range(0, values.shape[0], _NORMALIZE_ROWS):
+        rows = values[top : top + _NORMALIZE_ROWS]
+        if rounding:
+            _round(rows)
+        for ch in range(channels):
+            plane = rows[:, :, ch] if rows.ndim == 3 else rows[:, ch::channels]
+            target = out[ch, top : top + _NORMALIZE_ROWS]
+            np.multiply(plane, gain[ch], out=target, dtype=np.float32)
+            target += bias[ch]
 
 
 def _per_channel(values: Sequence[float], channels: int, what: str) -> np.ndarray:

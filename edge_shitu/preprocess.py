@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from edge_shitu.bundle import InputSpec
-from edge_shitu.image import normalize_chw, resize_cubic, resize_linear
+from edge_shitu.image import Workspace, resize_normalize_chw
 
 __all__ = ["image_to_tensor"]
 
 
-def image_to_tensor(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+def image_to_tensor(image: np.ndarray, spec: InputSpec, *, out: Optional[np.ndarray] = None,
+                    workspace: Optional[Workspace] = None) -> np.ndarray:
     """Stretch, scale and normalise one RGB image.
 
     Args:
-      image: uint8 (H, W, 3) RGB.
+      image: uint8 (H, W, 3) RGB; any strides (a crop view is read without a copy).
       spec: the model's input description.
+      out: optional float32 (3, spec.height, spec.width) C-contiguous array to write into, such as
+        a slot of a batch; returned.
+      workspace: scratch memory reused from call to call (see :class:`~edge_shitu.image.Workspace`).
 
     Returns:
       float32 (3, spec.height, spec.width).
     """
-    resize = resize_cubic if spec.interpolation == "cubic" else resize_linear
-    resized = resize(image, spec.width, spec.height)
     if spec.channel_order == "BGR":
-        resized = resized[:, :, ::-1]
-    return normalize_chw(resized, spec.mean, spec.std, scale=spec.scale)
+        image = image[:, :, ::-1]
+    return resize_normalize_chw(image, spec.width, spec.height, spec.mean, spec.std, spec.scale,
+                                interpolation=spec.interpolation, out=out, workspace=workspace)

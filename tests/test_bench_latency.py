@@ -252,6 +252,15 @@ def test_reference_options_are_checked():
         reference.ReferenceOptions(det_threshold=1.5)
 
 
+def test_parse_session_config():
+    assert latency.parse_session_config(["session.intra_op.allow_spinning=1", " a = b=c "]) == (
+        ("session.intra_op.allow_spinning", "1"), ("a", "b=c"))
+    assert latency.parse_session_config([]) == ()
+    for bad in ("novalue", "=1", "k=", "k= "):
+        with pytest.raises(InvalidInputError, match="--session-config takes KEY=VALUE"):
+            latency.parse_session_config([bad])
+
+
 def test_parse_threads():
     assert latency.parse_threads("1,2") == (1, 2)
     assert latency.parse_threads("4") == (4,)
@@ -268,6 +277,11 @@ def test_parse_threads():
     ({"reference_det": Path("d")}, "without reference=True"),
     ({"whole_image": "sometimes"}, "whole_image"),
     ({"search_backend": "annoy"}, "search_backend"),
+    ({"gemm_runs": -1}, "gemm_runs must be an int >= 0"),
+    ({"session_config": (("k",),)}, "session_config must be"),
+    ({"session_config": ("kv",)}, "session_config must be"),
+    ({"session_config": (("k", ""),)}, "session_config must be"),
+    ({"session_config": (("k", "1"), ("k", "2"))}, "repeats a key"),
 ])
 def test_latency_options_are_checked(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
@@ -419,9 +433,28 @@ def test_cli_two_bundles_two_thread_counts(cli, replica_bundle, test_images, tmp
     out_dir = tmp_path / "out"
     code, out, err = cli("bench", "latency", "--bundle", replica_bundle, "--bundle", replica_bundle,
                          "--images", images, "--threads", "1,2", "--warmup", "0", "--runs", "2",
-                         "--gallery-limit", "4", "--out", out_dir)
+                         "--gallery-limit", "4", "--gemm-runs", "1", "--out", out_dir)
     assert code == 0, err
     rep = _check_outputs(out_dir, n_configs=4, n_samples=4)
+    # Against the machine: GEMM rates at 1 and 2 threads, the replicas' GMAC, a fraction per model and config.
+    against = rep["against_machine"]
+    assert [(g["threads"], g["precision"], g["when"]) for g in against["gemm"]] == [
+        (t, p, w) for t in (1, 2) for w in ("before", "after") for p in ("fp32", "int8")]
+    assert all(len(g["runs_ms"]) == 1 and g["gmac_per_s"] > 0 and g["size"] == 2048 for g in against["gemm"])
+    assert against["models"]["replica-fp32"]["detector"]["macs"] == 8_182_032_000
+    assert against["models"]["replica-fp32"]["extractor"]["macs"] == 828_664_832
+    for t in (1, 2):
+        both = [g["gmac_per_s"] for g in against["gemm"] if g["threads"] == t and g["precision"] == "fp32"]
+        assert against["rates"][str(t)]["fp32"] == pytest.approx(sum(both) / 2)
+    for c in rep["configurations"]:
+        det, ext = c["models"]["detector"], c["models"]["extractor"]
+        assert det["ms_p50"] == pytest.approx(c["stages"]["det_infer"]["p50"])
+        assert det["rate_gmac_per_s"] == pytest.approx(against["rates"][str(c["threads"])]["fp32"])
+        assert det["fraction_of_rate"] == pytest.approx(8.182032 / (det["ms_p50"] / 1000 * det["rate_gmac_per_s"]))
+        per_crop = [ms / n for ms, n in zip(c["samples_ms"]["rec_infer"], c["crops"])]
+        assert ext["ms_p50"] == pytest.approx(float(np.percentile(per_crop, 50)))
+    assert "detector GMAC/s (of the GEMM rate)" in out and "per CPU-second" in out
+    assert "--gemm-runs 1" in rep["command"]
     assert [(c["label"], c["threads"]) for c in rep["configurations"]] == [
         ("replica-fp32", 1), ("replica-fp32 (2)", 1), ("replica-fp32", 2), ("replica-fp32 (2)", 2)]
     assert rep["gallery"]["items"] == 4 and rep["gallery"]["built_here"]
@@ -447,9 +480,11 @@ def test_cli_reference_is_the_baseline(cli, replica_bundle, replica_dirs, test_i
     code, out, err = cli("bench", "latency", "--bundle", replica_bundle, "--reference",
                          "--reference-rec", replica_dirs["extractor"],
                          "--images", images, "--warmup", "1", "--runs", "1", "--gallery-limit", "4",
-                         "--out", out_dir)
+                         "--gemm-runs", "0", "--session-config", "session.intra_op.allow_spinning=1", "--out", out_dir)
     assert code == 0, err
     rep = _check_outputs(out_dir, n_configs=2, n_samples=2)
+    assert rep["against_machine"] is None and all(c["models"] is None for c in rep["configurations"])
+    assert "GMAC/s" not in out
     ref, ours = rep["configurations"]
     assert (ref["label"], ref["kind"], rep["baseline"]) == ("reference", "reference", "reference")
     assert ours["kind"] == "bundle"
@@ -461,6 +496,12 @@ def test_cli_reference_is_the_baseline(cli, replica_bundle, replica_dirs, test_i
     # The reference adds the whole image to at most 5 detections; one extractor call per region.
     assert all(2 <= c <= 6 for c in ref["crops"])
     assert "÷ reference" in out
+    # The what-if session entry replaced the backend's in the bundle's subprocess only.
+    assert ours["details"]["onnxruntime_session_config"]["session.intra_op.allow_spinning"] == "1"
+    assert '"session.intra_op.allow_spinning": "1"' in out and "--session-config" in rep["command"]
+    from edge_shitu.backends.onnxruntime import SESSION_CONFIG
+
+    assert SESSION_CONFIG["session.intra_op.allow_spinning"] == "0"
 
 
 @pytest.mark.slow

@@ -81,6 +81,22 @@ def test_decode_matches_slow_oracle(seed, scale):
     assert (cls == 0).all()
 
 
+def test_decode_of_tied_scores_matches_slow_oracle():
+    # Quantised (INT8) heads give many equal scores: candidates keep their (level, anchor) order
+    # through the stable sort, and only levels with more passing anchors than nms_top_k are cut.
+    rng = np.random.default_rng(7)
+    scores, logits = _random_heads(rng, bias=-5.0)
+    scores = [np.round(s * 16) / 16 for s in scores]
+    opt = DetectorOptions(nms_top_k=1000, keep_top_k=60).with_defaults({})
+    passing = [int((s > opt.score_threshold).sum()) for s in scores]
+    assert passing[0] < opt.nms_top_k < sum(passing), passing
+    boxes, sc, _ = decode_picodet(scores, logits, HEADS, input_size=(640, 640), scale=(0.5, 0.7), options=opt)
+    slow = _slow_decode(scores, logits, (640, 640), (0.5, 0.7), opt)
+    assert len(np.unique(sc)) < len(sc) and len(slow) > 5
+    np.testing.assert_allclose(boxes, np.array([b for b, _ in slow]), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(sc, np.array([s for _, s in slow], dtype=np.float32))
+
+
 def test_decode_accepts_flat_head_layout():
     rng = np.random.default_rng(5)
     scores, logits = _random_heads(rng)

@@ -31,12 +31,14 @@ from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 from edge_shitu.errors import ImageDecodeError, InvalidDtypeError, InvalidInputError, MissingFileError
 from edge_shitu.image import (
     DEFAULT_MAX_PIXELS,
+    Workspace,
     crop,
     load_image,
     normalize_chw,
     resize_cubic,
     resize_cubic_scale,
     resize_linear,
+    resize_normalize_chw,
     to_batch,
 )
 
@@ -1076,6 +1078,131 @@ def test_normalize_bad_arguments(rng):
         normalize_chw(img, IMAGENET_MEAN, IMAGENET_STD, out=np.empty((3, 4, 4), np.float64))
     with pytest.raises(InvalidInputError, match=r"out must be a C-contiguous float32 array of shape \(3, 4, 4\)"):
         normalize_chw(img, IMAGENET_MEAN, IMAGENET_STD, out=np.empty((3, 4, 5), np.float32))
+
+
+def _resize_then_normalize(img: np.ndarray, width: int, height: int, interpolation: str) -> np.ndarray:
+    resized = (resize_cubic if interpolation == "cubic" else resize_linear)(img, width, height)
+    return normalize_chw(resized, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.mark.parametrize("index", [0, 2, 5, 9])
+def test_resize_normalize_equals_resize_then_normalize_on_photos(test_images, index):
+    # The model inputs of the pipeline: the detector's 640x640 cubic, the extractor's 224x224
+    # linear of whole photos and of crop views.
+    img = load_image(test_images[index])
+    h, w = img.shape[:2]
+    workspace = Workspace()
+    cases = [("cubic", img, 640, 640), ("linear", img, 224, 224),
+             ("linear", crop(img, (w * 0.2, h * 0.1, w * 0.7, h * 0.9)), 224, 224),
+             ("cubic", crop(img, (3.5, 7, w * 0.4, h * 0.3)), 640, 640)]
+    for interpolation, src, width, height in cases:
+        want = _resize_then_normalize(src, width, height, interpolation)
+        for ws in (None, workspace):
+            got = resize_normalize_chw(src, width, height, IMAGENET_MEAN, IMAGENET_STD,
+                                       interpolation=interpolation, workspace=ws)
+            assert got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, want, err_msg=f"{interpolation} {src.shape} -> {width}x{height}")
+
+
+@pytest.mark.parametrize("interpolation", ["cubic", "linear"])
+@pytest.mark.parametrize(("src", "dst"), [((1, 1), (3, 2)), ((2, 3), (5, 4)), ((3, 7), (1, 1)), ((4, 4), (4, 4)),
+                                          ((37, 53), (101, 77)), ((120, 90), (13, 200)), ((333, 250), (224, 224))])
+def test_resize_normalize_equals_resize_then_normalize_on_noise(rng, interpolation, src, dst):
+    # Uniform noise, the hardest case for rounding; sizes under 4 take the fixed-point cubic path,
+    # equal sizes no resize at all.
+    img = _noise(rng, *src)
+    want = _resize_then_normalize(img, *dst, interpolation)
+    got = resize_normalize_chw(img, *dst, IMAGENET_MEAN, IMAGENET_STD, interpolation=interpolation)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_resize_normalize_reads_strided_views_and_fills_out(rng):
+    img = _noise(rng, 60, 80)
+    batch = np.empty((3, 3, 24, 32), dtype=np.float32)
+    views = [img[5:50:2, 3:70], img[:, :, ::-1], img[::-1, ::3]]
+    for i, view in enumerate(views):
+        for interpolation in ("cubic", "linear"):
+            slot = batch[i]
+            got = resize_normalize_chw(view, 32, 24, IMAGENET_MEAN, IMAGENET_STD, interpolation=interpolation,
+                                       out=slot)
+            assert got is slot
+            np.testing.assert_array_equal(slot, _resize_then_normalize(np.ascontiguousarray(view), 32, 24,
+                                                                       interpolation))
+
+
+def test_workspace_is_reused_and_bounded(rng):
+    workspace = Workspace()
+    sizes = [(300, 200), (40, 50), (500, 640), (300, 200)]
+    for h, w in sizes:
+        img = _noise(rng, h, w)
+        for interpolation in ("cubic", "linear"):
+            got = resize_normalize_chw(img, 64, 48, IMAGENET_MEAN, IMAGENET_STD, interpolation=interpolation,
+                                       workspace=workspace)
+            np.testing.assert_array_equal(got, _resize_then_normalize(img, 64, 48, interpolation))
+    held = workspace.nbytes
+    assert held > 0
+    resize_normalize_chw(_noise(rng, 100, 80), 64, 48, IMAGENET_MEAN, IMAGENET_STD, workspace=workspace)
+    assert workspace.nbytes == held  # smaller images reuse what is there
+    tiny = Workspace(max_bytes=1024)
+    img = _noise(rng, 90, 120)
+    got = resize_normalize_chw(img, 64, 48, IMAGENET_MEAN, IMAGENET_STD, workspace=tiny)
+    np.testing.assert_array_equal(got, _resize_then_normalize(img, 64, 48, "cubic"))
+    assert tiny.nbytes <= 1024 * 8  # only temporaries under max_bytes are kept
+
+
+def test_workspace_shared_by_threads(rng):
+    # A workspace in use is not waited for: the other thread allocates its own temporaries.
+    workspace = Workspace()
+    images = [_noise(rng, 150 + 7 * i, 200 - 5 * i) for i in range(8)]
+    want = [_resize_then_normalize(img, 96, 80, "cubic") for img in images]
+    failures = []
+
+    def work(k: int) -> None:
+        for _ in range(3):
+            for i in range(k % 2, len(images), 2):
+                got = resize_normalize_chw(images[i], 96, 80, IMAGENET_MEAN, IMAGENET_STD, workspace=workspace)
+                if not np.array_equal(got, want[i]):
+                    failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_resize_normalize_bad_arguments(rng):
+    img = _noise(rng, 6, 5)
+    with pytest.raises(InvalidInputError, match="interpolation must be 'cubic' or 'linear', got 'area'"):
+        resize_normalize_chw(img, 4, 4, IMAGENET_MEAN, IMAGENET_STD, interpolation="area")
+    with pytest.raises(InvalidInputError, match=r"expected an image of shape \(H, W, C\), got \(6, 5\)"):
+        resize_normalize_chw(img[:, :, 0], 4, 4, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(InvalidDtypeError, match="got dtype float32"):
+        resize_normalize_chw(img.astype(np.float32), 4, 4, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(InvalidInputError, match="width must be a positive integer, got 0"):
+        resize_normalize_chw(img, 0, 4, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(InvalidInputError, match=r"std must have one value per channel \(3\), got 2"):
+        resize_normalize_chw(img, 4, 4, IMAGENET_MEAN, (0.2, 0.2))
+    with pytest.raises(InvalidInputError, match="std must be non-zero"):
+        resize_normalize_chw(img, 4, 4, IMAGENET_MEAN, (0.2, 0.0, 0.2))
+    with pytest.raises(InvalidInputError, match=r"out must be a C-contiguous float32 array of shape \(3, 4, 3\)"):
+        resize_normalize_chw(img, 3, 4, IMAGENET_MEAN, IMAGENET_STD, out=np.empty((3, 3, 4), np.float32))
+    with pytest.raises(InvalidDtypeError, match="out must be a float32 array"):
+        resize_normalize_chw(img, 3, 4, IMAGENET_MEAN, IMAGENET_STD, out=np.empty((3, 4, 3), np.float64))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "RGBX"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (17000, 2), (301, 517)])
+def test_colour_images_are_packed_like_numpy_asarray(rng, mode, size):
+    # Upright colour images are packed straight into the result (wider than Pillow's 64 KiB
+    # chunk too); the result must be what numpy's own conversion gives.
+    width, height = size
+    pixels = rng.integers(0, 256, size=(height, width, len(mode)), dtype=np.uint8)
+    im = Image.frombytes(mode, size, pixels.tobytes())
+    out = load_image(im)
+    assert out.shape == (height, width, 3) and out.flags.c_contiguous and out.flags.writeable
+    np.testing.assert_array_equal(out, np.asarray(im)[:, :, :3])
 
 
 def test_to_batch_bad_arguments():

@@ -89,3 +89,77 @@ def test_int8_argument_errors(replica_dirs, tmp_path):
     assert main(["convert", "--rec", str(replica_dirs["extractor"]), "--out", str(tmp_path / "c"),
                  "--precision", "int8"], stdout=io.StringIO(), stderr=err) == 2
     assert "--calib DIR" in err.getvalue()
+
+
+def _photos(test_images, tmp_path, n=3):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in test_images[:n]:
+        shutil.copy(p, photos / p.name)
+    return photos
+
+
+def test_int8_layers_n_keeps_the_most_damaging_blocks_float(replica_dirs, calib, test_images, tmp_path):
+    from edge_shitu_converters.convert import convert
+
+    out = convert(None, replica_dirs["extractor"], tmp_path / "rec", precision="int8", calib_dir=calib,
+                  calib_count=8, int8_layers=3)
+    quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
+    assert quant["int8_layers"] == 3 and len(quant["float_blocks"]) == 3 and quant["blocks"] > 10
+    plain = convert(None, replica_dirs["extractor"], tmp_path / "all", precision="int8", calib_dir=calib,
+                    calib_count=8, int8_layers="all")
+    assert Bundle.load(plain).manifest["models"]["extractor"]["quantization"]["float_blocks"] == []
+    onnx = pytest.importorskip("onnx")
+
+    def activation_quantizers(path):
+        return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+
+    assert activation_quantizers(out / "extractor.onnx") < activation_quantizers(plain / "extractor.onnx")
+
+
+def _convert_rec(replica_dirs, calib, photos, out):
+    return main(["convert", "--rec", str(replica_dirs["extractor"]), "--out", str(out), "--precision", "int8",
+                 "--calib", str(calib), "--calib-count", "8", "--verify", "--verify-images", str(photos)])
+
+
+def test_a_failing_int8_model_is_searched_until_it_passes(replica_dirs, calib, test_images, tmp_path, monkeypatch,
+                                                          capsys):
+    """Stricter limits than the INT8 ones make the all-INT8 extractor fail, so `convert --verify` searches, with the
+    real quantiser and the real verification against Paddle Inference. First with a limit no candidate reaches:
+    nothing is published and the failure report holds every step; then with a limit between the all-INT8 and the
+    most-float candidates' agreement: the first candidate that passes is published."""
+    from dataclasses import replace
+
+    from edge_shitu_converters import verify
+
+    photos = _photos(test_images, tmp_path)
+    limits = verify.THRESHOLDS["int8"]
+    strict = replace(limits, extractor_min_cosine=1.5)  # a cosine never exceeds 1
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", strict)
+    assert _convert_rec(replica_dirs, calib, photos, tmp_path / "never") == 1
+    assert not (tmp_path / "never").exists()
+    failed = json.loads((tmp_path / "never.verify-failed.json").read_text())
+    search = failed["int8_search"]["extractor"]
+    steps = search["steps"]
+    assert search["chosen"] is None and not any(s["passed"] for s in steps)
+    assert [s["float_blocks"] for s in steps][:3] == [0, 1, 2] and steps[-1]["float_blocks"] == search["blocks"] - 1
+    first, most = steps[0]["figures"]["mean_bit_agreement"], steps[-1]["figures"]["mean_bit_agreement"]
+    assert most > first  # keeping the noisiest blocks float brings the codes closer to fp32
+
+    middle = replace(limits, extractor_mean_bit_agreement=(first + most) / 2)
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", middle)
+    capsys.readouterr()
+    assert _convert_rec(replica_dirs, calib, photos, tmp_path / "rec") == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "rec" / "verify.json").read_text())
+    search = report["int8_search"]["extractor"]
+    steps, chosen = search["steps"], search["chosen"]
+    assert report["passed"] and steps[0]["float_blocks"] == 0 and not steps[0]["passed"] and chosen > 0
+    assert search["float_blocks"] == [r["block"] for r in search["ranking"][:chosen]]
+    # Every candidate tried with fewer float blocks failed, the chosen one passed: the fastest that passes.
+    assert all(not s["passed"] for s in steps if s["float_blocks"] < chosen)
+    assert any(s["passed"] and s["float_blocks"] == chosen for s in steps)
+    assert report["extractor"]["mean_bit_agreement"] >= middle.extractor_mean_bit_agreement
+    quant = Bundle.load(tmp_path / "rec").manifest["models"]["extractor"]["quantization"]
+    assert quant["float_blocks"] == search["float_blocks"] and quant["search"]["chosen"] == chosen
+    assert "extractor int8 search:" in printed and f"{chosen} kept float" in printed

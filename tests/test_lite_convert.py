@@ -1,6 +1,7 @@
 """Paddle -> Paddle-Lite (.nb) bundle conversion: finding paddle_lite_opt, the manifest, the targets
-compiled into the files, reproducible files, INT8 post-training quantisation, the flatten XShape fix,
-the refusals (PIR programs, an x86 INT8 detector) and opt crashes.
+compiled into the files, reproducible files, INT8 post-training quantisation (paddleslim in the side
+environment, its skip list), the flatten XShape fix, the refusals (PIR programs, an x86 INT8 detector,
+a side environment without paddleslim) and opt crashes.
 
 ``paddle_lite_opt`` lives in a Python 3.10 side environment: ``$EDGE_SHITU_LITE_OPT``, else
 ``<repo>/.venv-lite/bin/paddle_lite_opt`` (made by ``scripts/setup-lite-env``). Checks that run a
@@ -235,9 +236,15 @@ def test_the_formats_table_has_the_lite_formats():
         ({"target": "arm", "precision": "int8", "calib_dir": "absent"}, MissingFileError, "calibration photo folder"),
         ({"target": "arm", "calib_dir": "."}, InvalidInputError, "for int8 bundles"),
         ({"target": "arm", "algo": "avg"}, InvalidInputError, "for int8 bundles"),
+        ({"target": "arm", "skip": ["conv2d_0.w_0"]}, InvalidInputError, "algo and skip are for int8 bundles"),
         ({"target": "arm", "precision": "int8", "calib_dir": ".", "calib_count": 0}, InvalidInputError, "calib_count"),
         ({"target": "arm", "precision": "int8", "calib_dir": ".", "calib_count": True}, InvalidInputError, "calib_count"),
-        ({"target": "arm", "precision": "int8", "calib_dir": ".", "algo": "mse"}, InvalidInputError, "algorithm 'mse'"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "algo": "percentile"}, InvalidInputError,
+         "algorithm 'percentile'; expected one of avg, abs_max, hist, KL, mse, emd"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "skip": "conv2d_0.w_0"}, InvalidInputError,
+         "not the single string"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "skip": ["conv2d_0.w_0", ""]}, InvalidInputError,
+         "skip must hold weight names"),
         ({"target": "arm", "name": "../evil"}, InvalidInputError, "bundle name"),
     ],
 )
@@ -253,8 +260,8 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_pat
 def test_convert_rejects_options_of_other_formats(tmp_path):
     from edge_shitu_converters.convert import convert
 
-    for option in ("lite_opt", "lite_algo", "lite_python"):
-        with pytest.raises(InvalidInputError, match="lite_algo, lite_opt and lite_python are for the Paddle-Lite"):
+    for option in ("lite_opt", "lite_algo", "lite_skip", "lite_python"):
+        with pytest.raises(InvalidInputError, match="lite_algo, lite_skip, lite_opt and lite_python are for the Paddle-Lite"):
             convert(None, tmp_path, tmp_path / "out", **{option: "x"})
     with pytest.raises(InvalidInputError, match="calib_dir and calib_count are for int8"):
         convert(None, tmp_path, tmp_path / "out", format="lite-x86", calib_dir=tmp_path)
@@ -414,11 +421,14 @@ def test_int8_arm_detector_bundle(replica_dirs, opt, gallery, lite_bundles, tmp_
 
     out = convert_lite(
         replica_dirs["detector"], None, tmp_path / "b", target="arm", precision="int8", calib_dir=gallery,
-        calib_count=2, algo="AVG", opt=opt,
+        calib_count=2, algo="AVG", opt=opt, skip=["conv2d_87.w_0"],
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["name"] == "ppshitu-det-replica-s0-lite-arm-int8"
     assert manifest["models"]["detector"]["precision"] == "int8"
+    quantization = manifest["models"]["detector"]["quantization"]
+    assert quantization["tool"] == "paddleslim.quant_post_static" and quantization["algo"] == "avg"
+    assert quantization["skip_tensors"] == ["conv2d_87.w_0"] and quantization["quantized_ops"] == 85
     assert read_nb_targets(out / "detector.nb") == frozenset({"arm"})
     assert (out / "detector.nb").stat().st_size < 0.35 * (lite_bundles["arm"] / "detector.nb").stat().st_size
     assert Bundle.load(out).detector.output.scores[0] == "scores_stride8"
@@ -515,3 +525,137 @@ def test_opt_that_writes_nothing_is_a_conversion_error(tmp_path):
     (tmp_path / "m.pdmodel").write_bytes(b"x")
     with pytest.raises(ConversionError, match="(?s)wrote no model.*usage: paddle_lite_opt"):
         run_opt(tmp_path / "m.pdmodel", tmp_path / "m.pdmodel", tmp_path / "m.nb", target="arm", opt=fake)
+
+
+@pytest.mark.paddle
+def test_int8_manifest_records_paddleslim(int8_x86_extractor, replica_dirs, lite_python):
+    from edge_shitu_converters.lite import paddleslim_versions, quantizable_weights
+
+    versions = paddleslim_versions(lite_python)
+    manifest = json.loads((int8_x86_extractor / "manifest.json").read_text())
+    assert manifest["tools"]["paddleslim"] == versions["paddleslim"]
+    assert manifest["models"]["extractor"]["quantization"] == {
+        "tool": "paddleslim.quant_post_static",
+        "version": versions["paddleslim"],
+        "paddlepaddle": versions["paddlepaddle"],
+        "algo": "avg",
+        "skip_tensors": [],
+        "quantized_ops": len(quantizable_weights(replica_dirs["extractor"])),
+        "calibration_images": 4,
+        "calibration_folder": "gallery",
+        "preprocessing": "edge_shitu runtime",
+    }
+
+
+def _quantised_and_weights(model_dir: Path):
+    """For each weight of a quantisable op: whether the op's output is dequantised (INT8 weights), and its values."""
+    from edge_shitu_converters import paddle_io
+    from edge_shitu_converters.lite import quantizable_weights
+
+    model = paddle_io.load_inference_model(model_dir)
+    block = model.program.global_block()
+    consumers: dict = {}
+    for op in block.ops:
+        for name in op.input_arg_names:
+            consumers.setdefault(name, []).append(op.type)
+    weights = set(quantizable_weights(model_dir))
+    quantised, values = {}, {}
+    for op in block.ops:
+        for name in (n for n in op.input_arg_names if n in weights):
+            (out,) = op.output_arg_names
+            quantised[name] = any(t.startswith("fake_") and "dequantize" in t for t in consumers.get(out, []))
+            values[name] = np.array(model.scope.find_var(name).get_tensor())
+    return quantised, values
+
+
+def _fetch_names(model_dir: Path) -> list:
+    from edge_shitu_converters import paddle_io
+
+    return [v.name for v in paddle_io.load_inference_model(model_dir).fetch_targets]
+
+
+@pytest.mark.paddle
+def test_skip_list_keeps_those_weights_float(replica_dirs, lite_python, rng, tmp_path):
+    from edge_shitu_converters.lite import quantizable_weights, quantize_post_training
+
+    rec = replica_dirs["extractor"]
+    names = quantizable_weights(rec)
+    skip = [names[0], names[1], names[-1]]  # the stem conv, a depthwise conv, the last layer
+    feeds = [{"x": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(2)]
+    result = quantize_post_training(rec, tmp_path / "q", feeds=feeds, algo="abs_max", skip=skip, python=lite_python)
+    assert result.skip_tensors == tuple(skip) and result.algo == "abs_max"
+    assert result.quantized_ops == len(names) - len(skip)
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["inference.pdiparams", "inference.pdmodel"]
+
+    quantised, values = _quantised_and_weights(tmp_path / "q")
+    _, original = _quantised_and_weights(rec)
+    # Paddle 2.6's save adds scale ops that rename the outputs; the worker removes them.
+    assert _fetch_names(tmp_path / "q") == _fetch_names(rec) == ["batch_norm_25.tmp_2"]
+    assert sorted(quantised) == sorted(names)
+    for name in names:
+        if name in skip:
+            assert not quantised[name], name
+            np.testing.assert_array_equal(values[name], original[name], err_msg=name)
+        else:
+            assert quantised[name], name
+            # Weights stored as INT8 levels (in float32) in the fake-quant format.
+            assert np.array_equal(values[name], np.round(values[name])) and np.abs(values[name]).max() <= 127, name
+
+
+@pytest.mark.paddle
+def test_skip_names_are_checked_against_the_models_before_any_work(replica_dirs, opt, lite_python, gallery, tmp_path):
+    from edge_shitu_converters.lite import convert_lite
+
+    both = {"target": "arm", "precision": "int8", "calib_dir": gallery, "opt": opt, "python": lite_python}
+    det, rec = replica_dirs["detector"], replica_dirs["extractor"]
+    cases = [
+        (det, rec, ["conv2d_0.w_0"], "a weight of both the detector and the extractor: write detector:conv2d_0.w_0"),
+        (None, rec, ["extractor:absent.w_0"], "skip names extractor:absent.w_0, which is not a weight of a quantised "
+                                              "op .* in the extractor; expected names like extractor:conv2d_0.w_0"),
+        (None, rec, ["detector:conv2d_0.w_0"], "no detector is being converted"),
+        (None, rec, ["batch_norm2d_0.w_0"], "not a weight of a quantised op"),
+    ]
+    for det_dir, rec_dir, skip, match in cases:
+        with pytest.raises(InvalidInputError, match=match):
+            convert_lite(det_dir, rec_dir, tmp_path / "out", skip=skip, **both)
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.paddle
+def test_a_side_environment_without_paddleslim_is_refused_in_one_line(replica_dirs, opt, gallery, tmp_path):
+    import sys
+
+    from edge_shitu_converters.lite import convert_lite
+
+    # This environment's own Python has Paddle 3 but no paddleslim (which would pin numpy < 2 and OpenCV 4.6).
+    with pytest.raises(BackendUnavailableError, match="cannot quantise .*paddleslim.*run scripts/setup-lite-env") as info:
+        convert_lite(None, replica_dirs["extractor"], tmp_path / "out", target="x86", precision="int8",
+                     calib_dir=gallery, opt=opt, python=sys.executable)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_converter_does_not_depend_on_paddleslim_or_its_pins():
+    from importlib import metadata
+
+    requirements = " ".join(metadata.requires("edge-shitu") or []).lower()
+    assert "paddleslim" not in requirements and "opencv-python==4.6" not in requirements
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("paddleslim")
+
+
+def test_cli_lite_skip(tmp_path):
+    import io
+
+    from edge_shitu.cli import main
+
+    base = ["convert", "--rec", str(tmp_path), "--out", str(tmp_path / "out"), "--precision", "int8",
+            "--calib", str(tmp_path)]
+    for extra, message in ((["--format", "lite-arm", "--lite-skip", "conv2d_0.w_0,,conv2d_1.w_0"],
+                            "--lite-skip takes comma-separated names without empty ones"),
+                           (["--format", "onnx", "--lite-skip", "conv2d_0.w_0"],
+                            "lite_skip, lite_opt and lite_python are for the Paddle-Lite formats, not onnx")):
+        err = io.StringIO()
+        assert main(base + extra, stdout=io.StringIO(), stderr=err) == 2
+        assert message in err.getvalue()
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,16 @@ import numpy as np
 from edge_shitu.errors import BackendUnavailableError, BundleError, InvalidDtypeError
 from edge_shitu.options import check_threads
 
-__all__ = ["OnnxRuntimeSession"]
+__all__ = ["OnnxRuntimeSession", "SESSION_CONFIG"]
+
+SESSION_CONFIG = {
+    # No spinning: an idle intra-op worker sleeps at once instead of spinning (by default about 30 ms
+    # after every run). On a machine with as many cores as threads a spinning worker takes the core that the
+    # other model's session, the Python stages or another process need, and a run whose partner thread is
+    # descheduled stalls; two threads were then slower than one (docs/benchmarks.md, "Threads").
+    "session.intra_op.allow_spinning": "0",
+}
+"""Session config entries every session gets (keys of onnxruntime's ``onnxruntime_session_options_config_keys.h``)."""
 
 
 class OnnxRuntimeSession:
@@ -74,6 +83,8 @@ class OnnxRuntimeSession:
         if threads is not None:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        for key, value in SESSION_CONFIG.items():
+            so.add_session_config_entry(key, value)
         so.log_severity_level = 3
         try:
             session = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])

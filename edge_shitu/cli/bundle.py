@@ -33,6 +33,18 @@ def print_verification(report, out: TextIO) -> None:
                   f"{det['match_rate']:.4f}, max score diff {det['max_score_diff']:.3g}\n")
     for failure in report.get("failures", []):
         out.write(f"  failed: {failure}\n")
+    for role, search in sorted((report.get("int8_search") or {}).items()):
+        chosen = search.get("chosen")
+        out.write(f"  {role} int8 search: {search.get('blocks')} blocks, "
+                  + (f"{chosen} kept float (most output noise first: {', '.join(search.get('float_blocks', [])[:8])}"
+                     f"{', ...' if len(search.get('float_blocks', [])) > 8 else ''})" if chosen is not None
+                     else "no candidate passed") + "\n")
+        for step in search.get("steps", []):
+            figures = ", ".join(f"{k} {v:.4g}" for k, v in sorted(step.get("figures", {}).items())
+                                if k in ("match_rate", "max_score_diff", "min_cosine", "mean_bit_agreement",
+                                         "min_bit_agreement"))
+            out.write(f"    {step['float_blocks']:>3} float: {'passed' if step['passed'] else 'failed'}, "
+                      f"{step['int8_bytes'] / 1e6:.2f} MB, {step['ms']:.1f} ms/run (1 thread), {figures}\n")
 
 
 def _cmd_bundle_info(args, out: TextIO, err: TextIO) -> int:

@@ -42,6 +42,9 @@ class OrtBridge private constructor(private val session: OrtSession) : AutoClose
             val opts = OrtSession.SessionOptions()
             try {
                 if (threads > 0) opts.setIntraOpNumThreads(threads)
+                // As the desktop runtime (edge_shitu/backends/onnxruntime.py SESSION_CONFIG): an idle worker that
+                // spins takes the core the other model or the camera needs.
+                opts.addConfigEntry("session.intra_op.allow_spinning", "0")
                 return OrtBridge(create(opts))
             } finally {
                 opts.close()

@@ -1,0 +1,231 @@
+"""Accuracy-aware INT8: the fastest quantisation of one bundle model that still passes ``convert --verify``.
+
+Quantising every activation of the PP-ShiTu detector to 8 bits moves its boxes too far from the fp32
+model's (``docs/benchmarks.md``). The search keeps part of the model float, the part that does the most
+damage, and no more than needed:
+
+1. Each block of :func:`~edge_shitu_converters.quantize.quantizable_blocks` (a weighted layer and the
+   plain ops after it) is quantised *alone* and the float model's outputs on a few calibration photos
+   are compared with the result (:meth:`ModelQuantizer.block_damage`). Quantisation noise of separate
+   tensors adds up, so the blocks are ranked by their output noise, most damaging first.
+2. The model is quantised with the first ``k`` blocks of that ranking kept float, for ``k = 0, 1, 2, 4,
+   8, ...`` up to every block but one (an INT8 model keeps one INT8 block at least), until a candidate
+   passes the verification (``check``: ``convert --verify``'s comparison with Paddle Inference on photos
+   separate from the calibration ones); then
+   ``k`` is bisected between the last failure and the first pass. Fewer float blocks is faster, so the
+   smallest passing ``k`` is the fastest candidate that passes.
+
+Every step tried is recorded (float blocks, size, inference time on one thread, the verification's
+figures), and so is the ranking: ``verify.json`` and the manifest say which blocks stayed float and why.
+On a replica (random weights) the ranking and the blocks kept float are those of the replica; real
+weights may need another set, which the same command finds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from edge_shitu.errors import InvalidInputError
+from edge_shitu_converters.quantize import TAIL_WEIGHTS, BlockDamage, ModelQuantizer, QuantReport
+
+__all__ = ["INT8_LAYERS", "SearchStep", "SearchResult", "parse_int8_layers", "search_int8", "rank_blocks"]
+
+_LOG = logging.getLogger(__name__)
+
+INT8_LAYERS = ("auto", "all")
+"""Named budgets of ``--int8-layers``; a whole number ``N`` keeps the ``N`` most damaging blocks float."""
+
+# Calibration feeds the blocks are ranked on, and timing runs per candidate (median taken).
+_PROBE_FEEDS = 3
+_TIMING_RUNS = 3
+
+Check = Callable[[Path], Tuple[bool, Sequence[str], Mapping[str, Any]]]
+
+
+def parse_int8_layers(value: object) -> Union[str, int]:
+    """``"auto"``, ``"all"`` or a whole number of blocks to keep float.
+
+    Raises:
+      InvalidInputError: anything else.
+    """
+    if isinstance(value, str) and value in INT8_LAYERS:
+        return value
+    if isinstance(value, bool):
+        raise InvalidInputError(f"int8_layers must be 'auto', 'all' or a whole number, got {value!r}")
+    if isinstance(value, (int, np.integer)) and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise InvalidInputError(f"int8_layers must be 'auto', 'all' or a whole number of blocks kept float, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One candidate the search tried.
+
+    Attributes:
+      float_blocks: how many of the ranked blocks stayed float.
+      passed: whether the candidate passed the verification.
+      failures: the verification's failures for this model (empty when it passed).
+      figures: the verification's figures for this model (e.g. match rate, cosine).
+      int8_bytes: size of the candidate model file.
+      ms: median inference time of one input on one thread (a detector photo or an extractor batch).
+    """
+
+    float_blocks: int
+    passed: bool
+    failures: Tuple[str, ...]
+    figures: Mapping[str, Any]
+    int8_bytes: int
+    ms: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What :func:`search_int8` found.
+
+    Attributes:
+      ranking: every block, most damaging first.
+      steps: the candidates tried, in order.
+      chosen: the passing step written to the output (None when even the most float one failed).
+      report: the :class:`QuantReport` of the written model.
+      weights: block -> the name of its weighted layer's weight, which paddle2onnx keeps from the Paddle
+        program (e.g. ``conv2d_24.w_0``): the same blocks can be kept float in a Paddle-Lite conversion
+        (``--lite-skip``).
+    """
+
+    ranking: Tuple[BlockDamage, ...]
+    steps: Tuple[SearchStep, ...]
+    chosen: Optional[SearchStep]
+    report: QuantReport
+    weights: Optional[Mapping[str, str]] = None
+
+    @property
+    def float_blocks(self) -> Tuple[str, ...]:
+        """Names of the blocks the written model keeps float."""
+        k = self.chosen.float_blocks if self.chosen is not None else len(self.ranking) - 1
+        return tuple(d.block for d in self.ranking[:k])
+
+    def record(self) -> Dict[str, Any]:
+        """A JSON-ready summary for ``verify.json`` and the manifest."""
+        return {
+            "blocks": len(self.ranking),
+            "float_blocks": list(self.float_blocks),
+            "float_weights": [self.weights[b] for b in self.float_blocks if b in (self.weights or {})],
+            "ranking": [{"block": d.block, "nodes": len(d.nodes), "noise_share": round(d.noise_share, 5),
+                         "sqnr_db_alone": None if not np.isfinite(d.sqnr_db) else round(d.sqnr_db, 2)}
+                        for d in self.ranking],
+            "steps": [{**asdict(s), "failures": list(s.failures), "figures": dict(s.figures)} for s in self.steps],
+            "chosen": None if self.chosen is None else self.chosen.float_blocks,
+        }
+
+
+def rank_blocks(quantizer: ModelQuantizer, feeds: Sequence[Mapping[str, np.ndarray]]) -> List[BlockDamage]:
+    """The quantiser's blocks, most damaging first (:meth:`ModelQuantizer.block_damage` on one thread)."""
+    return quantizer.block_damage(feeds, threads=1)
+
+
+def _time_ms(path: Path, feed: Mapping[str, np.ndarray]) -> float:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    session.run(None, dict(feed))  # warm-up: the first run allocates
+    times = []
+    for _ in range(_TIMING_RUNS):
+        start = time.perf_counter()
+        session.run(None, dict(feed))
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(times))
+
+
+def search_int8(
+    quantizer: ModelQuantizer,
+    out: Path,
+    check: Check,
+    *,
+    ranking: Optional[Sequence[BlockDamage]] = None,
+    on_step: Optional[Callable[[SearchStep], None]] = None,
+) -> SearchResult:
+    """Finds the fewest float blocks whose INT8 model passes ``check``, and writes that model to ``out``.
+
+    Args:
+      quantizer: the prepared, calibrated model.
+      out: where each candidate is written (the chosen one stays there).
+      check: ``check(path) -> (passed, failures, figures)``: the verification of the model at ``path``
+        on photos other than the calibration ones.
+      ranking: the blocks, most damaging first; default :func:`rank_blocks` on the first calibration feeds.
+      on_step: called after each candidate (e.g. to print it).
+
+    Returns:
+      The :class:`SearchResult`; ``chosen`` is None when even the candidate with every block but one
+      float fails (``out`` then holds that candidate).
+
+    Raises:
+      InvalidInputError: the model has no quantisable block (nothing to search).
+      ConversionError: a quantisation step failed.
+    """
+    if ranking is None:
+        ranking = rank_blocks(quantizer, quantizer.probe_feeds(_PROBE_FEEDS))
+    ranking = tuple(ranking)
+    names = [d.block for d in ranking]
+    if not names:
+        raise InvalidInputError(f"{quantizer.source}: no quantisable block outside the float tail: nothing to search")
+    timing_feed = quantizer.probe_feeds(1)[0]
+    steps: List[SearchStep] = []
+    reports: Dict[int, QuantReport] = {}
+    last = -1
+
+    def trial(k: int) -> SearchStep:
+        nonlocal last
+        reports[k] = quantizer.quantize(out, float_blocks=names[:k])
+        last = k
+        passed, failures, figures = check(out)
+        step = SearchStep(float_blocks=k, passed=bool(passed), failures=tuple(failures), figures=dict(figures),
+                          int8_bytes=out.stat().st_size, ms=round(_time_ms(out, timing_feed), 2))
+        steps.append(step)
+        _LOG.info("int8 search %s: %d of %d blocks float: %s, %.2f MB, %.1f ms%s", quantizer.source.name, k,
+                  len(names), "passed" if passed else "failed", step.int8_bytes / 1e6, step.ms,
+                  "" if passed else f" ({'; '.join(failures)})")
+        if on_step is not None:
+            on_step(step)
+        return step
+
+    # At least one block stays INT8: with every block float the model would be float. The float tail's weights
+    # (a unit of the ranking too) do not count as a block.
+    most = max((i for i, name in enumerate(names) if name != TAIL_WEIGHTS), default=None)
+    if most is None:
+        raise InvalidInputError(f"{quantizer.source}: no quantisable block outside the float tail: nothing to search")
+    failing, passing = -1, None
+    k = 0
+    while True:
+        if trial(k).passed:
+            passing = k
+            break
+        failing = k
+        if k == most:
+            break
+        k = min(most, max(1, 2 * k))
+    if passing is not None:
+        while passing - failing > 1:
+            middle = (failing + passing) // 2
+            if trial(middle).passed:
+                passing = middle
+            else:
+                failing = middle
+        if last != passing:
+            reports[passing] = quantizer.quantize(out, float_blocks=names[:passing])
+    chosen = next((s for s in steps if s.float_blocks == passing and s.passed), None)
+    # onnxruntime's pre-processing renames a weight it folds a batch norm into; the Paddle name follows the prefix.
+    weights = {n.name: n.input[1].replace("ConvBnFusion_W_", "", 1)
+               for n in quantizer.model.graph.node if n.name in quantizer.blocks and len(n.input) > 1}
+    return SearchResult(ranking=ranking, steps=tuple(steps), chosen=chosen,
+                        report=reports[passing if passing is not None else most], weights=weights)

@@ -1,0 +1,204 @@
+"""paddleslim's post-training quantisation, run in the Paddle-Lite side environment.
+
+paddleslim 2.6.0 (the last release) runs on paddlepaddle 2.6 and pins ``opencv-python==4.6.0.66``;
+with its other training dependencies it would downgrade the main environment (numpy 2, Paddle 3),
+so it lives in the Python 3.10 side environment made by ``scripts/setup-lite-env``, beside
+paddlelite, which already needs numpy < 2 there. :func:`edge_shitu_converters.lite.quantize_post_training`
+runs this module as a subprocess of that environment's Python::
+
+    <side python> -I -m edge_shitu_converters.paddleslim_worker --versions
+    <side python> -I -m edge_shitu_converters.paddleslim_worker REQUEST.json
+
+``--versions`` prints ``{"paddleslim": ..., "paddlepaddle": ...}`` as one JSON line. A request is a
+JSON object:
+
+- ``model_dir``, ``model_filename``, ``params_filename``: the legacy fp32 program to quantise;
+- ``out_dir``: where to write the quantised ``inference.pdmodel`` and ``inference.pdiparams``;
+- ``feeds``: an ``.npz`` file with one float32 array per model input, shaped ``(batches, N, C, H, W)``
+  (the calibration batches, already pre-processed by the runtime);
+- ``algo``: paddleslim's activation algorithm (``avg``, ``abs_max``, ``hist``, ``KL``, ``mse``, ``emd``);
+- ``skip_tensors``: names of tensors whose ops stay in float (``skip_tensor_list``);
+- ``quantizable_op_types``: the op types to quantise;
+- ``result``: a JSON file to write the outcome to: the versions, and ``quantized_ops`` (the number of
+  weighted ops that got INT8 weights).
+
+Exit status 0 on success, 3 when paddle or paddleslim cannot be imported, 1 on any other failure;
+the last line of stderr then says what failed. Only the standard library and numpy are imported
+at module level: the request is checked before Paddle is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+__all__ = ["ALGOS", "EXIT_MISSING", "main", "quantize", "versions"]
+
+#: Activation algorithms of paddleslim's ``quant_post_static`` offered for Paddle-Lite.
+ALGOS = ("avg", "abs_max", "hist", "KL", "mse", "emd")
+#: Exit status when paddle or paddleslim is missing from the side environment.
+EXIT_MISSING = 3
+
+# The ops that carry quantised weights in a saved fake-quant (onnx_format=False) program.
+_DEQUANT_OPS = ("fake_channel_wise_dequantize_max_abs", "fake_dequantize_max_abs")
+_REQUEST_KEYS = frozenset(
+    {"model_dir", "model_filename", "params_filename", "out_dir", "feeds", "algo", "skip_tensors",
+     "quantizable_op_types", "result"}
+)
+
+
+class _Missing(Exception):
+    """paddle or paddleslim cannot be imported."""
+
+
+def versions() -> Dict[str, str]:
+    """The versions of paddleslim and paddlepaddle in this environment.
+
+    Raises:
+      _Missing: one of them cannot be imported.
+    """
+    from importlib import metadata
+
+    try:
+        import paddle  # noqa: F401
+        import paddleslim  # noqa: F401
+    except ImportError as exc:
+        raise _Missing(f"{type(exc).__name__}: {exc}") from exc
+    return {"paddleslim": metadata.version("paddleslim"), "paddlepaddle": metadata.version("paddlepaddle")}
+
+
+def _batches(path: Path) -> List[Dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    counts = {name: len(a) for name, a in arrays.items()}
+    if not arrays or len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ValueError(f"{path}: expected one (batches, N, C, H, W) array per input, same batch count; got {counts}")
+    return [{name: np.ascontiguousarray(a[i], dtype=np.float32) for name, a in arrays.items()}
+            for i in range(next(iter(counts.values())))]
+
+
+def _drop_fetch_scales(program: Any) -> int:
+    """Remove the ``scale(x, 1.0)`` ops Paddle 2.6's ``save_inference_model`` puts before every fetch.
+
+    They rename the outputs (``save_infer_model/scale_0.tmp_0`` instead of the source program's
+    ``batch_norm_25.tmp_2`` or ``scores_stride8``), and the bundle's manifest, like Paddle 3, keeps the
+    source names. Returns the number of ops removed.
+    """
+    block = program.global_block()
+    removed = 0
+    for fetch in [op for op in block.ops if op.type == "fetch"]:
+        (name,) = fetch.input("X")
+        index = next((i for i, op in enumerate(block.ops) if name in op.output_arg_names), None)
+        if index is None:
+            continue
+        op = block.ops[index]
+        identity = op.attr("scale") == 1.0 and op.attr("bias") == 0.0
+        if op.type != "scale" or not identity or not name.startswith("save_infer_model/scale_"):
+            continue
+        (source,) = op.input("X")
+        fetch._rename_input(name, source)
+        block._remove_op(index)
+        block._remove_var(name)
+        removed += 1
+    return removed
+
+
+def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
+    """Run ``paddleslim.quant.quant_post_static`` for one request (see the module docstring).
+
+    Args:
+      request: the request object.
+
+    Returns:
+      The result object (also written to ``request["result"]``).
+
+    Raises:
+      ValueError: a malformed request or feeds file.
+      _Missing: paddle or paddleslim cannot be imported.
+      Exception: whatever Paddle raises while quantising.
+    """
+    unknown = set(request) - _REQUEST_KEYS
+    missing = _REQUEST_KEYS - set(request)
+    if unknown or missing:
+        raise ValueError(f"bad request: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    if request["algo"] not in ALGOS:
+        raise ValueError(f"unknown algorithm {request['algo']!r}; expected one of {', '.join(ALGOS)}")
+    skip: Sequence[str] = list(request["skip_tensors"])
+    batches = _batches(Path(request["feeds"]))
+    found = versions()
+    import paddle
+    from paddleslim.quant import quant_post_static
+
+    class _Batches(paddle.io.DataLoader):
+        # Paddle 2.6's PostTrainingQuantization asserts an io.DataLoader but only calls it and takes
+        # its len(); the batches are already made, so no dataset, workers or collation are needed.
+        def __init__(self, items: List[Dict[str, np.ndarray]]) -> None:
+            self._items = items
+
+        def __iter__(self):
+            return iter(self._items)
+
+        def __len__(self) -> int:
+            return len(self._items)
+
+    paddle.enable_static()
+    executor = paddle.static.Executor(paddle.CPUPlace())
+    scope = paddle.static.Scope()
+    out_dir = Path(request["out_dir"])
+    with paddle.static.scope_guard(scope):
+        quant_post_static(
+            executor=executor,
+            model_dir=str(request["model_dir"]),
+            quantize_model_path=str(out_dir),
+            data_loader=_Batches(batches),
+            model_filename=request["model_filename"],
+            params_filename=request["params_filename"],
+            save_model_filename="inference.pdmodel",
+            save_params_filename="inference.pdiparams",
+            batch_nums=len(batches),
+            scope=scope,
+            algo=request["algo"],
+            quantizable_op_type=list(request["quantizable_op_types"]),
+            # Lite's long-standing fake-quant format (paddleslim's default is the ONNX-style one).
+            onnx_format=False,
+            skip_tensor_list=list(skip) or None,
+        )
+    program_file = out_dir / "inference.pdmodel"
+    program = paddle.static.Program.parse_from_string(program_file.read_bytes())
+    if _drop_fetch_scales(program):
+        program_file.write_bytes(program.desc.serialize_to_string())
+    quantized = sum(op.type in _DEQUANT_OPS for block in program.blocks for op in block.ops)
+    result = {**found, "algo": request["algo"], "skip_tensors": list(skip), "quantized_ops": int(quantized)}
+    Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
+    return result
+
+
+def main(argv: "Sequence[str] | None" = None) -> int:
+    """Entry point: ``--versions`` or one request file (see the module docstring).
+
+    Returns:
+      The exit status.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args == ["--versions"]:
+            print(json.dumps(versions()), flush=True)
+            return 0
+        if len(args) != 1:
+            raise ValueError("usage: paddleslim_worker --versions | paddleslim_worker REQUEST.json")
+        quantize(json.loads(Path(args[0]).read_text(encoding="utf-8")))
+        return 0
+    except _Missing as exc:
+        print(f"paddleslim_worker: cannot import paddle and paddleslim ({exc})", file=sys.stderr, flush=True)
+        return EXIT_MISSING
+    except Exception as exc:  # the parent reports it with the log's tail
+        print(f"paddleslim_worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
