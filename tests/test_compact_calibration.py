@@ -141,9 +141,11 @@ def test_similarity_beats_the_radius_at_the_same_precision_on_the_real_features(
         ids, codes = g.codes()
     by_radius = calibrate(ids, codes, labels)
     assert by_similarity.metric == "similarity" and by_radius.metric == "distance"
+    # The radius figure is recomputed by a slow oracle in test_calibration; the similarity curve is checked
+    # against real searches above. Here: the claim of docs/benchmarks.md, at the same target precision.
     assert (by_radius.threshold, round(by_radius.chosen.recall, 4)) == (136, 0.7720)
-    assert by_similarity.threshold == 0.61 and round(by_similarity.chosen.recall, 4) == 0.8564
     assert by_similarity.chosen.precision >= 0.95
+    assert by_similarity.chosen.recall > by_radius.chosen.recall + 0.05
 
 
 def test_stored_threshold_follows_the_metric(drink, tmp_path):
@@ -314,19 +316,23 @@ def test_compact_and_calibrate_commands(drink, tmp_path, capsys):
     assert main(["gallery", "compact", str(path), "int8"]) == 0
     assert "already keeps int8" in capsys.readouterr().out
 
+    # What the command prints and stores is the API's calibration of the same items.
+    ids, codes, vectors = Gallery.open(path, readonly=True).compact_features()
+    want = calibrate_similarity(ids, codes, labels, vectors).chosen
     assert main(["gallery", "calibrate", str(path), "--json", "--dry-run"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["metric"] == "similarity" and record["shortlist"] == 16 and record["stored"] is False
-    assert record["chosen"]["min_similarity"] == 0.61 and record["min_similarity"] is None
+    assert record["chosen"]["min_similarity"] == want.threshold and record["min_similarity"] is None
     assert len(record["curve"]) == 401 and record["curve"][0]["min_similarity"] == -1.0
     assert main(["gallery", "calibrate", str(path)]) == 0
     text = capsys.readouterr().out
     assert "re-ranked search (Hamming top-16 by compact features)" in text
-    assert "target precision 0.95: min_similarity 0.610 (precision 0.9548, recall 0.8564" in text
-    assert "the recogniser uses min_similarity 0.610 unless --min-similarity is given" in text
-    assert "  min_similarity  precision" in text and "           0.610* " in text
+    assert (f"target precision 0.95: min_similarity {want.threshold:.3f} (precision {want.precision:.4f}, "
+            f"recall {want.recall:.4f}") in text
+    assert f"the recogniser uses min_similarity {want.threshold:.3f} unless --min-similarity is given" in text
+    assert "  min_similarity  precision" in text and f"           {want.threshold:.3f}* " in text
     with Gallery.open(path, readonly=True) as g:
-        assert g.min_similarity == 0.61
+        assert g.min_similarity == want.threshold
 
     assert main(["gallery", "compact", str(path), "none"]) == 0
     assert "accepts by max_distance again" in capsys.readouterr().out

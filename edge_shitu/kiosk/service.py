@@ -339,7 +339,8 @@ class KioskService:
 
     def _settings(self) -> Dict[str, object]:
         threshold = self.recognizer.det_threshold
-        reranks = self.gallery.compact is not None
+        # The recogniser decides how it accepts a match; the settings only report it.
+        reranks = self.recognizer.accepts_by_similarity
         return {"mode": "similarity" if reranks else "distance",
                 "max_distance": self.recognizer.max_distance,
                 "min_similarity": round(self.recognizer.min_similarity, 4) if reranks else None,
@@ -381,7 +382,7 @@ class KioskService:
             raise InvalidInputError(f"max_distance must be an integer in 0..{bits} (bits), got {radius!r}")
         similarity = None
         if "min_similarity" in changes:
-            if self.gallery.compact is None:
+            if not self.recognizer.accepts_by_similarity:
                 raise InvalidInputError("this gallery keeps no compact features, so matches are accepted by "
                                         "max_distance: min_similarity does not apply")
             similarity = _number(changes["min_similarity"], "min_similarity", -1.0, 1.0)
