@@ -948,13 +948,16 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
     """``int8_layers="auto"``: each INT8 model that fails the verification is searched for the fewest float blocks
     with which it passes (:func:`edge_shitu_converters.int8_search.search_int8`); returns role -> search record."""
     from edge_shitu_converters.int8_search import search_int8
-    from edge_shitu_converters.verify import verify_bundle
+    from edge_shitu_converters.verify import PaddleReferences, verify_bundle
 
     if images is None:
         raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
+    # The Paddle side gives the same answers at every step: computed once for the whole search.
+    references = PaddleReferences()
 
-    def verify_roles() -> Dict[str, Any]:
-        return verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images))
+    def verify_roles(roles: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        return verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images), roles=roles,
+                             references=references)
 
     with _step("verify the INT8 models", None, timings):
         first = verify_roles()
@@ -967,7 +970,7 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
 
         def check(path: Path, role: str = role) -> Tuple[bool, List[str], Dict[str, Any]]:
             _rewrite_manifest(staging, role, {"sha256": sha256_file(path)})
-            report = verify_roles()
+            report = verify_roles((role,))
             failures = [f for f in report["failures"] if f.startswith(role)]
             figures = {k: v for k, v in report.get(role, {}).items() if isinstance(v, (int, float))}
             return not failures, failures, figures

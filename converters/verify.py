@@ -20,11 +20,12 @@ replica the figures measure conversion fidelity, not recognition accuracy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from edge_shitu.codes import binarize, l2_normalize
 from edge_shitu.errors import InvalidInputError
 from edge_shitu.image import crop, load_image
 
-__all__ = ["VerifyThresholds", "THRESHOLDS", "VERIFY_FILE", "verify_bundle", "write_unverifiable"]
+__all__ = ["VerifyThresholds", "THRESHOLDS", "VERIFY_FILE", "PaddleReferences", "verify_bundle", "write_unverifiable"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -111,9 +112,60 @@ def _images(images_dir: Path, limit: int) -> List[Path]:
     return paths[:limit]
 
 
+class PaddleReferences:
+    """The Paddle Inference side of verification, kept between :func:`verify_bundle` calls.
+
+    The INT8 search verifies one candidate after another against the same Paddle models on the same
+    photos: this keeps each reference predictor loaded and remembers its outputs by the SHA-256 of the
+    exact input bytes, so a repeated input costs a hash and a changed one (another pre-processing, other
+    photos) is run again; a cached answer is always that of the same input.
+    """
+
+    def __init__(self, *, threads: int = 2) -> None:
+        self._threads = threads
+        self._models: Dict[Any, Any] = {}
+        self._outputs: Dict[Any, np.ndarray] = {}
+
+    def _model(self, kind: type, model_dir: Path) -> Any:
+        key = (kind.__name__, str(Path(model_dir).resolve()))
+        if key not in self._models:
+            self._models[key] = kind(model_dir, threads=self._threads)
+        return self._models[key]
+
+    def _cached(self, key: tuple, arrays: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        digest = hashlib.sha256()
+        for a in arrays:
+            digest.update(repr((a.dtype.str, a.shape)).encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
+        full = key + (digest.hexdigest(),)
+        if full not in self._outputs:
+            out = compute()
+            out.setflags(write=False)  # shared by every later caller
+            self._outputs[full] = out
+        return self._outputs[full]
+
+    def detector(self, model_dir: Path, image: np.ndarray, im_shape: np.ndarray, scale_factor: np.ndarray) -> np.ndarray:
+        """:meth:`PaddleDetectorReference.run` of the model in ``model_dir`` (same arguments and result)."""
+        from edge_shitu_converters.paddle_reference import PaddleDetectorReference
+
+        ref = self._model(PaddleDetectorReference, model_dir)
+        return self._cached(("detector", str(model_dir)), (image, im_shape, scale_factor),
+                            lambda: ref.run(image, im_shape, scale_factor))
+
+    def extractor(self, model_dir: Path, batch: np.ndarray) -> np.ndarray:
+        """:meth:`PaddleExtractorReference.run` of the model in ``model_dir`` over ``batch`` (float32
+        (N, 3, H, W)), 16 rows at a time; returns float32 (N, D)."""
+        from edge_shitu_converters.paddle_reference import PaddleExtractorReference
+
+        ref = self._model(PaddleExtractorReference, model_dir)
+        return self._cached(("extractor", str(model_dir)), (batch,),
+                            lambda: np.concatenate([ref.run(batch[i:i + 16]) for i in range(0, len(batch), 16)]))
+
+
 def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], rec_dir: Optional[Path], images_dir: Path,
                   max_images: int = 13, thresholds: Optional[VerifyThresholds] = None,
-                  session_factory: Optional[Callable[[Any], Any]] = None, threads: int = 2) -> Dict[str, Any]:
+                  session_factory: Optional[Callable[[Any], Any]] = None, threads: int = 2,
+                  roles: Optional[Sequence[str]] = None, references: Optional[PaddleReferences] = None) -> Dict[str, Any]:
     """Compare a bundle's models with their Paddle sources on real photos; write ``verify.json``.
 
     Args:
@@ -125,22 +177,30 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
       session_factory: ``f(model_spec) -> Session`` for the converted models (default: the runtime's
         backend for the spec, in this process).
       threads: threads for both sides.
+      roles: verify only these of the bundle's models ("detector", "extractor"); default all. The
+        extractor is checked on the crops of the *reference* detector's boxes, so those are computed
+        either way.
+      references: the Paddle side, to reuse between calls (see :class:`PaddleReferences`); default a
+        fresh one.
 
     Returns:
       The report written to ``bundle_dir/verify.json``; ``report["passed"]`` says whether every figure
       met its threshold, and ``report["failures"]`` lists those that did not.
 
     Raises:
-      InvalidInputError: no usable images.
+      InvalidInputError: no usable images, or an unknown role.
       BundleError, MissingFileError: the bundle or a model folder is unusable.
     """
-    from edge_shitu_converters.paddle_reference import PaddleDetectorReference, PaddleExtractorReference
     from edge_shitu.backends import create_session
     from edge_shitu.detector import Detector
     from edge_shitu.embedder import Embedder
     from edge_shitu.options import DetectorOptions, EmbedderOptions
 
     bundle = Bundle.load(bundle_dir)  # a loaded Bundle is used as is (its files were hashed already)
+    wanted = set(bundle.models) if roles is None else set(roles)
+    if not wanted <= {"detector", "extractor"}:
+        raise InvalidInputError(f"unknown model role(s) to verify: {', '.join(sorted(wanted - {'detector', 'extractor'}))}")
+    refs = references if references is not None else PaddleReferences(threads=threads)
     precisions = {m.precision for m in bundle.models.values()}
     precision = "int8" if "int8" in precisions else "fp32"
     limits = thresholds or THRESHOLDS[precision]
@@ -155,19 +215,24 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
     if bundle.detector is not None:
         if det_dir is None:
             raise InvalidInputError("the bundle has a detector: give its Paddle model folder to verify it")
+        check_det = "detector" in wanted
+        # Built either way: its pre-processing makes the reference's input.
         det = Detector(bundle.detector, make(bundle.detector), DetectorOptions())
-        ref = PaddleDetectorReference(det_dir, threads=threads)
         matched = total = 0
         score_diff = 0.0
         per_image = []
         for img, crops in zip(images, crops_per_image):
             h, w = img.shape[:2]
             tensor, scale = det.preprocess(img)
-            ours = det.postprocess(det.infer(tensor), image_size=(w, h), scale=scale)
-            rows = _reference_top(ref.run(tensor, np.array([[det.spec.input.height, det.spec.input.width]], np.float32),
-                                          np.array([[scale[1], scale[0]]], np.float32)),
+            rows = _reference_top(refs.detector(det_dir, tensor,
+                                                np.array([[det.spec.input.height, det.spec.input.width]], np.float32),
+                                                np.array([[scale[1], scale[0]]], np.float32)),
                                   det.options.max_detections, det.options.min_score)
             ref_boxes = rows[:, 2:6].astype(np.float64)
+            crops.extend(crop(img, tuple(b)) for b in ref_boxes)
+            if not check_det:
+                continue
+            ours = det.postprocess(det.infer(tensor), image_size=(w, h), scale=scale)
             our_boxes = np.array([d.box for d in ours], dtype=np.float64).reshape(-1, 4)
             pairs = match_boxes(ref_boxes, our_boxes)
             matched += 2 * len(pairs)
@@ -176,8 +241,8 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
                 score_diff = max(score_diff, abs(float(rows[i, 1]) - ours[j].score))
             per_image.append({"reference_boxes": len(ref_boxes), "converted_boxes": len(our_boxes),
                               "matched": len(pairs)})
-            crops.extend(crop(img, tuple(b)) for b in ref_boxes)
         det.close()
+    if bundle.detector is not None and "detector" in wanted:
         rate = matched / total if total else 1.0
         report["detector"] = {"match_rate": rate, "max_score_diff": score_diff, "boxes": total // 2 if total else 0,
                               "per_image": per_image}
@@ -186,15 +251,14 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
         if score_diff > limits.detector_max_score_diff:
             failures.append(f"detector score diff {score_diff:.4g} > {limits.detector_max_score_diff}")
 
-    if bundle.extractor is not None:
+    if bundle.extractor is not None and "extractor" in wanted:
         if rec_dir is None:
             raise InvalidInputError("the bundle has an extractor: give its Paddle model folder to verify it")
         emb = Embedder(bundle.extractor, bundle.codes, make(bundle.extractor), EmbedderOptions())
-        ref = PaddleExtractorReference(rec_dir, threads=threads)
         crops = [c for cs in crops_per_image for c in cs]
         batch = emb.preprocess(crops)
         ours = emb.infer(batch)
-        theirs = np.concatenate([ref.run(batch[i:i + 16]) for i in range(0, len(batch), 16)])
+        theirs = refs.extractor(rec_dir, batch)
         emb.close()
         cos = np.sum(l2_normalize(ours) * l2_normalize(theirs), axis=1)
         bits = np.unpackbits(binarize(ours) ^ binarize(theirs), axis=1).mean(axis=1)

@@ -14,7 +14,7 @@ import pytest
 from edge_shitu_converters import verify as verify_mod
 from edge_shitu_converters.verify import match_boxes, verify_bundle
 from edge_shitu.cli import main
-from edge_shitu.errors import ConversionError
+from edge_shitu.errors import ConversionError, InvalidInputError
 
 pytestmark = pytest.mark.paddle
 
@@ -67,6 +67,51 @@ def test_damaged_model_fails(replica_bundle, replica_dirs, photos, tmp_path, rol
     report = verify_bundle(b, det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=photos)
     assert not report["passed"]
     assert any(f.startswith(role) for f in report["failures"]), report["failures"]
+
+
+def test_one_role_and_shared_references_give_the_full_reports_figures(replica_bundle, replica_dirs, photos, tmp_path,
+                                                                      monkeypatch):
+    """What the INT8 search does at each step: one role, the Paddle side remembered. Its figures are those of a
+    plain full verification, the reference models run once per distinct input, and a damaged model is still
+    caught with the remembered references."""
+    from edge_shitu_converters import paddle_reference
+
+    b = _copy_bundle(replica_bundle, tmp_path / "b")
+    dirs = dict(det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=photos)
+    full = verify_bundle(b, **dirs)
+    calls = {"det": 0, "rec": 0}
+    for cls, key in ((paddle_reference.PaddleDetectorReference, "det"), (paddle_reference.PaddleExtractorReference, "rec")):
+        def counted(self, *args, _run=cls.run, _key=key):
+            calls[_key] += 1
+            return _run(self, *args)
+        monkeypatch.setattr(cls, "run", counted)
+    refs = verify_mod.PaddleReferences()
+    for _ in range(2):
+        for role in ("extractor", "detector"):
+            one = verify_bundle(b, **dirs, roles=(role,), references=refs)
+            other = {"extractor": "detector", "detector": "extractor"}[role]
+            assert one[role] == full[role] and other not in one and one["passed"]
+    assert calls == {"det": len(full["images"]), "rec": -(-full["extractor"]["crops"] // 16)}
+
+    _damage(b, "extractor", -1.0)
+    damaged = verify_bundle(b, **dirs, roles=("extractor",), references=refs)
+    assert not damaged["passed"] and damaged["failures"][0].startswith("extractor")
+    assert calls["rec"] == -(-full["extractor"]["crops"] // 16)  # same crops: the reference was not run again
+    with pytest.raises(InvalidInputError, match="unknown model role"):
+        verify_bundle(b, **dirs, roles=("classifier",))
+
+
+def test_references_run_again_when_the_input_changes(replica_dirs):
+    from edge_shitu_converters.paddle_reference import PaddleExtractorReference
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((3, 3, 224, 224)).astype(np.float32) for _ in range(2))
+    refs = verify_mod.PaddleReferences()
+    first = refs.extractor(replica_dirs["extractor"], a)
+    assert refs.extractor(replica_dirs["extractor"], a) is first and not first.flags.writeable
+    oracle = PaddleExtractorReference(replica_dirs["extractor"], threads=2)
+    np.testing.assert_array_equal(refs.extractor(replica_dirs["extractor"], b), oracle.run(b))
+    np.testing.assert_array_equal(first, oracle.run(a))
 
 
 def test_convert_verify_publishes_only_agreeing_bundles(replica_dirs, photos, tmp_path, monkeypatch):
