@@ -86,8 +86,6 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
     if args.lite_skip is not None:
         quant["lite_skip"] = _names(args.lite_skip, "--lite-skip")
     if args.int8_layers is not None:
-        if args.format != "onnx":
-            raise InvalidInputError("--int8-layers is for onnx int8 bundles (Paddle-Lite: --lite-skip)")
         quant["int8_layers"] = args.int8_layers
     path = convert.convert(Path(args.det) if args.det else None, Path(args.rec) if args.rec else None,
                            Path(args.out), format=args.format, precision=args.precision, verify=args.verify,
@@ -177,10 +175,11 @@ def register(subparsers, groups) -> None:
     cv.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], help="onnx int8: calibration method")
     cv.add_argument("--quant-mode", choices=["static", "dynamic"], help="onnx int8: static (calibrated) or dynamic")
     cv.add_argument("--int8-layers", type=_int8_layers, default=None, metavar="auto|all|N",
-                    help="onnx int8: what stays float. auto (default): with --verify, a model that fails is searched "
+                    help="int8: what stays float. auto (default): with --verify, a model that fails is searched "
                          "for the fewest float blocks (a weighted layer and the ops after it, most damaging first) "
-                         "with which it passes, each step printed; all: quantise every block; N: keep the N most "
-                         "damaging blocks float")
+                         "with which it passes, each step printed (Paddle-Lite: weights of paddleslim's skip list, "
+                         "each candidate checked in simulated INT8, so ARM bundles too); all: quantise every block; "
+                         "N: keep the N most damaging blocks float")
     cv.add_argument("--lite-algo", choices=list(_SLIM_ALGOS),
                     help="lite int8: paddleslim quant_post_static algorithm (default avg)")
     cv.add_argument("--lite-skip", metavar="NAME,...",

@@ -955,12 +955,9 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
     # The Paddle side gives the same answers at every step: computed once for the whole search.
     references = PaddleReferences()
 
-    def verify_roles(roles: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-        return verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images), roles=roles,
-                             references=references)
-
     with _step("verify the INT8 models", None, timings):
-        first = verify_roles()
+        first = verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images),
+                              references=references)
     records: Dict[str, Any] = {}
     for role, quantizer in quantizers.items():
         if not any(f.startswith(role) for f in first["failures"]):
@@ -970,10 +967,7 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
 
         def check(path: Path, role: str = role) -> Tuple[bool, List[str], Dict[str, Any]]:
             _rewrite_manifest(staging, role, {"sha256": sha256_file(path)})
-            report = verify_roles((role,))
-            failures = [f for f in report["failures"] if f.startswith(role)]
-            figures = {k: v for k, v in report.get(role, {}).items() if isinstance(v, (int, float))}
-            return not failures, failures, figures
+            return verify_role(staging, role, det, rec, images, references)
 
         with _step(f"{role}: int8 search", None, timings):
             result = search_int8(quantizer, target, check)
@@ -983,6 +977,39 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
         _rewrite_manifest(staging, role, {"sha256": sha256_file(target), "quantization": quantization})
         records[role] = record
     return records
+
+
+def verify_role(staging: Path, role: str, det: Optional[Path], rec: Optional[Path], images: "os.PathLike[str] | str",
+                references: Any, session_factory: Optional[Callable[[Any], Any]] = None,
+                ) -> Tuple[bool, List[str], Dict[str, Any]]:
+    """One step of an INT8 search: ``verify_bundle`` of one model of a staging bundle, the Paddle side from
+    ``references`` (a :class:`~edge_shitu_converters.verify.PaddleReferences`). Returns ``(passed, failures,
+    figures)`` of that model."""
+    from edge_shitu_converters.verify import verify_bundle
+
+    report = verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images), roles=(role,),
+                           references=references, session_factory=session_factory)
+    failures = [f for f in report["failures"] if f.startswith(role)]
+    figures = {k: v for k, v in report.get(role, {}).items() if isinstance(v, (int, float))}
+    return not failures, failures, figures
+
+
+def verify_adding_search(staging: Path, out: Path, records: Mapping[str, Any],
+                         verify: Optional[Callable[[Path], None]]) -> None:
+    """Runs the final ``verify`` step of a staging bundle; the INT8 search ``records`` go into its report, or into
+    the failure report it leaves beside ``out``."""
+    from edge_shitu_converters.verify import VERIFY_FILE
+
+    try:
+        if verify is not None:
+            verify(staging)
+    except ConversionError:
+        failed = out.parent / f"{out.name}.verify-failed.json"
+        if records and failed.is_file():  # the failure report says what the search tried
+            _add_search_to_verify_json(failed, records)
+        raise
+    if records and (staging / VERIFY_FILE).is_file():
+        _add_search_to_verify_json(staging / VERIFY_FILE, records)
 
 
 def _add_search_to_verify_json(path: Path, records: Mapping[str, Any]) -> None:
@@ -1165,7 +1192,8 @@ def convert(
       lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`edge_shitu_converters.lite.find_opt`).
       calib_method: ONNX int8 only: "minmax" (default), "entropy" or "percentile" (see :mod:`edge_shitu_converters.quantize`).
       quant_mode: ONNX int8 only: "static" (default; calibrated on ``calib_dir``) or "dynamic".
-      int8_layers: ONNX int8 only: which parts stay float (see :mod:`edge_shitu_converters.int8_search`).
+      int8_layers: int8 only: which parts stay float (ONNX: :mod:`edge_shitu_converters.int8_search`;
+        Paddle-Lite: :mod:`edge_shitu_converters.lite_search`, whose unit is a weight of paddleslim's skip list).
         ``"auto"`` (default): with ``verify``, when a quantised model fails the verification, search for
         the fewest float blocks with which it passes (without ``verify``, as ``"all"``); ``"all"``:
         quantise every block (only the float tail stays float); ``N``: keep the ``N`` blocks of most
@@ -1200,12 +1228,28 @@ def convert(
     if spec.name == "onnx" and precision == "int8" and (quant_mode or "static") == "static" and calib_dir is None:
         raise InvalidInputError("static int8 needs calibration photos: give calib_dir (--calib DIR, e.g. the drink "
                                 "gallery), or quant_mode='dynamic'")
+    from edge_shitu_converters.int8_search import parse_int8_layers
+
+    budget = parse_int8_layers(int8_layers)
+    if budget != "auto" and precision != "int8":
+        raise InvalidInputError(f"int8_layers is for int8 bundles; precision is {precision!r}")
+    if budget == "auto" and precision == "int8" and not verify:
+        _LOG.info("int8_layers 'auto' searches only with verify: every block is quantised")
     if spec.backend == "paddlelite":
         from edge_shitu_converters.lite import convert_lite
+        from edge_shitu_converters.verify import PaddleReferences
+
+        det_path, rec_path = (Path(det_dir) if det_dir else None), (Path(rec_dir) if rec_dir else None)
+        references = PaddleReferences()
 
         def check_lite(staging: Path) -> None:
-            _verify_or_fail(staging, Path(out_dir), Path(det_dir) if det_dir else None,
-                            Path(rec_dir) if rec_dir else None, verify_images, {}, lite_python=lite_python)
+            _verify_or_fail(staging, Path(out_dir), det_path, rec_path, verify_images, {}, lite_python=lite_python)
+
+        def check_program(staging: Path, role: str, program: Path) -> Tuple[bool, List[str], Dict[str, Any]]:
+            from edge_shitu_converters.lite_search import ProgramSession
+
+            return verify_role(staging, role, det_path, rec_path, verify_images, references,
+                               session_factory=lambda _spec: ProgramSession(program))
 
         return convert_lite(
             det_dir,
@@ -1220,19 +1264,14 @@ def convert(
             opt=lite_opt,
             python=lite_python,
             name=name,
+            int8_layers=budget if precision == "int8" else "all",
+            check_program=check_program if verify else None,
             before_publish=_with_head(head, hash_head, check_lite if verify else None),
         )
     if lite_algo is not None or lite_skip is not None or lite_opt is not None or lite_python is not None:
         raise InvalidInputError(
             f"lite_algo, lite_skip, lite_opt and lite_python are for the Paddle-Lite formats, not {spec.name}")
     det, rec, out = _check_request(det_dir, rec_dir, out_dir, name)
-    from edge_shitu_converters.int8_search import parse_int8_layers
-
-    budget = parse_int8_layers(int8_layers)
-    if budget != "auto" and precision != "int8":
-        raise InvalidInputError(f"int8_layers is for int8 bundles; precision is {precision!r}")
-    if budget == "auto" and precision == "int8" and not verify:
-        _LOG.info("int8_layers 'auto' searches only with verify: every block is quantised")
     if budget != "auto" and (quant_mode or "static") != "static" and not isinstance(budget, str):
         raise InvalidInputError("int8_layers N ranks blocks on calibration photos: it needs static quantisation")
     quantizers: Dict[str, Any] = {}
@@ -1258,16 +1297,8 @@ def convert(
         searched = {}
         if budget == "auto" and quantizers:
             searched = _search_failing_models(staging, quantizers, det, rec, verify_images, timings)
-        try:
-            _verify_or_fail(staging, out, det, rec, verify_images, timings)
-        except ConversionError:
-            if searched:  # the failure report says what the search tried
-                _add_search_to_verify_json(out.parent / f"{out.name}.verify-failed.json", searched)
-            raise
-        if searched:
-            from edge_shitu_converters.verify import VERIFY_FILE
-
-            _add_search_to_verify_json(staging / VERIFY_FILE, searched)
+        verify_adding_search(staging, out, searched,
+                             lambda s: _verify_or_fail(s, out, det, rec, verify_images, timings))
 
     return _publish_bundle(
         out, build, name=name, name_suffix=precision, timings=timings,

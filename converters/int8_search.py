@@ -34,7 +34,8 @@ import numpy as np
 from edge_shitu.errors import InvalidInputError
 from edge_shitu_converters.quantize import TAIL_WEIGHTS, BlockDamage, ModelQuantizer, QuantReport
 
-__all__ = ["INT8_LAYERS", "SearchStep", "SearchResult", "parse_int8_layers", "search_int8", "rank_blocks"]
+__all__ = ["INT8_LAYERS", "SearchStep", "SearchResult", "parse_int8_layers", "search_int8", "rank_blocks",
+           "fewest_passing", "block_weights"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -74,16 +75,18 @@ class SearchStep:
       passed: whether the candidate passed the verification.
       failures: the verification's failures for this model (empty when it passed).
       figures: the verification's figures for this model (e.g. match rate, cosine).
-      int8_bytes: size of the candidate model file.
-      ms: median inference time of one input on one thread (a detector photo or an extractor batch).
+      int8_bytes: size of the candidate model file (None when the candidate is not the deployed file:
+        :mod:`edge_shitu_converters.lite_search` checks a fake-quantisation program).
+      ms: median inference time of one input on one thread (a detector photo or an extractor batch); None
+        when not timed (Paddle-Lite candidates).
     """
 
     float_blocks: int
     passed: bool
     failures: Tuple[str, ...]
     figures: Mapping[str, Any]
-    int8_bytes: int
-    ms: float
+    int8_bytes: Optional[int]
+    ms: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -204,28 +207,41 @@ def search_int8(
     most = max((i for i, name in enumerate(names) if name != TAIL_WEIGHTS), default=None)
     if most is None:
         raise InvalidInputError(f"{quantizer.source}: no quantisable block outside the float tail: nothing to search")
-    failing, passing = -1, None
-    k = 0
-    while True:
-        if trial(k).passed:
-            passing = k
-            break
+    passing = fewest_passing(most, lambda k: trial(k).passed)
+    if passing is not None and last != passing:
+        reports[passing] = quantizer.quantize(out, float_blocks=names[:passing])
+    chosen = next((s for s in steps if s.float_blocks == passing and s.passed), None)
+    return SearchResult(ranking=ranking, steps=tuple(steps), chosen=chosen,
+                        report=reports[passing if passing is not None else most], weights=block_weights(quantizer))
+
+
+def fewest_passing(most: int, passes: Callable[[int], bool]) -> Optional[int]:
+    """The smallest ``k`` in ``0..most`` with ``passes(k)``, for a ``passes`` that stays true once true.
+
+    Tries ``k = 0, 1, 2, 4, 8, ...`` (then ``most``) until one passes, then bisects between the last
+    failure and that pass: about ``2 log2(k)`` calls instead of ``k``.
+
+    Returns:
+      That ``k``, or None when ``passes(most)`` is false.
+    """
+    failing, k = -1, 0
+    while not passes(k):
         failing = k
         if k == most:
-            break
+            return None
         k = min(most, max(1, 2 * k))
-    if passing is not None:
-        while passing - failing > 1:
-            middle = (failing + passing) // 2
-            if trial(middle).passed:
-                passing = middle
-            else:
-                failing = middle
-        if last != passing:
-            reports[passing] = quantizer.quantize(out, float_blocks=names[:passing])
-    chosen = next((s for s in steps if s.float_blocks == passing and s.passed), None)
+    passing = k
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        if passes(middle):
+            passing = middle
+        else:
+            failing = middle
+    return passing
+
+
+def block_weights(quantizer: ModelQuantizer) -> Dict[str, str]:
+    """Block -> the name of its weighted layer's weight, as in the Paddle program paddle2onnx converted."""
     # onnxruntime's pre-processing renames a weight it folds a batch norm into; the Paddle name follows the prefix.
-    weights = {n.name: n.input[1].replace("ConvBnFusion_W_", "", 1)
-               for n in quantizer.model.graph.node if n.name in quantizer.blocks and len(n.input) > 1}
-    return SearchResult(ranking=ranking, steps=tuple(steps), chosen=chosen,
-                        report=reports[passing if passing is not None else most], weights=weights)
+    return {n.name: n.input[1].replace("ConvBnFusion_W_", "", 1)
+            for n in quantizer.model.graph.node if n.name in quantizer.blocks and len(n.input) > 1}

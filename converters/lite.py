@@ -48,7 +48,9 @@ mean squared error or the earth mover's distance to float; the slowest). ``skip`
 paddleslim's ``skip_tensor_list``; the manifest records the tool, its version, the algorithm and the
 skipped weights (calibration times and agreement in ``docs/benchmarks.md``). Paddle-Lite needs
 the legacy ``inference.pdmodel`` program: Paddle 3 PIR ``inference.json`` programs are refused (no
-tool converts PIR back to the legacy format).
+tool converts PIR back to the legacy format). ``int8_layers`` keeps the most damaging weights float, a given
+number of them or, with a check, the fewest that pass it (:mod:`edge_shitu_converters.lite_search`, which
+checks paddleslim's program in simulated INT8, so ARM models too).
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ import shutil
 import signal
 import subprocess
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -75,14 +78,17 @@ from edge_shitu_converters.convert import (
     _detector_input_spec,
     _extractor_fields,
     _publish_bundle,
+    _rewrite_manifest,
     _source,
     _step,
     cut_detector_heads,
     validate_export,
+    verify_adding_search,
 )
+from edge_shitu_converters.int8_search import parse_int8_layers
 from edge_shitu_converters.paddle_io import ModelFiles
 from edge_shitu_converters.paddleslim_worker import ALGOS as _SLIM_ALGOS, EXIT_MISSING as _SLIM_MISSING
-from edge_shitu.bundle import InputSpec, sha256_file
+from edge_shitu.bundle import Bundle, InputSpec, sha256_file
 from edge_shitu.errors import (
     BackendUnavailableError,
     BundleError,
@@ -669,6 +675,8 @@ class _LiteJob:
         self.skip, self.python, self.slim_versions = skip, python, slim_versions
         self.versions: List[str] = []
         self.quantized: Dict[str, QuantizedModel] = {}
+        # role -> (the fp32 program that was quantised, its input description): what a search re-quantises.
+        self.sources: Dict[str, Tuple[ModelFiles, Dict[str, Any]]] = {}
 
     def _finish(
         self, role: str, folder: Path, files: ModelFiles, input_spec: Dict[str, Any], staging: Path, work: Path,
@@ -676,20 +684,32 @@ class _LiteJob:
     ) -> Path:
         """Quantise (int8) and optimise one program into ``staging/<role>.nb``."""
         if self.calib_dir is not None:  # int8: convert_lite requires photos
-            with _step(f"{role}: calibration photos", folder, timings):
-                feeds = _calibration(self.calib_dir, input_spec, self.calib_count)
-            skip = self.skip.get(role, ())
-            kept = f", {len(skip)} weight(s) kept in float" if skip else ""
-            with _step(f"{role}: paddleslim quant_post_static ({self.algo}, {len(feeds)} batches{kept})", folder,
-                       timings):
-                quantized = quantize_post_training(files.directory, work / f"{role}_int8", feeds=feeds, algo=self.algo,
-                                                   skip=skip, python=self.python)
-            del feeds
-            self.quantized[role] = quantized
-            files = quantized.files
+            self.sources[role] = (files, input_spec)
+            files = self.quantize(role, (), work / f"{role}_int8", folder, timings).files
+        return self.optimise(role, files, staging, work / f"{role}_opt", folder, timings)
+
+    def quantize(self, role: str, float_weights: Sequence[str], out: Path, folder: Path,
+                 timings: Dict[str, float]) -> QuantizedModel:
+        """paddleslim on the role's fp32 program, with the user's skip list and ``float_weights`` kept float;
+        the result becomes the role's quantised model."""
+        files, input_spec = self.sources[role]
+        with _step(f"{role}: calibration photos", folder, timings):
+            feeds = _calibration(self.calib_dir, input_spec, self.calib_count)
+        skip = tuple(self.skip.get(role, ())) + tuple(w for w in float_weights if w not in self.skip.get(role, ()))
+        kept = f", {len(skip)} weight(s) kept in float" if skip else ""
+        with _step(f"{role}: paddleslim quant_post_static ({self.algo}, {len(feeds)} batches{kept})", folder,
+                   timings):
+            quantized = quantize_post_training(files.directory, out, feeds=feeds, algo=self.algo, skip=skip,
+                                               python=self.python)
+        self.quantized[role] = quantized
+        return quantized
+
+    def optimise(self, role: str, files: ModelFiles, staging: Path, work: Path, folder: Path,
+                 timings: Dict[str, float]) -> Path:
+        """``paddle_lite_opt`` of a program into ``staging/<role>.nb``."""
         path = staging / f"{role}{EXPORT_FORMATS['lite-' + self.target].suffix}"
         with _step(f"{role}: paddle_lite_opt {self.target}", folder, timings):
-            program = _opt_ready_program(files, work / f"{role}_opt")
+            program = _opt_ready_program(files, work)
             run_opt(program, files.params, path, target=self.target, opt=self.opt)
         self.versions.append(_nb_version(path))
         return path
@@ -730,19 +750,23 @@ class _LiteJob:
             "source": source,
         }
         if self.precision == "int8":
-            quantized = self.quantized[role]
-            entry["quantization"] = {
-                "tool": _SLIM_TOOL,
-                "version": quantized.versions["paddleslim"],
-                "paddlepaddle": quantized.versions["paddlepaddle"],
-                "algo": quantized.algo,
-                "skip_tensors": list(quantized.skip_tensors),
-                "quantized_ops": quantized.quantized_ops,
-                "calibration_images": self.calib_count,
-                "calibration_folder": Path(self.calib_dir).name,
-                "preprocessing": "edge_shitu runtime",
-            }
+            entry["quantization"] = self.quantization(role)
         return entry
+
+    def quantization(self, role: str) -> Dict[str, Any]:
+        """The manifest's ``quantization`` of the role's quantised model."""
+        quantized = self.quantized[role]
+        return {
+            "tool": _SLIM_TOOL,
+            "version": quantized.versions["paddleslim"],
+            "paddlepaddle": quantized.versions["paddlepaddle"],
+            "algo": quantized.algo,
+            "skip_tensors": list(quantized.skip_tensors),
+            "quantized_ops": quantized.quantized_ops,
+            "calibration_images": self.calib_count,
+            "calibration_folder": Path(self.calib_dir).name,
+            "preprocessing": "edge_shitu runtime",
+        }
 
 
 def _skip_by_role(
@@ -792,6 +816,8 @@ def convert_lite(
     opt: "os.PathLike[str] | str | None" = None,
     python: "os.PathLike[str] | str | None" = None,
     name: Optional[str] = None,
+    int8_layers: Union[str, int] = "all",
+    check_program: Optional[Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]]] = None,
     before_publish: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Convert a detector and/or a feature extractor into a Paddle-Lite bundle for one machine.
@@ -817,6 +843,15 @@ def convert_lite(
       python: int8 only: the side environment's Python that runs paddleslim; default
         :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       name: bundle name; default e.g. ``ppshituv2-replica-s0-lite-x86-int8``.
+      int8_layers: int8 only: ``"all"`` quantises every weight paddleslim can (less ``skip``); a whole number
+        ``N`` also keeps the ``N`` most damaging weights float; ``"auto"`` (needs ``check_program``) keeps the
+        fewest most damaging weights float with which each model passes ``check_program``
+        (:mod:`edge_shitu_converters.lite_search`: ranked on the ONNX conversion, checked in simulated INT8).
+      check_program: ``check_program(staging, role, program_dir) -> (passed, failures, figures)``: the
+        verification of one model's fake-quantisation program against its source, with the staging bundle's
+        manifest for its pre- and post-processing (``convert(verify=True)`` gives it).
+      before_publish: called with the staging folder once the bundle is complete (after the search), e.g.
+        its verification; an exception stops the publication.
 
     Returns:
       ``out_dir`` as a Path, holding ``detector.nb`` and/or ``extractor.nb`` and ``manifest.json``.
@@ -831,8 +866,9 @@ def convert_lite(
         paddlepaddle or PyYAML is missing; for int8, the side environment or its paddleslim is missing
         (the message says to run ``scripts/setup-lite-env``).
       ConversionError: an unsupported precision, a Paddle 3 PIR ``.json`` program, an x86 INT8
-        detector (Paddle-Lite 2.13rc0 computes it wrongly), or a conversion step failed (the message
-        names the step and the model folder).
+        detector (Paddle-Lite 2.13rc0 computes it wrongly), an ``int8_layers="auto"`` search that found no
+        passing candidate (every step in ``<out_dir>.verify-failed.json``), or a conversion step failed (the
+        message names the step and the model folder).
     """
     if target not in LITE_TARGETS:
         raise InvalidInputError(f"unknown Paddle-Lite target {target!r}; expected one of {', '.join(LITE_TARGETS)}")
@@ -861,6 +897,12 @@ def convert_lite(
         raise InvalidInputError(
             f"calib_dir, calib_count, algo and skip are for int8 bundles; precision is {precision!r}"
         )
+    budget = parse_int8_layers(int8_layers)
+    if budget != "all" and precision != "int8":
+        raise InvalidInputError(f"int8_layers is for int8 bundles; precision is {precision!r}")
+    if budget == "auto" and check_program is None:
+        _LOG.info("int8_layers 'auto' searches only with a verification: every weight is quantised")
+        budget = "all"
     job_algo = _normalise_algo(algo)
     skip_names = _normalise_skip(skip)
     opt_path = find_opt(opt)
@@ -903,5 +945,78 @@ def convert_lite(
         }
         return models, tools
 
+    def publish_step(staging: Path) -> None:
+        records: Dict[str, Any] = {}
+        if precision == "int8" and budget != "all" and budget != 0:
+            records = _choose_float_weights(job, staging, budget, check_program, det, rec, timings)
+        failed = sorted(role for role, record in records.items() if record["chosen"] is None)
+        if failed:
+            # Even an ARM bundle, which its verification cannot run, is not published then.
+            report = out.parent / f"{out.name}.verify-failed.json"
+            failures = [f for role in failed for f in records[role]["steps"][-1]["failures"]]
+            report.write_text(json.dumps({"passed": False, "failures": failures, "int8_search": records}, indent=2,
+                                         sort_keys=True) + "\n", encoding="utf-8")
+            raise ConversionError(f"{out}: no INT8 {' or '.join(failed)} passes with every weight but one float: "
+                                  f"{'; '.join(failures)} (every step tried: {report})")
+        verify_adding_search(staging, out, records, before_publish)
+
     return _publish_bundle(out, build, name=name, name_suffix=f"{fmt.name}-{precision}", timings=timings,
-                           before_publish=before_publish)
+                           before_publish=publish_step)
+
+
+def _choose_float_weights(
+    job: _LiteJob, staging: Path, budget: Union[str, int],
+    check: Optional[Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]]],
+    det: Optional[Path], rec: Optional[Path], timings: Dict[str, float],
+) -> Dict[str, Any]:
+    """``int8_layers`` N or "auto" on a complete staging bundle: ranks each INT8 model's weights, chooses those kept
+    float, re-quantises and re-optimises that model into the bundle and its manifest entry. Returns role -> search
+    record (models searched only)."""
+    from edge_shitu_converters.convert import convert as convert_onnx
+    from edge_shitu_converters.lite_search import passing_record, rank_weights, search_lite_int8
+
+    records: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="edge-shitu-lite-int8-") as tmp:
+        work = Path(tmp)
+        for role, folder in (("detector", det), ("extractor", rec)):
+            if folder is None:
+                continue
+            if budget == "auto":
+                with _step(f"{role}: check the INT8 program (simulated)", folder, timings):
+                    passed, _, figures = check(staging, role, job.quantized[role].files.directory)
+                if passed:
+                    records[role] = passing_record(figures)
+                    continue
+            files, _ = job.sources[role]
+            with _step(f"{role}: rank the layers (onnxruntime, each quantised alone)", folder, timings):
+                onnx_dir = convert_onnx(det if role == "detector" else None, rec if role == "extractor" else None,
+                                        work / f"{role}-onnx")
+                spec = Bundle.load(onnx_dir).models[role]
+                (work / f"{role}-rank").mkdir()
+                user_float = set(job.skip.get(role, ()))
+                ranking = rank_weights(role, spec.path, spec.input, job.calib_dir, work / f"{role}-rank",
+                                       [w for w in quantizable_weights(files.directory) if w not in user_float])
+            models: Dict[int, QuantizedModel] = {}
+
+            def quantize(weights: Sequence[str], out: Path, role: str = role, folder: Path = folder) -> Path:
+                models[len(weights)] = job.quantize(role, weights, out, folder, timings)
+                return models[len(weights)].files.directory
+
+            if budget == "auto":
+                (work / f"{role}-search").mkdir()
+                with _step(f"{role}: int8 search", folder, timings):
+                    result = search_lite_int8(ranking, quantize, lambda p, role=role: check(staging, role, p),
+                                              work / f"{role}-search")
+                records[role] = result.record()
+                kept = len(result.float_weights)
+                search: Dict[str, Any] = {"search": {"steps": len(result.steps), "chosen": result.chosen}}
+            else:
+                kept = min(int(budget), len(ranking) - 1)
+                quantize([r.weight for r in ranking[:kept]], work / f"{role}-n{kept}")
+                search = {}
+            job.quantized[role] = models[kept]
+            path = job.optimise(role, models[kept].files, staging, work / f"{role}-opt", folder, timings)
+            quantization = dict(job.quantization(role), int8_layers=budget, blocks=len(ranking),
+                                float_weights=[r.weight for r in ranking[:kept]], **search)
+            _rewrite_manifest(staging, role, {"sha256": sha256_file(path), "quantization": quantization})
+    return records

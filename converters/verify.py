@@ -192,7 +192,7 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
       BundleError, MissingFileError: the bundle or a model folder is unusable.
     """
     from edge_shitu.backends import create_session
-    from edge_shitu.detector import Detector
+    from edge_shitu.detector import Detector, detector_input
     from edge_shitu.embedder import Embedder
     from edge_shitu.options import DetectorOptions, EmbedderOptions
 
@@ -216,21 +216,22 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
         if det_dir is None:
             raise InvalidInputError("the bundle has a detector: give its Paddle model folder to verify it")
         check_det = "detector" in wanted
-        # Built either way: its pre-processing makes the reference's input.
-        det = Detector(bundle.detector, make(bundle.detector), DetectorOptions())
+        spec = bundle.detector
+        det = Detector(spec, make(spec), DetectorOptions()) if check_det else None
+        cut = DetectorOptions().with_defaults(spec.defaults)
         matched = total = 0
         score_diff = 0.0
         per_image = []
         for img, crops in zip(images, crops_per_image):
             h, w = img.shape[:2]
-            tensor, scale = det.preprocess(img)
+            tensor, scale = detector_input(spec, img)
             rows = _reference_top(refs.detector(det_dir, tensor,
-                                                np.array([[det.spec.input.height, det.spec.input.width]], np.float32),
+                                                np.array([[spec.input.height, spec.input.width]], np.float32),
                                                 np.array([[scale[1], scale[0]]], np.float32)),
-                                  det.options.max_detections, det.options.min_score)
+                                  cut.max_detections, cut.min_score)
             ref_boxes = rows[:, 2:6].astype(np.float64)
             crops.extend(crop(img, tuple(b)) for b in ref_boxes)
-            if not check_det:
+            if det is None:
                 continue
             ours = det.postprocess(det.infer(tensor), image_size=(w, h), scale=scale)
             our_boxes = np.array([d.box for d in ours], dtype=np.float64).reshape(-1, 4)
@@ -241,7 +242,8 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
                 score_diff = max(score_diff, abs(float(rows[i, 1]) - ours[j].score))
             per_image.append({"reference_boxes": len(ref_boxes), "converted_boxes": len(our_boxes),
                               "matched": len(pairs)})
-        det.close()
+        if det is not None:
+            det.close()
     if bundle.detector is not None and "detector" in wanted:
         rate = matched / total if total else 1.0
         report["detector"] = {"match_rate": rate, "max_score_diff": score_diff, "boxes": total // 2 if total else 0,

@@ -21,7 +21,7 @@ from edge_shitu.options import DetectorOptions
 from edge_shitu.preprocess import image_to_tensor
 from edge_shitu.types import Detection
 
-__all__ = ["Detector", "decode_picodet"]
+__all__ = ["Detector", "decode_picodet", "detector_input"]
 
 
 def _softmax_expectation(logits: np.ndarray, reg_max: int) -> np.ndarray:
@@ -169,6 +169,28 @@ def decode_picodet(
     return boxes[order], out_scores[order], classes[order]
 
 
+def detector_input(spec: ModelSpec, image: np.ndarray, *,
+                   workspace: Optional[Workspace] = None) -> Tuple[np.ndarray, Tuple[float, float]]:
+    """The network input of a detector for an RGB image (what :meth:`Detector.preprocess` returns).
+
+    Args:
+      spec: the detector's model spec (its input description).
+      image: uint8 (H, W, 3) RGB.
+      workspace: scratch buffers to reuse between calls; default fresh ones.
+
+    Returns:
+      ``(tensor float32 (1, 3, h, w), (sx, sy))`` where ``(sx, sy)`` are the resize factors.
+
+    Raises:
+      InvalidInputError, InvalidDtypeError: ``image`` is not a uint8 (H, W, 3) array.
+    """
+    inp = spec.input
+    tensor = np.empty((1, 3, inp.height, inp.width), dtype=np.float32)
+    image_to_tensor(image, inp, out=tensor[0], workspace=workspace)
+    h, w = image.shape[:2]
+    return tensor, (inp.width / w, inp.height / h)
+
+
 class Detector:
     """Mainbody detector of a bundle. Build it with :meth:`from_bundle`; close it (or use ``with``) when done."""
 
@@ -215,11 +237,7 @@ class Detector:
         Returns:
           ``(tensor float32 (1, 3, h, w), (sx, sy))`` where ``(sx, sy)`` are the resize factors.
         """
-        inp = self.spec.input
-        tensor = np.empty((1, 3, inp.height, inp.width), dtype=np.float32)
-        image_to_tensor(image, inp, out=tensor[0], workspace=self._workspace)
-        h, w = image.shape[:2]
-        return tensor, (inp.width / w, inp.height / h)
+        return detector_input(self.spec, image, workspace=self._workspace)
 
     def infer(self, tensor: np.ndarray) -> List[np.ndarray]:
         """Run the network. Returns the score outputs, then the box outputs, in stride order."""

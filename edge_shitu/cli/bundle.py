@@ -18,6 +18,7 @@ def print_verification(report, out: TextIO) -> None:
         return
     if report.get("passed") is None:
         out.write(f"verification: NOT VERIFIED: {report.get('unverifiable')}\n")
+        _print_search(report, out)
         return
     state = "PASSED" if report.get("passed") else "FAILED"
     out.write(f"verification ({report.get('precision')}, {len(report.get('images', []))} photos): {state}"
@@ -33,18 +34,33 @@ def print_verification(report, out: TextIO) -> None:
                   f"{det['match_rate']:.4f}, max score diff {det['max_score_diff']:.3g}\n")
     for failure in report.get("failures", []):
         out.write(f"  failed: {failure}\n")
+    _print_search(report, out)
+
+
+def _print_search(report, out: TextIO) -> None:
+    """The INT8 search of each model, step by step (``verify.json``'s ``int8_search``)."""
     for role, search in sorted((report.get("int8_search") or {}).items()):
         chosen = search.get("chosen")
-        out.write(f"  {role} int8 search: {search.get('blocks')} blocks, "
-                  + (f"{chosen} kept float (most output noise first: {', '.join(search.get('float_blocks', [])[:8])}"
-                     f"{', ...' if len(search.get('float_blocks', [])) > 8 else ''})" if chosen is not None
-                     else "no candidate passed") + "\n")
+        # An ONNX search names blocks; a Paddle-Lite one names the weights of its paddleslim skip list.
+        kept = search.get("float_blocks") or search.get("float_weights") or []
+        if chosen == 0:
+            outcome = "passes with every layer INT8"
+        elif chosen is not None:
+            more = ", ..." if len(kept) > 8 else ""
+            outcome = f"{chosen} kept float (most output noise first: {', '.join(kept[:8])}{more})"
+        else:
+            outcome = "no candidate passed"
+        blocks = "" if search.get("blocks") is None else f"{search['blocks']} blocks, "
+        out.write(f"  {role} int8 search: {blocks}{outcome}" + (f"; {search['check']}" if search.get("check") else "")
+                  + "\n")
         for step in search.get("steps", []):
             figures = ", ".join(f"{k} {v:.4g}" for k, v in sorted(step.get("figures", {}).items())
                                 if k in ("match_rate", "max_score_diff", "min_cosine", "mean_bit_agreement",
                                          "min_bit_agreement"))
+            size = "" if step.get("int8_bytes") is None else f"{step['int8_bytes'] / 1e6:.2f} MB, "
+            speed = "" if step.get("ms") is None else f"{step['ms']:.1f} ms/run (1 thread), "
             out.write(f"    {step['float_blocks']:>3} float: {'passed' if step['passed'] else 'failed'}, "
-                      f"{step['int8_bytes'] / 1e6:.2f} MB, {step['ms']:.1f} ms/run (1 thread), {figures}\n")
+                      f"{size}{speed}{figures}\n")
 
 
 def _cmd_bundle_info(args, out: TextIO, err: TextIO) -> int:

@@ -1,0 +1,186 @@
+"""Accuracy-aware INT8 for Paddle-Lite bundles (converters/lite_search.py): the search against a linear scan, and
+the real search through `convert --format lite-* --precision int8 --verify` on the replica extractor (paddleslim in
+the side environment, each candidate checked in simulated INT8 by Paddle Inference)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from edge_shitu.bundle import Bundle
+from edge_shitu.errors import ConversionError, InvalidInputError
+from edge_shitu_converters.quantize import BlockDamage
+
+lite_search = pytest.importorskip("edge_shitu_converters.lite_search")
+
+
+def _ranking(n):
+    return [lite_search.RankedWeight(f"conv2d_{i}.w_0", BlockDamage(f"b{i}", (f"n{i}",), 1.0 / (i + 1), 20.0 + i))
+            for i in range(n)]
+
+
+def _search(tmp_path, n, passes_from):
+    """A search over ``n`` weights whose candidate passes once its ``passes_from`` most damaging weights are float
+    (None: never); returns the result and the candidates quantised, in order."""
+    tried = []
+
+    def quantize(weights, out):
+        tried.append(list(weights))
+        out.mkdir()
+        (out / "floats.json").write_text(json.dumps(list(weights)))
+        return out
+
+    def check(program):
+        k = len(json.loads((program / "floats.json").read_text()))
+        ok = passes_from is not None and k >= passes_from
+        return ok, [] if ok else [f"extractor: {k} float"], {"k": k}
+
+    return lite_search.search_lite_int8(_ranking(n), quantize, check, tmp_path), tried
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 12])
+def test_search_finds_the_fewest_float_weights_a_linear_scan_finds(tmp_path, n):
+    for passes_from in list(range(n)) + [None]:
+        work = tmp_path / f"{n}-{passes_from}"
+        work.mkdir()
+        result, tried = _search(work, n, passes_from)
+        assert result.chosen == passes_from  # the linear scan's answer: the first k that passes
+        # Each candidate keeps the k most damaging weights float, in ranking order.
+        assert all(t == [f"conv2d_{i}.w_0" for i in range(len(t))] for t in tried)
+        assert len(tried) == len(set(map(len, tried)))  # no candidate twice
+        record = result.record()
+        if passes_from is None:
+            assert [len(t) for t in tried][-1] == n - 1 and not any(s["passed"] for s in record["steps"])
+            assert result.program.name == f"k{n - 1}"
+        else:
+            assert result.float_weights == tuple(f"conv2d_{i}.w_0" for i in range(passes_from))
+            assert result.program.name == f"k{passes_from}"
+            assert json.loads((result.program / "floats.json").read_text()) == list(result.float_weights)
+        assert record["chosen"] == passes_from and len(record["ranking"]) == n
+
+
+def test_fewer_than_two_weights_is_nothing_to_search(tmp_path):
+    with pytest.raises(InvalidInputError, match="nothing to search"):
+        _search(tmp_path, 1, 0)
+
+
+# ---------------------------------------------------------------------------------------- the real search
+
+
+@pytest.fixture(scope="module")
+def calib(drink_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib")
+    for p in sorted((drink_dir / "gallery").rglob("*.jpg"))[:4]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def photos(test_images, tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    for p in test_images[:2]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+def _keep_int8(extractor_dir, n):
+    """All the extractor's quantisable weights but the first ``n``: a user skip list that leaves ``n`` to search."""
+    from edge_shitu_converters.lite import quantizable_weights
+
+    return quantizable_weights(extractor_dir)[n:]
+
+
+def _convert(replica_dirs, out, calib, photos, target, skip, int8_layers="auto"):
+    from edge_shitu_converters.convert import convert
+
+    return convert(None, replica_dirs["extractor"], out, format=f"lite-{target}", precision="int8", calib_dir=calib,
+                   calib_count=4, lite_skip=[f"extractor:{w}" for w in skip], int8_layers=int8_layers, verify=True,
+                   verify_images=photos)
+
+
+@pytest.mark.paddle
+def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_float(replica_dirs, calib, photos,
+                                                                                   lite_opt, tmp_path, monkeypatch):
+    """An ARM .nb cannot run here, so `--verify` alone would publish it unverified. First a limit no candidate
+    reaches: nothing is published and the failure report holds every step. Then a limit between the all-INT8 and
+    the most float candidates' agreement: the fewest float weights that pass are kept, and the .nb is rebuilt from
+    that candidate."""
+    from edge_shitu_converters import verify
+    from edge_shitu.backends.paddlelite import read_nb_targets
+
+    monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
+    limits = verify.THRESHOLDS["int8"]
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(limits, extractor_min_cosine=1.5))
+    skip = _keep_int8(replica_dirs["extractor"], 4)
+    with pytest.raises(ConversionError, match="no INT8 extractor passes"):
+        _convert(replica_dirs, tmp_path / "never", calib, photos, "arm", skip)
+    assert not (tmp_path / "never").exists()
+    report = json.loads((tmp_path / "never.verify-failed.json").read_text())
+    search = report["int8_search"]["extractor"]
+    assert search["chosen"] is None and search["blocks"] == 4 and "simulated" in search["check"]
+    assert [s["float_blocks"] for s in search["steps"]] == [0, 1, 2, 3]
+    assert not any(s["passed"] for s in search["steps"])
+    assert not {r["weight"] for r in search["ranking"]} & set(skip)  # the user's float weights are not searched
+    cosines = [s["figures"]["min_cosine"] for s in search["steps"]]
+    assert cosines[-1] > cosines[0]  # more layers float, closer to fp32
+
+    middle = (cosines[0] + cosines[-1]) / 2
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(limits, extractor_min_cosine=middle,
+                                                           extractor_mean_bit_agreement=0.0,
+                                                           extractor_min_bit_agreement=0.0))
+    out = _convert(replica_dirs, tmp_path / "arm", calib, photos, "arm", skip)
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] is None and "cannot run" in report["unverifiable"]
+    search = report["int8_search"]["extractor"]
+    chosen, steps = search["chosen"], search["steps"]
+    assert chosen == next(k for k, c in enumerate(cosines) if c >= middle)  # the same candidates as above
+    assert all(not s["passed"] for s in steps if s["float_blocks"] < chosen)
+    assert any(s["passed"] and s["float_blocks"] == chosen for s in steps)
+    quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
+    assert quant["float_weights"] == search["float_weights"] == [r["weight"] for r in search["ranking"][:chosen]]
+    assert set(quant["skip_tensors"]) == set(skip) | set(quant["float_weights"])
+    assert quant["search"] == {"steps": len(steps), "chosen": chosen} and quant["int8_layers"] == "auto"
+    assert read_nb_targets(out / "extractor.nb") == frozenset({"arm"})
+    from conftest import run_cli
+
+    code, text, _ = run_cli("bundle", "info", out)
+    assert code == 0 and "NOT VERIFIED" in text and f"extractor int8 search: 4 blocks, {chosen} kept float" in text
+    assert "simulated INT8" in text and text.count(" float: passed") + text.count(" float: failed") == len(steps)
+
+
+@pytest.mark.paddle
+def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_dirs, calib, photos, lite_opt,
+                                                                       lite_python, tmp_path, monkeypatch):
+    """--int8-layers N: the N most damaging weights float without a search; `--verify` checks the rebuilt .nb in
+    Paddle-Lite itself."""
+    monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
+    monkeypatch.setenv("EDGE_SHITU_LITE_PYTHON", str(lite_python))
+    skip = _keep_int8(replica_dirs["extractor"], 6)
+    out = _convert(replica_dirs, tmp_path / "x86", calib, photos, "x86", skip, int8_layers=2)
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] is True and "int8_search" not in report
+    quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
+    assert quant["int8_layers"] == 2 and quant["blocks"] == 6 and len(quant["float_weights"]) == 2
+    assert set(quant["skip_tensors"]) == set(skip) | set(quant["float_weights"])
+    assert quant["quantized_ops"] == 4
+
+
+@pytest.mark.paddle
+def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(replica_dirs, calib, photos, lite_opt,
+                                                                                 tmp_path, monkeypatch):
+    """Nothing to search, but for an ARM bundle the simulated check is the only figure this machine can give: it is
+    recorded beside 'not verified' and printed by `bundle info`."""
+    monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
+    out = _convert(replica_dirs, tmp_path / "arm", calib, photos, "arm", _keep_int8(replica_dirs["extractor"], 6))
+    report = json.loads((out / "verify.json").read_text())
+    search = report["int8_search"]["extractor"]
+    assert report["passed"] is None and search["chosen"] == 0 and search["steps"][0]["passed"]
+    assert search["steps"][0]["figures"]["min_cosine"] > 0.95
+    assert Bundle.load(out).manifest["models"]["extractor"]["quantization"]["quantized_ops"] == 6
+    from conftest import run_cli
+
+    code, text, _ = run_cli("bundle", "info", out)
+    assert code == 0 and "extractor int8 search: passes with every layer INT8; simulated INT8" in text
