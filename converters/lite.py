@@ -98,6 +98,9 @@ from edge_shitu.errors import (
 )
 
 __all__ = [
+    "QAT_BATCH",
+    "QAT_LEARNING_RATE",
+    "quantize_aware_training",
     "LITE_TARGETS",
     "PTQ_ALGOS",
     "DEFAULT_ALGO",
@@ -142,6 +145,10 @@ _SLIM_HINT = "run scripts/setup-lite-env, which adds paddlepaddle 2.6.2 and padd
 # A hung worker is killed. KL took 8 min on the extractor with 32 photos on 2 loaded cores, and the detector
 # takes about 7x as long (docs/benchmarks.md, "Paddle-Lite INT8 with paddleslim").
 _SLIM_TIMEOUT_S = 4 * 3600
+#: Photos per step and SGD learning rate of quantisation-aware training: small, the model is fine-tuned to its own
+#: fp32 outputs, not trained.
+QAT_BATCH = 2
+QAT_LEARNING_RATE = 1e-4
 _PROBE_TIMEOUT_S = 300
 _OPT_TIMEOUT_S = 900
 _LOG_TAIL_LINES = 25
@@ -567,10 +574,70 @@ def quantize_post_training(
       BackendUnavailableError: no side environment, or it lacks paddleslim (the message says to run
         ``scripts/setup-lite-env``).
     """
+    slim_algo = _normalise_algo(algo)
+    return _slim(model_dir, out_dir, feeds, slim_algo, _normalise_skip(skip), None, python, timeout_s,
+                 f"paddleslim quant_post_static ({slim_algo})")
+
+
+def quantize_aware_training(
+    model_dir: "os.PathLike[str] | str",
+    out_dir: "os.PathLike[str] | str",
+    *,
+    feeds: Sequence[Dict[str, np.ndarray]],
+    iters: int,
+    batch: int = QAT_BATCH,
+    learning_rate: float = QAT_LEARNING_RATE,
+    seed: int = 0,
+    python: "os.PathLike[str] | str | None" = None,
+    timeout_s: float = _SLIM_TIMEOUT_S,
+) -> QuantizedModel:
+    """Quantisation-aware training of a legacy Paddle program with paddleslim, its fp32 self as teacher.
+
+    ``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` (weights per output channel, activations
+    by moving average, the ops of :func:`quantize_post_training`) and ``Distillation`` (l2 distance between the
+    student's and the fp32 program's outputs), trained by SGD on the photos of ``feeds`` without labels: no data
+    set is needed beyond the calibration photos. The result is the same fake-quantisation program format as
+    :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward pass of both
+    programs (``docs/benchmarks.md``: seconds per step for the extractor, about 13 s for the detector here).
+
+    Args:
+      model_dir: folder with a legacy ``inference.pdmodel`` and ``inference.pdiparams``.
+      out_dir: folder to write the trained ``inference.pdmodel`` and ``inference.pdiparams`` into (created).
+      feeds: the photos, ``{input name: float32 (N, 3, H, W)}`` batches as for :func:`quantize_post_training`;
+        they are re-batched by ``batch`` and shuffled each pass.
+      iters: training iterations (>= 1).
+      batch: photos per iteration (>= 1).
+      learning_rate: SGD learning rate (> 0).
+      seed: seed of the shuffling and of Paddle's initialisation of the quantisation scales.
+      python: the side environment's Python; default :func:`edge_shitu_converters.lite_worker.find_lite_python`.
+      timeout_s: seconds before the worker is killed.
+
+    Returns:
+      The :class:`QuantizedModel` (``algo`` ``"qat"``, no skipped weights).
+
+    Raises:
+      InvalidInputError: no feeds, feeds of different inputs or shapes, or a bad ``iters``, ``batch`` or
+        ``learning_rate``.
+      MissingFileError, ConversionError, BackendUnavailableError: as :func:`quantize_post_training`.
+    """
+    for name, value in (("iters", iters), ("batch", batch), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+            raise InvalidInputError(f"quantisation-aware training: {name} must be a whole number "
+                                    f"{'>= 0' if name == 'seed' else '>= 1'}, got {value!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise InvalidInputError(f"quantisation-aware training: learning_rate must be > 0, got {learning_rate!r}")
+    qat = {"iters": iters, "batch": batch, "learning_rate": float(learning_rate), "seed": seed}
+    return _slim(model_dir, out_dir, feeds, DEFAULT_ALGO, (), qat, python, timeout_s,
+                 f"paddleslim quantisation-aware training ({iters} iterations)")
+
+
+def _slim(model_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str",
+          feeds: Sequence[Dict[str, np.ndarray]], slim_algo: str, names: Tuple[str, ...],
+          qat: Optional[Dict[str, Any]], python: "os.PathLike[str] | str | None", timeout_s: float,
+          what: str) -> QuantizedModel:
+    """One paddleslim worker request (post-training quantisation, or training when ``qat`` is given)."""
     from edge_shitu_converters.lite_worker import find_lite_python
 
-    slim_algo = _normalise_algo(algo)
-    names = _normalise_skip(skip)
     batches = list(feeds)
     if not batches:
         raise InvalidInputError("post-training quantisation needs at least one calibration batch")
@@ -601,16 +668,16 @@ def quantize_post_training(
             "skip_tensors": list(names),
             "quantizable_op_types": list(_QUANTIZABLE_OPS),
             "result": str(work / "result.json"),
+            **({"qat": qat} if qat is not None else {}),
         }
         (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
-        what = f"paddleslim quant_post_static ({slim_algo}) of {files.directory}"
-        _run_slim(exe, [str(work / "request.json")], what, work, timeout_s)
+        _run_slim(exe, [str(work / "request.json")], f"{what} of {files.directory}", work, timeout_s)
         result = json.loads((work / "result.json").read_text(encoding="utf-8"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizedModel(
         files=paddle_io.find_model_files(out),
-        algo=slim_algo,
+        algo=str(result["algo"]),
         skip_tensors=names,
         quantized_ops=int(result["quantized_ops"]),
         versions={"paddleslim": str(result["paddleslim"]), "paddlepaddle": str(result["paddlepaddle"])},
@@ -673,6 +740,7 @@ class _LiteJob:
         self.target, self.precision = target, precision
         self.calib_dir, self.calib_count, self.algo, self.opt = calib_dir, calib_count, algo, opt
         self.skip, self.python, self.slim_versions = skip, python, slim_versions
+        self.qat_iters: Optional[int] = None
         self.versions: List[str] = []
         self.quantized: Dict[str, QuantizedModel] = {}
         # role -> (the fp32 program that was quantised, its input description): what a search re-quantises.
@@ -697,10 +765,16 @@ class _LiteJob:
             feeds = _calibration(self.calib_dir, input_spec, self.calib_count)
         skip = tuple(self.skip.get(role, ())) + tuple(w for w in float_weights if w not in self.skip.get(role, ()))
         kept = f", {len(skip)} weight(s) kept in float" if skip else ""
-        with _step(f"{role}: paddleslim quant_post_static ({self.algo}, {len(feeds)} batches{kept})", folder,
-                   timings):
-            quantized = quantize_post_training(files.directory, out, feeds=feeds, algo=self.algo, skip=skip,
-                                               python=self.python)
+        if self.qat_iters is not None:
+            with _step(f"{role}: paddleslim quantisation-aware training ({self.qat_iters} iterations, "
+                       f"{len(feeds)} photos)", folder, timings):
+                quantized = quantize_aware_training(files.directory, out, feeds=feeds, iters=self.qat_iters,
+                                                    python=self.python)
+        else:
+            with _step(f"{role}: paddleslim quant_post_static ({self.algo}, {len(feeds)} batches{kept})", folder,
+                       timings):
+                quantized = quantize_post_training(files.directory, out, feeds=feeds, algo=self.algo, skip=skip,
+                                                   python=self.python)
         self.quantized[role] = quantized
         return quantized
 
@@ -756,6 +830,11 @@ class _LiteJob:
     def quantization(self, role: str) -> Dict[str, Any]:
         """The manifest's ``quantization`` of the role's quantised model."""
         quantized = self.quantized[role]
+        qat = {} if self.qat_iters is None else {
+            "tool": "paddleslim.auto_compression (QuantAware + Distillation)",
+            "qat": {"iters": self.qat_iters, "batch": QAT_BATCH, "learning_rate": QAT_LEARNING_RATE,
+                    "teacher": "the fp32 program", "loss": "l2 on the model outputs",
+                    "data": "the calibration photos, unlabelled"}}
         return {
             "tool": _SLIM_TOOL,
             "version": quantized.versions["paddleslim"],
@@ -766,6 +845,7 @@ class _LiteJob:
             "calibration_images": self.calib_count,
             "calibration_folder": Path(self.calib_dir).name,
             "preprocessing": "edge_shitu runtime",
+            **qat,
         }
 
 
@@ -817,6 +897,7 @@ def convert_lite(
     python: "os.PathLike[str] | str | None" = None,
     name: Optional[str] = None,
     int8_layers: Union[str, int] = "all",
+    qat_iters: Optional[int] = None,
     check_program: Optional[Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]]] = None,
     before_publish: Optional[Callable[[Path], None]] = None,
 ) -> Path:
@@ -847,6 +928,10 @@ def convert_lite(
         ``N`` also keeps the ``N`` most damaging weights float; ``"auto"`` (needs ``check_program``) keeps the
         fewest most damaging weights float with which each model passes ``check_program``
         (:mod:`edge_shitu_converters.lite_search`: ranked on the ONNX conversion, checked in simulated INT8).
+      qat_iters: int8 only: paddleslim's quantisation-aware training for this many iterations instead of
+        post-training quantisation (:func:`quantize_aware_training`, the fp32 program as teacher, the calibration
+        photos as data). It quantises every weight: no ``skip``, and ``int8_layers`` "all" or "auto" (which then
+        checks the trained program and refuses a bundle that fails, ARM included).
       check_program: ``check_program(staging, role, program_dir) -> (passed, failures, figures)``: the
         verification of one model's fake-quantisation program against its source, with the staging bundle's
         manifest for its pre- and post-processing (``convert(verify=True)`` gives it).
@@ -900,6 +985,14 @@ def convert_lite(
     budget = parse_int8_layers(int8_layers)
     if budget != "all" and precision != "int8":
         raise InvalidInputError(f"int8_layers is for int8 bundles; precision is {precision!r}")
+    if qat_iters is not None:
+        if precision != "int8":
+            raise InvalidInputError(f"qat_iters is for int8 bundles; precision is {precision!r}")
+        if isinstance(qat_iters, bool) or not isinstance(qat_iters, int) or qat_iters < 1:
+            raise InvalidInputError(f"qat_iters must be a whole number of iterations >= 1, got {qat_iters!r}")
+        if skip or isinstance(budget, int):
+            raise InvalidInputError("quantisation-aware training quantises every weight: it takes no skip list and "
+                                    "int8_layers 'all' or 'auto', not a number of float layers")
     if budget == "auto" and check_program is None:
         _LOG.info("int8_layers 'auto' searches only with a verification: every weight is quantised")
         budget = "all"
@@ -928,6 +1021,7 @@ def convert_lite(
             "agreement with the fp32 models on an ARM device"
         )
     job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path, skip_roles, slim_python, slim_versions)
+    job.qat_iters = qat_iters
 
     def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
         import edge_shitu
@@ -947,7 +1041,9 @@ def convert_lite(
 
     def publish_step(staging: Path) -> None:
         records: Dict[str, Any] = {}
-        if precision == "int8" and budget != "all" and budget != 0:
+        if precision == "int8" and qat_iters is not None and budget == "auto":
+            records = _check_programs(job, staging, check_program, det, rec, timings)
+        elif precision == "int8" and budget != "all" and budget != 0:
             records = _choose_float_weights(job, staging, budget, check_program, det, rec, timings)
         failed = sorted(role for role, record in records.items() if record["chosen"] is None)
         if failed:
@@ -956,12 +1052,30 @@ def convert_lite(
             failures = [f for role in failed for f in records[role]["steps"][-1]["failures"]]
             report.write_text(json.dumps({"passed": False, "failures": failures, "int8_search": records}, indent=2,
                                          sort_keys=True) + "\n", encoding="utf-8")
-            raise ConversionError(f"{out}: no INT8 {' or '.join(failed)} passes with every weight but one float: "
+            what = ("after quantisation-aware training" if qat_iters is not None
+                    else "with every weight but one float")
+            raise ConversionError(f"{out}: no INT8 {' or '.join(failed)} passes {what} (simulated INT8): "
                                   f"{'; '.join(failures)} (every step tried: {report})")
         verify_adding_search(staging, out, records, before_publish)
 
     return _publish_bundle(out, build, name=name, name_suffix=f"{fmt.name}-{precision}", timings=timings,
                            before_publish=publish_step)
+
+
+def _check_programs(
+    job: _LiteJob, staging: Path, check: Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]],
+    det: Optional[Path], rec: Optional[Path], timings: Dict[str, float],
+) -> Dict[str, Any]:
+    """The simulated check of each model's quantised program, as search records of one step (nothing is searched:
+    quantisation-aware training has no float layers to choose)."""
+    from edge_shitu_converters.lite_search import single_check_record
+
+    records: Dict[str, Any] = {}
+    for role, folder in (("detector", det), ("extractor", rec)):
+        if folder is not None:
+            with _step(f"{role}: check the INT8 program (simulated)", folder, timings):
+                records[role] = single_check_record(*check(staging, role, job.quantized[role].files.directory))
+    return records
 
 
 def _choose_float_weights(
@@ -973,7 +1087,7 @@ def _choose_float_weights(
     float, re-quantises and re-optimises that model into the bundle and its manifest entry. Returns role -> search
     record (models searched only)."""
     from edge_shitu_converters.convert import convert as convert_onnx
-    from edge_shitu_converters.lite_search import passing_record, rank_weights, search_lite_int8
+    from edge_shitu_converters.lite_search import rank_weights, search_lite_int8, single_check_record
 
     records: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edge-shitu-lite-int8-") as tmp:
@@ -981,11 +1095,15 @@ def _choose_float_weights(
         for role, folder in (("detector", det), ("extractor", rec)):
             if folder is None:
                 continue
+            # The program built with every weight INT8 is the search's first candidate: quantised and checked once.
+            initial = job.quantized[role]
+            checked: Dict[Path, Tuple[bool, Sequence[str], Mapping[str, Any]]] = {}
             if budget == "auto":
                 with _step(f"{role}: check the INT8 program (simulated)", folder, timings):
-                    passed, _, figures = check(staging, role, job.quantized[role].files.directory)
+                    checked[initial.files.directory] = check(staging, role, initial.files.directory)
+                passed, _, figures = checked[initial.files.directory]
                 if passed:
-                    records[role] = passing_record(figures)
+                    records[role] = single_check_record(passed, [], figures)
                     continue
             files, _ = job.sources[role]
             with _step(f"{role}: rank the layers (onnxruntime, each quantised alone)", folder, timings):
@@ -996,17 +1114,20 @@ def _choose_float_weights(
                 user_float = set(job.skip.get(role, ()))
                 ranking = rank_weights(role, spec.path, spec.input, job.calib_dir, work / f"{role}-rank",
                                        [w for w in quantizable_weights(files.directory) if w not in user_float])
-            models: Dict[int, QuantizedModel] = {}
+            models: Dict[int, QuantizedModel] = {0: initial}
 
             def quantize(weights: Sequence[str], out: Path, role: str = role, folder: Path = folder) -> Path:
-                models[len(weights)] = job.quantize(role, weights, out, folder, timings)
+                if weights:
+                    models[len(weights)] = job.quantize(role, weights, out, folder, timings)
                 return models[len(weights)].files.directory
+
+            def check_candidate(program: Path, role: str = role) -> Tuple[bool, Sequence[str], Mapping[str, Any]]:
+                return checked.pop(program) if program in checked else check(staging, role, program)
 
             if budget == "auto":
                 (work / f"{role}-search").mkdir()
                 with _step(f"{role}: int8 search", folder, timings):
-                    result = search_lite_int8(ranking, quantize, lambda p, role=role: check(staging, role, p),
-                                              work / f"{role}-search")
+                    result = search_lite_int8(ranking, quantize, check_candidate, work / f"{role}-search")
                 records[role] = result.record()
                 kept = len(result.float_weights)
                 search: Dict[str, Any] = {"search": {"steps": len(result.steps), "chosen": result.chosen}}

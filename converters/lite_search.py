@@ -32,7 +32,7 @@ from edge_shitu_converters.int8_search import Check, SearchStep, block_weights, 
 from edge_shitu_converters.quantize import BlockDamage, ModelQuantizer, QuantizeOptions
 
 __all__ = ["CHECK", "ProgramSession", "RankedWeight", "LiteSearchResult", "rank_weights", "search_lite_int8",
-           "passing_record"]
+           "single_check_record"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -61,16 +61,8 @@ class ProgramSession:
 
     def __init__(self, model_dir: Path, *, threads: int = 2) -> None:
         self._predictor = paddle_io.create_predictor(paddle_io.find_model_files(model_dir), threads=threads)
-        self._inputs = tuple(self._predictor.get_input_names())
-        self._outputs = tuple(self._predictor.get_output_names())
-
-    @property
-    def input_names(self) -> Tuple[str, ...]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> Tuple[str, ...]:
-        return self._outputs
+        self.input_names: Tuple[str, ...] = tuple(self._predictor.get_input_names())
+        self.output_names: Tuple[str, ...] = tuple(self._predictor.get_output_names())
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> List[np.ndarray]:
         """Runs the program; returns ``outputs`` (default all), in that order.
@@ -81,7 +73,7 @@ class ProgramSession:
         if self._predictor is None:
             raise ClosedError("this program session is closed")
         result = paddle_io.run_predictor(self._predictor, feeds)
-        return [result[name] for name in (outputs or self._outputs)]
+        return [result[name] for name in (outputs or self.output_names)]
 
     def close(self) -> None:
         self._predictor = None
@@ -140,12 +132,13 @@ class LiteSearchResult:
         }
 
 
-def passing_record(figures: Mapping[str, Any]) -> Dict[str, Any]:
-    """The search record of a model whose program passes the check with every weight INT8 (nothing searched):
-    for an ARM model, the only numerical check this machine can make."""
-    return {"check": CHECK, "blocks": None, "float_weights": [], "ranking": [], "chosen": 0,
-            "steps": [{"float_blocks": 0, "passed": True, "failures": [], "figures": dict(figures), "int8_bytes": None,
-                       "ms": None}]}
+def single_check_record(passed: bool, failures: Sequence[str], figures: Mapping[str, Any]) -> Dict[str, Any]:
+    """The record of a model whose program was checked once, with every weight INT8 (nothing searched: it passed,
+    or it came from quantisation-aware training). For an ARM model, the only numerical check this machine can
+    make; ``chosen`` is 0 when it passed, None when not."""
+    return {"check": CHECK, "blocks": None, "float_weights": [], "ranking": [], "chosen": 0 if passed else None,
+            "steps": [{"float_blocks": 0, "passed": bool(passed), "failures": list(failures), "figures": dict(figures),
+                       "int8_bytes": None, "ms": None}]}
 
 
 def rank_weights(role: str, onnx_fp32: Path, input_spec: Any, calib_dir: Path, work: Path,

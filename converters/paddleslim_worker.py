@@ -20,7 +20,12 @@ JSON object:
 - ``skip_tensors``: names of tensors whose ops stay in float (``skip_tensor_list``);
 - ``quantizable_op_types``: the op types to quantise;
 - ``result``: a JSON file to write the outcome to: the versions, and ``quantized_ops`` (the number of
-  weighted ops that got INT8 weights).
+  weighted ops that got INT8 weights);
+- ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed"}``: quantisation-aware training instead of
+  post-training quantisation (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and
+  ``Distillation``): the fp32 program is the teacher, the loss is the l2 distance between the student's and the
+  teacher's outputs, and the feeds' photos, unlabelled, are the only data (``algo`` and ``skip_tensors`` do not
+  apply: ``skip_tensors`` must be empty).
 
 Exit status 0 on success, 3 when paddle or paddleslim cannot be imported, 1 on any other failure;
 the last line of stderr then says what failed. Only the standard library and numpy are imported
@@ -121,13 +126,17 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
       _Missing: paddle or paddleslim cannot be imported.
       Exception: whatever Paddle raises while quantising.
     """
-    unknown = set(request) - _REQUEST_KEYS
+    unknown = set(request) - _REQUEST_KEYS - {"qat"}
     missing = _REQUEST_KEYS - set(request)
     if unknown or missing:
         raise ValueError(f"bad request: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     if request["algo"] not in ALGOS:
         raise ValueError(f"unknown algorithm {request['algo']!r}; expected one of {', '.join(ALGOS)}")
     skip: Sequence[str] = list(request["skip_tensors"])
+    qat = request.get("qat")
+    if qat is not None:
+        if set(qat) != {"iters", "batch", "learning_rate", "seed"} or skip:
+            raise ValueError(f"bad qat request {qat!r} (iters, batch, learning_rate, seed; no skip_tensors)")
     batches = _batches(Path(request["feeds"]))
     found = versions()
     import paddle
@@ -149,32 +158,91 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     executor = paddle.static.Executor(paddle.CPUPlace())
     scope = paddle.static.Scope()
     out_dir = Path(request["out_dir"])
-    with paddle.static.scope_guard(scope):
-        quant_post_static(
-            executor=executor,
-            model_dir=str(request["model_dir"]),
-            quantize_model_path=str(out_dir),
-            data_loader=_Batches(batches),
-            model_filename=request["model_filename"],
-            params_filename=request["params_filename"],
-            save_model_filename="inference.pdmodel",
-            save_params_filename="inference.pdiparams",
-            batch_nums=len(batches),
-            scope=scope,
-            algo=request["algo"],
-            quantizable_op_type=list(request["quantizable_op_types"]),
-            # Lite's long-standing fake-quant format (paddleslim's default is the ONNX-style one).
-            onnx_format=False,
-            skip_tensor_list=list(skip) or None,
-        )
+    if qat is not None:
+        _train(request, qat, batches, out_dir)
+    else:
+        with paddle.static.scope_guard(scope):
+            _post_training(request, quant_post_static, executor, scope, out_dir, _Batches(batches), len(batches), skip)
     program_file = out_dir / "inference.pdmodel"
     program = paddle.static.Program.parse_from_string(program_file.read_bytes())
     if _drop_fetch_scales(program):
         program_file.write_bytes(program.desc.serialize_to_string())
     quantized = sum(op.type in _DEQUANT_OPS for block in program.blocks for op in block.ops)
-    result = {**found, "algo": request["algo"], "skip_tensors": list(skip), "quantized_ops": int(quantized)}
+    result = {**found, "algo": "qat" if qat is not None else request["algo"], "skip_tensors": list(skip),
+              "quantized_ops": int(quantized)}
     Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
     return result
+
+
+def _post_training(request: Dict[str, Any], quant_post_static: Any, executor: Any, scope: Any, out_dir: Path,
+                   loader: Any, batch_nums: int, skip: Sequence[str]) -> None:
+    quant_post_static(
+        executor=executor,
+        model_dir=str(request["model_dir"]),
+        quantize_model_path=str(out_dir),
+        data_loader=loader,
+        model_filename=request["model_filename"],
+        params_filename=request["params_filename"],
+        save_model_filename="inference.pdmodel",
+        save_params_filename="inference.pdiparams",
+        batch_nums=batch_nums,
+        scope=scope,
+        algo=request["algo"],
+        quantizable_op_type=list(request["quantizable_op_types"]),
+        # Lite's long-standing fake-quant format (paddleslim's default is the ONNX-style one).
+        onnx_format=False,
+        skip_tensor_list=list(skip) or None,
+    )
+
+
+def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str, np.ndarray]], out_dir: Path) -> None:
+    """Quantisation-aware training of the request's program, distilled from itself in fp32 (see the module
+    docstring); writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``."""
+    import shutil
+    import tempfile
+
+    import paddle
+    from paddleslim.auto_compression import AutoCompression
+
+    source = Path(request["model_dir"])
+    program = paddle.static.Program.parse_from_string((source / request["model_filename"]).read_bytes())
+    outputs = [op.input("X")[0] for op in program.global_block().ops if op.type == "fetch"]
+    arrays = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+    count = len(next(iter(arrays.values())))
+    batch = min(int(qat["batch"]), count)
+    rng = np.random.default_rng(int(qat["seed"]))
+
+    def loader():
+        order = rng.permutation(count)
+        for start in range(0, count - batch + 1, batch):
+            yield {name: a[order[start:start + batch]] for name, a in arrays.items()}
+
+    config = {
+        # Lite's fake-quant format, weights per output channel as in post-training quantisation.
+        "QuantAware": {"onnx_format": False, "quantize_op_types": list(request["quantizable_op_types"]),
+                       "weight_quantize_type": "channel_wise_abs_max"},
+        "Distillation": {"loss": "l2", "node": outputs, "alpha": 1.0},
+        "TrainConfig": {"train_iter": int(qat["iters"]), "eval_iter": 10 ** 9,
+                        "logging_iter": max(1, int(qat["iters"]) // 10), "learning_rate": float(qat["learning_rate"]),
+                        "optimizer_builder": {"optimizer": {"type": "SGD"}}},
+    }
+    with tempfile.TemporaryDirectory(prefix="qat-") as tmp:
+        # AutoCompression rewrites the program in the folder it is given (shape inference): it gets a copy, which is
+        # also the teacher.
+        model = Path(tmp) / "model"
+        model.mkdir()
+        for name in (request["model_filename"], request["params_filename"]):
+            shutil.copy(source / name, model / name)
+        # An epoch is one pass over the photos; the data loader is called again for each.
+        paddle.seed(int(qat["seed"]))
+        AutoCompression(model_dir=str(model), model_filename=request["model_filename"],
+                        params_filename=request["params_filename"], save_dir=str(Path(tmp) / "out"), config=config,
+                        train_dataloader=loader, deploy_hardware=None, eval_callback=None).compress()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Saved under the program's name, or "infered_shape" when AutoCompression had to fix a dynamic shape.
+        (saved,) = (Path(tmp) / "out").glob("*.pdmodel")
+        shutil.copy(saved, out_dir / "inference.pdmodel")
+        shutil.copy(saved.with_suffix(".pdiparams"), out_dir / "inference.pdiparams")
 
 
 def main(argv: "Sequence[str] | None" = None) -> int:

@@ -281,7 +281,7 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
     report["failures"] = failures
     report["replica"] = bundle.is_replica
     (bundle.path / VERIFY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _LOG.info("verify %s: %s", bundle_dir, "passed" if not failures else "; ".join(failures))
+    _LOG.info("verify %s: %s", bundle.path, "passed" if not failures else "; ".join(failures))
     return report
 
 

@@ -53,6 +53,17 @@ def test_images(drink_dir: Path) -> list:
 
 
 @pytest.fixture(scope="session")
+def verify_photos(test_images, tmp_path_factory) -> Path:
+    """A folder of the first three drink test photos: what converted models are verified on in tests."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("verify-photos")
+    for p in test_images[:3]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+@pytest.fixture(scope="session")
 def embeddings_npz(shared_dir: Path) -> Path:
     return shared_dir / "data" / "ppshituv2-drink-embeddings" / "dev.npz"
 

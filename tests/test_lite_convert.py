@@ -246,6 +246,16 @@ def test_the_formats_table_has_the_lite_formats():
         ({"target": "arm", "precision": "int8", "calib_dir": ".", "skip": ["conv2d_0.w_0", ""]}, InvalidInputError,
          "skip must hold weight names"),
         ({"target": "arm", "name": "../evil"}, InvalidInputError, "bundle name"),
+        ({"target": "arm", "int8_layers": 2}, InvalidInputError, "int8_layers is for int8 bundles"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "int8_layers": "some"}, InvalidInputError,
+         "int8_layers must be"),
+        ({"target": "arm", "qat_iters": 5}, InvalidInputError, "qat_iters is for int8 bundles"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "qat_iters": 0}, InvalidInputError,
+         "qat_iters must be a whole number"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "qat_iters": 3, "skip": ["conv2d_0.w_0"]},
+         InvalidInputError, "quantises every weight"),
+        ({"target": "arm", "precision": "int8", "calib_dir": ".", "qat_iters": 3, "int8_layers": 2},
+         InvalidInputError, "quantises every weight"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_path, monkeypatch):
@@ -260,8 +270,9 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_pat
 def test_convert_rejects_options_of_other_formats(tmp_path):
     from edge_shitu_converters.convert import convert
 
-    for option in ("lite_opt", "lite_algo", "lite_skip", "lite_python"):
-        with pytest.raises(InvalidInputError, match="lite_algo, lite_skip, lite_opt and lite_python are for the Paddle-Lite"):
+    for option in ("lite_opt", "lite_algo", "lite_skip", "lite_qat", "lite_python"):
+        with pytest.raises(InvalidInputError,
+                           match="lite_algo, lite_skip, lite_qat, lite_opt and lite_python are for the Paddle-Lite"):
             convert(None, tmp_path, tmp_path / "out", **{option: "x"})
     with pytest.raises(InvalidInputError, match="calib_dir and calib_count are for int8"):
         convert(None, tmp_path, tmp_path / "out", format="lite-x86", calib_dir=tmp_path)
@@ -654,7 +665,7 @@ def test_cli_lite_skip(tmp_path):
     for extra, message in ((["--format", "lite-arm", "--lite-skip", "conv2d_0.w_0,,conv2d_1.w_0"],
                             "--lite-skip takes comma-separated names without empty ones"),
                            (["--format", "onnx", "--lite-skip", "conv2d_0.w_0"],
-                            "lite_skip, lite_opt and lite_python are for the Paddle-Lite formats, not onnx")):
+                            "lite_skip, lite_qat, lite_opt and lite_python are for the Paddle-Lite formats, not onnx")):
         err = io.StringIO()
         assert main(base + extra, stdout=io.StringIO(), stderr=err) == 2
         assert message in err.getvalue()

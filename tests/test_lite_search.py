@@ -67,6 +67,18 @@ def test_fewer_than_two_weights_is_nothing_to_search(tmp_path):
         _search(tmp_path, 1, 0)
 
 
+@pytest.mark.parametrize("bad, match", [({"iters": 0}, "iters must be a whole number >= 1"),
+                                        ({"iters": 2, "batch": True}, "batch must be"),
+                                        ({"iters": 2, "seed": -1}, "seed must be a whole number >= 0"),
+                                        ({"iters": 2, "learning_rate": 0}, "learning_rate must be > 0")])
+def test_training_settings_are_checked_before_any_work(bad, match, tmp_path):
+    from edge_shitu_converters.lite import quantize_aware_training
+
+    with pytest.raises(InvalidInputError, match=match):
+        quantize_aware_training(tmp_path / "absent", tmp_path / "out", feeds=[], **bad)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------- the real search
 
 
@@ -78,14 +90,6 @@ def calib(drink_dir, tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def photos(test_images, tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    for p in test_images[:2]:
-        shutil.copy(p, d / p.name)
-    return d
-
-
 def _keep_int8(extractor_dir, n):
     """All the extractor's quantisable weights but the first ``n``: a user skip list that leaves ``n`` to search."""
     from edge_shitu_converters.lite import quantizable_weights
@@ -93,16 +97,16 @@ def _keep_int8(extractor_dir, n):
     return quantizable_weights(extractor_dir)[n:]
 
 
-def _convert(replica_dirs, out, calib, photos, target, skip, int8_layers="auto"):
+def _convert(replica_dirs, out, calib, verify_photos, target, skip, int8_layers="auto"):
     from edge_shitu_converters.convert import convert
 
     return convert(None, replica_dirs["extractor"], out, format=f"lite-{target}", precision="int8", calib_dir=calib,
                    calib_count=4, lite_skip=[f"extractor:{w}" for w in skip], int8_layers=int8_layers, verify=True,
-                   verify_images=photos)
+                   verify_images=verify_photos)
 
 
 @pytest.mark.paddle
-def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_float(replica_dirs, calib, photos,
+def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_float(replica_dirs, calib, verify_photos,
                                                                                    lite_opt, tmp_path, monkeypatch):
     """An ARM .nb cannot run here, so `--verify` alone would publish it unverified. First a limit no candidate
     reaches: nothing is published and the failure report holds every step. Then a limit between the all-INT8 and
@@ -116,7 +120,7 @@ def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_floa
     monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(limits, extractor_min_cosine=1.5))
     skip = _keep_int8(replica_dirs["extractor"], 4)
     with pytest.raises(ConversionError, match="no INT8 extractor passes"):
-        _convert(replica_dirs, tmp_path / "never", calib, photos, "arm", skip)
+        _convert(replica_dirs, tmp_path / "never", calib, verify_photos, "arm", skip)
     assert not (tmp_path / "never").exists()
     report = json.loads((tmp_path / "never.verify-failed.json").read_text())
     search = report["int8_search"]["extractor"]
@@ -131,7 +135,7 @@ def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_floa
     monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(limits, extractor_min_cosine=middle,
                                                            extractor_mean_bit_agreement=0.0,
                                                            extractor_min_bit_agreement=0.0))
-    out = _convert(replica_dirs, tmp_path / "arm", calib, photos, "arm", skip)
+    out = _convert(replica_dirs, tmp_path / "arm", calib, verify_photos, "arm", skip)
     report = json.loads((out / "verify.json").read_text())
     assert report["passed"] is None and "cannot run" in report["unverifiable"]
     search = report["int8_search"]["extractor"]
@@ -152,14 +156,14 @@ def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_floa
 
 
 @pytest.mark.paddle
-def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_dirs, calib, photos, lite_opt,
+def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_dirs, calib, verify_photos, lite_opt,
                                                                        lite_python, tmp_path, monkeypatch):
     """--int8-layers N: the N most damaging weights float without a search; `--verify` checks the rebuilt .nb in
     Paddle-Lite itself."""
     monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
     monkeypatch.setenv("EDGE_SHITU_LITE_PYTHON", str(lite_python))
     skip = _keep_int8(replica_dirs["extractor"], 6)
-    out = _convert(replica_dirs, tmp_path / "x86", calib, photos, "x86", skip, int8_layers=2)
+    out = _convert(replica_dirs, tmp_path / "x86", calib, verify_photos, "x86", skip, int8_layers=2)
     report = json.loads((out / "verify.json").read_text())
     assert report["passed"] is True and "int8_search" not in report
     quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
@@ -169,12 +173,13 @@ def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_d
 
 
 @pytest.mark.paddle
-def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(replica_dirs, calib, photos, lite_opt,
-                                                                                 tmp_path, monkeypatch):
+def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(replica_dirs, calib, verify_photos,
+                                                                                 lite_opt, tmp_path, monkeypatch):
     """Nothing to search, but for an ARM bundle the simulated check is the only figure this machine can give: it is
     recorded beside 'not verified' and printed by `bundle info`."""
     monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
-    out = _convert(replica_dirs, tmp_path / "arm", calib, photos, "arm", _keep_int8(replica_dirs["extractor"], 6))
+    skip = _keep_int8(replica_dirs["extractor"], 6)
+    out = _convert(replica_dirs, tmp_path / "arm", calib, verify_photos, "arm", skip)
     report = json.loads((out / "verify.json").read_text())
     search = report["int8_search"]["extractor"]
     assert report["passed"] is None and search["chosen"] == 0 and search["steps"][0]["passed"]
@@ -184,3 +189,33 @@ def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(
 
     code, text, _ = run_cli("bundle", "info", out)
     assert code == 0 and "extractor int8 search: passes with every layer INT8; simulated INT8" in text
+
+
+@pytest.mark.paddle
+def test_quantisation_aware_training_trains_checks_and_records_the_model(replica_dirs, calib, verify_photos, lite_opt,
+                                                                         tmp_path, monkeypatch):
+    """--lite-qat: paddleslim trains the INT8 program against its own fp32 outputs on the calibration photos; the
+    trained program is checked in simulated INT8 (an ARM bundle is refused when it fails) and the manifest says how
+    it was made."""
+    from edge_shitu_converters.convert import convert
+    from edge_shitu_converters.lite import quantizable_weights
+
+    monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
+
+    def qat(out):
+        return convert(None, replica_dirs["extractor"], out, format="lite-arm", precision="int8", calib_dir=calib,
+                       calib_count=4, lite_qat=2, verify=True, verify_images=verify_photos)
+
+    out = qat(tmp_path / "arm")
+    quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
+    assert quant["tool"].startswith("paddleslim.auto_compression") and quant["algo"] == "qat"
+    assert quant["qat"]["iters"] == 2 and quant["qat"]["teacher"] == "the fp32 program"
+    assert quant["quantized_ops"] == len(quantizable_weights(replica_dirs["extractor"])) and not quant["skip_tensors"]
+    report = json.loads((out / "verify.json").read_text())
+    check = report["int8_search"]["extractor"]
+    assert report["passed"] is None and check["chosen"] == 0 and check["steps"][0]["passed"]
+    assert 0.9 < check["steps"][0]["figures"]["min_cosine"] < 1.0  # close to fp32, and really quantised
+
+    # A trained program that fails the check gives the record the publication refuses (as the search's last step).
+    failed = lite_search.single_check_record(False, ["extractor min cosine 0.9 < 1.5"], {"min_cosine": 0.9})
+    assert failed["chosen"] is None and failed["steps"][0]["failures"] == ["extractor min cosine 0.9 < 1.5"]

@@ -27,6 +27,8 @@ def _request(tmp_path, **changes):
     ({"extra": 1}, r"unknown keys \['extra'\], missing keys \[\]"),
     ({"result": None}, r"unknown keys \[\], missing keys \['result'\]"),
     ({"algo": "percentile"}, "unknown algorithm 'percentile'; expected one of avg, abs_max, hist, KL, mse, emd"),
+    ({"qat": {"iters": 2}}, r"bad qat request \{'iters': 2\}"),
+    ({"qat": {"iters": 2, "batch": 2, "learning_rate": 1e-4, "seed": 0}, "skip_tensors": ["w"]}, "no skip_tensors"),
 ])
 def test_malformed_requests_are_refused(changes, match, tmp_path):
     with pytest.raises(ValueError, match=match):

@@ -19,14 +19,6 @@ from edge_shitu.errors import ConversionError, InvalidInputError
 pytestmark = pytest.mark.paddle
 
 
-@pytest.fixture(scope="module")
-def photos(test_images, tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    for p in test_images[:3]:
-        shutil.copy(p, d / p.name)
-    return d
-
-
 def _copy_bundle(src, dst):
     shutil.copytree(src, dst)
     (dst / "verify.json").unlink(missing_ok=True)
@@ -51,9 +43,10 @@ def _damage(bundle, role, scale):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_fp32_bundle_passes(replica_bundle, replica_dirs, photos, tmp_path):
+def test_fp32_bundle_passes(replica_bundle, replica_dirs, verify_photos, tmp_path):
     b = _copy_bundle(replica_bundle, tmp_path / "b")
-    report = verify_bundle(b, det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=photos)
+    report = verify_bundle(b, det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"],
+                           images_dir=verify_photos)
     assert report["passed"], report["failures"]
     assert report["extractor"]["min_bit_agreement"] >= 0.99 and report["detector"]["match_rate"] == 1.0
     assert report["extractor"]["crops"] > 3  # whole photos plus the reference detector's crops
@@ -61,26 +54,28 @@ def test_fp32_bundle_passes(replica_bundle, replica_dirs, photos, tmp_path):
 
 
 @pytest.mark.parametrize("role, scale", [("extractor", -1.0), ("detector", 0.5)])
-def test_damaged_model_fails(replica_bundle, replica_dirs, photos, tmp_path, role, scale):
+def test_damaged_model_fails(replica_bundle, replica_dirs, verify_photos, tmp_path, role, scale):
     b = _copy_bundle(replica_bundle, tmp_path / "b")
     _damage(b, role, scale)
-    report = verify_bundle(b, det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=photos)
+    report = verify_bundle(b, det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"],
+                           images_dir=verify_photos)
     assert not report["passed"]
     assert any(f.startswith(role) for f in report["failures"]), report["failures"]
 
 
-def test_one_role_and_shared_references_give_the_full_reports_figures(replica_bundle, replica_dirs, photos, tmp_path,
-                                                                      monkeypatch):
+def test_one_role_and_shared_references_give_the_full_reports_figures(replica_bundle, replica_dirs, verify_photos,
+                                                                      tmp_path, monkeypatch):
     """What the INT8 search does at each step: one role, the Paddle side remembered. Its figures are those of a
     plain full verification, the reference models run once per distinct input, and a damaged model is still
     caught with the remembered references."""
     from edge_shitu_converters import paddle_reference
 
     b = _copy_bundle(replica_bundle, tmp_path / "b")
-    dirs = dict(det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=photos)
+    dirs = dict(det_dir=replica_dirs["detector"], rec_dir=replica_dirs["extractor"], images_dir=verify_photos)
     full = verify_bundle(b, **dirs)
     calls = {"det": 0, "rec": 0}
-    for cls, key in ((paddle_reference.PaddleDetectorReference, "det"), (paddle_reference.PaddleExtractorReference, "rec")):
+    for cls, key in ((paddle_reference.PaddleDetectorReference, "det"),
+                     (paddle_reference.PaddleExtractorReference, "rec")):
         def counted(self, *args, _run=cls.run, _key=key):
             calls[_key] += 1
             return _run(self, *args)
@@ -114,24 +109,24 @@ def test_references_run_again_when_the_input_changes(replica_dirs):
     np.testing.assert_array_equal(first, oracle.run(a))
 
 
-def test_convert_verify_publishes_only_agreeing_bundles(replica_dirs, photos, tmp_path, monkeypatch):
+def test_convert_verify_publishes_only_agreeing_bundles(replica_dirs, verify_photos, tmp_path, monkeypatch):
     from edge_shitu_converters.convert import convert
 
-    out = convert(None, replica_dirs["extractor"], tmp_path / "ok", verify=True, verify_images=photos)
+    out = convert(None, replica_dirs["extractor"], tmp_path / "ok", verify=True, verify_images=verify_photos)
     assert json.loads((out / "verify.json").read_text())["passed"]
 
     strict = verify_mod.VerifyThresholds(1.01, 1.0, 1.0, 1.0, 0.0)  # a cosine above 1 cannot be reached
     monkeypatch.setitem(verify_mod.THRESHOLDS, "fp32", strict)
     with pytest.raises(ConversionError, match="disagree with their sources: extractor min cosine"):
-        convert(None, replica_dirs["extractor"], tmp_path / "bad", verify=True, verify_images=photos)
+        convert(None, replica_dirs["extractor"], tmp_path / "bad", verify=True, verify_images=verify_photos)
     assert not (tmp_path / "bad").exists()
     assert json.loads((tmp_path / "bad.verify-failed.json").read_text())["passed"] is False
 
 
-def test_cli_convert_verify_and_bundle_info(replica_dirs, photos, tmp_path):
+def test_cli_convert_verify_and_bundle_info(replica_dirs, verify_photos, tmp_path):
     out, err = io.StringIO(), io.StringIO()
     code = main(["convert", "--rec", str(replica_dirs["extractor"]), "--out", str(tmp_path / "b"), "--verify",
-                 "--verify-images", str(photos)], stdout=out, stderr=err)
+                 "--verify-images", str(verify_photos)], stdout=out, stderr=err)
     assert code == 0, err.getvalue()
     assert "PASSED" in out.getvalue() and "code bits equal" in out.getvalue()
     out = io.StringIO()
@@ -152,21 +147,22 @@ def test_match_boxes_is_one_to_one():
     assert match_boxes(ref, np.zeros((0, 4))) == []
 
 
-def test_lite_x86_bundle_is_verified_in_the_side_environment(replica_dirs, photos, tmp_path, lite_opt, lite_python):
+def test_lite_x86_bundle_is_verified_in_the_side_environment(replica_dirs, verify_photos, tmp_path, lite_opt,
+                                                             lite_python):
     from edge_shitu_converters.convert import convert
 
     out = convert(replica_dirs["detector"], replica_dirs["extractor"], tmp_path / "lite", format="lite-x86",
-                  verify=True, verify_images=photos, lite_opt=lite_opt, lite_python=lite_python)
+                  verify=True, verify_images=verify_photos, lite_opt=lite_opt, lite_python=lite_python)
     report = json.loads((out / "verify.json").read_text())
     assert report["passed"] and report["detector"]["match_rate"] == 1.0
     assert report["extractor"]["min_cosine"] > 0.9999
 
 
-def test_lite_arm_bundle_is_marked_unverifiable(replica_dirs, photos, tmp_path, lite_opt):
+def test_lite_arm_bundle_is_marked_unverifiable(replica_dirs, verify_photos, tmp_path, lite_opt):
     from edge_shitu_converters.convert import convert
 
     out = convert(None, replica_dirs["extractor"], tmp_path / "arm", format="lite-arm", verify=True,
-                  verify_images=photos, lite_opt=lite_opt)
+                  verify_images=verify_photos, lite_opt=lite_opt)
     report = json.loads((out / "verify.json").read_text())
     assert report["passed"] is None and "cannot run on this" in report["unverifiable"]
     text = io.StringIO()
