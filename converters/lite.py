@@ -589,7 +589,7 @@ def quantize_aware_training(
     learning_rate: float = QAT_LEARNING_RATE,
     seed: int = 0,
     python: "os.PathLike[str] | str | None" = None,
-    timeout_s: float = _SLIM_TIMEOUT_S,
+    timeout_s: Optional[float] = None,
 ) -> QuantizedModel:
     """Quantisation-aware training of a legacy Paddle program with paddleslim, its fp32 self as teacher.
 
@@ -610,7 +610,8 @@ def quantize_aware_training(
       learning_rate: SGD learning rate (> 0).
       seed: seed of the shuffling and of Paddle's initialisation of the quantisation scales.
       python: the side environment's Python; default :func:`edge_shitu_converters.lite_worker.find_lite_python`.
-      timeout_s: seconds before the worker is killed.
+      timeout_s: seconds before the worker is killed; default that of post-training quantisation, or a minute per
+        iteration when more (a detector step takes about 13 s here).
 
     Returns:
       The :class:`QuantizedModel` (``algo`` ``"qat"``, no skipped weights).
@@ -627,6 +628,8 @@ def quantize_aware_training(
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise InvalidInputError(f"quantisation-aware training: learning_rate must be > 0, got {learning_rate!r}")
     qat = {"iters": iters, "batch": batch, "learning_rate": float(learning_rate), "seed": seed}
+    if timeout_s is None:
+        timeout_s = max(_SLIM_TIMEOUT_S, 60.0 * iters)
     return _slim(model_dir, out_dir, feeds, DEFAULT_ALGO, (), qat, python, timeout_s,
                  f"paddleslim quantisation-aware training ({iters} iterations)")
 
