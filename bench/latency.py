@@ -109,7 +109,8 @@ class LatencyOptions:
       gemm_runs: timed runs of each GEMM-rate measurement (one warm-up run before them), >= 0; ``0`` skips
         the comparison with the machine (GEMM rates, model MACs and fractions).
       session_config: onnxruntime session config entries (key, value) set over the backend's own for the
-        bundles' sessions (see ``edge_shitu.backends.onnxruntime.SESSION_CONFIG``); empty: the backend's.
+        bundles' sessions and the GEMM runs (see ``edge_shitu.backends.onnxruntime.SESSION_CONFIG``); empty: the
+        backend's.
     """
 
     threads: Tuple[int, ...] = (1,)
@@ -469,11 +470,7 @@ def _work_bundle(job: Dict[str, Any]) -> Dict[str, Any]:
 
     started = time.perf_counter()
     threads = int(job["threads"])
-    if job.get("session_config"):
-        from edge_shitu.backends import onnxruntime as ort_backend
-
-        # This subprocess only measures: the what-if entries replace the backend's before any session exists.
-        ort_backend.SESSION_CONFIG.update(job["session_config"])
+    ort_backend = _apply_session_config(job)
     bundle = Bundle.load(job["bundle"])
     backend = BackendOptions(threads=threads)
     options = RecognizerOptions(
@@ -494,20 +491,12 @@ def _work_bundle(job: Dict[str, Any]) -> Dict[str, Any]:
             "whole_image": recognizer.options.whole_image.value, "gallery_items": len(recognizer.gallery),
             "gallery_backend": getattr(recognizer.gallery, "backend", None),
             "backends": {r: m.backend for r, m in bundle.models.items()},
-            "onnxruntime_session_config": _session_config_in_effect(),
+            "onnxruntime_session_config": dict(ort_backend.SESSION_CONFIG),
             "precision": {r: m.precision for r, m in bundle.models.items()},
             "replica": bundle.is_replica,
         }
     measured["load_ms"] = load_ms
     return measured
-
-
-def _session_config_in_effect() -> Optional[Dict[str, str]]:
-    try:
-        from edge_shitu.backends.onnxruntime import SESSION_CONFIG
-    except ImportError:
-        return None
-    return dict(SESSION_CONFIG)
 
 
 def _work_reference(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -554,9 +543,19 @@ def _work_reference_index(job: Dict[str, Any]) -> Dict[str, Any]:
     return {"items": len(index)}
 
 
+def _apply_session_config(job: Dict[str, Any]) -> Any:
+    """The onnxruntime backend module, with the job's what-if session entries applied. Each job runs in its own
+    subprocess that only measures, so the entries replace the backend's before any session exists there."""
+    from edge_shitu.backends import onnxruntime as ort_backend
+
+    ort_backend.SESSION_CONFIG.update(job.get("session_config") or {})
+    return ort_backend
+
+
 def _work_gemm(job: Dict[str, Any]) -> Dict[str, Any]:
     from edge_shitu_bench import machine
 
+    _apply_session_config(job)
     rate = machine.measure_gemm_rate(job["precision"], size=int(job["size"]), threads=int(job["threads"]),
                                      runs=int(job["runs"]))
     return {"gemm": rate.to_json()}
@@ -960,7 +959,7 @@ def _gemm_rates(threads: int, when: str, options: LatencyOptions, out: Path, say
         say(f"measuring this CPU's {precision} GEMM rate ({machine.GEMM_SIZE}³, {threads} thread(s), "
             f"{options.gemm_runs} run(s), {when})")
         job = {"kind": "gemm", "precision": precision, "size": machine.GEMM_SIZE, "threads": threads,
-               "runs": options.gemm_runs}
+               "runs": options.gemm_runs, "session_config": dict(options.session_config)}
         rate = _run_child(job, f"gemm-{precision}-t{threads}-{when}", out, threads)["gemm"]
         measured.append(dict(rate, when=when))
     return measured
@@ -968,8 +967,10 @@ def _gemm_rates(threads: int, when: str, options: LatencyOptions, out: Path, say
 
 def _bracketed_rates(measured: Sequence[Dict[str, Any]], threads: int) -> Dict[str, float]:
     """Per precision, the mean of the rates measured before and after the configurations at ``threads``."""
+    from edge_shitu_bench import machine
+
     rates: Dict[str, float] = {}
-    for precision in {g["precision"] for g in measured}:
+    for precision in machine.PRECISIONS:
         values = [g["gmac_per_s"] for g in measured if g["precision"] == precision and g["threads"] == threads]
         if values:
             rates[precision] = sum(values) / len(values)

@@ -30,15 +30,15 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 
 from edge_shitu.errors import BackendUnavailableError, InvalidInputError
+from edge_shitu_bench.report import BENCH_EXTRA_HINT
 from edge_shitu.options import check_threads
 
-__all__ = ["GEMM_SIZE", "PRECISIONS", "ONNX_HINT", "GemmRate", "ModelMacs", "require_onnx", "gemm_model",
+__all__ = ["GEMM_SIZE", "PRECISIONS", "GemmRate", "ModelMacs", "require_onnx", "gemm_model",
            "measure_gemm_rate", "count_macs", "bundle_model_macs", "rate_for", "fraction_of_rate",
            "mixed_limit_fraction"]
 
 GEMM_SIZE = 2048
 PRECISIONS = ("fp32", "int8")
-ONNX_HINT = 'pip install onnx (part of the "convert" and "dev" extras)'
 _ONNX_OPSET = 13
 _ONNX_IR_VERSION = 8
 _WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "MatMul": 1, "MatMulInteger": 1,
@@ -58,7 +58,7 @@ def require_onnx() -> Any:
         import onnx
     except ImportError as exc:
         raise BackendUnavailableError(f"counting model MACs and building the GEMM models needs onnx ({exc}): "
-                                      f"{ONNX_HINT}") from None
+                                      f"{BENCH_EXTRA_HINT}") from None
     return onnx
 
 
@@ -230,25 +230,20 @@ def measure_gemm_rate(precision: str, *, size: int = GEMM_SIZE, threads: int = 1
         raise InvalidInputError(f"runs must be an int >= 1, got {runs!r}")
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
         raise InvalidInputError(f"budget_s must be a number > 0, got {budget_s!r}")
+    from edge_shitu.backends.onnxruntime import OnnxRuntimeSession
+
     model = gemm_model(precision, size)
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise BackendUnavailableError(f"the GEMM rate is measured with onnxruntime ({exc}): "
-                                      'pip install "edge-shitu[onnx]"') from None
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    # The runtime's own session settings, so the rate is measured as the models run.
+    session = OnnxRuntimeSession.from_bytes(model.SerializeToString(), where=f"{precision} GEMM {size}³",
+                                            threads=threads)
     feeds = {"a": _gemm_input(precision, size)}
-    session.run(None, feeds)
+    session.run(feeds)
     times: list = []
     cpu: list = []
     spent = 0.0
     while len(times) < runs and (not times or spent < budget_s):
         cpu_start, start = cpu_clock(), clock()
-        session.run(None, feeds)
+        session.run(feeds)
         elapsed = clock() - start
         cpu.append((cpu_clock() - cpu_start) * 1000.0)
         spent += elapsed

@@ -944,23 +944,24 @@ def _rewrite_manifest(staging: Path, role: str, update: Mapping[str, Any]) -> No
 
 
 def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Optional[Path], rec: Optional[Path],
-                           images: "os.PathLike[str] | str | None", timings: Dict[str, float]) -> Dict[str, Any]:
+                           images: "os.PathLike[str] | str | None", timings: Dict[str, float],
+                           references: Any) -> Dict[str, Any]:
     """``int8_layers="auto"``: each INT8 model that fails the verification is searched for the fewest float blocks
-    with which it passes (:func:`edge_shitu_converters.int8_search.search_int8`); returns role -> search record."""
+    with which it passes (:func:`edge_shitu_converters.int8_search.search_int8`); returns role -> search record.
+    ``references`` (:class:`~edge_shitu_converters.verify.PaddleReferences`) holds the Paddle side, which gives the
+    same answers at every step."""
     from edge_shitu_converters.int8_search import search_int8
-    from edge_shitu_converters.verify import PaddleReferences, verify_bundle
+    from edge_shitu_converters.verify import verify_bundle
 
     if images is None:
         raise InvalidInputError("verify needs a folder of real photos (verify_images / --verify-images)")
-    # The Paddle side gives the same answers at every step: computed once for the whole search.
-    references = PaddleReferences()
-
     with _step("verify the INT8 models", None, timings):
         first = verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images),
                               references=references)
     records: Dict[str, Any] = {}
     for role, quantizer in quantizers.items():
-        if not any(f.startswith(role) for f in first["failures"]):
+        as_built = _role_result(first, role)
+        if as_built[0]:
             continue
         entry = Bundle.load(staging).manifest["models"][role]
         target = staging / entry["file"]
@@ -970,7 +971,7 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
             return verify_role(staging, role, det, rec, images, references)
 
         with _step(f"{role}: int8 search", None, timings):
-            result = search_int8(quantizer, target, check)
+            result = search_int8(quantizer, target, check, first=as_built)
         record = result.record()
         quantization = dict(entry["quantization"], float_blocks=list(result.float_blocks),
                             search={"steps": len(result.steps), "chosen": record["chosen"]})
@@ -989,6 +990,11 @@ def verify_role(staging: Path, role: str, det: Optional[Path], rec: Optional[Pat
 
     report = verify_bundle(Bundle.load(staging), det_dir=det, rec_dir=rec, images_dir=Path(images), roles=(role,),
                            references=references, session_factory=session_factory)
+    return _role_result(report, role)
+
+
+def _role_result(report: Mapping[str, Any], role: str) -> Tuple[bool, List[str], Dict[str, Any]]:
+    """``(passed, failures, figures)`` of one model in a ``verify_bundle`` report."""
     failures = [f for f in report["failures"] if f.startswith(role)]
     figures = {k: v for k, v in report.get(role, {}).items() if isinstance(v, (int, float))}
     return not failures, failures, figures
@@ -1021,7 +1027,7 @@ def _add_search_to_verify_json(path: Path, records: Mapping[str, Any]) -> None:
 
 def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional[Path],
                     images: "os.PathLike[str] | str | None", timings: Dict[str, float], *,
-                    lite_python: "os.PathLike[str] | str | None" = None) -> None:
+                    lite_python: "os.PathLike[str] | str | None" = None, references: Any = None) -> None:
     import functools
     import platform
 
@@ -1046,7 +1052,8 @@ def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional
 
         factory = functools.partial(SideEnvSession, python=find_lite_python(lite_python))
     with _step("verify against Paddle Inference on real photos", None, timings):
-        report = verify_bundle(bundle, det_dir=det, rec_dir=rec, images_dir=Path(images), session_factory=factory)
+        report = verify_bundle(bundle, det_dir=det, rec_dir=rec, images_dir=Path(images), session_factory=factory,
+                               references=references)
     if not report["passed"]:
         failed = out.parent / f"{out.name}.verify-failed.json"
         os.replace(staging / VERIFY_FILE, failed)
@@ -1246,7 +1253,8 @@ def convert(
         references = PaddleReferences()
 
         def check_lite(staging: Path) -> None:
-            _verify_or_fail(staging, Path(out_dir), det_path, rec_path, verify_images, {}, lite_python=lite_python)
+            _verify_or_fail(staging, Path(out_dir), det_path, rec_path, verify_images, {}, lite_python=lite_python,
+                            references=references)
 
         def check_program(staging: Path, role: str, program: Path) -> Tuple[bool, List[str], Dict[str, Any]]:
             from edge_shitu_converters.lite_search import ProgramSession
@@ -1292,17 +1300,25 @@ def convert(
             models["extractor"] = _convert_extractor(rec, staging, opset, tools, timings)
         if precision == "int8":
             for role, entry in models.items():
-                quantizers[role] = _quantize_onnx_entry(
+                quantizer = _quantize_onnx_entry(
                     role, entry, staging, work, timings, calib_dir=calib_dir, calib_count=calib_count,
                     method=calib_method, mode=quant_mode, budget=budget)
+                # Only a calibrated (static) model has the photos the search ranks blocks on.
+                if quantizer.options.mode == "static":
+                    quantizers[role] = quantizer
         return models, _tool_versions(tools)
 
     def check(staging: Path) -> None:
+        from edge_shitu_converters.verify import PaddleReferences
+
+        # The search's steps and the final verification compare with the same Paddle outputs: computed once.
+        references = PaddleReferences()
         searched = {}
         if budget == "auto" and quantizers:
-            searched = _search_failing_models(staging, quantizers, det, rec, verify_images, timings)
+            searched = _search_failing_models(staging, quantizers, det, rec, verify_images, timings, references)
         verify_adding_search(staging, out, searched,
-                             lambda s: _verify_or_fail(s, out, det, rec, verify_images, timings))
+                             lambda s: _verify_or_fail(s, out, det, rec, verify_images, timings,
+                                                       references=references))
 
     return _publish_bundle(
         out, build, name=name, name_suffix=precision, timings=timings,

@@ -88,6 +88,10 @@ class SearchStep:
     int8_bytes: Optional[int]
     ms: Optional[float]
 
+    def record(self) -> Dict[str, Any]:
+        """A JSON-ready copy, as in ``verify.json``."""
+        return {**asdict(self), "failures": list(self.failures), "figures": dict(self.figures)}
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -97,6 +101,8 @@ class SearchResult:
       ranking: every block, most damaging first.
       steps: the candidates tried, in order.
       chosen: the passing step written to the output (None when even the most float one failed).
+      written: how many of the ranking's first units the written model keeps float (the chosen step's, else
+        the most float candidate's).
       report: the :class:`QuantReport` of the written model.
       weights: block -> the name of its weighted layer's weight, which paddle2onnx keeps from the Paddle
         program (e.g. ``conv2d_24.w_0``): the same blocks can be kept float in a Paddle-Lite conversion
@@ -106,25 +112,25 @@ class SearchResult:
     ranking: Tuple[BlockDamage, ...]
     steps: Tuple[SearchStep, ...]
     chosen: Optional[SearchStep]
+    written: int
     report: QuantReport
-    weights: Optional[Mapping[str, str]] = None
+    weights: Mapping[str, str]
 
     @property
     def float_blocks(self) -> Tuple[str, ...]:
         """Names of the blocks the written model keeps float."""
-        k = self.chosen.float_blocks if self.chosen is not None else len(self.ranking) - 1
-        return tuple(d.block for d in self.ranking[:k])
+        return tuple(d.block for d in self.ranking[:self.written])
 
     def record(self) -> Dict[str, Any]:
         """A JSON-ready summary for ``verify.json`` and the manifest."""
         return {
             "blocks": len(self.ranking),
             "float_blocks": list(self.float_blocks),
-            "float_weights": [self.weights[b] for b in self.float_blocks if b in (self.weights or {})],
+            "float_weights": [self.weights[b] for b in self.float_blocks if b in self.weights],
             "ranking": [{"block": d.block, "nodes": len(d.nodes), "noise_share": round(d.noise_share, 5),
                          "sqnr_db_alone": None if not np.isfinite(d.sqnr_db) else round(d.sqnr_db, 2)}
                         for d in self.ranking],
-            "steps": [{**asdict(s), "failures": list(s.failures), "figures": dict(s.figures)} for s in self.steps],
+            "steps": [s.record() for s in self.steps],
             "chosen": None if self.chosen is None else self.chosen.float_blocks,
         }
 
@@ -157,6 +163,7 @@ def search_int8(
     *,
     ranking: Optional[Sequence[BlockDamage]] = None,
     on_step: Optional[Callable[[SearchStep], None]] = None,
+    first: Optional[Tuple[bool, Sequence[str], Mapping[str, Any]]] = None,
 ) -> SearchResult:
     """Finds the fewest float blocks whose INT8 model passes ``check``, and writes that model to ``out``.
 
@@ -167,6 +174,8 @@ def search_int8(
         on photos other than the calibration ones.
       ranking: the blocks, most damaging first; default :func:`rank_blocks` on the first calibration feeds.
       on_step: called after each candidate (e.g. to print it).
+      first: ``check``'s result for the model already at ``out`` with every block INT8, when the caller has it:
+        the first candidate is then neither quantised nor checked again.
 
     Returns:
       The :class:`SearchResult`; ``chosen`` is None when even the candidate with every block but one
@@ -180,8 +189,6 @@ def search_int8(
         ranking = rank_blocks(quantizer, quantizer.probe_feeds(_PROBE_FEEDS))
     ranking = tuple(ranking)
     names = [d.block for d in ranking]
-    if not names:
-        raise InvalidInputError(f"{quantizer.source}: no quantisable block outside the float tail: nothing to search")
     timing_feed = quantizer.probe_feeds(1)[0]
     steps: List[SearchStep] = []
     reports: Dict[int, QuantReport] = {}
@@ -189,9 +196,12 @@ def search_int8(
 
     def trial(k: int) -> SearchStep:
         nonlocal last
-        reports[k] = quantizer.quantize(out, float_blocks=names[:k])
+        if k == 0 and first is not None:
+            passed, failures, figures = first
+        else:
+            reports[k] = quantizer.quantize(out, float_blocks=names[:k])
+            passed, failures, figures = check(out)
         last = k
-        passed, failures, figures = check(out)
         step = SearchStep(float_blocks=k, passed=bool(passed), failures=tuple(failures), figures=dict(figures),
                           int8_bytes=out.stat().st_size, ms=round(_time_ms(out, timing_feed), 2))
         steps.append(step)
@@ -208,11 +218,12 @@ def search_int8(
     if most is None:
         raise InvalidInputError(f"{quantizer.source}: no quantisable block outside the float tail: nothing to search")
     passing = fewest_passing(most, lambda k: trial(k).passed)
-    if passing is not None and last != passing:
-        reports[passing] = quantizer.quantize(out, float_blocks=names[:passing])
+    written = passing if passing is not None else most
+    if last != written or written not in reports:
+        reports[written] = quantizer.quantize(out, float_blocks=names[:written])
     chosen = next((s for s in steps if s.float_blocks == passing and s.passed), None)
-    return SearchResult(ranking=ranking, steps=tuple(steps), chosen=chosen,
-                        report=reports[passing if passing is not None else most], weights=block_weights(quantizer))
+    return SearchResult(ranking=ranking, steps=tuple(steps), chosen=chosen, written=written,
+                        report=reports[written], weights=block_weights(quantizer))
 
 
 def fewest_passing(most: int, passes: Callable[[int], bool]) -> Optional[int]:

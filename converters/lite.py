@@ -141,6 +141,7 @@ OPT_INSTALL_HINT = (
 _QUANTIZABLE_OPS = ("conv2d", "depthwise_conv2d", "mul", "matmul", "matmul_v2")
 _CALIB_SEED = 0
 _SLIM_TOOL = "paddleslim.quant_post_static"
+_QAT_TOOL = "paddleslim.auto_compression (QuantAware + Distillation)"
 _SLIM_HINT = "run scripts/setup-lite-env, which adds paddlepaddle 2.6.2 and paddleslim 2.6.0 to the side environment"
 # A hung worker is killed. KL took 8 min on the extractor with 32 photos on 2 loaded cores, and the detector
 # takes about 7x as long (docs/benchmarks.md, "Paddle-Lite INT8 with paddleslim").
@@ -738,12 +739,11 @@ class _LiteJob:
 
     def __init__(
         self, target: str, precision: str, calib_dir: Optional[Path], calib_count: int, algo: str, opt: Path,
-        skip: Dict[str, Tuple[str, ...]], python: Optional[Path], slim_versions: Dict[str, str],
+        skip: Dict[str, Tuple[str, ...]], python: Optional[Path], qat_iters: Optional[int],
     ) -> None:
         self.target, self.precision = target, precision
         self.calib_dir, self.calib_count, self.algo, self.opt = calib_dir, calib_count, algo, opt
-        self.skip, self.python, self.slim_versions = skip, python, slim_versions
-        self.qat_iters: Optional[int] = None
+        self.skip, self.python, self.qat_iters = skip, python, qat_iters
         self.versions: List[str] = []
         self.quantized: Dict[str, QuantizedModel] = {}
         # role -> (the fp32 program that was quantised, its input description): what a search re-quantises.
@@ -834,12 +834,11 @@ class _LiteJob:
         """The manifest's ``quantization`` of the role's quantised model."""
         quantized = self.quantized[role]
         qat = {} if self.qat_iters is None else {
-            "tool": "paddleslim.auto_compression (QuantAware + Distillation)",
             "qat": {"iters": self.qat_iters, "batch": QAT_BATCH, "learning_rate": QAT_LEARNING_RATE,
                     "teacher": "the fp32 program", "loss": "l2 on the model outputs",
                     "data": "the calibration photos, unlabelled"}}
         return {
-            "tool": _SLIM_TOOL,
+            "tool": _SLIM_TOOL if self.qat_iters is None else _QAT_TOOL,
             "version": quantized.versions["paddleslim"],
             "paddlepaddle": quantized.versions["paddlepaddle"],
             "algo": quantized.algo,
@@ -1023,8 +1022,7 @@ def convert_lite(
             "ARM INT8 models cannot run on this machine: only their structure is checked here; measure their "
             "agreement with the fp32 models on an ARM device"
         )
-    job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path, skip_roles, slim_python, slim_versions)
-    job.qat_iters = qat_iters
+    job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path, skip_roles, slim_python, qat_iters)
 
     def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
         import edge_shitu
@@ -1043,11 +1041,22 @@ def convert_lite(
         return models, tools
 
     def publish_step(staging: Path) -> None:
+        from edge_shitu_converters.lite_search import single_check_record
+
+        models = {role: folder for role, folder in (("detector", det), ("extractor", rec)) if folder is not None}
         records: Dict[str, Any] = {}
-        if precision == "int8" and qat_iters is not None and budget == "auto":
-            records = _check_programs(job, staging, check_program, det, rec, timings)
-        elif precision == "int8" and budget != "all" and budget != 0:
-            records = _choose_float_weights(job, staging, budget, check_program, det, rec, timings)
+        if precision == "int8" and budget == "auto":
+            checks = {}
+            for role, folder in models.items():
+                with _step(f"{role}: check the INT8 program (simulated)", folder, timings):
+                    checks[role] = check_program(staging, role, job.quantized[role].files.directory)
+                records[role] = single_check_record(*checks[role])
+            # Quantisation-aware training has no float layers to choose: its check is all there is.
+            failing = {role: models[role] for role, check in checks.items() if not check[0]}
+            if qat_iters is None and failing:
+                records.update(_choose_float_weights(job, staging, budget, check_program, failing, timings, checks))
+        elif precision == "int8" and budget not in ("all", 0):
+            records = _choose_float_weights(job, staging, budget, None, models, timings, {})
         failed = sorted(role for role, record in records.items() if record["chosen"] is None)
         if failed:
             # Even an ARM bundle, which its verification cannot run, is not published then.
@@ -1065,64 +1074,40 @@ def convert_lite(
                            before_publish=publish_step)
 
 
-def _check_programs(
-    job: _LiteJob, staging: Path, check: Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]],
-    det: Optional[Path], rec: Optional[Path], timings: Dict[str, float],
-) -> Dict[str, Any]:
-    """The simulated check of each model's quantised program, as search records of one step (nothing is searched:
-    quantisation-aware training has no float layers to choose)."""
-    from edge_shitu_converters.lite_search import single_check_record
-
-    records: Dict[str, Any] = {}
-    for role, folder in (("detector", det), ("extractor", rec)):
-        if folder is not None:
-            with _step(f"{role}: check the INT8 program (simulated)", folder, timings):
-                records[role] = single_check_record(*check(staging, role, job.quantized[role].files.directory))
-    return records
-
-
 def _choose_float_weights(
     job: _LiteJob, staging: Path, budget: Union[str, int],
     check: Optional[Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]]],
-    det: Optional[Path], rec: Optional[Path], timings: Dict[str, float],
+    models: Mapping[str, Path], timings: Dict[str, float],
+    first_checks: Mapping[str, Tuple[bool, Sequence[str], Mapping[str, Any]]],
 ) -> Dict[str, Any]:
-    """``int8_layers`` N or "auto" on a complete staging bundle: ranks each INT8 model's weights, chooses those kept
-    float, re-quantises and re-optimises that model into the bundle and its manifest entry. Returns role -> search
-    record (models searched only)."""
+    """``int8_layers`` N or "auto" on a complete staging bundle: for each of ``models`` (role -> source folder), ranks
+    the weights, chooses those kept float, re-quantises and re-optimises that model into the bundle and its manifest
+    entry. ``first_checks`` holds the check of each model's program with every weight INT8, the search's first
+    candidate. Returns role -> search record (searched models only)."""
     from edge_shitu_converters.convert import convert as convert_onnx
-    from edge_shitu_converters.lite_search import rank_weights, search_lite_int8, single_check_record
+    from edge_shitu_converters.lite_search import rank_weights, search_lite_int8
 
     records: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edge-shitu-lite-int8-") as tmp:
         work = Path(tmp)
-        for role, folder in (("detector", det), ("extractor", rec)):
-            if folder is None:
-                continue
-            # The program built with every weight INT8 is the search's first candidate: quantised and checked once.
+        for role, folder in models.items():
             initial = job.quantized[role]
-            checked: Dict[Path, Tuple[bool, Sequence[str], Mapping[str, Any]]] = {}
-            if budget == "auto":
-                with _step(f"{role}: check the INT8 program (simulated)", folder, timings):
-                    checked[initial.files.directory] = check(staging, role, initial.files.directory)
-                passed, _, figures = checked[initial.files.directory]
-                if passed:
-                    records[role] = single_check_record(passed, [], figures)
-                    continue
+            checked = {initial.files.directory: first_checks[role]} if role in first_checks else {}
             files, _ = job.sources[role]
             with _step(f"{role}: rank the layers (onnxruntime, each quantised alone)", folder, timings):
-                onnx_dir = convert_onnx(det if role == "detector" else None, rec if role == "extractor" else None,
+                onnx_dir = convert_onnx(folder if role == "detector" else None, folder if role == "extractor" else None,
                                         work / f"{role}-onnx")
                 spec = Bundle.load(onnx_dir).models[role]
                 (work / f"{role}-rank").mkdir()
                 user_float = set(job.skip.get(role, ()))
                 ranking = rank_weights(role, spec.path, spec.input, job.calib_dir, work / f"{role}-rank",
                                        [w for w in quantizable_weights(files.directory) if w not in user_float])
-            models: Dict[int, QuantizedModel] = {0: initial}
+            candidates: Dict[int, QuantizedModel] = {0: initial}  # by the number of weights kept float
 
             def quantize(weights: Sequence[str], out: Path, role: str = role, folder: Path = folder) -> Path:
                 if weights:
-                    models[len(weights)] = job.quantize(role, weights, out, folder, timings)
-                return models[len(weights)].files.directory
+                    candidates[len(weights)] = job.quantize(role, weights, out, folder, timings)
+                return candidates[len(weights)].files.directory
 
             def check_candidate(program: Path, role: str = role) -> Tuple[bool, Sequence[str], Mapping[str, Any]]:
                 return checked.pop(program) if program in checked else check(staging, role, program)
@@ -1138,8 +1123,8 @@ def _choose_float_weights(
                 kept = min(int(budget), len(ranking) - 1)
                 quantize([r.weight for r in ranking[:kept]], work / f"{role}-n{kept}")
                 search = {}
-            job.quantized[role] = models[kept]
-            path = job.optimise(role, models[kept].files, staging, work / f"{role}-opt", folder, timings)
+            job.quantized[role] = candidates[kept]
+            path = job.optimise(role, candidates[kept].files, staging, work / f"{role}-opt", folder, timings)
             quantization = dict(job.quantization(role), int8_layers=budget, blocks=len(ranking),
                                 float_weights=[r.weight for r in ranking[:kept]], **search)
             _rewrite_manifest(staging, role, {"sha256": sha256_file(path), "quantization": quantization})

@@ -126,8 +126,7 @@ class LiteSearchResult:
             "ranking": [{"weight": r.weight, "noise_share": round(r.damage.noise_share, 5),
                          "sqnr_db_alone": None if not np.isfinite(r.damage.sqnr_db) else round(r.damage.sqnr_db, 2)}
                         for r in self.ranking],
-            "steps": [{"float_blocks": s.float_blocks, "passed": s.passed, "failures": list(s.failures),
-                       "figures": dict(s.figures), "int8_bytes": s.int8_bytes, "ms": s.ms} for s in self.steps],
+            "steps": [s.record() for s in self.steps],
             "chosen": self.chosen,
         }
 
@@ -136,9 +135,10 @@ def single_check_record(passed: bool, failures: Sequence[str], figures: Mapping[
     """The record of a model whose program was checked once, with every weight INT8 (nothing searched: it passed,
     or it came from quantisation-aware training). For an ARM model, the only numerical check this machine can
     make; ``chosen`` is 0 when it passed, None when not."""
+    step = SearchStep(float_blocks=0, passed=bool(passed), failures=tuple(failures), figures=dict(figures),
+                      int8_bytes=None, ms=None)
     return {"check": CHECK, "blocks": None, "float_weights": [], "ranking": [], "chosen": 0 if passed else None,
-            "steps": [{"float_blocks": 0, "passed": bool(passed), "failures": list(failures), "figures": dict(figures),
-                       "int8_bytes": None, "ms": None}]}
+            "steps": [step.record()]}
 
 
 def rank_weights(role: str, onnx_fp32: Path, input_spec: Any, calib_dir: Path, work: Path,

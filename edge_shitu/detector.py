@@ -58,16 +58,16 @@ def _anchor_grid(strides: Tuple[int, ...], cell_offset: float, in_w: int,
     return grid
 
 
-def _level_top_k(best: np.ndarray, passing: np.ndarray, picked: np.ndarray, starts: np.ndarray,
-                 k: int) -> np.ndarray:
-    """``picked`` less, in every level with more than ``k`` of them, those outside the level's ``k`` best
-    anchors (as the hosted graph's per-level top-k selects them, ties included)."""
+def _level_top_k(best: np.ndarray, picked: np.ndarray, starts: np.ndarray, k: int) -> np.ndarray:
+    """``picked`` (the anchors whose best score passes a threshold) less, in every level with more than ``k`` of
+    them, those outside the level's ``k`` best anchors, as the hosted graph's per-level top-k selects them (a tie
+    at the k-th score is broken by ``argpartition``, as there). With more than ``k`` passing in a level, its ``k``
+    best all pass."""
     parts = []
     for lo, hi in zip(starts[:-1], starts[1:]):
         level = picked[(picked >= lo) & (picked < hi)]
         if level.size > k:
-            top = np.argpartition(-best[lo:hi], k - 1)[:k]
-            level = np.sort(top[passing[lo:hi][top]]) + lo
+            level = np.sort(np.argpartition(-best[lo:hi], k - 1)[:k]) + lo
         parts.append(level)
     return np.concatenate(parts)
 
@@ -134,7 +134,7 @@ def decode_picodet(
     passing = (best > options.score_threshold) & (best >= min_score)
     picked = np.flatnonzero(passing)
     if picked.size > options.nms_top_k:
-        picked = _level_top_k(best, passing, picked, starts, options.nms_top_k)
+        picked = _level_top_k(best, picked, starts, options.nms_top_k)
     if picked.size == 0:
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64)
     bounds = np.searchsorted(picked, starts)

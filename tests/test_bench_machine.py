@@ -347,14 +347,19 @@ def test_markdown_shows_rates_model_work_and_fractions():
 @pytest.mark.slow
 @pytest.mark.paddle
 def test_replica_bundle_macs_are_the_issues_figures(replica_bundle):
-    """The replicas have the official graphs: 8.2 GMAC for the detector at 640 x 640, 0.83 per extractor crop."""
+    """The replicas have the official graphs: the issue's 8.2 GMAC for the detector at 640 x 640 and 0.83 per
+    extractor crop (figures from outside this counter, which the hand counts above check node by node); every
+    convolution of the graph is counted."""
+    import onnx
+
     from edge_shitu.bundle import Bundle
 
     b = Bundle.load(replica_bundle)
-    det = machine.bundle_model_macs(b.models["detector"])
-    rec = machine.bundle_model_macs(b.models["extractor"])
-    assert (det.total, det.nodes) == (8_182_032_000, 86)
-    assert (rec.total, rec.nodes) == (828_664_832, 46)
+    for role, gmac, digits in (("detector", 8.2, 1), ("extractor", 0.83, 2)):  # the issue's figures, as rounded
+        macs = machine.bundle_model_macs(b.models[role])
+        assert round(macs.total / 1e9, digits) == gmac, role
+        graph = onnx.load(str(b.models[role].path)).graph
+        assert macs.nodes == sum(n.op_type == "Conv" for n in graph.node), role
 
 
 # ---------------------------------------------------------------- threads (docs/benchmarks.md, "Threads")
@@ -362,11 +367,10 @@ def test_replica_bundle_macs_are_the_issues_figures(replica_bundle):
 
 @pytest.mark.parametrize("threads", [None, 1])
 def test_onnxruntime_sessions_do_not_spin(tiny_bundle, threads):
-    pytest.importorskip("onnxruntime", reason="onnxruntime (the 'onnx' extra) is not installed")
-    from edge_shitu.backends.onnxruntime import SESSION_CONFIG, OnnxRuntimeSession
+    from edge_shitu.backends.onnxruntime import OnnxRuntimeSession
 
     session = OnnxRuntimeSession.from_file(tiny_bundle / "extractor.onnx", threads=threads)
     options = session._session.get_session_options()
-    assert SESSION_CONFIG == {"session.intra_op.allow_spinning": "0"}
+    # Idle workers that spin hold the core the next session's run needs (docs/benchmarks.md, "Threads").
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     session.close()

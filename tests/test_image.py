@@ -1147,7 +1147,7 @@ def test_workspace_is_reused_and_bounded(rng):
     img = _noise(rng, 90, 120)
     got = resize_normalize_chw(img, 64, 48, IMAGENET_MEAN, IMAGENET_STD, workspace=tiny)
     np.testing.assert_array_equal(got, _resize_then_normalize(img, 64, 48, "cubic"))
-    assert tiny.nbytes <= 1024 * 8  # only temporaries under max_bytes are kept
+    assert tiny.nbytes == 0  # every temporary of this call is over max_bytes: none is kept
 
 
 def test_workspace_shared_by_threads(rng):
@@ -1291,3 +1291,21 @@ def test_crop_bad_images():
         crop(np.zeros((4, 4, 3)), (0, 0, 2, 2))
     with pytest.raises(InvalidInputError, match=r"shape \(H, W, C\), got \(4, 4\)"):
         crop(np.zeros((4, 4), np.uint8), (0, 0, 2, 2))
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_image_to_tensor_refuses_a_non_image_in_either_channel_order(order, rng):
+    from dataclasses import replace
+
+    from edge_shitu.bundle import InputSpec
+    from edge_shitu.preprocess import image_to_tensor
+
+    spec = InputSpec(name="x", shape=(1, 3, 8, 8), resize="stretch", interpolation="linear", channel_order=order,
+                     scale=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), layout="NCHW")
+    for bad in ([[1, 2]], None, np.zeros((4, 4, 3), np.float32)):
+        with pytest.raises((InvalidInputError, InvalidDtypeError), match="expected a uint8 image array"):
+            image_to_tensor(bad, spec)
+    # BGR: the RGB tensor of the image with its channels reversed.
+    img = _noise(rng, 5, 7)
+    other = replace(spec, channel_order="RGB" if order == "BGR" else "BGR")
+    np.testing.assert_array_equal(image_to_tensor(img, spec), image_to_tensor(img[:, :, ::-1].copy(), other))

@@ -12,7 +12,7 @@ import pytest
 
 from edge_shitu.bundle import Bundle
 from edge_shitu.cli import main
-from edge_shitu.errors import InvalidInputError
+from edge_shitu.errors import ConversionError, InvalidInputError
 
 pytestmark = [pytest.mark.paddle, pytest.mark.slow]
 
@@ -71,11 +71,19 @@ def test_int8_extractor_passes_verification(replica_dirs, calib, test_images, tm
     assert report["extractor"]["mean_bit_agreement"] >= 0.95
 
 
-def test_dynamic_int8_needs_no_photos(replica_dirs, tmp_path):
+def test_dynamic_int8_needs_no_photos(replica_dirs, verify_photos, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from edge_shitu_converters import verify
     from edge_shitu_converters.convert import convert
 
     out = convert(None, replica_dirs["extractor"], tmp_path / "dyn", precision="int8", quant_mode="dynamic")
     assert Bundle.load(out).extractor.quantization["mode"] == "dynamic"
+    # Nothing to rank blocks on: a dynamic model that fails --verify is refused by the verification, not searched.
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(verify.THRESHOLDS["int8"], extractor_min_cosine=1.5))
+    with pytest.raises(ConversionError, match="disagree with their sources: extractor min cosine"):
+        convert(None, replica_dirs["extractor"], tmp_path / "strict", precision="int8", quant_mode="dynamic",
+                verify=True, verify_images=verify_photos)
 
 
 def test_int8_argument_errors(replica_dirs, tmp_path):
@@ -89,14 +97,6 @@ def test_int8_argument_errors(replica_dirs, tmp_path):
     assert main(["convert", "--rec", str(replica_dirs["extractor"]), "--out", str(tmp_path / "c"),
                  "--precision", "int8"], stdout=io.StringIO(), stderr=err) == 2
     assert "--calib DIR" in err.getvalue()
-
-
-def _photos(test_images, tmp_path, n=3):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for p in test_images[:n]:
-        shutil.copy(p, photos / p.name)
-    return photos
 
 
 def test_int8_layers_n_keeps_the_most_damaging_blocks_float(replica_dirs, calib, test_images, tmp_path):
@@ -122,7 +122,7 @@ def _convert_rec(replica_dirs, calib, photos, out):
                  "--calib", str(calib), "--calib-count", "8", "--verify", "--verify-images", str(photos)])
 
 
-def test_a_failing_int8_model_is_searched_until_it_passes(replica_dirs, calib, test_images, tmp_path, monkeypatch,
+def test_a_failing_int8_model_is_searched_until_it_passes(replica_dirs, calib, verify_photos, tmp_path, monkeypatch,
                                                           capsys):
     """Stricter limits than the INT8 ones make the all-INT8 extractor fail, so `convert --verify` searches, with the
     real quantiser and the real verification against Paddle Inference. First with a limit no candidate reaches:
@@ -132,7 +132,7 @@ def test_a_failing_int8_model_is_searched_until_it_passes(replica_dirs, calib, t
 
     from edge_shitu_converters import verify
 
-    photos = _photos(test_images, tmp_path)
+    photos = verify_photos
     limits = verify.THRESHOLDS["int8"]
     strict = replace(limits, extractor_min_cosine=1.5)  # a cosine never exceeds 1
     monkeypatch.setitem(verify.THRESHOLDS, "int8", strict)

@@ -187,6 +187,7 @@ def test_search_finds_the_fewest_float_blocks_that_pass(chain, photos, tmp_path)
     tried = [s.float_blocks for s in result.steps]
     assert tried[0] == 0 and len(tried) == len(set(tried)) and len(tried) <= len(names)
     assert all(s.passed == (scan[s.float_blocks] >= threshold) for s in result.steps)
+    assert len(calls) == len(tried)  # one verification per candidate, none repeated
     # The written model is the chosen candidate, byte for byte.
     assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / f"k{smallest}.onnx").read_bytes()
     record = json.loads(json.dumps(result.record()))
@@ -222,9 +223,31 @@ def test_the_float_tails_int8_weights_are_a_unit_of_their_own(chain, photos, tmp
     assert units[TAIL_WEIGHTS].sqnr_db > 0
     assert q.quantize(tmp_path / "a.onnx").weight_only_nodes == (f"conv{DEPTH - 1}",)
     assert q.quantize(tmp_path / "b.onnx", float_blocks=[TAIL_WEIGHTS]).weight_only_nodes == ()
-    # However the tail's weights rank, the search never keeps every block float.
-    result = search_int8(q, tmp_path / "out.onnx", lambda path: (False, ["never"], {}), ranking=ranking)
-    assert result.chosen is None and len(set(q.blocks) - set(result.float_blocks)) == 1
+    # However the tail's weights rank (first, among the blocks, last), the search never keeps every block float,
+    # and what it reports float is what the written model keeps float.
+    tail = units[TAIL_WEIGHTS]
+    blocks = [d for d in ranking if d is not tail]
+    for order in ([tail] + blocks, blocks[:2] + [tail] + blocks[2:], blocks + [tail]):
+        out = tmp_path / "out.onnx"
+        result = search_int8(q, out, lambda path: (False, ["never"], {}), ranking=order)
+        assert result.chosen is None and len(set(q.blocks) - set(result.float_blocks)) == 1
+        written = q.quantize(tmp_path / "same.onnx", float_blocks=list(result.float_blocks))
+        assert result.report.float_nodes == written.float_nodes and out.read_bytes() == (tmp_path / "same.onnx").read_bytes()
+
+
+def test_a_first_candidate_checked_by_the_caller_is_not_quantised_or_checked_again(chain, photos, tmp_path):
+    q = _quantizer(chain, photos, tmp_path)
+    out = tmp_path / "out.onnx"
+    q.quantize(out)
+    checked = []
+
+    def check(path):
+        checked.append(path)
+        return False, ["never"], {}
+
+    result = search_int8(q, out, check, first=(False, ["as built"], {"x": 1.0}))
+    assert result.steps[0].failures == ("as built",) and result.steps[0].figures == {"x": 1.0}
+    assert len(checked) == len(result.steps) - 1
 
 
 def test_unknown_float_block_and_budget_values(chain, photos, tmp_path):

@@ -12,9 +12,8 @@ import pytest
 
 from edge_shitu.bundle import Bundle
 from edge_shitu.errors import ConversionError, InvalidInputError
+from edge_shitu_converters import lite_search
 from edge_shitu_converters.quantize import BlockDamage
-
-lite_search = pytest.importorskip("edge_shitu_converters.lite_search")
 
 
 def _ranking(n):

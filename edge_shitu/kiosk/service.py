@@ -340,10 +340,10 @@ class KioskService:
     def _settings(self) -> Dict[str, object]:
         threshold = self.recognizer.det_threshold
         # The recogniser decides how it accepts a match; the settings only report it.
-        reranks = self.recognizer.accepts_by_similarity
-        return {"mode": "similarity" if reranks else "distance",
+        by_similarity = self.recognizer.accepts_by_similarity
+        return {"mode": "similarity" if by_similarity else "distance",
                 "max_distance": self.recognizer.max_distance,
-                "min_similarity": round(self.recognizer.min_similarity, 4) if reranks else None,
+                "min_similarity": round(self.recognizer.min_similarity, 4) if by_similarity else None,
                 "det_threshold": None if threshold is None else round(threshold, 4),
                 "bits": self.gallery.bits, "compact": self.gallery.compact}
 
@@ -383,8 +383,8 @@ class KioskService:
         similarity = None
         if "min_similarity" in changes:
             if not self.recognizer.accepts_by_similarity:
-                raise InvalidInputError("this gallery keeps no compact features, so matches are accepted by "
-                                        "max_distance: min_similarity does not apply")
+                raise InvalidInputError("matches are accepted by max_distance here (the gallery keeps no compact "
+                                        "features): min_similarity does not apply")
             similarity = _number(changes["min_similarity"], "min_similarity", -1.0, 1.0)
         score = None
         if "det_threshold" in changes:
