@@ -928,6 +928,7 @@ def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: 
         "float_tail_layers": options.float_tail, "calibration_images": report.calib_images,
         "calibration_folder": Path(calib_dir).name if static else None, "preprocessing": "edge_shitu runtime",
         "int8_layers": budget, "blocks": len(quantizer.blocks), "float_blocks": float_blocks,
+        "integer_hard_sigmoids": len(report.integer_hard_sigmoids),
     }
     entry["sha256"] = sha256_file(final)
     return quantizer
@@ -974,6 +975,7 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
             result = search_int8(quantizer, target, check, first=as_built)
         record = result.record()
         quantization = dict(entry["quantization"], float_blocks=list(result.float_blocks),
+                            integer_hard_sigmoids=len(result.report.integer_hard_sigmoids),
                             search={"steps": len(result.steps), "chosen": record["chosen"]})
         _rewrite_manifest(staging, role, {"sha256": sha256_file(target), "quantization": quantization})
         records[role] = record

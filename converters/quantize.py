@@ -12,7 +12,9 @@ sees. :func:`quantize_model` runs these steps:
    exporter's Identity nodes, so one Conv holds one set of weights and fuses with its activation;
 3. the layers next to the outputs kept in float are found (``float_tail``, :func:`float_tail_nodes`);
 4. ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) or ``quantize_dynamic``
-   writes the INT8 model; the float tail then gets int8 weights too (:func:`int8_tail_weights`);
+   writes the INT8 model; the float tail then gets int8 weights too (:func:`int8_tail_weights`), and
+   quantised hard sigmoids are rewritten for onnxruntime's integer kernels
+   (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`);
 5. the result is checked with ``onnx.checker`` and loaded by onnxruntime before it replaces
    ``out_path``.
 
@@ -62,6 +64,7 @@ from edge_shitu.errors import (
 )
 from edge_shitu.image import load_image
 from edge_shitu.preprocess import image_to_tensor
+from edge_shitu_converters.integer_ops import integer_hard_sigmoids
 
 __all__ = [
     "MODES",
@@ -156,6 +159,10 @@ class QuantizeOptions:
         activations stay float, on top of ``float_tail``.
       exclude_op_types: op types whose nodes are never quantised (e.g. ``("Sigmoid",)``).
       percentile: the percentile of the "percentile" method, in (0, 100].
+      integer_hard_sigmoid: rewrite each quantised ``HardSigmoid`` so that onnxruntime runs it on its
+        integer ``QLinearAdd`` kernel instead of in float between a dequantise and a quantise
+        (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`; same codes, a third less time
+        for the PP-ShiTu detector). Static mode only.
     """
 
     mode: str = "static"
@@ -174,6 +181,7 @@ class QuantizeOptions:
     exclude_nodes: Tuple[str, ...] = ()
     exclude_op_types: Tuple[str, ...] = ()
     percentile: float = 99.999
+    integer_hard_sigmoid: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("quantisation mode", self.mode, MODES)
@@ -181,7 +189,7 @@ class QuantizeOptions:
         _check_choice("quantisation format", self.quant_format, FORMATS)
         _check_choice("activation type", self.activation_type, QUANT_TYPES)
         _check_choice("weight type", self.weight_type, QUANT_TYPES)
-        for name in ("per_channel", "pre_process", "reduce_range", "tail_int8_weights"):
+        for name in ("per_channel", "pre_process", "reduce_range", "tail_int8_weights", "integer_hard_sigmoid"):
             _check_bool(name, getattr(self, name))
         _check_int("calib_count", self.calib_count, 1)
         _check_int("calib_batch", self.calib_batch, 1)
@@ -227,6 +235,7 @@ class QuantReport:
       weight_only_nodes: float nodes whose weights are stored in int8 (``tail_int8_weights``).
       quantized_ops: op type -> number of nodes that compute on quantised activations.
       seconds: step name -> wall time in seconds.
+      integer_hard_sigmoids: ``HardSigmoid`` nodes rewritten for an integer kernel (``integer_hard_sigmoid``).
     """
 
     source: Path
@@ -239,6 +248,7 @@ class QuantReport:
     weight_only_nodes: Tuple[str, ...]
     quantized_ops: Mapping[str, int] = field(default_factory=dict)
     seconds: Mapping[str, float] = field(default_factory=dict)
+    integer_hard_sigmoids: Tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -860,8 +870,11 @@ class ModelQuantizer:
                 # what they are kept float for is agreement (int8 weights alone move the replica detector's
                 # scores by more than the verification allows).
                 weight_only = int8_tail_weights(result, tail)
-                if weight_only:
-                    onnx.save(result, str(quantized))
+            rewritten: Tuple[str, ...] = ()
+            if options.integer_hard_sigmoid and options.mode == "static":
+                rewritten = integer_hard_sigmoids(result)
+            if weight_only or rewritten:
+                onnx.save(result, str(quantized))
             counts = _quantized_ops(result, float_nodes)
             if not counts:
                 raise ConversionError(f"{self.source}: quantisation left every node in float")
@@ -879,6 +892,7 @@ class ModelQuantizer:
             source=self.source, output=target, options=options, fp32_bytes=self.source.stat().st_size,
             int8_bytes=target.stat().st_size, calib_images=self.calib_images, float_nodes=tuple(float_nodes),
             weight_only_nodes=tuple(weight_only), quantized_ops=counts, seconds=seconds,
+            integer_hard_sigmoids=rewritten,
         )
         _LOG.info(
             "%s -> %s: %s%s, %.2f MB -> %.2f MB (%.2fx), %d nodes float, in %.1f s",

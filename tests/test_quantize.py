@@ -457,6 +457,28 @@ def test_replica_int8_models_are_valid_qdq_small_and_fit_the_lite_budget(int8_re
 
 
 @pytest.mark.paddle
+def test_replica_int8_detector_runs_its_hard_sigmoids_on_integer_kernels(int8_replica, tmp_path):
+    """Every hard sigmoid outside the float tail is rewritten, and onnxruntime's optimised graph keeps no float
+    HardSigmoid but the float tail's: they all run as QLinearAdd."""
+    import onnxruntime as ort
+
+    report = int8_replica["reports"]["detector"]
+    source = onnx.load(str(report.source))
+    float_nodes = set(report.float_nodes)
+    gates = [n.name for n in source.graph.node if n.op_type == "HardSigmoid"]
+    assert len(gates) > 20
+    # quant_pre_process keeps the exporter's HardSigmoid names.
+    assert report.integer_hard_sigmoids == tuple(g for g in gates if g not in float_nodes)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(report.output), so, providers=["CPUExecutionProvider"])
+    ops = _ops(tmp_path / "optimized.onnx")
+    assert ops.get("HardSigmoid", 0) == len([g for g in gates if g in float_nodes])
+    assert ops["QLinearAdd"] >= len(report.integer_hard_sigmoids)
+
+
+@pytest.mark.paddle
 def test_replica_int8_extractor_codes_agree_with_fp32(int8_replica, test_images):
     bits, cos = _code_agreement(int8_replica["bundle"], int8_replica["reports"]["extractor"].output, test_images)
     assert bits.mean() >= 0.98 and bits.min() >= 0.95, bits

@@ -1,0 +1,192 @@
+"""Integer hard sigmoids (edge_shitu_converters.integer_ops): the rewritten graph against onnxruntime's own float
+path on every input code, the cases left alone, onnxruntime's fusion of the result, and the quantiser's use of it
+on a small model and on the replica detector."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime.quantization", reason="onnxruntime.quantization needs ml_dtypes")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from edge_shitu_converters.integer_ops import integer_hard_sigmoids  # noqa: E402
+from edge_shitu_converters.quantize import ModelQuantizer, QuantizeOptions  # noqa: E402
+from test_int8_search import _chain_model, _quantizer  # noqa: E402
+from test_quantize import _spec, _write_photos  # noqa: E402
+
+_TYPES = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
+
+
+def _gate_model(sx, zx, sh, zh, alpha, beta, dtype=np.uint8, *, extra_user=False, expose=False):
+    """codes q (1, 256, 1, 1) -> DequantizeLinear -> HardSigmoid -> QuantizeLinear -> codes."""
+    t = _TYPES[dtype]
+    inits = [numpy_helper.from_array(np.array(sx, np.float32), "sx"), numpy_helper.from_array(np.array(zx, dtype), "zx"),
+             numpy_helper.from_array(np.array(sh, np.float32), "sh"), numpy_helper.from_array(np.array(zh, dtype), "zh")]
+    nodes = [helper.make_node("DequantizeLinear", ["q", "sx", "zx"], ["x"], name="dq"),
+             helper.make_node("HardSigmoid", ["x"], ["h"], alpha=alpha, beta=beta, name="hs"),
+             helper.make_node("QuantizeLinear", ["h", "sh", "zh"], ["hq"], name="qh")]
+    outputs = [helper.make_tensor_value_info("hq", t, [1, 256, 1, 1])]
+    if extra_user:
+        nodes.append(helper.make_node("Relu", ["h"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 256, 1, 1]))
+    if expose:
+        outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 256, 1, 1]))
+    graph = helper.make_graph(nodes, "gate", [helper.make_tensor_value_info("q", t, [1, 256, 1, 1])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _session(model, optimized: Path = None):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if optimized is not None:
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _all_codes(dtype) -> np.ndarray:
+    low = np.iinfo(dtype).min
+    return (np.arange(256) + low).astype(dtype).reshape(1, 256, 1, 1)
+
+
+def _assert_same_codes_but_ties(got, expected, codes, sx, zx, sh, zh, alpha, beta):
+    """The float path and the rewrite round the same real number, ``(alpha x + beta) / sh``, in different float
+    steps: they must agree wherever it is not within float noise of a tie (k + 1/2), and by 1 there."""
+    x = (codes.astype(np.float64) - zx) * np.float64(np.float32(sx))
+    exact = (np.float64(np.float32(alpha)) * x + np.float64(np.float32(beta))) / np.float64(np.float32(sh))
+    tie = np.abs(exact - np.floor(exact) - 0.5) < 1e-4
+    diff = np.abs(got.astype(np.int64) - expected.astype(np.int64))
+    assert not np.any(diff[~tie]), f"codes differ away from ties at inputs {codes[(diff > 0) & ~tie][:5]}"
+    assert diff.max(initial=0) <= 1
+
+
+def _copy(model):
+    return onnx.load_from_string(model.SerializeToString())
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_rewritten_gate_gives_the_float_paths_codes_for_every_input_code(dtype, rng):
+    low = int(np.iinfo(dtype).min)
+    for trial in range(40):
+        sx = float(rng.uniform(0.005, 0.2))
+        zx = int(rng.integers(low, low + 256))
+        sh = float(rng.uniform(0.5, 1.0)) / 255  # a calibrated range [0, <= 1]
+        # PP-LCNet's hard sigmoid (1/6, 1/2), then others, offsets beta/alpha of both signs and zero.
+        alpha, beta = ((1 / 6, 0.5) if trial % 3 == 0 else (0.2, 0.0) if trial == 1
+                       else (float(rng.uniform(0.05, 0.5)), float(rng.uniform(-1.0, 1.5))))
+        model = _gate_model(sx, zx, sh, low, alpha, beta, dtype)
+        rewritten = _copy(model)
+        assert integer_hard_sigmoids(rewritten) == ("hs",)
+        onnx.checker.check_model(rewritten)
+        codes = _all_codes(dtype)
+        expected = _session(model).run(None, {"q": codes})[0]
+        got = _session(rewritten).run(None, {"q": codes})[0]
+        _assert_same_codes_but_ties(got, expected, codes, sx, zx, sh, low, alpha, beta)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_onnxruntime_runs_the_rewritten_gate_on_its_integer_add(dtype, tmp_path):
+    low = int(np.iinfo(dtype).min)
+    model = _gate_model(0.05, low + 100, 1 / 255, low, 1 / 6, 0.5, dtype)
+    integer_hard_sigmoids(model)
+    _session(model, tmp_path / "optimized.onnx")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["QLinearAdd"] == 1 and ops["HardSigmoid"] == 0 and ops["Add"] == 0, ops
+
+
+@pytest.mark.parametrize("case, kwargs", [
+    ("zero point above the lowest code: the bottom clip is not the saturation",
+     dict(sx=0.05, zx=128, sh=1 / 255, zh=10, alpha=1 / 6, beta=0.5)),
+    ("range above 1: the top clip is not the saturation", dict(sx=0.05, zx=128, sh=1 / 200, zh=0, alpha=1 / 6, beta=0.5)),
+    ("alpha 0", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=0.0, beta=0.5)),
+    ("alpha < 0", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=-0.2, beta=0.5)),
+    ("a float user besides the quantiser", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=1 / 6, beta=0.5,
+                                                 extra_user=True)),
+    ("a graph output", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=1 / 6, beta=0.5, expose=True)),
+])
+def test_gates_the_rewrite_would_change_are_left_alone(case, kwargs):
+    model = _gate_model(**kwargs)
+    before = model.SerializeToString()
+    assert integer_hard_sigmoids(model) == (), case
+    assert model.SerializeToString() == before, case
+
+
+def test_float_and_per_channel_inputs_are_left_alone():
+    float_input = _gate_model(0.05, 128, 1 / 255, 0, 1 / 6, 0.5)
+    graph = float_input.graph
+    graph.node[1].input[0] = "xf"
+    graph.input.append(helper.make_tensor_value_info("xf", TensorProto.FLOAT, [1, 256, 1, 1]))
+    assert integer_hard_sigmoids(float_input) == ()
+    per_channel = _gate_model(0.05, 128, 1 / 255, 0, 1 / 6, 0.5)
+    for init in per_channel.graph.initializer:
+        if init.name == "sh":
+            init.CopyFrom(numpy_helper.from_array(np.full(256, 1 / 255, np.float32), "sh"))
+    assert integer_hard_sigmoids(per_channel) == ()
+
+
+def test_new_names_do_not_collide_and_shared_scales_stay_for_the_other_users():
+    model = _gate_model(0.05, 128, 1 / 255, 0, 1 / 6, 0.5)
+    # An initializer already bearing the name the rewrite would pick, and the quantiser's scale shared with a
+    # DequantizeLinear of the result (as onnxruntime's quantiser shares them).
+    model.graph.initializer.append(numpy_helper.from_array(np.array(7, np.uint8), "hs_offset_code"))
+    model.graph.node.append(helper.make_node("DequantizeLinear", ["hq", "sh", "zh"], ["hf"], name="dq_out"))
+    model.graph.output.append(helper.make_tensor_value_info("hf", TensorProto.FLOAT, [1, 256, 1, 1]))
+    expected = _session(model).run(None, {"q": _all_codes(np.uint8)})
+    assert integer_hard_sigmoids(model) == ("hs",)
+    onnx.checker.check_model(model)
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names))
+    assert numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "hs_offset_code")) == 7
+    by_name = {n.name: n for n in model.graph.node}
+    assert by_name["dq_out"].input[1] == "sh" and by_name["qh"].input[1] != "sh"
+    assert by_name["hs"].op_type == "Add"
+    codes = _all_codes(np.uint8)
+    got = _session(model).run(None, {"q": codes})
+    # Round scales put some inputs on exact ties ((160 - 128) * 0.05 = 1.6 gives (1.6 / 6 + 0.5) * 255 = 195.5).
+    _assert_same_codes_but_ties(got[0], expected[0], codes, 0.05, 128, 1 / 255, 0, 1 / 6, 0.5)
+    np.testing.assert_array_equal(got[1], (got[0].astype(np.float32)) * np.float32(1 / 255))
+
+
+@pytest.fixture
+def photos(tmp_path, rng) -> Path:
+    root = tmp_path / "photos"
+    _write_photos(root, rng, n=12)
+    return root
+
+
+def test_quantizer_rewrites_the_gates_and_keeps_the_outputs(tmp_path, rng, photos):
+    chain = _chain_model(tmp_path / "chain.onnx", rng)
+    runs = {}
+    for flag in (True, False):
+        q = _quantizer(chain, photos, tmp_path, name=f"q{flag}", integer_hard_sigmoid=flag)
+        report = q.quantize(tmp_path / f"int8-{flag}.onnx")
+        ops = collections.Counter(n.op_type for n in onnx.load(str(report.output)).graph.node)
+        runs[flag] = (report, ops, q)
+    on, off = runs[True], runs[False]
+    quantized_gates = tuple(n for n in (f"gate{i}" for i in range(6)) if n not in on[2].tail)
+    assert on[0].integer_hard_sigmoids == quantized_gates and len(quantized_gates) == 5
+    assert off[0].integer_hard_sigmoids == ()
+    assert on[1]["HardSigmoid"] == 1 and off[1]["HardSigmoid"] == 6  # the float tail's gate stays
+    feeds = on[2].probe_feeds(3)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    a, b = (ort.InferenceSession(str(r[0].output), so, providers=["CPUExecutionProvider"]) for r in (on, off))
+    for feed in feeds:
+        np.testing.assert_array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
+
+
+def test_dynamic_quantization_is_not_rewritten(tmp_path, rng):
+    chain = _chain_model(tmp_path / "chain.onnx", rng)
+    work = tmp_path / "dyn"
+    work.mkdir()
+    q = ModelQuantizer.prepare(chain, work, input_spec=_spec(),
+                               options=QuantizeOptions(mode="dynamic", float_tail=0))
+    assert q.quantize(tmp_path / "dyn.onnx").integer_hard_sigmoids == ()
+
