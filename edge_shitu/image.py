@@ -31,7 +31,7 @@ import os
 import stat
 import struct
 import threading
-from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -124,8 +124,14 @@ _IPP_MIN_SIDE = 4
 _BAND = 8
 # Rows rounded and normalised at a time: a block that stays in cache between its passes.
 _NORMALIZE_ROWS = 64
-# Largest temporary a Workspace keeps (bytes): the vertical pass of a 1920-pixel-wide frame to
-# 640 rows takes 14.7 MB; larger photos are rare enough to allocate for.
+# The cubic resize makes its output a stripe of rows at a time, both passes and the rounding, so that
+# its float temporaries stay in the core's cache: in the pipeline each model run evicts them, and a
+# whole-image vertical pass then costs a trip to memory per pass (docs/benchmarks.md, "Striped cubic
+# resize"). The stripe's vertical-pass rows take at most about this many bytes.
+_STRIPE_BYTES = 1 << 20
+_STRIPE_MAX_ROWS = 128
+# Largest temporary a Workspace keeps (bytes): far above the stripes' needs; larger ones (a
+# linear resize of a huge crop) are rare enough to allocate for.
 _WORKSPACE_MAX_BYTES = 16 << 20
 
 
@@ -683,8 +689,11 @@ def resize_linear(img: np.ndarray, width: int, height: int) -> np.ndarray:
     h, w = src.shape[:2]
     if (width, height) == (w, h):
         return np.array(img, order="C")
-    out = _linear_values(src, width, height).astype(np.uint8)
-    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, src.shape[2])
+    c = src.shape[2]
+    out = np.empty((height, width * c), dtype=np.uint8)
+    for top, values in _linear_stripes(src, width, height):
+        out[top : top + values.shape[0]] = values
+    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, c)
 
 
 def _resize_cubic(
@@ -693,8 +702,11 @@ def _resize_cubic(
     h, w = src.shape[:2]
     if (width, height) == (w, h):
         return np.array(img, order="C")
-    out = _round(_cubic_values(src, width, height, inv_x, inv_y)).astype(np.uint8)
-    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, src.shape[2])
+    c = src.shape[2]
+    out = np.empty((height, width * c), dtype=np.uint8)
+    for top, values in _cubic_stripes(src, width, height, inv_x, inv_y):
+        out[top : top + values.shape[0]] = _round(values)
+    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, c)
 
 
 def _check_resize_source(img: np.ndarray) -> np.ndarray:
@@ -818,8 +830,9 @@ def _band_plan(src: int, dst: int, inv_scale: float, exact: bool, channels: int)
 class Workspace:
     """Scratch memory that :func:`resize_normalize_chw` reuses from one call to the next.
 
-    Resizing a photo for a model takes a few large temporary arrays (about 15 MB from a
-    1200x1200 photo to 640x640). Allocated afresh for every call, their pages can be faulted in
+    Resizing a photo for a model takes temporary arrays (about 2 MB for the cubic resize of a
+    1200x1200 photo to 640x640, several MB for the linear resize of a large crop to 224x224).
+    Allocated afresh for every call, their pages can be faulted in
     and zeroed by the kernel each time, which costs about as much as one of the resize's passes
     (docs/benchmarks.md, "Overhead outside the models"). A workspace keeps the largest
     temporaries it has served, each up to ``max_bytes``, for as long as it lives; larger ones are
@@ -863,44 +876,39 @@ def _scratch(workspace: Optional[Workspace], slot: str, shape: Tuple[int, ...], 
     return workspace._array(slot, shape, dtype)
 
 
-def _resize_rows(
-    src: np.ndarray, dst: int, inv_scale: float, exact: bool, workspace: Optional[Workspace] = None
-) -> np.ndarray:
-    """Vertical cubic pass of uint8 ``(H, W, C)`` (any strides): float32 ``(dst, W * C)``.
+def _cubic_stripes(
+    src: np.ndarray, width: int, height: int, inv_x: float, inv_y: float, workspace: Optional[Workspace] = None
+) -> Iterator[Tuple[int, np.ndarray]]:
+    """Cubic resize of uint8 ``(H, W, C)`` (any strides), a stripe of output rows at a time.
 
-    A banded matmul per run of output rows, over only the source rows that run reads, converted
-    to float32 into one small buffer that stays in cache. Converting the whole source first, or
-    gathering the 4 tap rows of every output row, moves several times more memory.
+    Yields ``(top, values)``: float32 ``(rows, width * C)`` for output rows ``top:top + rows``, before
+    rounding and saturation (:func:`_round` does both), in order. ``values`` is scratch memory that the
+    next stripe overwrites: use it before asking for the next one.
+
+    Each stripe runs the vertical pass (a banded matmul per run of output rows, over only the source rows
+    that run reads, converted to float32 into a small buffer) and then the horizontal pass (a banded
+    matmul per run of output columns); the sums are the same as those of whole-image passes.
     """
     h, w, c = src.shape
-    out = _scratch(workspace, "rows", (dst, w * c), np.float32)
-    plan = _band_plan(h, dst, inv_scale, exact, 1)
-    work = _scratch(workspace, "work", (max(s1 - s0 for _, _, s0, s1, _ in plan), w, c), np.float32)
-    for d0, d1, s0, s1, weights in plan:
-        rows = work[: s1 - s0]
-        np.copyto(rows, src[s0:s1])
-        np.matmul(weights.T, rows.reshape(s1 - s0, w * c), out=out[d0:d1])
-    return out
-
-
-def _resize_columns(rows: np.ndarray, plan: _Band, width: int, out: np.ndarray) -> np.ndarray:
-    """Horizontal pass: float32 ``(N, W * C)`` rows to ``out`` ``(N, width)`` with a band plan."""
-    channels = width // plan[-1][1]
-    for d0, d1, s0, s1, weights in plan:
-        np.matmul(rows[:, s0 * channels : s1 * channels], weights, out=out[:, d0 * channels : d1 * channels])
-    return out
-
-
-def _cubic_values(
-    src: np.ndarray, width: int, height: int, inv_x: float, inv_y: float, workspace: Optional[Workspace] = None
-) -> np.ndarray:
-    """Cubic resize of uint8 ``(H, W, C)`` to float32 ``(height, width * C)``, before rounding and
-    saturation (:func:`_round` does both)."""
-    h, w, c = src.shape
     exact = min(w, h) >= _IPP_MIN_SIDE
-    rows = _resize_rows(src, height, inv_y, exact, workspace)
-    values = _scratch(workspace, "values", (height, width * c), np.float32)
-    return _resize_columns(rows, _band_plan(w, width, inv_x, exact, c), width * c, values)
+    rows_plan = _band_plan(h, height, inv_y, exact, 1)
+    columns_plan = _band_plan(w, width, inv_x, exact, c)
+    # A whole number of _BAND-row runs per stripe, so each run of the vertical plan falls in one stripe.
+    stripe = max(1, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (w * c * 4)) // _BAND) * _BAND
+    work = _scratch(workspace, "work", (max(s1 - s0 for _, _, s0, s1, _ in rows_plan), w, c), np.float32)
+    rows = _scratch(workspace, "rows", (min(stripe, height), w * c), np.float32)
+    values = _scratch(workspace, "values", (min(stripe, height), width * c), np.float32)
+    for first in range(0, len(rows_plan), stripe // _BAND):
+        runs = rows_plan[first : first + stripe // _BAND]
+        top = runs[0][0]
+        for d0, d1, s0, s1, weights in runs:
+            block = work[: s1 - s0]
+            np.copyto(block, src[s0:s1])
+            np.matmul(weights.T, block.reshape(s1 - s0, w * c), out=rows[d0 - top : d1 - top])
+        n = runs[-1][1] - top
+        for d0, d1, s0, s1, weights in columns_plan:
+            np.matmul(rows[:n, s0 * c : s1 * c], weights, out=values[:n, d0 * c : d1 * c])
+        yield top, values[:n]
 
 
 def _round(values: np.ndarray) -> np.ndarray:
@@ -910,9 +918,15 @@ def _round(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _linear_values(src: np.ndarray, width: int, height: int, workspace: Optional[Workspace] = None) -> np.ndarray:
-    """OpenCV's uint8 INTER_LINEAR in integers: uint8 ``(H, W, C)`` (any strides) to int32
-    ``(height, width * C)`` holding 0..255.
+def _linear_stripes(
+    src: np.ndarray, width: int, height: int, workspace: Optional[Workspace] = None
+) -> Iterator[Tuple[int, np.ndarray]]:
+    """OpenCV's uint8 INTER_LINEAR in integers, a stripe of output rows at a time: uint8 ``(H, W, C)``
+    (any strides) to int32 ``(rows, width * C)`` holding 0..255 for output rows ``top:top + rows``.
+
+    Yields ``(top, values)`` in order; ``values`` is scratch memory that the next stripe overwrites.
+    Stripes keep the temporaries in the core's cache (see ``_STRIPE_BYTES``); the integer sums are the
+    same whatever the stripe.
 
     Horizontal pass: exact sums of 11-bit weights. Vertical pass as in OpenCV's SIMD kernel
     (``VResizeLinearVec_32s8u``): each row sum is shifted right by 4, multiplied by its 11-bit
@@ -921,38 +935,52 @@ def _linear_values(src: np.ndarray, width: int, height: int, workspace: Optional
     unlike OpenCV's generic kernel, needs no saturation.
     """
     h, w, c = src.shape
-    columns, column_weights = _linear_columns(w, width, width / w, c)
-    used, inverse, row_weights = _linear_rows(h, height, height / h)
     wc = width * c
-    # Only the rows the vertical pass reads, and of those only the tap columns.
-    # (np.take copies through a temporary unless told what to do with out-of-range indices, which
-    # these are not.)
-    lines = np.take(src, used, axis=0, mode="clip", out=_scratch(workspace, "lines", (len(used), w, c), np.uint8))
-    taps = np.take(lines.reshape(len(used), w * c), columns, axis=1, mode="clip",
-                   out=_scratch(workspace, "taps", (len(used), 2, wc), np.uint8))
-    products = np.multiply(taps, column_weights, out=_scratch(workspace, "products", (len(used), 2, wc), np.int32))
-    acc = np.add(products[:, 0], products[:, 1], out=_scratch(workspace, "sums", (len(used), wc), np.int32))
-    acc >>= 4
-    # Both taps of every output row at once: rows 0..height-1 the upper, height.. the lower.
-    vertical = np.take(acc, inverse, axis=0, mode="clip",
-                       out=_scratch(workspace, "vertical", (2 * height, wc), np.int32))
-    vertical *= row_weights
-    vertical >>= 16
-    top = np.add(vertical[:height], vertical[height:], out=vertical[:height])
-    top += 2
-    top >>= 2
-    return top
+    columns, column_weights = _linear_columns(w, width, width / w, c)
+    # Each output row reads two source rows; a stripe's temporaries hold about 4 int32 values per
+    # output value of the stripe.
+    stripe = max(_BAND, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (16 * wc)))
+    most = min(stripe, height)
+    for top, used, inverse, row_weights in _linear_row_stripes(h, height, height / h, stripe):
+        n = len(inverse) // 2
+        # Only the rows the vertical pass reads, and of those only the tap columns.
+        # (np.take copies through a temporary unless told what to do with out-of-range indices, which
+        # these are not.)
+        k = len(used)
+        lines = np.take(src, used, axis=0, mode="clip",
+                        out=_scratch(workspace, "lines", (2 * most, w, c), np.uint8)[:k])
+        taps = np.take(lines.reshape(k, w * c), columns, axis=1, mode="clip",
+                       out=_scratch(workspace, "taps", (2 * most, 2, wc), np.uint8)[:k])
+        products = np.multiply(taps, column_weights,
+                               out=_scratch(workspace, "products", (2 * most, 2, wc), np.int32)[:k])
+        acc = np.add(products[:, 0], products[:, 1], out=_scratch(workspace, "sums", (2 * most, wc), np.int32)[:k])
+        acc >>= 4
+        # Both taps of every output row at once: rows 0..n-1 the upper, n.. the lower.
+        vertical = np.take(acc, inverse, axis=0, mode="clip",
+                           out=_scratch(workspace, "vertical", (2 * most, wc), np.int32)[: 2 * n])
+        vertical *= row_weights
+        vertical >>= 16
+        values = np.add(vertical[:n], vertical[n:], out=vertical[:n])
+        values += 2
+        values >>= 2
+        yield top, values
 
 
 @functools.lru_cache(maxsize=128)
-def _linear_rows(src: int, dst: int, inv_scale: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row taps: the source rows read (int64, ascending), the upper then the lower tap of every
-    output row as positions in those rows (int64 ``(2 * dst,)``) and their int32 weights
-    ``(2 * dst, 1)``."""
+def _linear_row_stripes(src: int, dst: int, inv_scale: float, stripe: int
+                        ) -> Tuple[Tuple[int, np.ndarray, np.ndarray, np.ndarray], ...]:
+    """Row taps per stripe of ``stripe`` output rows: ``(top, used, inverse, weights)`` with the source
+    rows the stripe reads (int64, ascending), the upper then the lower tap of each of its output rows as
+    positions in ``used`` (int64 ``(2 * rows,)``) and their int32 weights ``(2 * rows, 1)``."""
     idx, weights = _linear_taps(src, dst, inv_scale, False)
-    used, inverse = np.unique(idx, return_inverse=True)
-    inverse = inverse.reshape(idx.shape).T.reshape(-1)
-    return _frozen(used), _frozen(inverse), _frozen(weights.T.reshape(-1, 1).astype(np.int32))
+    plan = []
+    for top in range(0, dst, stripe):
+        part = idx[top : top + stripe]
+        used, inverse = np.unique(part, return_inverse=True)
+        inverse = inverse.reshape(part.shape).T.reshape(-1)
+        row_weights = weights[top : top + stripe].T.reshape(-1, 1).astype(np.int32)
+        plan.append((top, _frozen(used), _frozen(inverse), _frozen(row_weights)))
+    return tuple(plan)
 
 
 @functools.lru_cache(maxsize=128)
@@ -1063,10 +1091,11 @@ def resize_normalize_chw(
     claimed = None if workspace is None else workspace._claim()
     try:
         if interpolation == "cubic":
-            values = _cubic_values(src, width, height, width / w, height / h, claimed)
-            _normalize_into(values, gain, bias, out, rounding=True)
+            for top, values in _cubic_stripes(src, width, height, width / w, height / h, claimed):
+                _normalize_into(values, gain, bias, out[:, top : top + values.shape[0]], rounding=True)
         else:
-            _normalize_into(_linear_values(src, width, height, claimed), gain, bias, out)
+            for top, values in _linear_stripes(src, width, height, claimed):
+                _normalize_into(values, gain, bias, out[:, top : top + values.shape[0]])
     finally:
         if claimed is not None:
             claimed._lock.release()

@@ -951,7 +951,9 @@ def _oracle_cubic(img: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("src", "dst"), [((9, 13), (20, 7)), ((17, 11), (5, 31)), ((6, 6), (6, 13)), ((1, 5), (4, 3))]
+    ("src", "dst"), [((9, 13), (20, 7)), ((17, 11), (5, 31)), ((6, 6), (6, 13)), ((1, 5), (4, 3)),
+                     # taller than a stripe of rows (_STRIPE_MAX_ROWS): stripes join without a seam
+                     ((61, 7), (5, 300))]
 )
 def test_resize_linear_matches_pixel_oracle(rng, src, dst):
     img = _noise(rng, *src)
@@ -959,7 +961,8 @@ def test_resize_linear_matches_pixel_oracle(rng, src, dst):
 
 
 @pytest.mark.parametrize(
-    ("src", "dst"), [((9, 13), (20, 7)), ((17, 11), (5, 31)), ((6, 6), (6, 13)), ((30, 25), (8, 9))]
+    ("src", "dst"), [((9, 13), (20, 7)), ((17, 11), (5, 31)), ((6, 6), (6, 13)), ((30, 25), (8, 9)),
+                     ((61, 7), (5, 300))]
 )
 def test_resize_cubic_matches_pixel_oracle(rng, src, dst):
     img = _noise(rng, *src)
