@@ -14,8 +14,9 @@ when ``alpha > 0``, the zero point ``z`` is the type's lowest code (0.0 is the l
 hold, so the bottom clip is the saturation) and ``round(1 / s) + z`` reaches the type's highest code (the
 top clip is too). Calibration ranges of a hard sigmoid always satisfy both (its values lie in [0, 1] and
 onnxruntime's ranges include 0). The right-hand side is ``QuantizeLinear(Add(x, beta / alpha))`` with the
-output scale divided by ``alpha``, which onnxruntime fuses into ``QLinearAdd``. The codes can differ from
-the float path's only where float rounding differs at a tie (tests/test_integer_ops.py counts them).
+output scale divided by ``alpha``, which onnxruntime fuses into ``QLinearAdd``; a runtime without that fusion
+runs the ``Add`` and the quantiser in float, with the same codes. The codes can differ from the float path's
+only where the two float routes round an exact tie differently (tests/test_integer_ops.py checks both).
 """
 
 from __future__ import annotations

@@ -43,9 +43,12 @@ def _gate_model(sx, zx, sh, zh, alpha, beta, dtype=np.uint8, *, extra_user=False
     return model
 
 
-def _session(model, optimized: Path = None):
+def _session(model, optimized: Path = None, *, fuse: bool = True):
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not fuse:
+        # What a runtime without onnxruntime's QDQ fusion runs: the rewritten nodes as written, in float.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -89,6 +92,8 @@ def test_rewritten_gate_gives_the_float_paths_codes_for_every_input_code(dtype, 
         expected = _session(model).run(None, {"q": codes})[0]
         got = _session(rewritten).run(None, {"q": codes})[0]
         _assert_same_codes_but_ties(got, expected, codes, sx, zx, sh, low, alpha, beta)
+        unfused = _session(rewritten, fuse=False).run(None, {"q": codes})[0]
+        _assert_same_codes_but_ties(unfused, expected, codes, sx, zx, sh, low, alpha, beta)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
