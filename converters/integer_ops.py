@@ -12,16 +12,18 @@ A hard sigmoid whose output is quantised is an affine map followed by the quanti
 
 when ``alpha > 0``, the zero point ``z`` is the type's lowest code (0.0 is the lowest value the output can
 hold, so the bottom clip is the saturation) and ``round(1 / s) + z`` reaches the type's highest code (the
-top clip is too). Calibration ranges of a hard sigmoid always satisfy both (its values lie in [0, 1] and
-onnxruntime's ranges include 0). The right-hand side is ``QuantizeLinear(Add(x, beta / alpha))`` with the
+top clip is too). The ranges onnxruntime's static quantiser calibrates for a hard sigmoid satisfy both with
+its default asymmetric activations (the values lie in [0, 1] and the ranges include 0); other settings
+(symmetric int8 activations, ``reduce_range``) do not, and their nodes are left alone. The right-hand side is ``QuantizeLinear(Add(x, beta / alpha))`` with the
 output scale divided by ``alpha``, which onnxruntime fuses into ``QLinearAdd``; a runtime without that fusion
 runs the ``Add`` and the quantiser in float, with the same codes. The codes can differ from the float path's
-only where the two float routes round an exact tie differently (tests/test_integer_ops.py checks both).
+only where the two float routes round a value within float error of a tie (k + 1/2) differently
+(tests/test_integer_ops.py checks both).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -45,7 +47,10 @@ def integer_hard_sigmoids(model: Any) -> Tuple[str, ...]:
         stay in topological order.
 
     Returns:
-      Names of the rewritten ``HardSigmoid`` nodes, in graph order.
+      Names of the rewritten nodes (now ``Add``; an unnamed one gets a name), in graph order.
+
+    Raises:
+      Nothing of its own: a node that does not fit the pattern is left as it is.
     """
     from onnx import helper, numpy_helper
 
@@ -57,7 +62,8 @@ def integer_hard_sigmoids(model: Any) -> Tuple[str, ...]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
-    taken = {n.name for n in graph.node} | set(inits) | {i.name for i in graph.input}
+    taken = ({n.name for n in graph.node} | {o for n in graph.node for o in n.output} | set(inits)
+             | {i.name for i in graph.input} | {o.name for o in graph.output} | {v.name for v in graph.value_info})
 
     def scalar(name: str) -> Optional[np.ndarray]:
         init = inits.get(name)
@@ -83,33 +89,38 @@ def integer_hard_sigmoids(model: Any) -> Tuple[str, ...]:
             nodes.append(node)
             continue
         quantizer, offset, scale, dtype = plan
-        base = node.name or f"HardSigmoid_{len(done)}"
+        base = node.name or fresh(f"HardSigmoid_{len(done)}")
         code, step, zero = _constant(offset, dtype)
         names = [fresh(f"{base}_offset_{part}") for part in ("code", "scale", "zero_point")]
         graph.initializer.extend([numpy_helper.from_array(code, names[0]), numpy_helper.from_array(step, names[1]),
                                   numpy_helper.from_array(zero, names[2])])
         offset_value = fresh(f"{base}_offset")
         nodes.append(helper.make_node("DequantizeLinear", names, [offset_value], name=fresh(f"{base}_offset_dq")))
-        add = helper.make_node("Add", [node.input[0], offset_value], list(node.output), name=node.name)
+        add = helper.make_node("Add", [node.input[0], offset_value], list(node.output), name=base)
         nodes.append(add)
         new_scale = fresh(f"{base}_requantize_scale")
         graph.initializer.append(numpy_helper.from_array(scale, new_scale))
         quantizer.input[1] = new_scale
-        done.append(node.name)
+        done.append(base)
     del graph.node[:]
     graph.node.extend(nodes)
     return tuple(done)
 
 
-def _plan(node: Any, source: Any, users: List[Any], scalar: Any) -> Optional[Tuple[Any, np.float32, np.ndarray, np.dtype]]:
+def _plan(node: Any, source: Any, users: List[Any], scalar: Callable[[str], Optional[np.ndarray]]
+          ) -> Optional[Tuple[Any, np.float32, np.ndarray, np.dtype]]:
     """``(quantizer, offset, new scale, code dtype)`` when ``node`` can be rewritten, else None."""
     if source is None or source.op_type != "DequantizeLinear" or len(users) != 1:
         return None
     quantizer = users[0]
-    if quantizer.op_type != "QuantizeLinear" or len(quantizer.input) < 3 or len(source.input) < 2:
+    if quantizer.op_type != "QuantizeLinear" or len(quantizer.input) < 3:
         return None
-    if scalar(source.input[1]) is None or (len(source.input) > 2 and source.input[2]
-                                           and scalar(source.input[2]) is None):
+    # The offset is stored in the dequantised input's type, read from its zero point: an omitted zero
+    # point (whose type is the input's) is left alone rather than guessed.
+    if len(source.input) < 3 or not source.input[2] or scalar(source.input[1]) is None:
+        return None
+    code = scalar(source.input[2])
+    if code is None or code.dtype not in _RANGES:
         return None
     attrs = {a.name: a.f for a in node.attribute}
     alpha, beta = np.float32(attrs.get("alpha", 0.2)), np.float32(attrs.get("beta", 0.5))
@@ -121,20 +132,8 @@ def _plan(node: Any, source: Any, users: List[Any], scalar: Any) -> Optional[Tup
     zero_code = int(zero.reshape(()))
     if not (np.isfinite(scale) and scale > 0) or zero_code != low or np.rint(np.float32(1) / scale) + zero_code < high:
         return None
-    code_type = _code_dtype(source, scalar)
-    if code_type is None:
-        return None
     offset = np.float32(np.float64(beta) / np.float64(alpha))
-    return quantizer, offset, np.array(scale / alpha, dtype=np.float32), code_type
-
-
-def _code_dtype(source: Any, scalar: Any) -> Optional[np.dtype]:
-    # QLinearAdd takes both inputs in one type: the offset is stored in the type of the dequantised input,
-    # which is the zero point's (uint8 when the zero point is omitted, as the ONNX default).
-    if len(source.input) > 2 and source.input[2]:
-        zero = scalar(source.input[2])
-        return zero.dtype if zero is not None and zero.dtype in _RANGES else None
-    return np.dtype(np.uint8)
+    return quantizer, offset, np.array(scale / alpha, dtype=np.float32), code.dtype
 
 
 def _constant(offset: np.float32, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -124,10 +124,11 @@ _IPP_MIN_SIDE = 4
 _BAND = 8
 # Rows rounded and normalised at a time: a block that stays in cache between its passes.
 _NORMALIZE_ROWS = 64
-# The cubic resize makes its output a stripe of rows at a time, both passes and the rounding, so that
-# its float temporaries stay in the core's cache: in the pipeline each model run evicts them, and a
-# whole-image vertical pass then costs a trip to memory per pass (docs/benchmarks.md, "Striped cubic
-# resize"). The stripe's vertical-pass rows take at most about this many bytes.
+# Both resizes make their output a stripe of rows at a time (both passes, rounding, normalisation), so
+# that their temporaries stay in the core's cache: in the pipeline each model run evicts them, and a
+# whole-image pass then costs a trip to memory (docs/benchmarks.md, "Striped resizes"). A stripe's
+# temporaries take about this many bytes: the cubic one's vertical-pass rows (4 bytes per source
+# value), the linear one's int32 tap sums (about 16 bytes per output value).
 _STRIPE_BYTES = 1 << 20
 _STRIPE_MAX_ROWS = 128
 # Largest temporary a Workspace keeps (bytes): far above the stripes' needs; larger ones (a
@@ -940,24 +941,26 @@ def _linear_stripes(
     # Each output row reads two source rows; a stripe's temporaries hold about 4 int32 values per
     # output value of the stripe.
     stripe = max(_BAND, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (16 * wc)))
-    most = min(stripe, height)
+    # A stripe of n output rows reads at most 2n source rows.
+    most = 2 * min(stripe, height)
+    lines_buf = _scratch(workspace, "lines", (most, w, c), np.uint8)
+    taps_buf = _scratch(workspace, "taps", (most, 2, wc), np.uint8)
+    products_buf = _scratch(workspace, "products", (most, 2, wc), np.int32)
+    sums_buf = _scratch(workspace, "sums", (most, wc), np.int32)
+    vertical_buf = _scratch(workspace, "vertical", (most, wc), np.int32)
     for top, used, inverse, row_weights in _linear_row_stripes(h, height, height / h, stripe):
         n = len(inverse) // 2
+        k = len(used)
         # Only the rows the vertical pass reads, and of those only the tap columns.
         # (np.take copies through a temporary unless told what to do with out-of-range indices, which
         # these are not.)
-        k = len(used)
-        lines = np.take(src, used, axis=0, mode="clip",
-                        out=_scratch(workspace, "lines", (2 * most, w, c), np.uint8)[:k])
-        taps = np.take(lines.reshape(k, w * c), columns, axis=1, mode="clip",
-                       out=_scratch(workspace, "taps", (2 * most, 2, wc), np.uint8)[:k])
-        products = np.multiply(taps, column_weights,
-                               out=_scratch(workspace, "products", (2 * most, 2, wc), np.int32)[:k])
-        acc = np.add(products[:, 0], products[:, 1], out=_scratch(workspace, "sums", (2 * most, wc), np.int32)[:k])
+        lines = np.take(src, used, axis=0, mode="clip", out=lines_buf[:k])
+        taps = np.take(lines.reshape(k, w * c), columns, axis=1, mode="clip", out=taps_buf[:k])
+        products = np.multiply(taps, column_weights, out=products_buf[:k])
+        acc = np.add(products[:, 0], products[:, 1], out=sums_buf[:k])
         acc >>= 4
         # Both taps of every output row at once: rows 0..n-1 the upper, n.. the lower.
-        vertical = np.take(acc, inverse, axis=0, mode="clip",
-                           out=_scratch(workspace, "vertical", (2 * most, wc), np.int32)[: 2 * n])
+        vertical = np.take(acc, inverse, axis=0, mode="clip", out=vertical_buf[: 2 * n])
         vertical *= row_weights
         vertical >>= 16
         values = np.add(vertical[:n], vertical[n:], out=vertical[:n])

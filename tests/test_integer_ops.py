@@ -23,13 +23,17 @@ from test_quantize import _spec, _write_photos  # noqa: E402
 _TYPES = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
 
 
-def _gate_model(sx, zx, sh, zh, alpha, beta, dtype=np.uint8, *, extra_user=False, expose=False):
-    """codes q (1, 256, 1, 1) -> DequantizeLinear -> HardSigmoid -> QuantizeLinear -> codes."""
+def _gate_model(sx, zx, sh, zh, alpha=None, beta=None, dtype=np.uint8, *, extra_user=False, expose=False,
+                input_zero_point=True, name="hs"):
+    """codes q (1, 256, 1, 1) -> DequantizeLinear -> HardSigmoid -> QuantizeLinear -> codes (alpha/beta None:
+    the attribute is left out, for ONNX's default)."""
     t = _TYPES[dtype]
     inits = [numpy_helper.from_array(np.array(sx, np.float32), "sx"), numpy_helper.from_array(np.array(zx, dtype), "zx"),
              numpy_helper.from_array(np.array(sh, np.float32), "sh"), numpy_helper.from_array(np.array(zh, dtype), "zh")]
-    nodes = [helper.make_node("DequantizeLinear", ["q", "sx", "zx"], ["x"], name="dq"),
-             helper.make_node("HardSigmoid", ["x"], ["h"], alpha=alpha, beta=beta, name="hs"),
+    attrs = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v is not None}
+    nodes = [helper.make_node("DequantizeLinear", ["q", "sx", "zx"] if input_zero_point else ["q", "sx"], ["x"],
+                              name="dq"),
+             helper.make_node("HardSigmoid", ["x"], ["h"], name=name, **attrs),
              helper.make_node("QuantizeLinear", ["h", "sh", "zh"], ["hq"], name="qh")]
     outputs = [helper.make_tensor_value_info("hq", t, [1, 256, 1, 1])]
     if extra_user:
@@ -85,6 +89,9 @@ def test_rewritten_gate_gives_the_float_paths_codes_for_every_input_code(dtype, 
         alpha, beta = ((1 / 6, 0.5) if trial % 3 == 0 else (0.2, 0.0) if trial == 1
                        else (float(rng.uniform(0.05, 0.5)), float(rng.uniform(-1.0, 1.5))))
         model = _gate_model(sx, zx, sh, low, alpha, beta, dtype)
+        if trial == 2:  # ONNX's defaults, 0.2 and 0.5
+            model = _gate_model(sx, zx, sh, low, None, None, dtype)
+            alpha, beta = 0.2, 0.5
         rewritten = _copy(model)
         assert integer_hard_sigmoids(rewritten) == ("hs",)
         onnx.checker.check_model(rewritten)
@@ -115,6 +122,12 @@ def test_onnxruntime_runs_the_rewritten_gate_on_its_integer_add(dtype, tmp_path)
     ("a float user besides the quantiser", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=1 / 6, beta=0.5,
                                                  extra_user=True)),
     ("a graph output", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=1 / 6, beta=0.5, expose=True)),
+    ("symmetric int8 output (zero point 0): the bottom clip is not the saturation",
+     dict(sx=0.05, zx=0, sh=1 / 127, zh=0, alpha=1 / 6, beta=0.5, dtype=np.int8)),
+    ("7-bit range (reduce_range): the top clip is not the saturation",
+     dict(sx=0.05, zx=64, sh=1 / 127, zh=0, alpha=1 / 6, beta=0.5)),
+    ("input zero point omitted: the offset's type is not read from a zero point",
+     dict(sx=0.05, zx=0, sh=1 / 255, zh=0, alpha=1 / 6, beta=0.5, input_zero_point=False)),
 ])
 def test_gates_the_rewrite_would_change_are_left_alone(case, kwargs):
     model = _gate_model(**kwargs)
@@ -157,6 +170,22 @@ def test_new_names_do_not_collide_and_shared_scales_stay_for_the_other_users():
     # Round scales put some inputs on exact ties ((160 - 128) * 0.05 = 1.6 gives (1.6 / 6 + 0.5) * 255 = 195.5).
     _assert_same_codes_but_ties(got[0], expected[0], codes, 0.05, 128, 1 / 255, 0, 1 / 6, 0.5)
     np.testing.assert_array_equal(got[1], (got[0].astype(np.float32)) * np.float32(1 / 255))
+
+
+def test_unnamed_nodes_and_tensor_names_already_taken():
+    # An unnamed gate, and a tensor already called what the rewrite would call its offset.
+    model = _gate_model(0.05, 128, 1 / 255, 0, 1 / 6, 0.5, name="")
+    model.graph.node.append(helper.make_node("Identity", ["hq"], ["HardSigmoid_0_offset"], name="id"))
+    model.graph.output.append(helper.make_tensor_value_info("HardSigmoid_0_offset", TensorProto.UINT8, [1, 256, 1, 1]))
+    expected = _session(model).run(None, {"q": _all_codes(np.uint8)})
+    (name,) = integer_hard_sigmoids(model)
+    onnx.checker.check_model(model)  # single static assignment kept
+    assert name and name in {n.name for n in model.graph.node if n.op_type == "Add"}
+    outputs = [o for n in model.graph.node for o in n.output]
+    assert len(outputs) == len(set(outputs))
+    got = _session(model).run(None, {"q": _all_codes(np.uint8)})
+    for a, b in zip(got, expected):
+        _assert_same_codes_but_ties(a, b, _all_codes(np.uint8), 0.05, 128, 1 / 255, 0, 1 / 6, 0.5)
 
 
 @pytest.fixture
