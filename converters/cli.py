@@ -100,11 +100,12 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
 
 
 def _int8_layers(text: str):
-    if text in ("auto", "all"):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected auto, all or a whole number of blocks, got {text[:40]!r}")
+    from edge_shitu_converters.int8_search import parse_int8_layers
+
+    try:
+        return parse_int8_layers(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str, flag: str) -> list:

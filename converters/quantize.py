@@ -699,6 +699,7 @@ class ModelQuantizer:
         self._prepared, self._work, self._feeds = prepared, work, feeds
         self._seconds = seconds
         self._cache: Optional[Path] = None
+        self._calibrates_each_time = False
         self.tail = tuple(sorted(float_tail_nodes(model, options.float_tail)))
         always = set(self.tail) | set(options.exclude_nodes)
         always |= {n.name for n in model.graph.node if n.op_type in options.exclude_op_types}
@@ -791,7 +792,7 @@ class ModelQuantizer:
     def _run_quantizer(self, out: Path, *, exclude: Sequence[str], only: Optional[Sequence[str]] = None) -> None:
         """``quantize_static``/``quantize_dynamic`` of the prepared model into ``out``; the calibration is
         computed once and reused when onnxruntime can (``calibration_cache_path``)."""
-        _, _, q = _import_tools()
+        _, ort, q = _import_tools()
         options = self.options
         qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
         if options.mode != "static":
@@ -821,6 +822,11 @@ class ModelQuantizer:
                 reader = None
             cache = {"calibration_cache_path": str(path)}
             self._cache = path
+        elif not self._calibrates_each_time:
+            # Not an error, but a search then pays for a full calibration at every step.
+            _LOG.warning("%s: this onnxruntime (%s) cannot reuse a calibration (no calibration_cache_path): every "
+                         "quantisation calibrates again", self.source, ort.__version__)
+            self._calibrates_each_time = True
         fmt = q.QuantFormat.QDQ if options.quant_format == "qdq" else q.QuantFormat.QOperator
         q.quantize_static(
             str(self._prepared), str(out), reader,

@@ -265,8 +265,25 @@ def test_convert_flag_is_checked(tmp_path, capsys):
 
     code, _, err = run_cli("convert", "--rec", tmp_path, "--out", tmp_path / "b", "--precision", "int8",
                            "--int8-layers", "many")
-    assert code == 2 and "--int8-layers" in err and "expected auto, all or a whole number" in err
+    assert code == 2 and "--int8-layers" in err and "must be 'auto', 'all' or a whole number" in err
     for fmt in ("onnx", "lite-x86"):
         code, _, err = run_cli("convert", "--rec", tmp_path, "--out", tmp_path / "b", "--format", fmt,
                                "--int8-layers", "3")
         assert code == 2 and "int8_layers is for int8 bundles" in err
+
+
+def test_an_onnxruntime_without_a_calibration_cache_calibrates_each_time_and_says_so(chain, photos, tmp_path,
+                                                                                      monkeypatch, caplog):
+    import edge_shitu_converters.quantize as quantize_module
+
+    q = _quantizer(chain, photos, tmp_path)
+    cached = q.quantize(tmp_path / "cached.onnx", float_blocks=["conv1"])
+    monkeypatch.setattr(quantize_module, "_quantize_static_accepts_cache", lambda module: False)
+    fresh = _quantizer(chain, photos, tmp_path, name="fresh")
+    with caplog.at_level("WARNING", logger="edge_shitu_converters.quantize"):
+        first = fresh.quantize(tmp_path / "a.onnx")
+        again = fresh.quantize(tmp_path / "b.onnx", float_blocks=["conv1"])
+    warnings = [r for r in caplog.records if "cannot reuse a calibration" in r.getMessage()]
+    assert len(warnings) == 1 and str(chain) in warnings[0].getMessage()
+    # Calibrating again gives the same ranges: the same model as with the cache.
+    assert first.int8_bytes > 0 and again.output.read_bytes() == cached.output.read_bytes()
