@@ -946,9 +946,10 @@ def _rewrite_manifest(staging: Path, role: str, update: Mapping[str, Any]) -> No
 
 def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Optional[Path], rec: Optional[Path],
                            images: "os.PathLike[str] | str | None", timings: Dict[str, float],
-                           references: Any) -> Dict[str, Any]:
+                           references: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``int8_layers="auto"``: each INT8 model that fails the verification is searched for the fewest float blocks
-    with which it passes (:func:`edge_shitu_converters.int8_search.search_int8`); returns role -> search record.
+    with which it passes (:func:`edge_shitu_converters.int8_search.search_int8`). Returns role -> search record,
+    and the verification of the bundle as built (still the bundle's when nothing was searched).
     ``references`` (:class:`~edge_shitu_converters.verify.PaddleReferences`) holds the Paddle side, which gives the
     same answers at every step."""
     from edge_shitu_converters.int8_search import search_int8
@@ -979,7 +980,7 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
                             search={"steps": len(result.steps), "chosen": record["chosen"]})
         _rewrite_manifest(staging, role, {"sha256": sha256_file(target), "quantization": quantization})
         records[role] = record
-    return records
+    return records, first
 
 
 def verify_role(staging: Path, role: str, det: Optional[Path], rec: Optional[Path], images: "os.PathLike[str] | str",
@@ -1029,7 +1030,10 @@ def _add_search_to_verify_json(path: Path, records: Mapping[str, Any]) -> None:
 
 def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional[Path],
                     images: "os.PathLike[str] | str | None", timings: Dict[str, float], *,
-                    lite_python: "os.PathLike[str] | str | None" = None, references: Any = None) -> None:
+                    lite_python: "os.PathLike[str] | str | None" = None, references: Any = None,
+                    report: Optional[Mapping[str, Any]] = None) -> None:
+    """Verifies a staging bundle (``report``: its verification when already made, which is then not repeated);
+    a failing one leaves its report beside ``out`` and raises ConversionError."""
     import functools
     import platform
 
@@ -1053,9 +1057,10 @@ def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional
         from edge_shitu_converters.lite_worker import SideEnvSession, find_lite_python
 
         factory = functools.partial(SideEnvSession, python=find_lite_python(lite_python))
-    with _step("verify against Paddle Inference on real photos", None, timings):
-        report = verify_bundle(bundle, det_dir=det, rec_dir=rec, images_dir=Path(images), session_factory=factory,
-                               references=references)
+    if report is None:
+        with _step("verify against Paddle Inference on real photos", None, timings):
+            report = verify_bundle(bundle, det_dir=det, rec_dir=rec, images_dir=Path(images),
+                                   session_factory=factory, references=references)
     if not report["passed"]:
         failed = out.parent / f"{out.name}.verify-failed.json"
         os.replace(staging / VERIFY_FILE, failed)
@@ -1315,12 +1320,15 @@ def convert(
 
         # The search's steps and the final verification compare with the same Paddle outputs: computed once.
         references = PaddleReferences()
-        searched = {}
+        searched: Dict[str, Any] = {}
+        as_built = None
         if budget == "auto" and quantizers:
-            searched = _search_failing_models(staging, quantizers, det, rec, verify_images, timings, references)
+            searched, as_built = _search_failing_models(staging, quantizers, det, rec, verify_images, timings,
+                                                        references)
         verify_adding_search(staging, out, searched,
                              lambda s: _verify_or_fail(s, out, det, rec, verify_images, timings,
-                                                       references=references))
+                                                       references=references,
+                                                       report=None if searched else as_built))
 
     return _publish_bundle(
         out, build, name=name, name_suffix=precision, timings=timings,

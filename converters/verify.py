@@ -188,7 +188,7 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
       met its threshold, and ``report["failures"]`` lists those that did not.
 
     Raises:
-      InvalidInputError: no usable images, or an unknown role.
+      InvalidInputError: no usable images, an unknown role, no role, or a role the bundle has no model for.
       BundleError, MissingFileError: the bundle or a model folder is unusable.
     """
     from edge_shitu.backends import create_session
@@ -200,6 +200,10 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
     wanted = set(bundle.models) if roles is None else set(roles)
     if not wanted <= {"detector", "extractor"}:
         raise InvalidInputError(f"unknown model role(s) to verify: {', '.join(sorted(wanted - {'detector', 'extractor'}))}")
+    if not wanted or not wanted <= set(bundle.models):
+        # A role the bundle lacks would otherwise pass with nothing checked.
+        raise InvalidInputError(f"{bundle.path}: no {', '.join(sorted(wanted - set(bundle.models))) or 'model'} "
+                                f"to verify; the bundle has {', '.join(sorted(bundle.models)) or 'none'}")
     refs = references if references is not None else PaddleReferences(threads=threads)
     precisions = {m.precision for m in bundle.models.values()}
     precision = "int8" if "int8" in precisions else "fp32"

@@ -57,18 +57,23 @@ def test_int8_bundle_runs_in_the_runtime(int8_bundle, replica_bundle, test_image
     assert json.loads(out.getvalue())[0]["image"] == str(test_images[0])
 
 
-def test_int8_extractor_passes_verification(replica_dirs, calib, test_images, tmp_path):
+def test_int8_extractor_passes_verification(replica_dirs, calib, test_images, tmp_path, monkeypatch):
+    from edge_shitu_converters import verify
     from edge_shitu_converters.convert import convert
 
     photos = tmp_path / "photos"
     photos.mkdir()
     for p in test_images[:3]:
         shutil.copy(p, photos / p.name)
+    runs = []
+    monkeypatch.setattr(verify, "verify_bundle", lambda *a, _run=verify.verify_bundle, **k: runs.append(1) or _run(*a, **k))
     out = convert(None, replica_dirs["extractor"], tmp_path / "rec", precision="int8", calib_dir=calib,
                   calib_count=8, verify=True, verify_images=photos)
     report = json.loads((out / "verify.json").read_text())
     assert report["passed"] and report["precision"] == "int8"
     assert report["extractor"]["mean_bit_agreement"] >= 0.95
+    assert "int8_search" not in report
+    assert len(runs) == 1  # passing as built: the search's first verification is the bundle's
 
 
 def test_dynamic_int8_needs_no_photos(replica_dirs, verify_photos, tmp_path, monkeypatch):

@@ -94,6 +94,14 @@ def test_one_role_and_shared_references_give_the_full_reports_figures(replica_bu
     assert calls["rec"] == -(-full["extractor"]["crops"] // 16)  # same crops: the reference was not run again
     with pytest.raises(InvalidInputError, match="unknown model role"):
         verify_bundle(b, **dirs, roles=("classifier",))
+    with pytest.raises(InvalidInputError, match="no model to verify"):
+        verify_bundle(b, **dirs, roles=())
+    # A role the bundle has no model for is refused, not passed with nothing checked.
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / manifest["models"].pop("detector")["file"]).unlink()
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidInputError, match="no detector to verify; the bundle has extractor"):
+        verify_bundle(b, **dirs, roles=("detector",))
 
 
 def test_references_run_again_when_the_input_changes(replica_dirs):
