@@ -917,7 +917,7 @@ def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: 
                                            calib_dir=calib_dir if options.mode == "static" else None, options=options)
         float_blocks: List[str] = []
         if isinstance(budget, int) and budget > 0:
-            float_blocks = [d.block for d in rank_blocks(quantizer, quantizer.probe_feeds(3))[:budget]]
+            float_blocks = [d.block for d in rank_blocks(quantizer)[:budget]]
         report = quantizer.quantize(final, float_blocks=float_blocks)
     static = options.mode == "static"
     entry["precision"] = "int8"
@@ -927,11 +927,15 @@ def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: 
         "activations": options.activation_type, "weights": options.weight_type,
         "float_tail_layers": options.float_tail, "calibration_images": report.calib_images,
         "calibration_folder": Path(calib_dir).name if static else None, "preprocessing": "edge_shitu runtime",
-        "int8_layers": budget, "blocks": len(quantizer.blocks), "float_blocks": float_blocks,
-        "integer_hard_sigmoids": len(report.integer_hard_sigmoids),
+        "int8_layers": budget, "blocks": len(quantizer.blocks), **_written_model(float_blocks, report),
     }
     entry["sha256"] = sha256_file(final)
     return quantizer
+
+
+def _written_model(float_blocks: Sequence[str], report: Any) -> Dict[str, Any]:
+    """The manifest's record of what the INT8 model written (its :class:`QuantReport`) keeps float or rewrote."""
+    return {"float_blocks": list(float_blocks), "integer_hard_sigmoids": len(report.integer_hard_sigmoids)}
 
 
 def _rewrite_manifest(staging: Path, role: str, update: Mapping[str, Any]) -> None:
@@ -975,8 +979,7 @@ def _search_failing_models(staging: Path, quantizers: Mapping[str, Any], det: Op
         with _step(f"{role}: int8 search", None, timings):
             result = search_int8(quantizer, target, check, first=as_built)
         record = result.record()
-        quantization = dict(entry["quantization"], float_blocks=list(result.float_blocks),
-                            integer_hard_sigmoids=len(result.report.integer_hard_sigmoids),
+        quantization = dict(entry["quantization"], **_written_model(result.float_blocks, result.report),
                             search={"steps": len(result.steps), "chosen": record["chosen"]})
         _rewrite_manifest(staging, role, {"sha256": sha256_file(target), "quantization": quantization})
         records[role] = record
@@ -1003,6 +1006,11 @@ def _role_result(report: Mapping[str, Any], role: str) -> Tuple[bool, List[str],
     return not failures, failures, figures
 
 
+def failure_report_path(out: Path) -> Path:
+    """Where a conversion that fails its verification leaves the report, beside the bundle it did not publish."""
+    return out.parent / f"{out.name}.verify-failed.json"
+
+
 def verify_adding_search(staging: Path, out: Path, records: Mapping[str, Any],
                          verify: Optional[Callable[[Path], None]]) -> None:
     """Runs the final ``verify`` step of a staging bundle; the INT8 search ``records`` go into its report, or into
@@ -1013,7 +1021,7 @@ def verify_adding_search(staging: Path, out: Path, records: Mapping[str, Any],
         if verify is not None:
             verify(staging)
     except ConversionError:
-        failed = out.parent / f"{out.name}.verify-failed.json"
+        failed = failure_report_path(out)
         if records and failed.is_file():  # the failure report says what the search tried
             _add_search_to_verify_json(failed, records)
         raise
@@ -1062,7 +1070,7 @@ def _verify_or_fail(staging: Path, out: Path, det: Optional[Path], rec: Optional
             report = verify_bundle(bundle, det_dir=det, rec_dir=rec, images_dir=Path(images),
                                    session_factory=factory, references=references)
     if not report["passed"]:
-        failed = out.parent / f"{out.name}.verify-failed.json"
+        failed = failure_report_path(out)
         os.replace(staging / VERIFY_FILE, failed)
         raise ConversionError(
             f"{out}: converted models disagree with their sources: {'; '.join(report['failures'])} "

@@ -127,16 +127,18 @@ class SearchResult:
             "blocks": len(self.ranking),
             "float_blocks": list(self.float_blocks),
             "float_weights": [self.weights[b] for b in self.float_blocks if b in self.weights],
-            "ranking": [{"block": d.block, "nodes": len(d.nodes), "noise_share": round(d.noise_share, 5),
-                         "sqnr_db_alone": None if not np.isfinite(d.sqnr_db) else round(d.sqnr_db, 2)}
-                        for d in self.ranking],
+            "ranking": [{"block": d.block, "nodes": len(d.nodes), **d.record()} for d in self.ranking],
             "steps": [s.record() for s in self.steps],
             "chosen": None if self.chosen is None else self.chosen.float_blocks,
         }
 
 
-def rank_blocks(quantizer: ModelQuantizer, feeds: Sequence[Mapping[str, np.ndarray]]) -> List[BlockDamage]:
-    """The quantiser's blocks, most damaging first (:meth:`ModelQuantizer.block_damage` on one thread)."""
+def rank_blocks(quantizer: ModelQuantizer, feeds: Optional[Sequence[Mapping[str, np.ndarray]]] = None
+                ) -> List[BlockDamage]:
+    """The quantiser's blocks, most damaging first (:meth:`ModelQuantizer.block_damage` on one thread), measured on
+    ``feeds``; default the first few calibration feeds."""
+    if feeds is None:
+        feeds = quantizer.probe_feeds(_PROBE_FEEDS)
     return quantizer.block_damage(feeds, threads=1)
 
 
@@ -172,10 +174,11 @@ def search_int8(
       out: where each candidate is written (the chosen one stays there).
       check: ``check(path) -> (passed, failures, figures)``: the verification of the model at ``path``
         on photos other than the calibration ones.
-      ranking: the blocks, most damaging first; default :func:`rank_blocks` on the first calibration feeds.
+      ranking: the blocks, most damaging first; default :func:`rank_blocks`.
       on_step: called after each candidate (e.g. to print it).
       first: ``check``'s result for the model already at ``out`` with every block INT8, when the caller has it:
-        the first candidate is then neither quantised nor checked again.
+        the first candidate is then not checked again, and quantised again only if it is the one written (its
+        :class:`QuantReport` is the caller's).
 
     Returns:
       The :class:`SearchResult`; ``chosen`` is None when even the candidate with every block but one
@@ -186,7 +189,7 @@ def search_int8(
       ConversionError: a quantisation step failed.
     """
     if ranking is None:
-        ranking = rank_blocks(quantizer, quantizer.probe_feeds(_PROBE_FEEDS))
+        ranking = rank_blocks(quantizer)
     ranking = tuple(ranking)
     names = [d.block for d in ranking]
     timing_feed = quantizer.probe_feeds(1)[0]

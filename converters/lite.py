@@ -82,6 +82,7 @@ from edge_shitu_converters.convert import (
     _source,
     _step,
     cut_detector_heads,
+    failure_report_path,
     validate_export,
     verify_adding_search,
 )
@@ -1060,7 +1061,7 @@ def convert_lite(
         failed = sorted(role for role, record in records.items() if record["chosen"] is None)
         if failed:
             # Even an ARM bundle, which its verification cannot run, is not published then.
-            report = out.parent / f"{out.name}.verify-failed.json"
+            report = failure_report_path(out)
             failures = [f for role in failed for f in records[role]["steps"][-1]["failures"]]
             report.write_text(json.dumps({"passed": False, "failures": failures, "int8_search": records}, indent=2,
                                          sort_keys=True) + "\n", encoding="utf-8")

@@ -39,9 +39,8 @@ _LOG = logging.getLogger(__name__)
 CHECK = "simulated INT8: paddleslim's fake-quantisation program in Paddle Inference"
 """How a Paddle-Lite candidate is checked (recorded with the search)."""
 
-# Calibration photos for the ranking (onnxruntime calibration of the fp32 conversion) and feeds it is probed on.
+# Calibration photos of the ranking (onnxruntime calibration of the fp32 conversion).
 _RANK_CALIB = 8
-_PROBE_FEEDS = 3
 
 
 class ProgramSession:
@@ -123,9 +122,7 @@ class LiteSearchResult:
             "ranking_from": "onnxruntime quantisation of the paddle2onnx conversion, each layer alone",
             "blocks": len(self.ranking),
             "float_weights": list(self.float_weights),
-            "ranking": [{"weight": r.weight, "noise_share": round(r.damage.noise_share, 5),
-                         "sqnr_db_alone": None if not np.isfinite(r.damage.sqnr_db) else round(r.damage.sqnr_db, 2)}
-                        for r in self.ranking],
+            "ranking": [{"weight": r.weight, **r.damage.record()} for r in self.ranking],
             "steps": [s.record() for s in self.steps],
             "chosen": self.chosen,
         }
@@ -162,7 +159,7 @@ def rank_weights(role: str, onnx_fp32: Path, input_spec: Any, calib_dir: Path, w
     quantizer = ModelQuantizer.prepare(onnx_fp32, work, input_spec=input_spec, calib_dir=calib_dir, options=options)
     names = block_weights(quantizer)
     wanted = set(weights)
-    ranked = [RankedWeight(names[d.block], d) for d in rank_blocks(quantizer, quantizer.probe_feeds(_PROBE_FEEDS))
+    ranked = [RankedWeight(names[d.block], d) for d in rank_blocks(quantizer)
               if names.get(d.block) in wanted]
     if not ranked:
         raise InvalidInputError(f"{onnx_fp32}: none of the program's quantisable weights is a layer of its ONNX "

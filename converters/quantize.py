@@ -676,6 +676,11 @@ class BlockDamage:
     noise_share: float
     sqnr_db: float
 
+    def record(self) -> Dict[str, Any]:
+        """The damage figures, JSON-ready (``sqnr_db_alone`` None when the block changes nothing)."""
+        return {"noise_share": round(self.noise_share, 5),
+                "sqnr_db_alone": None if not math.isfinite(self.sqnr_db) else round(self.sqnr_db, 2)}
+
 
 class ModelQuantizer:
     """One float model prepared and calibrated once, then quantised any number of times with other parts

@@ -245,9 +245,13 @@ def test_a_first_candidate_checked_by_the_caller_is_not_quantised_or_checked_aga
         checked.append(path)
         return False, ["never"], {}
 
+    quantized = []
+    real = q.quantize
+    q.quantize = lambda path, float_blocks=(): quantized.append(len(float_blocks)) or real(path, float_blocks=float_blocks)
     result = search_int8(q, out, check, first=(False, ["as built"], {"x": 1.0}))
     assert result.steps[0].failures == ("as built",) and result.steps[0].figures == {"x": 1.0}
     assert len(checked) == len(result.steps) - 1
+    assert quantized and 0 not in quantized  # every quantisation keeps some block float: none redoes step 0
 
 
 def test_unknown_float_block_and_budget_values(chain, photos, tmp_path):
@@ -277,13 +281,28 @@ def test_an_onnxruntime_without_a_calibration_cache_calibrates_each_time_and_say
     import edge_shitu_converters.quantize as quantize_module
 
     q = _quantizer(chain, photos, tmp_path)
+    reads = []
+    real_reader = quantize_module._reader
+
+    def counting_reader(feeds):
+        reader = real_reader(feeds)
+        real_next = reader.get_next
+        reader.get_next = lambda: (reads.append(1), real_next())[1]
+        return reader
+
+    monkeypatch.setattr(quantize_module, "_reader", counting_reader)
+    q.quantize(tmp_path / "first.onnx")
+    calibrated = len(reads)
     cached = q.quantize(tmp_path / "cached.onnx", float_blocks=["conv1"])
+    assert calibrated > 0 and len(reads) == calibrated  # the cache: the second quantisation read no photo
     monkeypatch.setattr(quantize_module, "_quantize_static_accepts_cache", lambda module: False)
     fresh = _quantizer(chain, photos, tmp_path, name="fresh")
     with caplog.at_level("WARNING", logger="edge_shitu_converters.quantize"):
-        first = fresh.quantize(tmp_path / "a.onnx")
+        fresh.quantize(tmp_path / "a.onnx")
+        after_first = len(reads)
         again = fresh.quantize(tmp_path / "b.onnx", float_blocks=["conv1"])
+    assert after_first > calibrated and len(reads) > after_first  # each quantisation calibrated
     warnings = [r for r in caplog.records if "cannot reuse a calibration" in r.getMessage()]
     assert len(warnings) == 1 and str(chain) in warnings[0].getMessage()
     # Calibrating again gives the same ranges: the same model as with the cache.
-    assert first.int8_bytes > 0 and again.output.read_bytes() == cached.output.read_bytes()
+    assert again.output.read_bytes() == cached.output.read_bytes()

@@ -215,6 +215,13 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
     assert report["passed"] is None and check["chosen"] == 0 and check["steps"][0]["passed"]
     assert 0.9 < check["steps"][0]["figures"]["min_cosine"] < 1.0  # close to fp32, and really quantised
 
-    # A trained program that fails the check gives the record the publication refuses (as the search's last step).
-    failed = lite_search.single_check_record(False, ["extractor min cosine 0.9 < 1.5"], {"min_cosine": 0.9})
-    assert failed["chosen"] is None and failed["steps"][0]["failures"] == ["extractor min cosine 0.9 < 1.5"]
+    # A trained program that fails the check is refused: nothing published, the check in the failure report.
+    from edge_shitu_converters import verify
+
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(verify.THRESHOLDS["int8"], extractor_min_cosine=1.5))
+    refused = tmp_path / "arm-refused"
+    with pytest.raises(ConversionError, match="no INT8 extractor passes after quantisation-aware training"):
+        qat(refused)
+    assert not refused.exists()
+    failed = json.loads((tmp_path / "arm-refused.verify-failed.json").read_text())["int8_search"]["extractor"]
+    assert failed["chosen"] is None and failed["steps"][0]["failures"][0].startswith("extractor")
