@@ -237,17 +237,20 @@ def measure_gemm_rate(precision: str, *, size: int = GEMM_SIZE, threads: int = 1
     session = OnnxRuntimeSession.from_bytes(model.SerializeToString(), where=f"{precision} GEMM {size}³",
                                             threads=threads)
     feeds = {"a": _gemm_input(precision, size)}
-    session.run(feeds)
     times: list = []
     cpu: list = []
-    spent = 0.0
-    while len(times) < runs and (not times or spent < budget_s):
-        cpu_start, start = cpu_clock(), clock()
+    try:
         session.run(feeds)
-        elapsed = clock() - start
-        cpu.append((cpu_clock() - cpu_start) * 1000.0)
-        spent += elapsed
-        times.append(elapsed * 1000.0)
+        spent = 0.0
+        while len(times) < runs and (not times or spent < budget_s):
+            cpu_start, start = cpu_clock(), clock()
+            session.run(feeds)
+            elapsed = clock() - start
+            cpu.append((cpu_clock() - cpu_start) * 1000.0)
+            spent += elapsed
+            times.append(elapsed * 1000.0)
+    finally:
+        session.close()
     return GemmRate(precision, model.graph.node[0].op_type, size, threads, tuple(times), tuple(cpu))
 
 

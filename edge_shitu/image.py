@@ -128,7 +128,8 @@ _NORMALIZE_ROWS = 64
 # that their temporaries stay in the core's cache: in the pipeline each model run evicts them, and a
 # whole-image pass then costs a trip to memory (docs/benchmarks.md, "Striped resizes"). A stripe's
 # temporaries take about this many bytes: the cubic one's vertical-pass rows (4 bytes per source
-# value), the linear one's int32 tap sums (about 16 bytes per output value).
+# value), the linear one's source rows, taps and int32 sums (2 bytes per source value and 36 per
+# output value: each output row reads two source rows).
 _STRIPE_BYTES = 1 << 20
 _STRIPE_MAX_ROWS = 128
 # Largest temporary a Workspace keeps (bytes): far above the stripes' needs; larger ones (a
@@ -888,7 +889,8 @@ def _cubic_stripes(
 
     Each stripe runs the vertical pass (a banded matmul per run of output rows, over only the source rows
     that run reads, converted to float32 into a small buffer) and then the horizontal pass (a banded
-    matmul per run of output columns); the sums are the same as those of whole-image passes.
+    matmul per run of output columns): the same terms as whole-image passes, though BLAS may add them in
+    another order for another stripe height (a tie then rounds the other way, rarely).
     """
     h, w, c = src.shape
     exact = min(w, h) >= _IPP_MIN_SIDE
@@ -938,9 +940,9 @@ def _linear_stripes(
     h, w, c = src.shape
     wc = width * c
     columns, column_weights = _linear_columns(w, width, width / w, c)
-    # Each output row reads two source rows; a stripe's temporaries hold about 4 int32 values per
-    # output value of the stripe.
-    stripe = max(_BAND, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (16 * wc)))
+    # Per output row: two source rows (uint8), their taps (uint8, 2 per output value), products (int32, 2),
+    # sums and vertical taps (int32, 2 each per output value).
+    stripe = max(_BAND, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (2 * w * c + 36 * wc)))
     # A stripe of n output rows reads at most 2n source rows.
     most = 2 * min(stripe, height)
     lines_buf = _scratch(workspace, "lines", (most, w, c), np.uint8)
@@ -1047,6 +1049,7 @@ def resize_normalize_chw(
     scale: float = 1.0 / 255.0,
     *,
     interpolation: str = "cubic",
+    reverse_channels: bool = False,
     out: Optional[np.ndarray] = None,
     workspace: Optional[Workspace] = None,
 ) -> np.ndarray:
@@ -1065,6 +1068,8 @@ def resize_normalize_chw(
       std: per-channel standard deviation, non-zero.
       scale: multiplier applied to the raw uint8 values first.
       interpolation: ``"cubic"`` (:func:`resize_cubic`) or ``"linear"`` (:func:`resize_linear`).
+      reverse_channels: read the image's channels in reverse order (RGB in, BGR tensor out), without a copy;
+        ``mean`` and ``std`` are in the reversed order.
       out: optional float32 ``(C, height, width)`` C-contiguous array to write into (e.g. a slot
         of a batch), returned.
       workspace: scratch memory to reuse for the temporaries (see :class:`Workspace`); None
@@ -1084,6 +1089,8 @@ def resize_normalize_chw(
     src = _check_resize_source(img)
     if img.ndim != 3:
         raise InvalidInputError(f"expected an image of shape (H, W, C), got {img.shape}")
+    if reverse_channels:
+        src = src[:, :, ::-1]
     width, height = _check_size(width, "width"), _check_size(height, "height")
     h, w, c = src.shape
     gain, bias = _normalization(mean, std, scale, c)

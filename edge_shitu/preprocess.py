@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 
 from edge_shitu.bundle import InputSpec
-from edge_shitu.image import Workspace, _check_resize_source, resize_normalize_chw
+from edge_shitu.image import Workspace, resize_normalize_chw
 
 __all__ = ["image_to_tensor"]
 
@@ -26,7 +26,6 @@ def image_to_tensor(image: np.ndarray, spec: InputSpec, *, out: Optional[np.ndar
     Returns:
       float32 (3, spec.height, spec.width).
     """
-    if spec.channel_order == "BGR":
-        image = _check_resize_source(image)[:, :, ::-1]  # checked first: a bad input gets its own error
     return resize_normalize_chw(image, spec.width, spec.height, spec.mean, spec.std, spec.scale,
-                                interpolation=spec.interpolation, out=out, workspace=workspace)
+                                interpolation=spec.interpolation, reverse_channels=spec.channel_order == "BGR",
+                                out=out, workspace=workspace)

@@ -1308,6 +1308,8 @@ def test_image_to_tensor_refuses_a_non_image_in_either_channel_order(order, rng)
     for bad in ([[1, 2]], None, np.zeros((4, 4, 3), np.float32)):
         with pytest.raises((InvalidInputError, InvalidDtypeError), match="expected a uint8 image array"):
             image_to_tensor(bad, spec)
+    with pytest.raises(InvalidInputError, match=r"expected an image of shape \(H, W, C\), got \(4, 4\)"):
+        image_to_tensor(np.zeros((4, 4), np.uint8), spec)
     # BGR: the RGB tensor of the image with its channels reversed.
     img = _noise(rng, 5, 7)
     other = replace(spec, channel_order="RGB" if order == "BGR" else "BGR")
