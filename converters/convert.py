@@ -1001,7 +1001,7 @@ def verify_role(staging: Path, role: str, det: Optional[Path], rec: Optional[Pat
 
 def _role_result(report: Mapping[str, Any], role: str) -> Tuple[bool, List[str], Dict[str, Any]]:
     """``(passed, failures, figures)`` of one model in a ``verify_bundle`` report."""
-    failures = [f for f in report["failures"] if f.startswith(role)]
+    failures = list(report[role]["failures"])
     figures = {k: v for k, v in report.get(role, {}).items() if isinstance(v, (int, float))}
     return not failures, failures, figures
 

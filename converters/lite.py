@@ -443,6 +443,8 @@ class QuantizedModel:
       skip_tensors: the weights whose ops were kept in float, as given.
       quantized_ops: the number of weighted ops that got INT8 weights.
       versions: ``{"paddleslim": ..., "paddlepaddle": ...}`` of the side environment that quantised it.
+      training: for :func:`quantize_aware_training`, the settings the worker trained with (``iters``, ``batch``,
+        ``learning_rate``, ``seed``, ``photos``, ``optimizer``); None after post-training quantisation.
     """
 
     files: ModelFiles
@@ -450,6 +452,7 @@ class QuantizedModel:
     skip_tensors: Tuple[str, ...]
     quantized_ops: int
     versions: Dict[str, str]
+    training: Optional[Dict[str, Any]] = None
 
 
 def _run_slim(python: Path, args: Sequence[str], what: str, cwd: Path, timeout_s: float) -> str:
@@ -686,6 +689,7 @@ def _slim(model_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str"
         skip_tensors=names,
         quantized_ops=int(result["quantized_ops"]),
         versions={"paddleslim": str(result["paddleslim"]), "paddlepaddle": str(result["paddlepaddle"])},
+        training=result.get("qat"),
     )
 
 
@@ -741,24 +745,50 @@ class _LiteJob:
     def __init__(
         self, target: str, precision: str, calib_dir: Optional[Path], calib_count: int, algo: str, opt: Path,
         skip: Dict[str, Tuple[str, ...]], python: Optional[Path], qat_iters: Optional[int],
+        budget: Union[str, int] = "all",
     ) -> None:
         self.target, self.precision = target, precision
         self.calib_dir, self.calib_count, self.algo, self.opt = calib_dir, calib_count, algo, opt
-        self.skip, self.python, self.qat_iters = skip, python, qat_iters
+        self.skip, self.python, self.qat_iters, self.budget = skip, python, qat_iters, budget
         self.versions: List[str] = []
         self.quantized: Dict[str, QuantizedModel] = {}
         # role -> (the fp32 program that was quantised, its input description): what a search re-quantises.
         self.sources: Dict[str, Tuple[ModelFiles, Dict[str, Any]]] = {}
+        # role -> (weights, most damaging first; how many of them the quantised model keeps float).
+        self.rankings: Dict[str, Tuple[List[Any], int]] = {}
 
     def _finish(
         self, role: str, folder: Path, files: ModelFiles, input_spec: Dict[str, Any], staging: Path, work: Path,
         timings: Dict[str, float],
     ) -> Path:
-        """Quantise (int8) and optimise one program into ``staging/<role>.nb``."""
+        """Quantise (int8) and optimise one program into ``staging/<role>.nb``. With ``int8_layers`` N the
+        weights are ranked first, so the model is quantised and optimised once, with its N float weights."""
         if self.calib_dir is not None:  # int8: convert_lite requires photos
             self.sources[role] = (files, input_spec)
-            files = self.quantize(role, (), work / f"{role}_int8", folder, timings).files
+            float_weights: Sequence[str] = ()
+            if isinstance(self.budget, int) and self.budget > 0:
+                ranking = self.rank(role, folder, work / f"{role}_rank", timings)
+                kept = min(self.budget, len(ranking) - 1)
+                self.rankings[role] = (ranking, kept)
+                float_weights = [r.weight for r in ranking[:kept]]
+            files = self.quantize(role, float_weights, work / f"{role}_int8", folder, timings).files
         return self.optimise(role, files, staging, work / f"{role}_opt", folder, timings)
+
+    def rank(self, role: str, folder: Path, work: Path, timings: Dict[str, float]) -> List[Any]:
+        """The role's quantisable weights, less the user's float ones, most damaging first
+        (:func:`edge_shitu_converters.lite_search.rank_weights` on the ONNX conversion of ``folder``)."""
+        from edge_shitu_converters.convert import convert as convert_onnx
+        from edge_shitu_converters.lite_search import rank_weights
+
+        files, _ = self.sources[role]
+        with _step(f"{role}: rank the layers (onnxruntime, each quantised alone)", folder, timings):
+            (work / "rank").mkdir(parents=True)
+            onnx_dir = convert_onnx(folder if role == "detector" else None, folder if role == "extractor" else None,
+                                    work / "onnx")
+            spec = Bundle.load(onnx_dir).models[role]
+            user_float = set(self.skip.get(role, ()))
+            return rank_weights(role, spec.path, spec.input, self.calib_dir, work / "rank",
+                                [w for w in quantizable_weights(files.directory) if w not in user_float])
 
     def quantize(self, role: str, float_weights: Sequence[str], out: Path, folder: Path,
                  timings: Dict[str, float]) -> QuantizedModel:
@@ -834,9 +864,8 @@ class _LiteJob:
     def quantization(self, role: str) -> Dict[str, Any]:
         """The manifest's ``quantization`` of the role's quantised model."""
         quantized = self.quantized[role]
-        qat = {} if self.qat_iters is None else {
-            "qat": {"iters": self.qat_iters, "batch": QAT_BATCH, "learning_rate": QAT_LEARNING_RATE,
-                    "teacher": "the fp32 program", "loss": "l2 on the model outputs",
+        qat = {} if quantized.training is None else {
+            "qat": {**quantized.training, "teacher": "the fp32 program", "loss": "l2 on the model outputs",
                     "data": "the calibration photos, unlabelled"}}
         return {
             "tool": _SLIM_TOOL if self.qat_iters is None else _QAT_TOOL,
@@ -849,7 +878,16 @@ class _LiteJob:
             "calibration_folder": Path(self.calib_dir).name,
             "preprocessing": "edge_shitu runtime",
             **qat,
+            **self._ranked(role),
         }
+
+    def _ranked(self, role: str) -> Dict[str, Any]:
+        """The manifest's record of the weights ranked and kept float, for a model quantised after a ranking."""
+        if role not in self.rankings:
+            return {}
+        ranking, kept = self.rankings[role]
+        return {"int8_layers": self.budget, "blocks": len(ranking),
+                "float_weights": [r.weight for r in ranking[:kept]]}
 
 
 def _skip_by_role(
@@ -1023,7 +1061,8 @@ def convert_lite(
             "ARM INT8 models cannot run on this machine: only their structure is checked here; measure their "
             "agreement with the fp32 models on an ARM device"
         )
-    job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path, skip_roles, slim_python, qat_iters)
+    job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path, skip_roles, slim_python, qat_iters,
+                   budget)
 
     def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
         import edge_shitu
@@ -1055,9 +1094,7 @@ def convert_lite(
             # Quantisation-aware training has no float layers to choose: its check is all there is.
             failing = {role: models[role] for role, check in checks.items() if not check[0]}
             if qat_iters is None and failing:
-                records.update(_choose_float_weights(job, staging, budget, check_program, failing, timings, checks))
-        elif precision == "int8" and budget not in ("all", 0):
-            records = _choose_float_weights(job, staging, budget, None, models, timings, {})
+                records.update(_choose_float_weights(job, staging, check_program, failing, timings, checks))
         failed = sorted(role for role, record in records.items() if record["chosen"] is None)
         if failed:
             # Even an ARM bundle, which its verification cannot run, is not published then.
@@ -1076,34 +1113,22 @@ def convert_lite(
 
 
 def _choose_float_weights(
-    job: _LiteJob, staging: Path, budget: Union[str, int],
-    check: Optional[Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]]],
+    job: _LiteJob, staging: Path, check: Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]],
     models: Mapping[str, Path], timings: Dict[str, float],
     first_checks: Mapping[str, Tuple[bool, Sequence[str], Mapping[str, Any]]],
 ) -> Dict[str, Any]:
-    """``int8_layers`` N or "auto" on a complete staging bundle: for each of ``models`` (role -> source folder), ranks
-    the weights, chooses those kept float, re-quantises and re-optimises that model into the bundle and its manifest
-    entry. ``first_checks`` holds the check of each model's program with every weight INT8, the search's first
-    candidate. Returns role -> search record (searched models only)."""
-    from edge_shitu_converters.convert import convert as convert_onnx
-    from edge_shitu_converters.lite_search import rank_weights, search_lite_int8
+    """``int8_layers`` "auto" on a complete staging bundle: for each of ``models`` (role -> source folder), ranks
+    the weights, searches the fewest to keep float for the model to pass ``check``, re-optimises the chosen
+    candidate into the bundle and rewrites its manifest entry. ``first_checks`` holds the check of each model's
+    program with every weight INT8, the search's first candidate. Returns role -> search record."""
+    from edge_shitu_converters.lite_search import search_lite_int8
 
     records: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edge-shitu-lite-int8-") as tmp:
         work = Path(tmp)
         for role, folder in models.items():
-            initial = job.quantized[role]
-            checked = {initial.files.directory: first_checks[role]} if role in first_checks else {}
-            files, _ = job.sources[role]
-            with _step(f"{role}: rank the layers (onnxruntime, each quantised alone)", folder, timings):
-                onnx_dir = convert_onnx(folder if role == "detector" else None, folder if role == "extractor" else None,
-                                        work / f"{role}-onnx")
-                spec = Bundle.load(onnx_dir).models[role]
-                (work / f"{role}-rank").mkdir()
-                user_float = set(job.skip.get(role, ()))
-                ranking = rank_weights(role, spec.path, spec.input, job.calib_dir, work / f"{role}-rank",
-                                       [w for w in quantizable_weights(files.directory) if w not in user_float])
-            candidates: Dict[int, QuantizedModel] = {0: initial}  # by the number of weights kept float
+            ranking = job.rank(role, folder, work / role, timings)
+            candidates: Dict[int, QuantizedModel] = {0: job.quantized[role]}  # by the number of weights float
 
             def quantize(weights: Sequence[str], out: Path, role: str = role, folder: Path = folder) -> Path:
                 if weights:
@@ -1111,22 +1136,18 @@ def _choose_float_weights(
                 return candidates[len(weights)].files.directory
 
             def check_candidate(program: Path, role: str = role) -> Tuple[bool, Sequence[str], Mapping[str, Any]]:
-                return checked.pop(program) if program in checked else check(staging, role, program)
+                return check(staging, role, program)
 
-            if budget == "auto":
-                (work / f"{role}-search").mkdir()
-                with _step(f"{role}: int8 search", folder, timings):
-                    result = search_lite_int8(ranking, quantize, check_candidate, work / f"{role}-search")
-                records[role] = result.record()
-                kept = len(result.float_weights)
-                search: Dict[str, Any] = {"search": {"steps": len(result.steps), "chosen": result.chosen}}
-            else:
-                kept = min(int(budget), len(ranking) - 1)
-                quantize([r.weight for r in ranking[:kept]], work / f"{role}-n{kept}")
-                search = {}
+            (work / f"{role}-search").mkdir()
+            with _step(f"{role}: int8 search", folder, timings):
+                result = search_lite_int8(ranking, quantize, check_candidate, work / f"{role}-search",
+                                          first=first_checks[role])
+            records[role] = result.record()
+            kept = len(result.float_weights)
             job.quantized[role] = candidates[kept]
             path = job.optimise(role, candidates[kept].files, staging, work / f"{role}-opt", folder, timings)
-            quantization = dict(job.quantization(role), int8_layers=budget, blocks=len(ranking),
-                                float_weights=[r.weight for r in ranking[:kept]], **search)
+            quantization = dict(job.quantization(role), int8_layers="auto", blocks=len(ranking),
+                                float_weights=list(result.float_weights),
+                                search={"steps": len(result.steps), "chosen": result.chosen})
             _rewrite_manifest(staging, role, {"sha256": sha256_file(path), "quantization": quantization})
     return records

@@ -173,6 +173,7 @@ def search_lite_int8(
     check: Check,
     work: Path,
     *,
+    first: Optional[Tuple[bool, Sequence[str], Mapping[str, Any]]] = None,
     on_step: Optional[Callable[[SearchStep], None]] = None,
 ) -> LiteSearchResult:
     """Finds the fewest of the ``ranking``'s weights to keep float for the quantised program to pass ``check``.
@@ -182,6 +183,8 @@ def search_lite_int8(
       quantize: ``quantize(float_weights, out_dir) -> program folder``: paddleslim with those weights skipped.
       check: ``check(program folder) -> (passed, failures, figures)``.
       work: an existing folder for the candidates' programs.
+      first: ``check``'s result for the program with every weight INT8, when the caller has it: that candidate is
+        then not checked again (``quantize`` is still asked for its folder, with no weight float).
       on_step: called after each candidate (e.g. to print it).
 
     Returns:
@@ -200,7 +203,7 @@ def search_lite_int8(
     def passes(k: int) -> bool:
         start = time.perf_counter()
         programs[k] = quantize(names[:k], work / f"k{k}")
-        passed, failures, figures = check(programs[k])
+        passed, failures, figures = first if k == 0 and first is not None else check(programs[k])
         step = SearchStep(float_blocks=k, passed=bool(passed), failures=tuple(failures), figures=dict(figures),
                           int8_bytes=None, ms=None)
         steps.append(step)

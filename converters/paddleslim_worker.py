@@ -158,8 +158,9 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     executor = paddle.static.Executor(paddle.CPUPlace())
     scope = paddle.static.Scope()
     out_dir = Path(request["out_dir"])
+    training = None
     if qat is not None:
-        _train(request, qat, batches, out_dir)
+        training = _train(request, qat, batches, out_dir)
     else:
         with paddle.static.scope_guard(scope):
             _post_training(request, quant_post_static, executor, scope, out_dir, _Batches(batches), len(batches), skip)
@@ -169,7 +170,7 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
         program_file.write_bytes(program.desc.serialize_to_string())
     quantized = sum(op.type in _DEQUANT_OPS for block in program.blocks for op in block.ops)
     result = {**found, "algo": "qat" if qat is not None else request["algo"], "skip_tensors": list(skip),
-              "quantized_ops": int(quantized)}
+              "quantized_ops": int(quantized), **({"qat": training} if training is not None else {})}
     Path(request["result"]).write_text(json.dumps(result), encoding="utf-8")
     return result
 
@@ -195,9 +196,11 @@ def _post_training(request: Dict[str, Any], quant_post_static: Any, executor: An
     )
 
 
-def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str, np.ndarray]], out_dir: Path) -> None:
+def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str, np.ndarray]],
+           out_dir: Path) -> Dict[str, Any]:
     """Quantisation-aware training of the request's program, distilled from itself in fp32 (see the module
-    docstring); writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``."""
+    docstring); writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``. Returns the settings it
+    trained with (the batch is at most the number of photos)."""
     import shutil
     import tempfile
 
@@ -243,6 +246,8 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         (saved,) = (Path(tmp) / "out").glob("*.pdmodel")
         shutil.copy(saved, out_dir / "inference.pdmodel")
         shutil.copy(saved.with_suffix(".pdiparams"), out_dir / "inference.pdiparams")
+    return {"iters": int(qat["iters"]), "batch": batch, "learning_rate": float(qat["learning_rate"]),
+            "seed": int(qat["seed"]), "photos": count, "optimizer": "SGD"}
 
 
 def main(argv: "Sequence[str] | None" = None) -> int:

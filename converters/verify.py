@@ -185,7 +185,8 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
 
     Returns:
       The report written to ``bundle_dir/verify.json``; ``report["passed"]`` says whether every figure
-      met its threshold, and ``report["failures"]`` lists those that did not.
+      met its threshold, ``report["failures"]`` lists those that did not, and each verified model's section
+      (``report["detector"]``, ``report["extractor"]``) lists its own under ``"failures"``.
 
     Raises:
       InvalidInputError: no usable images, an unknown role, no role, or a role the bundle has no model for.
@@ -252,10 +253,12 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
         rate = matched / total if total else 1.0
         report["detector"] = {"match_rate": rate, "max_score_diff": score_diff, "boxes": total // 2 if total else 0,
                               "per_image": per_image}
+        det_failures = report["detector"]["failures"] = []
         if rate < limits.detector_match_rate:
-            failures.append(f"detector match rate {rate:.4f} < {limits.detector_match_rate}")
+            det_failures.append(f"detector match rate {rate:.4f} < {limits.detector_match_rate}")
         if score_diff > limits.detector_max_score_diff:
-            failures.append(f"detector score diff {score_diff:.4g} > {limits.detector_max_score_diff}")
+            det_failures.append(f"detector score diff {score_diff:.4g} > {limits.detector_max_score_diff}")
+        failures.extend(det_failures)
 
     if bundle.extractor is not None and "extractor" in wanted:
         if rec_dir is None:
@@ -274,12 +277,15 @@ def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], r
             "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
             "mean_bit_agreement": float(agree.mean()), "min_bit_agreement": float(agree.min()),
         }
+        rec_failures = report["extractor"]["failures"] = []
         if cos.min() < limits.extractor_min_cosine:
-            failures.append(f"extractor min cosine {cos.min():.5f} < {limits.extractor_min_cosine}")
+            rec_failures.append(f"extractor min cosine {cos.min():.5f} < {limits.extractor_min_cosine}")
         if agree.mean() < limits.extractor_mean_bit_agreement:
-            failures.append(f"extractor mean bit agreement {agree.mean():.5f} < {limits.extractor_mean_bit_agreement}")
+            rec_failures.append(
+                f"extractor mean bit agreement {agree.mean():.5f} < {limits.extractor_mean_bit_agreement}")
         if agree.min() < limits.extractor_min_bit_agreement:
-            failures.append(f"extractor min bit agreement {agree.min():.5f} < {limits.extractor_min_bit_agreement}")
+            rec_failures.append(f"extractor min bit agreement {agree.min():.5f} < {limits.extractor_min_bit_agreement}")
+        failures.extend(rec_failures)
 
     report["passed"] = not failures
     report["failures"] = failures

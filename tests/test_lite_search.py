@@ -21,10 +21,12 @@ def _ranking(n):
             for i in range(n)]
 
 
-def _search(tmp_path, n, passes_from):
+def _search(tmp_path, n, passes_from, first=None, checked=None):
     """A search over ``n`` weights whose candidate passes once its ``passes_from`` most damaging weights are float
-    (None: never); returns the result and the candidates quantised, in order."""
+    (None: never); returns the result and the candidates quantised, in order. ``checked`` collects the float
+    counts of the candidates checked."""
     tried = []
+    checked = [] if checked is None else checked
 
     def quantize(weights, out):
         tried.append(list(weights))
@@ -34,10 +36,11 @@ def _search(tmp_path, n, passes_from):
 
     def check(program):
         k = len(json.loads((program / "floats.json").read_text()))
+        checked.append(k)
         ok = passes_from is not None and k >= passes_from
         return ok, [] if ok else [f"extractor: {k} float"], {"k": k}
 
-    return lite_search.search_lite_int8(_ranking(n), quantize, check, tmp_path), tried
+    return lite_search.search_lite_int8(_ranking(n), quantize, check, tmp_path, first=first), tried
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 12])
@@ -59,6 +62,16 @@ def test_search_finds_the_fewest_float_weights_a_linear_scan_finds(tmp_path, n):
             assert result.program.name == f"k{passes_from}"
             assert json.loads((result.program / "floats.json").read_text()) == list(result.float_weights)
         assert record["chosen"] == passes_from and len(record["ranking"]) == n
+
+
+@pytest.mark.parametrize("first_passes", [False, True])
+def test_the_callers_check_of_the_all_int8_program_is_not_made_again(tmp_path, first_passes):
+    checked = []
+    first = (first_passes, [] if first_passes else ["extractor: given"], {"given": 1})
+    result, tried = _search(tmp_path, 5, 3, first=first, checked=checked)
+    assert 0 not in checked and tried[0] == []  # the candidate's folder is still asked for
+    assert result.steps[0].figures == {"given": 1} and result.steps[0].passed is first_passes
+    assert result.chosen == (0 if first_passes else 3)
 
 
 def test_fewer_than_two_weights_is_nothing_to_search(tmp_path):
@@ -157,10 +170,22 @@ def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_floa
 @pytest.mark.paddle
 def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_dirs, calib, verify_photos, lite_opt,
                                                                        lite_python, tmp_path, monkeypatch):
-    """--int8-layers N: the N most damaging weights float without a search; `--verify` checks the rebuilt .nb in
-    Paddle-Lite itself."""
+    """--int8-layers N: the N most damaging weights float without a search, ranked before the model is quantised,
+    so it is quantised and optimised once; `--verify` checks the .nb in Paddle-Lite itself."""
+    from edge_shitu_converters import lite
+
     monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
     monkeypatch.setenv("EDGE_SHITU_LITE_PYTHON", str(lite_python))
+    runs = {"quantize": [], "opt": []}
+
+    def counted(name, real):
+        def run(*args, **kwargs):
+            runs[name].append(kwargs.get("skip"))
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(lite, "quantize_post_training", counted("quantize", lite.quantize_post_training))
+    monkeypatch.setattr(lite, "run_opt", counted("opt", lite.run_opt))
     skip = _keep_int8(replica_dirs["extractor"], 6)
     out = _convert(replica_dirs, tmp_path / "x86", calib, verify_photos, "x86", skip, int8_layers=2)
     report = json.loads((out / "verify.json").read_text())
@@ -169,6 +194,8 @@ def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_d
     assert quant["int8_layers"] == 2 and quant["blocks"] == 6 and len(quant["float_weights"]) == 2
     assert set(quant["skip_tensors"]) == set(skip) | set(quant["float_weights"])
     assert quant["quantized_ops"] == 4
+    assert len(runs["opt"]) == 1 and len(runs["quantize"]) == 1
+    assert set(runs["quantize"][0]) == set(quant["skip_tensors"])  # the one quantisation already had its float N
 
 
 @pytest.mark.paddle
@@ -209,6 +236,9 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
     quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
     assert quant["tool"].startswith("paddleslim.auto_compression") and quant["algo"] == "qat"
     assert quant["qat"]["iters"] == 2 and quant["qat"]["teacher"] == "the fp32 program"
+    # What the worker trained with, as it reports it: 4 photos, batch 2, SGD.
+    assert {k: quant["qat"][k] for k in ("batch", "photos", "optimizer", "seed")} == {
+        "batch": 2, "photos": 4, "optimizer": "SGD", "seed": 0}
     assert quant["quantized_ops"] == len(quantizable_weights(replica_dirs["extractor"])) and not quant["skip_tensors"]
     report = json.loads((out / "verify.json").read_text())
     check = report["int8_search"]["extractor"]
