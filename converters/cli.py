@@ -75,15 +75,13 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
     verify_images = args.verify_images
     if args.verify and verify_images is None:
         verify_images = _default_verify_images()
-    quant = {}
-    if args.precision == "int8" or args.calib is not None:
-        quant = {"calib_dir": args.calib, "calib_count": args.calib_count}
-    if args.format == "onnx":
-        onnx_quant = {"calib_method": args.calib_method, "quant_mode": args.quant_mode}
-        quant.update({k: v for k, v in onnx_quant.items() if v is not None})
-    else:
-        quant.update({"lite_algo": args.lite_algo, "lite_opt": args.lite_opt, "lite_python": args.lite_python,
-                      "lite_qat": args.lite_qat})
+    # Every option given reaches convert(), which refuses those of another format or precision (dropping them here
+    # would ignore them silently).
+    given = {"calib_dir": args.calib, "calib_count": args.calib_count, "calib_method": args.calib_method,
+             "quant_mode": args.quant_mode, "lite_algo": args.lite_algo, "lite_opt": args.lite_opt,
+             "lite_python": args.lite_python, "lite_qat": args.lite_qat,
+             "lite_bias_correction": True if args.lite_bias_correction else None}
+    quant = {k: v for k, v in given.items() if v is not None}
     if args.lite_skip is not None:
         quant["lite_skip"] = _names(args.lite_skip, "--lite-skip")
     if args.int8_layers is not None:
@@ -184,6 +182,8 @@ def register(subparsers, groups) -> None:
                          "N: keep the N most damaging blocks float")
     cv.add_argument("--lite-algo", choices=list(_SLIM_ALGOS),
                     help="lite int8: paddleslim quant_post_static algorithm (default avg)")
+    cv.add_argument("--lite-bias-correction", action="store_true",
+                    help="lite int8: paddleslim's bias correction of the weights' quantisation error")
     cv.add_argument("--lite-skip", metavar="NAME,...",
                     help="lite int8: weights whose ops stay in float (paddleslim skip_tensor_list), e.g. "
                          "extractor:conv2d_0.w_0 (a bare name when only one model has it)")

@@ -1176,6 +1176,7 @@ def convert(
     lite_algo: Optional[str] = None,
     lite_skip: Optional[Sequence[str]] = None,
     lite_qat: Optional[int] = None,
+    lite_bias_correction: Optional[bool] = None,
     lite_opt: "os.PathLike[str] | str | None" = None,
     lite_python: "os.PathLike[str] | str | None" = None,
     calib_method: Optional[str] = None,
@@ -1214,6 +1215,7 @@ def convert(
       lite_skip: Lite INT8 only: weight names whose ops stay in float (see :mod:`edge_shitu_converters.lite`).
       lite_qat: Lite INT8 only: paddleslim's quantisation-aware training for this many iterations instead of
         post-training quantisation (see :func:`edge_shitu_converters.lite.quantize_aware_training`).
+      lite_bias_correction: Lite INT8 only: paddleslim's bias correction of the weights' quantisation error.
       lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`edge_shitu_converters.lite.find_opt`).
       calib_method: ONNX int8 only: "minmax" (default), "entropy" or "percentile" (see :mod:`edge_shitu_converters.quantize`).
       quant_mode: ONNX int8 only: "static" (default; calibrated on ``calib_dir``) or "dynamic".
@@ -1288,6 +1290,7 @@ def convert(
             algo=lite_algo,
             skip=lite_skip,
             qat_iters=lite_qat,
+            bias_correction=lite_bias_correction,
             opt=lite_opt,
             python=lite_python,
             name=name,
@@ -1295,9 +1298,10 @@ def convert(
             check_program=check_program if verify else None,
             before_publish=_with_head(head, hash_head, check_lite if verify else None),
         )
-    if any(v is not None for v in (lite_algo, lite_skip, lite_qat, lite_opt, lite_python)):
+    if any(v is not None for v in (lite_algo, lite_skip, lite_qat, lite_bias_correction, lite_opt, lite_python)):
         raise InvalidInputError(
-            f"lite_algo, lite_skip, lite_qat, lite_opt and lite_python are for the Paddle-Lite formats, not {spec.name}")
+            f"lite_algo, lite_skip, lite_qat, lite_bias_correction, lite_opt and lite_python are for the Paddle-Lite "
+            f"formats, not {spec.name}")
     det, rec, out = _check_request(det_dir, rec_dir, out_dir, name)
     if budget != "auto" and (quant_mode or "static") != "static" and not isinstance(budget, str):
         raise InvalidInputError("int8_layers N ranks blocks on calibration photos: it needs static quantisation")

@@ -21,6 +21,9 @@ Known defects of Paddle-Lite 2.13rc0, handled here:
 - ``opt`` writes 16 bytes for its version string but initialises only ``v2.13-rc\\0``: the bytes
   after the NUL are whatever was in memory, so two runs give different files. They are zeroed, so a
   bundle (and its digests) is reproducible; Paddle-Lite loads and runs the zeroed file identically.
+  ``opt``'s output also depends on the output path it is given and on the addresses its memory gets
+  (another variable reuse; ``docs/benchmarks.md``), so :func:`run_opt` always has it write the same
+  relative name in a folder of its own, with address-space randomisation off (``setarch -R``).
 - Kernels are compiled into the file for one machine: an ARM ``.nb`` run on x86 returns garbage
   without an error (or crashes). Every written file is checked with
   :func:`edge_shitu.backends.paddlelite.read_nb_targets` to hold kernels of the requested target
@@ -55,9 +58,11 @@ checks paddleslim's program in simulated INT8, so ARM models too).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -231,10 +236,10 @@ def run_opt(
     """Optimise a legacy Paddle program into a Paddle-Lite ``.nb`` file for one machine.
 
     ``opt`` runs as a subprocess (it segfaults on programs it cannot handle) with its output
-    captured and logged at debug level. Its output is written next to ``out_path`` under a temporary
-    name and moved there only when it is complete: the uninitialised bytes of the version field are
-    zeroed (so the same program always gives the same file) and the file's kernels are checked to
-    target ``target`` only.
+    captured and logged at debug level. Its output is written in a private folder next to ``out_path``,
+    always under the same name and with address-space randomisation off (``opt``'s output depends on both),
+    and moved there only when it is complete: the uninitialised bytes of the version field are zeroed (so the same program
+    always gives the same file) and the file's kernels are checked to target ``target`` only.
 
     Args:
       model_file: the legacy program (``inference.pdmodel``); Paddle 3.x-saved programs should go
@@ -259,21 +264,28 @@ def run_opt(
     """
     if target not in LITE_TARGETS:
         raise InvalidInputError(f"unknown Paddle-Lite target {target!r}; expected one of {', '.join(LITE_TARGETS)}")
-    # Absolute: opt runs in the output folder.
+    # Absolute: opt runs in a folder of its own.
     model, params, out = (Path(p).absolute() for p in (model_file, params_file, out_path))
     if out.suffix != ".nb":
         raise InvalidInputError(f"{out}: a Paddle-Lite model file name must end in .nb")
     for kind, path in (("program", model), ("params", params)):
         if not path.is_file():
             raise MissingFileError(f"Paddle {kind} file not found: {path}")
+    if not os.access(opt, os.X_OK):  # setarch would report it as a failed run
+        raise BackendUnavailableError(f"cannot run {opt}: not an executable file.\n{OPT_INSTALL_HINT}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = out.parent / f".{out.stem}.opt-{secrets.token_hex(6)}"
-    written = prefix.with_name(prefix.name + ".nb")
+    # opt's bytes depend on the output path it is given and on where the system places its memory (it orders some
+    # variables by address): it always writes the same relative name, in a folder of its own, with address-space
+    # randomisation off.
+    work = out.parent / f".{out.stem}.opt-{secrets.token_hex(6)}"
+    work.mkdir()
+    written = work / "model.nb"
     command = [
+        *_fixed_layout(),
         str(opt),
         f"--model_file={model}",
         f"--param_file={params}",
-        f"--optimize_out={prefix}",
+        "--optimize_out=model",
         "--optimize_out_type=naive_buffer",
         f"--valid_targets={target}",
     ]
@@ -286,7 +298,7 @@ def run_opt(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                cwd=str(out.parent),
+                cwd=str(work),
                 env=_opt_env(),
                 timeout=timeout_s,
                 check=False,
@@ -311,10 +323,27 @@ def run_opt(
         _check_targets(written, target, what)
         os.replace(written, out)
     finally:
-        if written.exists():
-            written.unlink()
+        shutil.rmtree(work, ignore_errors=True)
     _LOG.info("%s -> %s (%s, %.1f MB)", what, out, version, out.stat().st_size / 1e6)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed_layout() -> Tuple[str, ...]:
+    """The command prefix that runs a program with address-space randomisation off (util-linux's ``setarch -R``),
+    or ``()`` where that is not possible (no ``setarch``, or a sandbox that refuses the personality change)."""
+    setarch = shutil.which("setarch")
+    if setarch is not None:
+        prefix = (setarch, platform.machine(), "-R")
+        try:
+            if subprocess.run([*prefix, "true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                              check=False).returncode == 0:
+                return prefix
+        except (OSError, subprocess.SubprocessError):
+            pass
+    _LOG.warning("setarch -R is not available: Paddle-Lite opt may write a different file for the same program "
+                 "from one run to the next (the models compute the same)")
+    return ()
 
 
 def _zero_version_padding(path: Path) -> str:
@@ -541,6 +570,7 @@ def quantize_post_training(
     feeds: Sequence[Dict[str, np.ndarray]],
     algo: str = DEFAULT_ALGO,
     skip: Optional[Sequence[str]] = None,
+    bias_correction: bool = False,
     python: "os.PathLike[str] | str | None" = None,
     timeout_s: float = _SLIM_TIMEOUT_S,
 ) -> QuantizedModel:
@@ -580,8 +610,11 @@ def quantize_post_training(
         ``scripts/setup-lite-env``).
     """
     slim_algo = _normalise_algo(algo)
+    if not isinstance(bias_correction, bool):
+        raise InvalidInputError(f"bias_correction must be True or False, got {bias_correction!r}")
     return _slim(model_dir, out_dir, feeds, slim_algo, _normalise_skip(skip), None, python, timeout_s,
-                 f"paddleslim quant_post_static ({slim_algo})")
+                 f"paddleslim quant_post_static ({slim_algo})",
+                 options={"bias_correction": bias_correction})
 
 
 def quantize_aware_training(
@@ -642,8 +675,9 @@ def quantize_aware_training(
 def _slim(model_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str",
           feeds: Sequence[Dict[str, np.ndarray]], slim_algo: str, names: Tuple[str, ...],
           qat: Optional[Dict[str, Any]], python: "os.PathLike[str] | str | None", timeout_s: float,
-          what: str) -> QuantizedModel:
-    """One paddleslim worker request (post-training quantisation, or training when ``qat`` is given)."""
+          what: str, options: Optional[Dict[str, Any]] = None) -> QuantizedModel:
+    """One paddleslim worker request (post-training quantisation, or training when ``qat`` is given); ``options``
+    are the request's optional post-training keys (``bias_correction``)."""
     from edge_shitu_converters.lite_worker import find_lite_python
 
     batches = list(feeds)
@@ -677,6 +711,7 @@ def _slim(model_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str"
             "quantizable_op_types": list(_QUANTIZABLE_OPS),
             "result": str(work / "result.json"),
             **({"qat": qat} if qat is not None else {}),
+            **(options or {}),
         }
         (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
         _run_slim(exe, [str(work / "request.json")], f"{what} of {files.directory}", work, timeout_s)
@@ -745,9 +780,10 @@ class _LiteJob:
     def __init__(
         self, target: str, precision: str, calib_dir: Optional[Path], calib_count: int, algo: str, opt: Path,
         skip: Dict[str, Tuple[str, ...]], python: Optional[Path], qat_iters: Optional[int],
-        budget: Union[str, int] = "all",
+        budget: Union[str, int] = "all", bias_correction: bool = False,
     ) -> None:
         self.target, self.precision = target, precision
+        self.bias_correction = bias_correction
         self.calib_dir, self.calib_count, self.algo, self.opt = calib_dir, calib_count, algo, opt
         self.skip, self.python, self.qat_iters, self.budget = skip, python, qat_iters, budget
         self.versions: List[str] = []
@@ -805,10 +841,11 @@ class _LiteJob:
                 quantized = quantize_aware_training(files.directory, out, feeds=feeds, iters=self.qat_iters,
                                                     python=self.python)
         else:
-            with _step(f"{role}: paddleslim quant_post_static ({self.algo}, {len(feeds)} batches{kept})", folder,
-                       timings):
+            corrected = ", bias correction" if self.bias_correction else ""
+            with _step(f"{role}: paddleslim quant_post_static ({self.algo}{corrected}, {len(feeds)} batches{kept})",
+                       folder, timings):
                 quantized = quantize_post_training(files.directory, out, feeds=feeds, algo=self.algo, skip=skip,
-                                                   python=self.python)
+                                                   bias_correction=self.bias_correction, python=self.python)
         self.quantized[role] = quantized
         return quantized
 
@@ -864,7 +901,7 @@ class _LiteJob:
     def quantization(self, role: str) -> Dict[str, Any]:
         """The manifest's ``quantization`` of the role's quantised model."""
         quantized = self.quantized[role]
-        qat = {} if quantized.training is None else {
+        qat = {"bias_correction": self.bias_correction} if quantized.training is None else {
             "qat": {**quantized.training, "teacher": "the fp32 program", "loss": "l2 on the model outputs",
                     "data": "the calibration photos, unlabelled"}}
         return {
@@ -939,6 +976,7 @@ def convert_lite(
     name: Optional[str] = None,
     int8_layers: Union[str, int] = "all",
     qat_iters: Optional[int] = None,
+    bias_correction: Optional[bool] = None,
     check_program: Optional[Callable[[Path, str, Path], Tuple[bool, Sequence[str], Mapping[str, Any]]]] = None,
     before_publish: Optional[Callable[[Path], None]] = None,
 ) -> Path:
@@ -973,6 +1011,8 @@ def convert_lite(
         post-training quantisation (:func:`quantize_aware_training`, the fp32 program as teacher, the calibration
         photos as data). It quantises every weight: no ``skip``, and ``int8_layers`` "all" or "auto" (which then
         checks the trained program and refuses a bundle that fails, ARM included).
+      bias_correction: int8 post-training only: paddleslim's bias correction of the weights' quantisation error
+        (default False; see :func:`quantize_post_training`).
       check_program: ``check_program(staging, role, program_dir) -> (passed, failures, figures)``: the
         verification of one model's fake-quantisation program against its source, with the staging bundle's
         manifest for its pre- and post-processing (``convert(verify=True)`` gives it).
@@ -1019,10 +1059,12 @@ def convert_lite(
                 "Paddle-Lite 2.13rc0's x86 INT8 kernels compute the detector wrongly, without an error (head scores "
                 "unrelated to the quantised program's): build the detector for x86 in fp32, or for arm in int8"
             )
-    elif calib_dir is not None or calib_count is not None or algo is not None or skip is not None:
+    elif any(v is not None for v in (calib_dir, calib_count, algo, skip, bias_correction)):
         raise InvalidInputError(
-            f"calib_dir, calib_count, algo and skip are for int8 bundles; precision is {precision!r}"
+            f"calib_dir, calib_count, algo, skip and bias_correction are for int8 bundles; precision is {precision!r}"
         )
+    if bias_correction is not None and not isinstance(bias_correction, bool):
+        raise InvalidInputError(f"bias_correction must be True or False, got {bias_correction!r}")
     budget = parse_int8_layers(int8_layers)
     if budget != "all" and precision != "int8":
         raise InvalidInputError(f"int8_layers is for int8 bundles; precision is {precision!r}")
@@ -1034,6 +1076,9 @@ def convert_lite(
         if skip or isinstance(budget, int):
             raise InvalidInputError("quantisation-aware training quantises every weight: it takes no skip list and "
                                     "int8_layers 'all' or 'auto', not a number of float layers")
+        if bias_correction is not None:
+            raise InvalidInputError("bias_correction is a post-training quantisation setting; quantisation-aware "
+                                    "training learns its weights")
     if budget == "auto" and check_program is None:
         _LOG.info("int8_layers 'auto' searches only with a verification: every weight is quantised")
         budget = "all"
@@ -1062,7 +1107,7 @@ def convert_lite(
             "agreement with the fp32 models on an ARM device"
         )
     job = _LiteJob(fmt.target, precision, calib, count, job_algo, opt_path, skip_roles, slim_python, qat_iters,
-                   budget)
+                   budget, bool(bias_correction))
 
     def build(staging: Path, work: Path, timings: Dict[str, float]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
         import edge_shitu

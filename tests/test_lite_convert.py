@@ -236,7 +236,8 @@ def test_the_formats_table_has_the_lite_formats():
         ({"target": "arm", "precision": "int8", "calib_dir": "absent"}, MissingFileError, "calibration photo folder"),
         ({"target": "arm", "calib_dir": "."}, InvalidInputError, "for int8 bundles"),
         ({"target": "arm", "algo": "avg"}, InvalidInputError, "for int8 bundles"),
-        ({"target": "arm", "skip": ["conv2d_0.w_0"]}, InvalidInputError, "algo and skip are for int8 bundles"),
+        ({"target": "arm", "skip": ["conv2d_0.w_0"]}, InvalidInputError, "algo, skip and bias_correction are for int8"),
+        ({"target": "arm", "bias_correction": True}, InvalidInputError, "algo, skip and bias_correction are for int8"),
         ({"target": "arm", "precision": "int8", "calib_dir": ".", "calib_count": 0}, InvalidInputError, "calib_count"),
         ({"target": "arm", "precision": "int8", "calib_dir": ".", "calib_count": True}, InvalidInputError, "calib_count"),
         ({"target": "arm", "precision": "int8", "calib_dir": ".", "algo": "percentile"}, InvalidInputError,
@@ -270,9 +271,9 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_pat
 def test_convert_rejects_options_of_other_formats(tmp_path):
     from edge_shitu_converters.convert import convert
 
-    for option in ("lite_opt", "lite_algo", "lite_skip", "lite_qat", "lite_python"):
-        with pytest.raises(InvalidInputError,
-                           match="lite_algo, lite_skip, lite_qat, lite_opt and lite_python are for the Paddle-Lite"):
+    for option in ("lite_opt", "lite_algo", "lite_skip", "lite_qat", "lite_bias_correction", "lite_python"):
+        with pytest.raises(InvalidInputError, match="lite_algo, lite_skip, lite_qat, lite_bias_correction, lite_opt "
+                                                    "and lite_python are for the Paddle-Lite"):
             convert(None, tmp_path, tmp_path / "out", **{option: "x"})
     with pytest.raises(InvalidInputError, match="calib_dir and calib_count are for int8"):
         convert(None, tmp_path, tmp_path / "out", format="lite-x86", calib_dir=tmp_path)
@@ -362,6 +363,41 @@ def test_identical_inputs_give_identical_files(lite_bundles, replica_dirs, opt, 
     manifest = json.loads((again / "manifest.json").read_text())
     assert manifest["name"] == "ppshituv2-rec-replica-s0-lite-x86-fp32"
     assert manifest["models"]["extractor"] == json.loads((first / "manifest.json").read_text())["models"]["extractor"]
+
+
+@pytest.mark.paddle
+def test_the_same_program_gives_the_same_file_wherever_it_is_written(replica_dirs, opt, tmp_path):
+    """opt's bytes depend on the output path it is given and on address-space randomisation: run_opt writes one
+    relative name with randomisation off. 16 runs into folders of other names and lengths give one file."""
+    from edge_shitu_converters.convert import cut_detector_heads
+    from edge_shitu_converters.lite import run_opt
+
+    heads = cut_detector_heads(replica_dirs["detector"], tmp_path / "heads").files
+    files = set()
+    for folder in [f"{r}{name}" for r in "12" for name in ("a", "bb", "ccc", "opt1", "optr0", "zz9",
+                                                              "long-name-of-a-folder", ".x.opt-0123456789ab")]:
+        out = run_opt(heads.program, heads.params, tmp_path / folder / "detector.nb", target="arm", opt=opt)
+        files.add(out.read_bytes())
+        assert sorted(p.name for p in out.parent.iterdir()) == ["detector.nb"]  # no work folder left behind
+    assert len(files) == 1
+
+
+@pytest.mark.parametrize("setarch", [None, "#!/bin/sh\necho 'setarch: failed to set personality' >&2\nexit 1\n"])
+def test_without_a_usable_setarch_opt_runs_as_is_and_says_so(setarch, tmp_path, monkeypatch, caplog):
+    from edge_shitu_converters import lite
+
+    if setarch is not None:  # a sandbox that refuses the personality change
+        fake = tmp_path / "setarch"
+        fake.write_text(setarch)
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    lite._fixed_layout.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="edge_shitu_converters.lite"):
+            assert lite._fixed_layout() == ()
+        assert "setarch -R is not available" in caplog.text
+    finally:
+        lite._fixed_layout.cache_clear()
 
 
 @pytest.mark.paddle
@@ -555,6 +591,7 @@ def test_int8_manifest_records_paddleslim(int8_x86_extractor, replica_dirs, lite
         "calibration_images": 4,
         "calibration_folder": "gallery",
         "preprocessing": "edge_shitu runtime",
+        "bias_correction": False,
     }
 
 
@@ -614,6 +651,32 @@ def test_skip_list_keeps_those_weights_float(replica_dirs, lite_python, rng, tmp
 
 
 @pytest.mark.paddle
+def test_bias_correction_keeps_whole_int8_levels_and_moves_some(replica_dirs, lite_python, rng, tmp_path):
+    """paddleslim's bias correction changes the quantised weights, which stay whole INT8 levels (what `opt` compiles;
+    paddleslim's AdaRound is not offered because it saves fractional ones in this format)."""
+    from edge_shitu_converters.lite import quantizable_weights, quantize_post_training
+
+    rec = replica_dirs["extractor"]
+    names = quantizable_weights(rec)
+    keep = names[1:4]  # a depthwise and two pointwise convolutions; the rest float, for speed
+    skip = [n for n in names if n not in keep]
+    feeds = [{"x": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(2)]
+    levels = {}
+    for corrected in (False, True):
+        quantize_post_training(rec, tmp_path / str(corrected), feeds=feeds, skip=skip, bias_correction=corrected,
+                               python=lite_python)
+        quantised, values = _quantised_and_weights(tmp_path / str(corrected))
+        assert sorted(n for n in quantised if quantised[n]) == sorted(keep)
+        levels[corrected] = {n: values[n] for n in keep}
+    moved = 0
+    for name in keep:
+        plain, corrected = levels[False][name], levels[True][name]
+        assert np.array_equal(corrected, np.round(corrected)) and np.abs(corrected).max() <= 127, name
+        moved += int(np.count_nonzero(plain != corrected))
+    assert moved > 0
+
+
+@pytest.mark.paddle
 def test_skip_names_are_checked_against_the_models_before_any_work(replica_dirs, opt, lite_python, gallery, tmp_path):
     from edge_shitu_converters.lite import convert_lite
 
@@ -665,8 +728,45 @@ def test_cli_lite_skip(tmp_path):
     for extra, message in ((["--format", "lite-arm", "--lite-skip", "conv2d_0.w_0,,conv2d_1.w_0"],
                             "--lite-skip takes comma-separated names without empty ones"),
                            (["--format", "onnx", "--lite-skip", "conv2d_0.w_0"],
-                            "lite_skip, lite_qat, lite_opt and lite_python are for the Paddle-Lite formats, not onnx")):
+                            "lite_skip, lite_qat, lite_bias_correction, lite_opt and lite_python are for the "
+                            "Paddle-Lite formats, not onnx")):
         err = io.StringIO()
         assert main(base + extra, stdout=io.StringIO(), stderr=err) == 2
         assert message in err.getvalue()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    # An option of the other format is refused, not dropped.
+    (["--format", "onnx", "--precision", "int8", "--lite-algo", "hist"], "are for the Paddle-Lite formats, not onnx"),
+    (["--format", "onnx", "--precision", "int8", "--lite-bias-correction"], "are for the Paddle-Lite formats"),
+    (["--format", "lite-arm", "--precision", "int8", "--calib-method", "percentile"],
+     "calib_method and quant_mode are for onnx int8 bundles"),
+    (["--format", "lite-arm", "--lite-bias-correction"],
+     "calib_dir, calib_count, algo, skip and bias_correction are for int8 bundles"),
+    (["--format", "lite-arm", "--precision", "int8", "--lite-qat", "2", "--lite-bias-correction"],
+     "bias_correction is a post-training quantisation setting"),
+])
+def test_cli_quantisation_options_of_another_format_or_precision_are_refused(tmp_path, extra, message):
+    import io
+
+    from edge_shitu.cli import main
+
+    err = io.StringIO()
+    calib = ["--calib", str(tmp_path)] if "int8" in extra else []
+    assert main(["convert", "--rec", str(tmp_path), "--out", str(tmp_path / "out"), *calib, *extra],
+                stdout=io.StringIO(), stderr=err) == 2
+    assert message in err.getvalue().strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [({"bias_correction": 1}, "bias_correction must be True or False")])
+def test_bias_correction_is_checked_before_any_work(tmp_path, kwargs, match):
+    from edge_shitu_converters.lite import convert_lite, quantize_post_training
+
+    with pytest.raises(InvalidInputError, match=match):
+        convert_lite(None, tmp_path, tmp_path / "out", target="arm", precision="int8", calib_dir=tmp_path, **kwargs)
+    with pytest.raises(InvalidInputError, match=match):
+        quantize_post_training(tmp_path / "absent", tmp_path / "q", feeds=[{"x": np.zeros((1, 3, 4, 4), np.float32)}],
+                               **kwargs)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "q").exists()

@@ -109,12 +109,12 @@ def _keep_int8(extractor_dir, n):
     return quantizable_weights(extractor_dir)[n:]
 
 
-def _convert(replica_dirs, out, calib, verify_photos, target, skip, int8_layers="auto"):
+def _convert(replica_dirs, out, calib, verify_photos, target, skip, int8_layers="auto", **options):
     from edge_shitu_converters.convert import convert
 
     return convert(None, replica_dirs["extractor"], out, format=f"lite-{target}", precision="int8", calib_dir=calib,
                    calib_count=4, lite_skip=[f"extractor:{w}" for w in skip], int8_layers=int8_layers, verify=True,
-                   verify_images=verify_photos)
+                   verify_images=verify_photos, **options)
 
 
 @pytest.mark.paddle
@@ -193,7 +193,7 @@ def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_d
     quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
     assert quant["int8_layers"] == 2 and quant["blocks"] == 6 and len(quant["float_weights"]) == 2
     assert set(quant["skip_tensors"]) == set(skip) | set(quant["float_weights"])
-    assert quant["quantized_ops"] == 4
+    assert quant["quantized_ops"] == 4 and quant["bias_correction"] is False
     assert len(runs["opt"]) == 1 and len(runs["quantize"]) == 1
     assert set(runs["quantize"][0]) == set(quant["skip_tensors"])  # the one quantisation already had its float N
 
@@ -202,15 +202,17 @@ def test_x86_int8_layers_n_keeps_the_top_n_float_and_verifies_the_file(replica_d
 def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(replica_dirs, calib, verify_photos,
                                                                                  lite_opt, tmp_path, monkeypatch):
     """Nothing to search, but for an ARM bundle the simulated check is the only figure this machine can give: it is
-    recorded beside 'not verified' and printed by `bundle info`."""
+    recorded beside 'not verified' and printed by `bundle info`. (With paddleslim's bias correction, which the
+    manifest records.)"""
     monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
     skip = _keep_int8(replica_dirs["extractor"], 6)
-    out = _convert(replica_dirs, tmp_path / "arm", calib, verify_photos, "arm", skip)
+    out = _convert(replica_dirs, tmp_path / "arm", calib, verify_photos, "arm", skip, lite_bias_correction=True)
     report = json.loads((out / "verify.json").read_text())
     search = report["int8_search"]["extractor"]
     assert report["passed"] is None and search["chosen"] == 0 and search["steps"][0]["passed"]
     assert search["steps"][0]["figures"]["min_cosine"] > 0.95
-    assert Bundle.load(out).manifest["models"]["extractor"]["quantization"]["quantized_ops"] == 6
+    quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
+    assert quant["quantized_ops"] == 6 and quant["bias_correction"] is True
     from conftest import run_cli
 
     code, text, _ = run_cli("bundle", "info", out)
