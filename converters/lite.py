@@ -237,9 +237,10 @@ def run_opt(
 
     ``opt`` runs as a subprocess (it segfaults on programs it cannot handle) with its output
     captured and logged at debug level. Its output is written in a private folder next to ``out_path``,
-    always under the same name and with address-space randomisation off (``opt``'s output depends on both),
-    and moved there only when it is complete: the uninitialised bytes of the version field are zeroed (so the same program
-    always gives the same file) and the file's kernels are checked to target ``target`` only.
+    always under the same name and with address-space randomisation off (``opt``'s output depends on
+    both), and moved there only when it is complete: the uninitialised bytes of the version field are
+    zeroed (so the same program always gives the same file) and the file's kernels are checked to
+    target ``target`` only.
 
     Args:
       model_file: the legacy program (``inference.pdmodel``); Paddle 3.x-saved programs should go
@@ -593,6 +594,8 @@ def quantize_post_training(
       algo: one of :data:`PTQ_ALGOS` (case-insensitive; see the module docstring).
       skip: weight names whose ops stay in float (see :func:`quantizable_weights`); names the program
         does not have are ignored here (:func:`convert_lite` refuses them).
+      bias_correction: paddleslim's bias correction of the weights' rounding error (the weights stay whole
+        INT8 levels; ``docs/benchmarks.md`` has its effect on the replica detector).
       python: the side environment's Python; default
         :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       timeout_s: seconds before the worker is killed.
@@ -601,8 +604,8 @@ def quantize_post_training(
       The :class:`QuantizedModel`.
 
     Raises:
-      InvalidInputError: no feeds, feeds of different inputs or shapes, an unknown algorithm or a
-        malformed skip list.
+      InvalidInputError: no feeds, feeds of different inputs or shapes, an unknown algorithm, a
+        malformed skip list or a ``bias_correction`` that is not a bool.
       MissingFileError: a model file is missing.
       ConversionError: the program is a PIR ``.json`` program, or paddleslim fails (the message
         has the end of its log).
@@ -901,7 +904,7 @@ class _LiteJob:
     def quantization(self, role: str) -> Dict[str, Any]:
         """The manifest's ``quantization`` of the role's quantised model."""
         quantized = self.quantized[role]
-        qat = {"bias_correction": self.bias_correction} if quantized.training is None else {
+        method = {"bias_correction": self.bias_correction} if quantized.training is None else {
             "qat": {**quantized.training, "teacher": "the fp32 program", "loss": "l2 on the model outputs",
                     "data": "the calibration photos, unlabelled"}}
         return {
@@ -914,7 +917,7 @@ class _LiteJob:
             "calibration_images": self.calib_count,
             "calibration_folder": Path(self.calib_dir).name,
             "preprocessing": "edge_shitu runtime",
-            **qat,
+            **method,
             **self._ranked(role),
         }
 
