@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -126,11 +126,13 @@ class PaddleReferences:
         self._models: Dict[Any, Any] = {}
         self._outputs: Dict[Any, np.ndarray] = {}
 
-    def _model(self, kind: type, model_dir: Path) -> Any:
+    def _model(self, kind: type, model_dir: Path) -> Tuple[tuple, Any]:
+        """``(key, reference model)``: one model per kind and folder (resolved, so two spellings of a folder
+        share it); the key also names its remembered outputs."""
         key = (kind.__name__, str(Path(model_dir).resolve()))
         if key not in self._models:
             self._models[key] = kind(model_dir, threads=self._threads)
-        return self._models[key]
+        return key, self._models[key]
 
     def _cached(self, key: tuple, arrays: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
         digest = hashlib.sha256()
@@ -148,8 +150,8 @@ class PaddleReferences:
         """:meth:`PaddleDetectorReference.run` of the model in ``model_dir`` (same arguments and result)."""
         from edge_shitu_converters.paddle_reference import PaddleDetectorReference
 
-        ref = self._model(PaddleDetectorReference, model_dir)
-        return self._cached(("detector", str(model_dir)), (image, im_shape, scale_factor),
+        key, ref = self._model(PaddleDetectorReference, model_dir)
+        return self._cached(key, (image, im_shape, scale_factor),
                             lambda: ref.run(image, im_shape, scale_factor))
 
     def extractor(self, model_dir: Path, batch: np.ndarray) -> np.ndarray:
@@ -157,8 +159,8 @@ class PaddleReferences:
         (N, 3, H, W)), 16 rows at a time; returns float32 (N, D)."""
         from edge_shitu_converters.paddle_reference import PaddleExtractorReference
 
-        ref = self._model(PaddleExtractorReference, model_dir)
-        return self._cached(("extractor", str(model_dir)), (batch,),
+        key, ref = self._model(PaddleExtractorReference, model_dir)
+        return self._cached(key, (batch,),
                             lambda: np.concatenate([ref.run(batch[i:i + 16]) for i in range(0, len(batch), 16)]))
 
 

@@ -118,6 +118,10 @@ def test_references_run_again_when_the_input_changes(replica_dirs):
     oracle = PaddleExtractorReference(replica_dirs["extractor"], threads=2)
     np.testing.assert_array_equal(refs.extractor(replica_dirs["extractor"], b), oracle.run(b))
     np.testing.assert_array_equal(first, oracle.run(a))
+    # Another spelling of the same folder shares the model and its remembered outputs.
+    rec = replica_dirs["extractor"]
+    other = rec.parent / ".." / rec.parent.name / rec.name
+    assert refs.extractor(other, a) is first and len(refs._models) == 1
 
 
 def test_convert_verify_publishes_only_agreeing_bundles(replica_dirs, verify_photos, tmp_path, monkeypatch):
