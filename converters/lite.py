@@ -272,7 +272,9 @@ def run_opt(
     for kind, path in (("program", model), ("params", params)):
         if not path.is_file():
             raise MissingFileError(f"Paddle {kind} file not found: {path}")
-    if not os.access(opt, os.X_OK):  # setarch would report it as a failed run
+    # Resolved here: under setarch a missing opt would look like a failed run.
+    executable = shutil.which(str(opt))
+    if executable is None:
         raise BackendUnavailableError(f"cannot run {opt}: not an executable file.\n{OPT_INSTALL_HINT}")
     out.parent.mkdir(parents=True, exist_ok=True)
     # opt's bytes depend on the output path it is given and on where the system places its memory (it orders some
@@ -283,7 +285,7 @@ def run_opt(
     written = work / "model.nb"
     command = [
         *_fixed_layout(),
-        str(opt),
+        executable,
         f"--model_file={model}",
         f"--param_file={params}",
         "--optimize_out=model",
@@ -447,6 +449,11 @@ def _normalise_algo(algo: Optional[str]) -> str:
     if not isinstance(algo, str) or algo.lower() not in by_lower:
         raise InvalidInputError(f"unknown quantisation algorithm {algo!r}; expected one of {', '.join(PTQ_ALGOS)}")
     return by_lower[algo.lower()]
+
+
+def _check_bias_correction(bias_correction: Any) -> None:
+    if not isinstance(bias_correction, bool):
+        raise InvalidInputError(f"bias_correction must be True or False, got {bias_correction!r}")
 
 
 def _normalise_skip(skip: Optional[Sequence[str]]) -> Tuple[str, ...]:
@@ -613,8 +620,7 @@ def quantize_post_training(
         ``scripts/setup-lite-env``).
     """
     slim_algo = _normalise_algo(algo)
-    if not isinstance(bias_correction, bool):
-        raise InvalidInputError(f"bias_correction must be True or False, got {bias_correction!r}")
+    _check_bias_correction(bias_correction)
     return _slim(model_dir, out_dir, feeds, slim_algo, _normalise_skip(skip), None, python, timeout_s,
                  f"paddleslim quant_post_static ({slim_algo})",
                  options={"bias_correction": bias_correction})
@@ -1066,8 +1072,8 @@ def convert_lite(
         raise InvalidInputError(
             f"calib_dir, calib_count, algo, skip and bias_correction are for int8 bundles; precision is {precision!r}"
         )
-    if bias_correction is not None and not isinstance(bias_correction, bool):
-        raise InvalidInputError(f"bias_correction must be True or False, got {bias_correction!r}")
+    if bias_correction is not None:
+        _check_bias_correction(bias_correction)
     budget = parse_int8_layers(int8_layers)
     if budget != "all" and precision != "int8":
         raise InvalidInputError(f"int8_layers is for int8 bundles; precision is {precision!r}")

@@ -254,7 +254,8 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         shutil.copy(saved, out_dir / "inference.pdmodel")
         shutil.copy(saved.with_suffix(".pdiparams"), out_dir / "inference.pdiparams")
     return {"iters": int(qat["iters"]), "batch": batch, "learning_rate": float(qat["learning_rate"]),
-            "seed": int(qat["seed"]), "photos": count, "optimizer": "SGD"}
+            "seed": int(qat["seed"]), "photos": count,
+            "optimizer": config["TrainConfig"]["optimizer_builder"]["optimizer"]["type"]}
 
 
 def main(argv: "Sequence[str] | None" = None) -> int:

@@ -563,6 +563,21 @@ def test_corrupt_program_is_a_conversion_error(replica_dirs, opt, tmp_path, rng)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "inference.pdmodel"]
 
 
+def test_opt_is_found_on_path_and_a_non_executable_one_is_unavailable(tmp_path, monkeypatch):
+    from edge_shitu_converters.lite import run_opt
+
+    fake = tmp_path / "fake_opt"
+    fake.write_text("#!/bin/sh\necho 'usage: paddle_lite_opt ...'\nexit 0\n")
+    (tmp_path / "m.pdmodel").write_bytes(b"x")
+    with pytest.raises(BackendUnavailableError, match="cannot run .*fake_opt: not an executable file"):
+        run_opt(tmp_path / "m.pdmodel", tmp_path / "m.pdmodel", tmp_path / "m.nb", target="arm", opt=fake)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    # A bare name is looked up on PATH (and runs: this fake writes nothing).
+    with pytest.raises(ConversionError, match="wrote no model"):
+        run_opt(tmp_path / "m.pdmodel", tmp_path / "m.pdmodel", tmp_path / "m.nb", target="arm", opt="fake_opt")
+
+
 def test_opt_that_writes_nothing_is_a_conversion_error(tmp_path):
     from edge_shitu_converters.lite import run_opt
 
