@@ -236,6 +236,8 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
                         "logging_iter": max(1, int(qat["iters"]) // 10), "learning_rate": float(qat["learning_rate"]),
                         "optimizer_builder": {"optimizer": {"type": "SGD"}}},
     }
+    # Read before AutoCompression, which consumes the config.
+    optimizer = config["TrainConfig"]["optimizer_builder"]["optimizer"]["type"]
     with tempfile.TemporaryDirectory(prefix="qat-") as tmp:
         # AutoCompression rewrites the program in the folder it is given (shape inference): it gets a copy, which is
         # also the teacher.
@@ -255,7 +257,7 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         shutil.copy(saved.with_suffix(".pdiparams"), out_dir / "inference.pdiparams")
     return {"iters": int(qat["iters"]), "batch": batch, "learning_rate": float(qat["learning_rate"]),
             "seed": int(qat["seed"]), "photos": count,
-            "optimizer": config["TrainConfig"]["optimizer_builder"]["optimizer"]["type"]}
+            "optimizer": optimizer}
 
 
 def main(argv: "Sequence[str] | None" = None) -> int:
