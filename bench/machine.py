@@ -10,7 +10,11 @@ how far those kernels are from the machine's integer rate.
 
 MACs per node, from the shapes of :func:`onnx.shape_inference.infer_shapes` at a given input size:
 
-- ``Conv``, ``ConvInteger``, ``QLinearConv``: output elements × input channels / groups × kernel elements;
+- ``Conv``, ``ConvInteger``, ``QLinearConv``: output elements × input channels / groups × kernel elements,
+  where a constant weight (an initializer, or a ``DequantizeLinear`` of one) counts only its structurally
+  live part: filters with a non-zero value, and input-channel × kernel positions non-zero in some filter. The
+  converter's kernel-shape rewrites add zero filters and zero positions (padded channels, space-to-depth
+  stems) that a CPU multiplies but the model does not need, so a re-laid model counts the work of its source;
 - ``MatMul``, ``MatMulInteger``, ``QLinearMatMul``, ``Gemm``: output elements × K (so M × N × K per matrix);
 - other ops: none (element-wise work, pooling and resizes move memory; they do no GEMM work).
 
@@ -356,7 +360,7 @@ def count_macs(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[
     for i, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_INPUT:
             continue
-        macs = _node_macs(node, shapes, i)
+        macs = _node_macs(node, shapes, i, _constant_weight(node, producers, graph.initializer))
         integer = _on_integer_kernels(node, producers, consumers, set(o.name for o in graph.output))
         nodes += 1
         by_op[node.op_type] = by_op.get(node.op_type, 0) + macs
@@ -400,13 +404,33 @@ def _shape(shapes: Mapping[str, Optional[Tuple[int, ...]]], name: str, node: Any
     return shape
 
 
-def _node_macs(node: Any, shapes: Mapping[str, Optional[Tuple[int, ...]]], index: int) -> int:
+def _constant_weight(node: Any, producers: Mapping[str, Any], initializers: Sequence[Any]) -> Optional[np.ndarray]:
+    """The values of a convolution's weight when they are constant (an initializer or a DQ of one), else None."""
+    from onnx import numpy_helper
+
+    if node.op_type not in _CONVS:
+        return None
+    name = node.input[_WEIGHT_INPUT[node.op_type]]
+    source = producers.get(name)
+    if source is not None and source.op_type == "DequantizeLinear" and source.domain in ("", "ai.onnx"):
+        name = source.input[0]
+    init = next((t for t in initializers if t.name == name), None)
+    return None if init is None else numpy_helper.to_array(init)
+
+
+def _node_macs(node: Any, shapes: Mapping[str, Optional[Tuple[int, ...]]], index: int,
+               weight_values: Optional[np.ndarray] = None) -> int:
     out = _shape(shapes, node.output[0], node, index)
     out_elements = int(np.prod(out, dtype=np.int64))
     if node.op_type in _CONVS:
         weight = _shape(shapes, node.input[_WEIGHT_INPUT[node.op_type]], node, index)
         # weight: (Cout, Cin / groups, k1, k2, ...): each output element sums Cin/groups × kernel products.
-        return out_elements * int(np.prod(weight[1:], dtype=np.int64))
+        per_output = int(np.prod(weight[1:], dtype=np.int64))
+        if weight_values is None or weight_values.ndim < 2 or weight_values.shape[0] != weight[0]:
+            return out_elements * per_output
+        nonzero = (weight_values != 0).reshape(weight_values.shape[0], -1)
+        live_filters, live_positions = int(nonzero.any(axis=1).sum()), int(nonzero.any(axis=0).sum())
+        return out_elements // weight[0] * live_filters * live_positions
     a = _shape(shapes, node.input[0], node, index)
     if node.op_type == "Gemm":
         trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)

@@ -935,7 +935,8 @@ def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: 
 
 def _written_model(float_blocks: Sequence[str], report: Any) -> Dict[str, Any]:
     """The manifest's record of what the INT8 model written (its :class:`QuantReport`) keeps float or rewrote."""
-    return {"float_blocks": list(float_blocks), "integer_hard_sigmoids": len(report.integer_hard_sigmoids)}
+    return {"float_blocks": list(float_blocks), "integer_hard_sigmoids": len(report.integer_hard_sigmoids),
+            "kernel_shapes": list(report.kernel_shapes)}
 
 
 def _rewrite_manifest(staging: Path, role: str, update: Mapping[str, Any]) -> None:

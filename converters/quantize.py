@@ -14,7 +14,9 @@ sees. :func:`quantize_model` runs these steps:
 4. ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) or ``quantize_dynamic``
    writes the INT8 model; the float tail then gets int8 weights too (:func:`int8_tail_weights`), and
    quantised hard sigmoids are rewritten for onnxruntime's integer kernels
-   (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`);
+   (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`), and convolutions of shapes its
+   integer kernels run slowly are re-laid without changing a value
+   (:mod:`edge_shitu_converters.kernel_shapes`);
 5. the result is checked with ``onnx.checker`` and loaded by onnxruntime before it replaces
    ``out_path``.
 
@@ -65,6 +67,7 @@ from edge_shitu.errors import (
 from edge_shitu.image import load_image
 from edge_shitu.preprocess import image_to_tensor
 from edge_shitu_converters.integer_ops import integer_hard_sigmoids
+from edge_shitu_converters.kernel_shapes import pad_depthwise_channels, space_to_depth_stems
 
 __all__ = [
     "MODES",
@@ -182,6 +185,7 @@ class QuantizeOptions:
     exclude_op_types: Tuple[str, ...] = ()
     percentile: float = 99.999
     integer_hard_sigmoid: bool = True
+    kernel_shapes: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("quantisation mode", self.mode, MODES)
@@ -189,7 +193,8 @@ class QuantizeOptions:
         _check_choice("quantisation format", self.quant_format, FORMATS)
         _check_choice("activation type", self.activation_type, QUANT_TYPES)
         _check_choice("weight type", self.weight_type, QUANT_TYPES)
-        for name in ("per_channel", "pre_process", "reduce_range", "tail_int8_weights", "integer_hard_sigmoid"):
+        for name in ("per_channel", "pre_process", "reduce_range", "tail_int8_weights", "integer_hard_sigmoid",
+                     "kernel_shapes"):
             _check_bool(name, getattr(self, name))
         _check_int("calib_count", self.calib_count, 1)
         _check_int("calib_batch", self.calib_batch, 1)
@@ -236,6 +241,8 @@ class QuantReport:
       quantized_ops: op type -> number of nodes that compute on quantised activations.
       seconds: step name -> wall time in seconds.
       integer_hard_sigmoids: ``HardSigmoid`` nodes rewritten for an integer kernel (``integer_hard_sigmoid``).
+      kernel_shapes: Conv nodes re-laid for faster integer kernels (``kernel_shapes``): space-to-depth
+        stems, then padded depthwise convolutions.
     """
 
     source: Path
@@ -249,6 +256,7 @@ class QuantReport:
     quantized_ops: Mapping[str, int] = field(default_factory=dict)
     seconds: Mapping[str, float] = field(default_factory=dict)
     integer_hard_sigmoids: Tuple[str, ...] = ()
+    kernel_shapes: Tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -882,9 +890,12 @@ class ModelQuantizer:
                 # scores by more than the verification allows).
                 weight_only = int8_tail_weights(result, tail)
             rewritten: Tuple[str, ...] = ()
+            relaid: Tuple[str, ...] = ()
             if options.integer_hard_sigmoid and options.mode == "static":
                 rewritten = integer_hard_sigmoids(result)
-            if weight_only or rewritten:
+            if options.kernel_shapes and options.mode == "static":
+                relaid = space_to_depth_stems(result) + pad_depthwise_channels(result)
+            if weight_only or rewritten or relaid:
                 onnx.save(result, str(quantized))
             counts = _quantized_ops(result, float_nodes)
             if not counts:
@@ -903,7 +914,7 @@ class ModelQuantizer:
             source=self.source, output=target, options=options, fp32_bytes=self.source.stat().st_size,
             int8_bytes=target.stat().st_size, calib_images=self.calib_images, float_nodes=tuple(float_nodes),
             weight_only_nodes=tuple(weight_only), quantized_ops=counts, seconds=seconds,
-            integer_hard_sigmoids=rewritten,
+            integer_hard_sigmoids=rewritten, kernel_shapes=relaid,
         )
         _LOG.info(
             "%s -> %s: %s%s, %.2f MB -> %.2f MB (%.2fx), %d nodes float, in %.1f s",

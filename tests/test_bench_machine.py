@@ -87,6 +87,40 @@ def test_conv_macs_follow_groups_strides_pads_and_dilations(tmp_path, rng, k, st
     assert machine.count_macs(path).total == want
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_conv_macs_count_only_the_live_part_of_a_constant_weight(tmp_path, rng, quantized):
+    """Zero filters and input-channel x kernel positions zero in every filter (what the converter's padded channels
+    and space-to-depth stems add) are not counted; a zero inside a live filter and position still is."""
+    w = rng.integers(1, 100, (6, 4, 3, 3)).astype(np.int8 if quantized else np.float32)
+    w[4:] = 0                 # two dead filters
+    w[:, 1] = 0               # a dead input channel
+    w[:, 2, 0, 0] = 0         # a dead position
+    w[0, 3, 1, 1] = 0         # a zero inside a live filter and position: counted
+    oracle = 0
+    for _ in range(2 * 13 * 11):                      # output pixels of a stride-1 "same" 3x3 conv, batch 2
+        for co in range(6):
+            for ci in range(4):
+                for ky in range(3):
+                    for kx in range(3):
+                        oracle += bool(w[co].any() and w[:, ci, ky, kx].any())
+    inits = {"w": w}
+    nodes = [helper.make_node("Conv", ["x", "wf"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    if quantized:
+        inits["s"] = np.ones(6, np.float32)
+        nodes.insert(0, helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0))
+    else:
+        nodes[0].input[1] = "w"
+    path = write_onnx(tmp_path / "conv.onnx", nodes, [_vi("x", [2, 4, 13, 11])], [_vi("y", 4)], inits)
+    assert machine.count_macs(path).total == oracle == 2 * 13 * 11 * 4 * (3 * 9 - 1)
+
+
+def test_conv_macs_of_a_weight_computed_at_run_time_count_every_product(tmp_path):
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])
+    path = write_onnx(tmp_path / "conv.onnx", [node], [_vi("x", [1, 4, 9, 9]), _vi("w", [6, 4, 3, 3])],
+                      [_vi("y", 4)], {})
+    assert machine.count_macs(path).total == _conv_oracle(1, 4, 9, 9, 6, 3)
+
+
 def test_matmul_and_gemm_macs(tmp_path, rng):
     # Batched MatMul with broadcasting: (2, 1, 5, 7) x (3, 7, 4) -> (2, 3, 5, 4), K = 7.
     b = rng.standard_normal((3, 7, 4)).astype(np.float32)

@@ -10,6 +10,7 @@ activations lose some of its boxes): these are conversion-fidelity floors, not a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -476,6 +477,45 @@ def test_replica_int8_detector_runs_its_hard_sigmoids_on_integer_kernels(int8_re
     ops = _ops(tmp_path / "optimized.onnx")
     assert ops.get("HardSigmoid", 0) == len([g for g in gates if g in float_nodes])
     assert ops["QLinearAdd"] >= len(report.integer_hard_sigmoids)
+
+
+@pytest.mark.paddle
+def test_replica_int8_detector_kernel_shapes_change_no_output(int8_replica, drink_dir, test_images, tmp_path):
+    """The quantiser re-lays the detector's image stem and its depthwise convolutions whose channels are no
+    multiple of 16; every output is bit-identical to the same quantisation without, and onnxruntime still runs on
+    integer kernels every convolution it ran on them before."""
+    from edge_shitu_converters.kernel_shapes import PAD_MAX_GROWTH
+
+    report = int8_replica["reports"]["detector"]
+    spec = int8_replica["bundle"].require("detector")
+    plain = quantize_model(spec.path, tmp_path / "plain.onnx", input_spec=spec.input, calib_dir=_gallery(drink_dir),
+                           options=dataclasses.replace(report.options, kernel_shapes=False))
+    assert plain.kernel_shapes == ()
+    model = onnx.load(str(plain.output))
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in plain.float_nodes]
+    channels = {n.name: inits[producer[n.input[1]].input[0]].dims for n in convs}
+    depthwise = [n.name for n in convs if channels[n.name][1] == 1 and channels[n.name][0] % 16
+                 and -(-channels[n.name][0] // 16) * 16 <= PAD_MAX_GROWTH * channels[n.name][0]]
+    assert channels[convs[0].name][1] == 3 and depthwise
+    assert report.kernel_shapes == (convs[0].name, *depthwise)
+
+    ops = {}
+    for name, path in (("plain", plain.output), ("relaid", report.output)):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(tmp_path / f"{name}-optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ops[name] = _ops(tmp_path / f"{name}-optimized.onnx")
+    assert ops["relaid"]["QLinearConv"] == ops["plain"]["QLinearConv"]
+    assert ops["relaid"].get("Conv", 0) + ops["relaid"].get("FusedConv", 0) == \
+        ops["plain"].get("Conv", 0) + ops["plain"].get("FusedConv", 0)
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (plain.output, report.output))
+    for path in test_images[:3]:
+        x = {spec.input.name: image_to_tensor(load_image(path), spec.input)[None]}
+        for got, want in zip(b.run(None, x), a.run(None, x)):
+            assert np.array_equal(got, want), path
 
 
 @pytest.mark.paddle

@@ -1,0 +1,453 @@
+"""Exact rewrites of a quantised ONNX model's convolutions into shapes onnxruntime's integer kernels run faster.
+
+Both rewrites change which kernel onnxruntime picks, never a value: integer sums are exact, so the
+rewritten model's outputs are bit-identical to the original's (tests/test_kernel_shapes.py checks
+that on random models and on the replica detector).
+
+- **Space-to-depth stems** (:func:`space_to_depth_stems`). A stride-2 convolution of an image with 3
+  channels reaches only a few GMAC/s in ``QLinearConv``: its im2col rows are 27 values long. Every
+  output pixel of a stride-2 convolution reads whole 2x2 cells of its input, so the same sums come from
+  a stride-1 convolution over the cells (``SpaceToDepth``: 4x the channels, half the height and width)
+  with the weights re-laid, zeros where a cell position falls outside the original kernel. On the
+  replica detector the 3 -> 40 channel stem went from 10-15 ms to about 3 ms.
+- **Depthwise channels padded** (:func:`pad_depthwise_channels`). onnxruntime's integer depthwise
+  kernel runs about twice as fast on a channel count that is a multiple of 16 (3x3 on 320x320:
+  40 channels 5.9 ms, 48 channels 3.0 ms). The convolution that makes the channels gets zero filters,
+  the depthwise one zero filters, and the convolutions that read the result zero weights for the new
+  channels, so the extra channels never reach an output.
+
+Figures: docs/benchmarks.md, "Kernel-friendly convolution shapes".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+
+import numpy as np
+
+__all__ = ["space_to_depth_stems", "pad_depthwise_channels", "STEM_MAX_CHANNELS", "PAD_MAX_GROWTH"]
+
+# A stem is rewritten only for image-like inputs: with more input channels im2col rows are long enough
+# for the kernel already, and the rewrite's extra multiplications by zero (16/9 for 3x3) would cost.
+STEM_MAX_CHANNELS = 4
+
+# A depthwise group is padded only when it grows by at most this factor: the depthwise kernel gains
+# about 2x, while the convolution that makes the channels and the element-wise ops between them grow by it.
+PAD_MAX_GROWTH = 1.25
+
+# Ops that treat every channel alike, with per-tensor (scalar) constants: the padded channels pass through.
+_ELEMENTWISE = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "Add", "Sub", "Mul", "Div", "HardSigmoid", "HardSwish", "Relu",
+    "LeakyRelu", "Clip", "Sigmoid", "Identity",
+})
+
+
+class _Graph:
+    """Producer/consumer maps and initializer access of one ``onnx.GraphProto``."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx import numpy_helper
+
+        self._np = numpy_helper
+        self.graph = model.graph
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers: Dict[str, List[Any]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.boundary = {v.name for v in self.graph.input} | {v.name for v in self.graph.output}
+        self.taken = ({n.name for n in self.graph.node} | set(self.producer) | set(self.inits) | self.boundary
+                      | {v.name for v in self.graph.value_info})
+
+    def array(self, name: str) -> Optional[np.ndarray]:
+        init = self.inits.get(name)
+        return None if init is None else self._np.to_array(init)
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        self.inits[name].CopyFrom(self._np.from_array(value, name))
+
+    def fresh(self, base: str) -> str:
+        name = base
+        while name in self.taken:
+            name += "_"
+        self.taken.add(name)
+        return name
+
+    def is_scalar_constant(self, name: str) -> bool:
+        """An initializer of one value, or a Q/DQ of such initializers only."""
+        if not name:
+            return True
+        value = self.array(name)
+        if value is not None:
+            return value.size == 1
+        node = self.producer.get(name)
+        return (node is not None and node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and all(self.array(i) is not None and self.array(i).size == 1 for i in node.input if i))
+
+    def weight(self, node: Any) -> Optional[Tuple[Any, np.ndarray]]:
+        """``(DequantizeLinear node, int weights)`` of a Conv whose weights are a DQ of an initializer
+        used by nothing else, else None."""
+        dq = self.producer.get(node.input[1]) if len(node.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or len(self.consumers.get(dq.output[0], [])) != 1:
+            return None
+        values = self.array(dq.input[0])
+        if values is None or values.ndim != 4 or len(self.consumers.get(dq.input[0], [])) != 1:
+            return None
+        return dq, values
+
+
+def _attrs(node: Any) -> Dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _set_attr(node: Any, name: str, value: Any) -> None:
+    from onnx import helper
+
+    for i, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _static_shapes(model: Any) -> Dict[str, List[int]]:
+    """Tensor name -> shape, from onnx's shape inference (unknown dims as -1)."""
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    return shapes
+
+
+def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
+    """Rewrite each quantised stride-2 image convolution as ``SpaceToDepth`` + a stride-1 convolution (in place).
+
+    A Conv is rewritten when: its input is a ``DequantizeLinear`` of a ``QuantizeLinear`` (per tensor)
+    of a float 4-D tensor with at most :data:`STEM_MAX_CHANNELS` channels and a known, even height and
+    width (the image input of a QDQ model); its weights are a ``DequantizeLinear`` of an initializer
+    used by nothing else; ``group`` 1, strides 2x2, dilations 1. The 2x2 cells are formed on the float
+    tensor (``SpaceToDepth`` has float kernels in every onnxruntime; 8-bit ones only since 2026, and a
+    6-D ``Transpose`` of 8-bit values took longer than the convolution saves) and quantised with the
+    same scale and zero point, so the codes are the same values re-laid. Padding stays exact: a padded
+    cell holds the zero point, as the original padding did.
+
+    Args:
+      model: an ``onnx.ModelProto`` (opset >= 13), e.g. the QDQ output of ``quantize_static``; its nodes
+        stay in topological order.
+
+    Returns:
+      Names of the rewritten Conv nodes, in graph order.
+
+    Raises:
+      Nothing of its own: a node that does not fit is left as it is.
+    """
+    from onnx import helper, numpy_helper
+
+    g = _Graph(model)
+    shapes = _static_shapes(model)
+    done: List[str] = []
+    nodes: List[Any] = []
+    for node in g.graph.node:
+        plan = _stem_plan(g, node, shapes) if node.op_type == "Conv" else None
+        if plan is None:
+            nodes.append(node)
+            continue
+        quantizer, source, weight_dq, weights, begins, (rows, cols) = plan
+        base = node.name or g.fresh(f"Conv_{len(done)}")
+        names = {key: g.fresh(f"{base}_s2d_{key}") for key in ("cells", "quantized", "input", "weights", "weights_dq")}
+        g.graph.initializer.append(numpy_helper.from_array(_cell_weights(weights, begins, rows, cols), names["weights"]))
+        nodes += [
+            helper.make_node("SpaceToDepth", [quantizer.input[0]], [names["cells"]], blocksize=2, name=names["cells"]),
+            helper.make_node("QuantizeLinear", [names["cells"], *quantizer.input[1:]], [names["quantized"]],
+                             name=names["quantized"], **_attrs(quantizer)),
+            helper.make_node("DequantizeLinear", [names["quantized"], *source.input[1:]], [names["input"]],
+                             name=names["input"], **_attrs(source)),
+            helper.make_node("DequantizeLinear", [names["weights"], *weight_dq.input[1:]], [names["weights_dq"]],
+                             name=names["weights_dq"], **_attrs(weight_dq)),
+            helper.make_node("Conv", [names["input"], names["weights_dq"], *node.input[2:]], list(node.output),
+                             name=base, group=1, kernel_shape=[rows[0], cols[0]], strides=[1, 1], dilations=[1, 1],
+                             pads=[rows[1], cols[1], rows[2], cols[2]]),
+        ]
+        done.append(base)
+    if done:
+        del g.graph.node[:]
+        g.graph.node.extend(nodes)
+        _drop_unused(model)
+    return tuple(done)
+
+
+def _stem_plan(g: _Graph, node: Any, shapes: Dict[str, List[int]]):
+    """``(quantizer, dequantizer, weight DQ, weights, begin pads, (row geometry, column geometry))`` or None."""
+    attrs = _attrs(node)
+    if (attrs.get("group", 1) != 1 or list(attrs.get("strides", [1, 1])) != [2, 2]
+            or list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"):
+        return None
+    source = g.producer.get(node.input[0])
+    if source is None or source.op_type != "DequantizeLinear" or not all(g.is_scalar_constant(i) for i in source.input[1:]):
+        return None
+    quantizer = g.producer.get(source.input[0])
+    if (quantizer is None or quantizer.op_type != "QuantizeLinear"
+            or not all(g.is_scalar_constant(i) for i in quantizer.input[1:])):
+        return None
+    weight = g.weight(node)
+    shape = shapes.get(quantizer.input[0])
+    if weight is None or shape is None or len(shape) != 4:
+        return None
+    weight_dq, weights = weight
+    _, channels, height, width = shape
+    if not 0 < channels <= STEM_MAX_CHANNELS or weights.shape[1] != channels:
+        return None
+    if height <= 0 or width <= 0 or height % 2 or width % 2:
+        return None
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    rows = _cell_geometry(height, pads[0], pads[2], weights.shape[2])
+    cols = _cell_geometry(width, pads[1], pads[3], weights.shape[3])
+    if rows is None or cols is None:
+        return None
+    return quantizer, source, weight_dq, weights, (pads[0], pads[1]), (rows, cols)
+
+
+def _cell_geometry(size: int, begin: int, end: int, k: int) -> Optional[Tuple[int, int, int]]:
+    """``(kernel, pad begin, pad end)`` along one axis of the stride-1 convolution over 2x2 cells.
+
+    Output ``o`` of the original reads input ``2o - begin + t`` (``0 <= t < k``), i.e. cell ``o + d`` with
+    ``d = (t - begin) // 2``: cells ``o + low`` to ``o + high``. The end padding is what gives the
+    original's output size; None when that would need a negative one.
+    """
+    low, high = (0 - begin) // 2, (k - 1 - begin) // 2
+    kernel = high - low + 1
+    out = (size + begin + end - k) // 2 + 1
+    pad_end = out - size // 2 + low + kernel - 1
+    return (kernel, -low, pad_end) if pad_end >= 0 else None
+
+
+def _cell_weights(weights: np.ndarray, begins: Tuple[int, int], rows: Tuple[int, int, int],
+                  cols: Tuple[int, int, int]) -> np.ndarray:
+    """Weights of the stride-1 convolution over 2x2 cells (zeros where a cell position is outside the kernel).
+
+    Tap ``t`` of the original kernel (begin padding ``begin``) lies in cell ``d = (t - begin) // 2`` at position
+    ``p = (t - begin) % 2``, i.e. at tap ``d + pad`` of the new kernel (``pad``: its begin padding); ``SpaceToDepth``'s
+    channel for position ``(ph, pw)`` and input channel ``c`` is ``(2 ph + pw) C + c``.
+    """
+    out_channels, channels, kh, kw = weights.shape
+    (kernel_h, pad_h, _), (kernel_w, pad_w, _) = rows, cols
+    begin_h, begin_w = begins
+    cells = np.zeros((out_channels, 4 * channels, kernel_h, kernel_w), weights.dtype)
+    for th in range(kh):
+        for tw in range(kw):
+            (dh, ph), (dw, pw) = divmod(th - begin_h, 2), divmod(tw - begin_w, 2)
+            cells[:, (2 * ph + pw) * channels:(2 * ph + pw + 1) * channels, dh + pad_h, dw + pad_w] = weights[:, :, th, tw]
+    return cells
+
+
+def pad_depthwise_channels(model: Any, multiple: int = 16) -> Tuple[str, ...]:
+    """Pad the channels of quantised depthwise convolutions to a multiple of ``multiple`` (in place).
+
+    A depthwise Conv (``group`` = its input and output channels C, C not a multiple) is padded with
+    its whole channel group: the tensors reachable from its input and output through element-wise
+    ops with per-tensor constants (``Q``/``DQ``, ``Add``, ``Mul``, ``HardSigmoid``, ...). The group must
+    start at convolutions with ``group`` 1 (they get zero filters for the new channels), end at
+    convolutions with ``group`` 1 reading it as their input (they get zero weights for them), hold only
+    depthwise convolutions of C channels besides, and reach no graph input or output and no other op
+    (a ``Concat``, a pooling, a shape). Every convolution's weights must be a ``DequantizeLinear`` of an
+    initializer used by it alone. Groups that grow by more than :data:`PAD_MAX_GROWTH` are left.
+
+    Args:
+      model: an ``onnx.ModelProto`` (opset >= 13) in QDQ form; its nodes stay in topological order.
+      multiple: the channel multiple, >= 2.
+
+    Returns:
+      Names of the padded depthwise Conv nodes, in graph order.
+
+    Raises:
+      ValueError: ``multiple`` below 2.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 2:
+        raise ValueError(f"multiple must be an int >= 2, got {multiple!r}")
+    g = _Graph(model)
+    padded: List[str] = []
+    seen: Set[str] = set()
+    for node in list(g.graph.node):
+        channels = _depthwise_channels(g, node)
+        if channels is None or node.output[0] in seen or channels % multiple == 0:
+            continue
+        target = -(-channels // multiple) * multiple
+        if target > PAD_MAX_GROWTH * channels:
+            continue
+        group = _channel_group(g, node, channels)
+        if group is None:
+            continue
+        tensors, heads, depthwise, tails = group
+        seen.update(n.output[0] for n in depthwise)
+        extra = target - channels
+        for conv in heads:
+            _pad_filters(g, conv, extra)
+        for conv in depthwise:
+            _pad_filters(g, conv, extra)
+            _set_attr(conv, "group", target)
+        for conv in tails:
+            dq, values = g.weight(conv)
+            g.set_array(dq.input[0], np.pad(values, ((0, 0), (0, extra), (0, 0), (0, 0))))
+        kept = [v for v in g.graph.value_info if v.name not in tensors]
+        del g.graph.value_info[:]
+        g.graph.value_info.extend(kept)
+        padded += [n.output[0] for n in depthwise]
+    return tuple(n.name for n in g.graph.node if n.op_type == "Conv" and n.output[0] in padded)
+
+
+def _depthwise_channels(g: _Graph, node: Any) -> Optional[int]:
+    """C of a depthwise Conv (``group`` = C, weights C x 1 x kh x kw) with DQ weights, else None."""
+    if node.op_type != "Conv":
+        return None
+    weight = g.weight(node)
+    if weight is None:
+        return None
+    channels = weight[1].shape[0]
+    return channels if weight[1].shape[1] == 1 and _attrs(node).get("group", 1) == channels > 1 else None
+
+
+def _is_dense(g: _Graph, node: Any) -> bool:
+    return node.op_type == "Conv" and _attrs(node).get("group", 1) == 1 and g.weight(node) is not None
+
+
+def _paddable(g: _Graph, conv: Any, *, filters: bool) -> bool:
+    """Whether every initializer padding would change belongs to ``conv`` alone: its weights, and with
+    ``filters`` their per-channel scale and zero point and its bias (an initializer, or a DQ of one)."""
+    dq, _ = g.weight(conv)
+    names = [dq.input[0]]
+    if filters:
+        names += [i for i in dq.input[1:] if i]
+        if len(conv.input) > 2 and conv.input[2]:
+            source = g.producer.get(conv.input[2])
+            if source is None:
+                names.append(conv.input[2])
+            elif source.op_type != "DequantizeLinear" or len(g.consumers.get(conv.input[2], [])) != 1:
+                return False
+            else:
+                names += [i for i in source.input if i]
+    return all(name in g.inits and len(g.consumers.get(name, [])) == 1 for name in names)
+
+
+def _input_scale(g: _Graph, conv: Any) -> Optional[float]:
+    """The per-tensor scale of a Conv's dequantised input, or None when it has none."""
+    source = g.producer.get(conv.input[0])
+    if source is None or source.op_type != "DequantizeLinear" or len(source.input) < 2:
+        return None
+    scale = g.array(source.input[1])
+    return float(scale.reshape(())) if scale is not None and scale.size == 1 else None
+
+
+def _channel_group(g: _Graph, start: Any, channels: int):
+    """``(tensors, head convs, depthwise convs, tail convs)`` of ``start``'s channel group, or None."""
+    tensors: Set[str] = set()
+    queue: List[str] = []
+    # Nodes are keyed by their first output, which a valid graph keeps unique (names may be empty).
+    inside: Dict[str, Any] = {start.output[0]: start}
+    heads: Dict[str, Any] = {}
+    tails: Dict[str, Any] = {}
+
+    def add(names: Iterable[str]) -> None:
+        for name in names:
+            if name and name not in tensors:
+                tensors.add(name)
+                queue.append(name)
+
+    def enter(node: Any) -> bool:
+        """Take an element-wise or depthwise node into the group; False if it cannot be."""
+        if node.output[0] in inside:
+            return True
+        if node.op_type in _ELEMENTWISE:
+            constants = [i for i in node.input if g.is_scalar_constant(i)]
+            # Q/DQ must be per tensor: scale and zero point are scalars.
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(constants) < len(node.input) - 1:
+                return False
+            if any(i in g.inits for i in node.input if i not in constants):
+                return False
+            inside[node.output[0]] = node
+            add([i for i in node.input if i not in constants])
+            add(node.output)
+            return True
+        if (_depthwise_channels(g, node) == channels and _input_scale(g, node) is not None
+                and _paddable(g, node, filters=True)):
+            inside[node.output[0]] = node
+            add([node.input[0], node.output[0]])
+            return True
+        return False
+
+    if _input_scale(g, start) is None or not _paddable(g, start, filters=True):
+        return None
+    add([start.input[0], start.output[0]])
+    while queue:
+        name = queue.pop()
+        if name in g.boundary or name in g.inits:
+            return None
+        producer = g.producer.get(name)
+        if producer is None:
+            return None
+        if producer.output[0] not in inside and producer.output[0] not in heads:
+            if (_is_dense(g, producer) and producer.output[0] == name and _input_scale(g, producer) is not None
+                    and g.weight(producer)[1].shape[0] == channels and _paddable(g, producer, filters=True)):
+                heads[name] = producer
+            elif not enter(producer):
+                return None
+        for user in g.consumers.get(name, []):
+            if user.output[0] in inside or user.output[0] in tails:
+                continue
+            if (_is_dense(g, user) and user.input[0] == name and name not in user.input[1:]
+                    and _paddable(g, user, filters=False)):
+                tails[user.output[0]] = user
+            elif not enter(user) or (user.op_type == "Conv" and user.input[0] != name):
+                return None
+    if not heads or not tails:
+        return None
+    depthwise = [n for n in inside.values() if n.op_type == "Conv"]
+    return tensors, list(heads.values()), depthwise, list(tails.values())
+
+
+def _pad_filters(g: _Graph, conv: Any, extra: int) -> None:
+    """Append ``extra`` zero filters to ``conv`` (weights, per-channel scale and zero point, bias)."""
+    dq, values = g.weight(conv)
+    g.set_array(dq.input[0], np.pad(values, ((0, extra), (0, 0), (0, 0), (0, 0))))
+    _pad_channel_params(g, dq, extra)
+    if len(conv.input) > 2 and conv.input[2]:
+        bias = conv.input[2]
+        source = g.producer.get(bias)
+        if source is not None and source.op_type == "DequantizeLinear":
+            g.set_array(source.input[0], np.pad(g.array(source.input[0]), (0, extra)))
+            # onnxruntime fuses the Conv into its integer kernel only if each bias scale is the input's
+            # scale times the weight's (1 for the new filters); without it the Conv runs in float.
+            _pad_channel_params(g, source, extra, scale=_input_scale(g, conv))
+        else:
+            g.set_array(bias, np.pad(g.array(bias), (0, extra)))
+
+
+def _pad_channel_params(g: _Graph, dq: Any, extra: int, scale: float = 1.0) -> None:
+    """Per-channel scale (padded with ``scale``) and zero point (with 0) of a DQ; per-tensor ones stay."""
+    for index, fill in ((1, scale), (2, 0)):
+        if len(dq.input) > index and dq.input[index]:
+            value = g.array(dq.input[index])
+            if value.ndim == 1 and value.size > 1:
+                g.set_array(dq.input[index], np.concatenate([value, np.full(extra, fill, value.dtype)]))
+
+
+def _drop_unused(model: Any) -> None:
+    """Remove nodes whose outputs nothing reads (and no graph output is), then unread initializers."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        kept = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(kept) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(kept)
+    read = {i for n in graph.node for i in n.input}
+    inits = [i for i in graph.initializer if i.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)

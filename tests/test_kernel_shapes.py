@@ -1,0 +1,229 @@
+"""Kernel-friendly convolution shapes (edge_shitu_converters.kernel_shapes): each rewritten QDQ model against its
+original, bit for bit, through onnxruntime's fused integer kernels (which must still take every convolution), over
+stem geometries and channel groups; the graphs left alone. The replica detector's case is in test_quantize.py."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+quantization = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime.quantization needs ml_dtypes")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from edge_shitu_converters.kernel_shapes import (  # noqa: E402
+    PAD_MAX_GROWTH,
+    STEM_MAX_CHANNELS,
+    pad_depthwise_channels,
+    space_to_depth_stems,
+)
+
+
+def _float_model(rng, *, channels=3, size=(16, 16), kernel=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2),
+                 dilations=(1, 1), width=40, batch="N", concat=False, dw_output=False):
+    """x (batch, channels, H, W) -> stem Conv (width, kernel, strides, pads) -> hard-swish -> depthwise 3x3 Conv
+    -> Relu -> 1x1 Conv (16) = y. ``concat``: the hard-swish output, concatenated with itself along the
+    channels, feeds a second 1x1 Conv (16) = y2; ``dw_output``: the depthwise output is a graph output."""
+    def t(name, arr):
+        return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+    inits = [t("w0", rng.normal(0, 0.4, (width, channels, *kernel))), t("b0", rng.normal(0, 0.2, width)),
+             t("w1", rng.normal(0, 0.4, (width, 1, 3, 3))), t("b1", rng.normal(0, 0.2, width)),
+             t("w2", rng.normal(0, 0.2, (16, width, 1, 1))), t("b2", rng.normal(0, 0.2, 16)),
+             t("w3", rng.normal(0, 0.2, (16, 2 * width, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="stem", kernel_shape=list(kernel), pads=list(pads),
+                         strides=list(strides), dilations=list(dilations)),
+        helper.make_node("HardSigmoid", ["c0"], ["h0"], name="gate", alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["c0", "h0"], ["s0"], name="swish"),
+        helper.make_node("Conv", ["s0", "w1", "b1"], ["c1"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         group=width),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="pw", kernel_shape=[1, 1]),
+    ]
+    def out(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, None, None, None])
+
+    outputs = [out("y")]
+    if concat:
+        nodes += [helper.make_node("Concat", ["s0", "s0"], ["cat"], name="concat", axis=1),
+                  helper.make_node("Conv", ["cat", "w3"], ["y2"], name="pw2", kernel_shape=[1, 1])]
+        outputs.append(out("y2"))
+    if dw_output:
+        outputs.append(out("c1"))
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                            [batch, channels, *size])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _quantized(model, rng, tmp_path: Path, shape):
+    """The QDQ model onnxruntime's static quantiser writes (per-channel int8 weights, uint8 activations)."""
+    source, target = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(model, str(source))
+    feeds = [{"x": rng.uniform(-1, 1, shape).astype(np.float32)} for _ in range(4)]
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantization.quantize_static(str(source), str(target), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    return onnx.load(str(target))
+
+
+def _session(model, optimized: Path = None):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if optimized is not None:
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _fused_ops(model, tmp_path: Path, name: str) -> collections.Counter:
+    """Op counts of the graph onnxruntime runs (after its QDQ fusion)."""
+    path = tmp_path / f"{name}-optimized.onnx"
+    _session(model, path)
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _assert_same_outputs(original, rewritten, rng, shape, runs=3):
+    a, b = _session(original), _session(rewritten)
+    for _ in range(runs):
+        x = {"x": rng.uniform(-1.5, 1.5, shape).astype(np.float32)}
+        for got, want in zip(b.run(None, x), a.run(None, x)):
+            assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def _copy(model):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+@pytest.mark.parametrize("channels,size,kernel,pads", [
+    (3, (16, 16), (3, 3), (1, 1, 1, 1)),    # the PP-LCNet stems
+    (3, (16, 16), (3, 3), (0, 0, 0, 0)),
+    (3, (16, 24), (3, 3), (0, 0, 1, 1)),    # asymmetric padding, a rectangle
+    (1, (12, 20), (5, 5), (2, 2, 2, 2)),
+    (4, (16, 16), (2, 2), (0, 0, 0, 0)),
+    (3, (16, 16), (4, 4), (1, 1, 2, 2)),
+    (2, (10, 14), (1, 1), (0, 0, 0, 0)),
+    (3, (16, 16), (3, 5), (1, 2, 1, 2)),    # kernel and padding differ per axis
+])
+def test_space_to_depth_stem_gives_the_same_codes_on_integer_kernels(channels, size, kernel, pads, rng, tmp_path):
+    shape = (2, channels, *size)
+    original = _quantized(_float_model(rng, channels=channels, size=size, kernel=kernel, pads=pads, width=32),
+                          rng, tmp_path, shape)
+    rewritten = _copy(original)
+    assert space_to_depth_stems(rewritten) == ("stem",)
+    onnx.checker.check_model(rewritten)
+    stem = next(n for n in rewritten.graph.node if n.name == "stem")
+    attrs = {a.name: helper.get_attribute_value(a) for a in stem.attribute}
+    assert attrs["strides"] == [1, 1]
+    assert [n.op_type for n in rewritten.graph.node].count("SpaceToDepth") == 1
+    # The old quantiser of the image and the original weights are gone.
+    assert not any(n.op_type == "Conv" and n.name != "stem" and "w0" in n.input[1] for n in rewritten.graph.node)
+    _assert_same_outputs(original, rewritten, rng, shape)
+    before, after = _fused_ops(original, tmp_path, "a"), _fused_ops(rewritten, tmp_path, "b")
+    assert after["QLinearConv"] == before["QLinearConv"] == 3 and after["Conv"] == before["Conv"] == 0
+
+
+@pytest.mark.parametrize("change", [
+    dict(channels=STEM_MAX_CHANNELS + 1),
+    dict(size=(15, 16)),
+    dict(size=(16, 17)),
+    dict(strides=(1, 1)),
+    dict(strides=(2, 1)),
+    dict(dilations=(2, 2), pads=(2, 2, 2, 2)),
+])
+def test_space_to_depth_leaves_other_convolutions(change, rng, tmp_path):
+    settings = dict(channels=3, size=(16, 16))
+    settings.update(change)
+    model = _quantized(_float_model(rng, width=32, **settings), rng, tmp_path, (1, settings["channels"],
+                                                                              *settings["size"]))
+    before = model.SerializeToString()
+    assert space_to_depth_stems(model) == ()
+    assert model.SerializeToString() == before
+
+
+def test_space_to_depth_needs_a_known_even_size(rng, tmp_path):
+    model = _quantized(_float_model(rng, size=("H", "W"), width=32), rng, tmp_path, (1, 3, 16, 16))
+    assert space_to_depth_stems(model) == ()
+
+
+def test_a_depthwise_group_is_padded_to_the_multiple_and_gives_the_same_codes(rng, tmp_path):
+    shape = (2, 3, 16, 16)
+    original = _quantized(_float_model(rng, width=40), rng, tmp_path, shape)
+    rewritten = _copy(original)
+    assert pad_depthwise_channels(rewritten) == ("dw",)
+    onnx.checker.check_model(rewritten)
+    inits = {i.name: numpy_helper.to_array(i) for i in rewritten.graph.initializer}
+    weights = {n.name: inits[[p for p in rewritten.graph.node if p.output[0] == n.input[1]][0].input[0]]
+               for n in rewritten.graph.node if n.op_type == "Conv"}
+    assert weights["stem"].shape == (48, 3, 3, 3) and not weights["stem"][40:].any()
+    assert weights["dw"].shape == (48, 1, 3, 3) and not weights["dw"][40:].any()
+    assert weights["pw"].shape == (16, 48, 1, 1) and not weights["pw"][:, 40:].any()
+    dw = next(n for n in rewritten.graph.node if n.name == "dw")
+    assert {a.name: helper.get_attribute_value(a) for a in dw.attribute}["group"] == 48
+    _assert_same_outputs(original, rewritten, rng, shape)
+    # The padded convolutions must still fuse into integer kernels (the new bias scales make that so).
+    before, after = _fused_ops(original, tmp_path, "a"), _fused_ops(rewritten, tmp_path, "b")
+    assert after["QLinearConv"] == before["QLinearConv"] == 3 and after["Conv"] == before["Conv"] == 0
+
+
+def test_both_rewrites_together_give_the_same_codes(rng, tmp_path):
+    shape = (1, 3, 32, 32)
+    original = _quantized(_float_model(rng, size=(32, 32), width=40), rng, tmp_path, shape)
+    rewritten = _copy(original)
+    assert space_to_depth_stems(rewritten) == ("stem",)
+    assert pad_depthwise_channels(rewritten) == ("dw",)
+    _assert_same_outputs(original, rewritten, rng, shape)
+    assert _fused_ops(rewritten, tmp_path, "b")["QLinearConv"] == 3
+
+
+@pytest.mark.parametrize("width,multiple,padded", [
+    (40, 16, True),
+    (48, 16, False),                        # already a multiple
+    (20, 16, False),                        # 32 would be more than PAD_MAX_GROWTH times 20
+    (20, 8, True),                          # 24 is not
+])
+def test_padding_follows_the_multiple_and_the_growth_limit(width, multiple, padded, rng, tmp_path):
+    assert (-(-width // multiple) * multiple <= PAD_MAX_GROWTH * width) or not padded
+    shape = (1, 3, 16, 16)
+    original = _quantized(_float_model(rng, width=width), rng, tmp_path, shape)
+    rewritten = _copy(original)
+    assert pad_depthwise_channels(rewritten, multiple) == (("dw",) if padded else ())
+    _assert_same_outputs(original, rewritten, rng, shape, runs=1)
+
+
+@pytest.mark.parametrize("change", [dict(concat=True), dict(dw_output=True)])
+def test_a_group_read_by_other_ops_or_leaving_the_graph_is_not_padded(change, rng, tmp_path):
+    model = _quantized(_float_model(rng, width=40, **change), rng, tmp_path, (1, 3, 16, 16))
+    before = model.SerializeToString()
+    assert pad_depthwise_channels(model) == ()
+    assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("multiple", [1, 0, True, 16.0, "16"])
+def test_pad_multiple_is_checked(multiple, rng, tmp_path):
+    model = _quantized(_float_model(rng, width=40), rng, tmp_path, (1, 3, 16, 16))
+    with pytest.raises(ValueError, match="multiple"):
+        pad_depthwise_channels(model, multiple)
+
+
+def test_float_models_are_left_alone(rng):
+    model = _float_model(rng, width=40)
+    before = model.SerializeToString()
+    assert space_to_depth_stems(model) == () and pad_depthwise_channels(model) == ()
+    assert model.SerializeToString() == before
