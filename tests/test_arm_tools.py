@@ -5,6 +5,11 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +217,35 @@ class TestCli:
         bad = self._write(tmp_path, "bad.json", bad_run)
         assert main(["compare", ref, bad]) == 1
         assert "PARITY FAILED" in capsys.readouterr().out
+
+
+def _bash_array(script: str, name: str) -> list:
+    """The words of ``NAME=( ... )`` in a bash script (quoted words as bash reads them)."""
+    found = re.search(rf"^{name}=\((.*?)\)\s*$", script, re.S | re.M)
+    assert found, f"bench/arm/run has no array {name}"
+    return shlex.split(found.group(1))
+
+
+def test_every_test_id_bench_arm_run_names_is_collected(tmp_path):
+    """bench/arm/run deselects tests by id, and pytest ignores a --deselect that matches nothing: a renamed test
+    would silently run under emulation, and a sampled list that grew would stop being thinned. Every id it names
+    must be a collected test or a parametrised test's name (pytest deselects by prefix, which then takes all its
+    cases), and each sampled list's length must be that of the parametrised list."""
+    repo = Path(__file__).resolve().parents[1]
+    script = (repo / "bench" / "arm" / "run").read_text(encoding="utf-8")
+    ids = _bash_array(script, "DESELECTED_TESTS") + _bash_array(script, "QUICK_DESELECTED")
+    photos = int(re.search(r"^QUICK_PHOTOS=(\d+)\s*$", script, re.M).group(1))
+    sampled = {}
+    for entry in _bash_array(script, "QUICK_SAMPLED"):
+        name, count = entry.rsplit(":", 1)
+        sampled[name] = int(count)
+        ids += [f"{name}[{i}]" for i in range(photos, int(count))]
+    files = sorted({i.split("::")[0] for i in ids})
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "--rootdir", str(repo), *files], cwd=repo, capture_output=True, text=True, timeout=600)
+    collected = {line.strip() for line in done.stdout.splitlines() if "::" in line}
+    assert collected, done.stdout[-2000:] + done.stderr[-2000:]
+    names = collected | {c.split("[", 1)[0] for c in collected}
+    assert [i for i in ids if i not in names] == []
+    for name, count in sampled.items():
+        assert sum(1 for c in collected if c.startswith(f"{name}[")) == count, name
