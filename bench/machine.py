@@ -12,7 +12,8 @@ MACs per node, from the shapes of :func:`onnx.shape_inference.infer_shapes` at a
 
 - ``Conv``, ``ConvInteger``, ``QLinearConv``: output elements × input channels / groups × kernel elements,
   where a constant weight (an initializer, or a ``DequantizeLinear`` of one) counts only its structurally
-  live part: filters with a non-zero value, and input-channel × kernel positions non-zero in some filter. The
+  live part: filters with a non-zero weight, and input-channel × kernel positions non-zero in some filter
+  (a quantised weight is zero where its code equals its zero point). The
   converter's kernel-shape rewrites add zero filters and zero positions (padded channels, space-to-depth
   stems) that a CPU multiplies but the model does not need, so a re-laid model counts the work of its source;
 - ``MatMul``, ``MatMulInteger``, ``QLinearMatMul``, ``Gemm``: output elements × K (so M × N × K per matrix);
@@ -48,6 +49,8 @@ _ONNX_IR_VERSION = 8
 _WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "MatMul": 1, "MatMulInteger": 1,
                  "QLinearMatMul": 3, "Gemm": 1}
 _CONVS = ("Conv", "ConvInteger", "QLinearConv")
+# Index of a convolution's weight zero point (the weight is at _WEIGHT_INPUT).
+_WEIGHT_ZERO_POINT = {"ConvInteger": 3, "QLinearConv": 5}
 _INTEGER_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul")
 ModelSource = Union[bytes, str, Path, Any]
 
@@ -355,12 +358,13 @@ def count_macs(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in graph.initializer}
     fp32 = int8 = nodes = int8_nodes = 0
     by_op: Dict[str, int] = {}
     for i, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_INPUT:
             continue
-        macs = _node_macs(node, shapes, i, _constant_weight(node, producers, graph.initializer))
+        macs = _node_macs(node, shapes, i, _constant_weight(node, producers, initializers))
         integer = _on_integer_kernels(node, producers, consumers, set(o.name for o in graph.output))
         nodes += 1
         by_op[node.op_type] = by_op.get(node.op_type, 0) + macs
@@ -404,18 +408,28 @@ def _shape(shapes: Mapping[str, Optional[Tuple[int, ...]]], name: str, node: Any
     return shape
 
 
-def _constant_weight(node: Any, producers: Mapping[str, Any], initializers: Sequence[Any]) -> Optional[np.ndarray]:
-    """The values of a convolution's weight when they are constant (an initializer or a DQ of one), else None."""
+def _constant_weight(node: Any, producers: Mapping[str, Any], initializers: Mapping[str, Any]) -> Optional[np.ndarray]:
+    """A convolution's weight minus its zero point (int64, or the float values), when the weight is constant (an
+    initializer, or a DQ of one) and so is its zero point; else None."""
     from onnx import numpy_helper
 
     if node.op_type not in _CONVS:
         return None
     name = node.input[_WEIGHT_INPUT[node.op_type]]
+    zero_index = _WEIGHT_ZERO_POINT.get(node.op_type)
+    zero = node.input[zero_index] if zero_index is not None and len(node.input) > zero_index else ""
     source = producers.get(name)
     if source is not None and source.op_type == "DequantizeLinear" and source.domain in ("", "ai.onnx"):
-        name = source.input[0]
-    init = next((t for t in initializers if t.name == name), None)
-    return None if init is None else numpy_helper.to_array(init)
+        name, zero = source.input[0], (source.input[2] if len(source.input) > 2 else "")
+    if name not in initializers or (zero and zero not in initializers):
+        return None
+    values = numpy_helper.to_array(initializers[name])
+    if not zero:
+        return values
+    offset = numpy_helper.to_array(initializers[zero]).astype(np.int64)
+    # A per-channel zero point runs along the output channels (axis 0 of a convolution's weight).
+    offset = offset.reshape((-1,) + (1,) * (values.ndim - 1)) if offset.size > 1 else offset.reshape(())
+    return values.astype(np.int64) - offset
 
 
 def _node_macs(node: Any, shapes: Mapping[str, Optional[Tuple[int, ...]]], index: int,

@@ -23,9 +23,11 @@ only where the two float routes round a value within float error of a tie (k + 1
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
+
+from edge_shitu_converters.onnx_graph import GraphIndex
 
 __all__ = ["integer_hard_sigmoids"]
 
@@ -47,44 +49,27 @@ def integer_hard_sigmoids(model: Any) -> Tuple[str, ...]:
         stay in topological order.
 
     Returns:
-      Names of the rewritten nodes (now ``Add``; an unnamed one gets a name), in graph order.
+      Names of the rewritten nodes (now ``Add``; an unnamed one gets a name), in graph order; none for a
+      graph with subgraphs (``If``, ``Loop``), whose reads of outer tensors are not followed.
 
     Raises:
       Nothing of its own: a node that does not fit the pattern is left as it is.
     """
     from onnx import helper, numpy_helper
 
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: Dict[str, List[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex(model)
+    graph = index.graph
+    if index.has_subgraphs:
+        return ()
+    scalar, fresh = index.scalar, index.fresh
     outputs = {o.name for o in graph.output}
-    taken = ({n.name for n in graph.node} | {o for n in graph.node for o in n.output} | set(inits)
-             | {i.name for i in graph.input} | {o.name for o in graph.output} | {v.name for v in graph.value_info})
-
-    def scalar(name: str) -> Optional[np.ndarray]:
-        init = inits.get(name)
-        if init is None:
-            return None
-        value = numpy_helper.to_array(init)
-        return value if value.size == 1 else None
-
-    def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
 
     done: List[str] = []
     nodes: List[Any] = []
     for node in graph.node:
         plan = None
         if node.op_type == "HardSigmoid" and node.output[0] not in outputs:
-            plan = _plan(node, producer.get(node.input[0]), consumers.get(node.output[0], []), scalar)
+            plan = _plan(node, index.producer.get(node.input[0]), index.consumers.get(node.output[0], []), scalar)
         if plan is None:
             nodes.append(node)
             continue

@@ -166,6 +166,10 @@ class QuantizeOptions:
         integer ``QLinearAdd`` kernel instead of in float between a dequantise and a quantise
         (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`; same codes, a third less time
         for the PP-ShiTu detector). Static mode only.
+      kernel_shapes: re-lay convolutions whose shapes onnxruntime's integer kernels run slowly: a stride-2
+        image stem as ``SpaceToDepth`` + a stride-1 convolution, depthwise channel groups padded to a multiple
+        of 16 (:mod:`edge_shitu_converters.kernel_shapes`; the same outputs bit for bit; weights with non-zero
+        zero points, as ``weight_type="uint8"`` gives, are left alone). Static mode only.
     """
 
     mode: str = "static"

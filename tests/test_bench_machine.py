@@ -87,30 +87,45 @@ def test_conv_macs_follow_groups_strides_pads_and_dilations(tmp_path, rng, k, st
     assert machine.count_macs(path).total == want
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_conv_macs_count_only_the_live_part_of_a_constant_weight(tmp_path, rng, quantized):
+@pytest.mark.parametrize("form", ["float", "dq", "dq_zero_point", "qlinearconv", "convinteger"])
+def test_conv_macs_count_only_the_live_part_of_a_constant_weight(tmp_path, rng, form):
     """Zero filters and input-channel x kernel positions zero in every filter (what the converter's padded channels
-    and space-to-depth stems add) are not counted; a zero inside a live filter and position still is."""
-    w = rng.integers(1, 100, (6, 4, 3, 3)).astype(np.int8 if quantized else np.float32)
-    w[4:] = 0                 # two dead filters
-    w[:, 1] = 0               # a dead input channel
-    w[:, 2, 0, 0] = 0         # a dead position
-    w[0, 3, 1, 1] = 0         # a zero inside a live filter and position: counted
+    and space-to-depth stems add) are not counted, a quantised weight being zero where its code is its zero point;
+    a zero inside a live filter and position still is."""
+    zero = np.arange(6, dtype=np.int64) * 20 + 7 if form in ("dq_zero_point", "qlinearconv", "convinteger") \
+        else np.zeros(6, np.int64)
+    live = rng.integers(1, 100, (6, 4, 3, 3))
+    live[4:] = 0                 # two dead filters
+    live[:, 1] = 0               # a dead input channel
+    live[:, 2, 0, 0] = 0         # a dead position
+    live[0, 3, 1, 1] = 0         # a zero inside a live filter and position: counted
     oracle = 0
     for _ in range(2 * 13 * 11):                      # output pixels of a stride-1 "same" 3x3 conv, batch 2
         for co in range(6):
             for ci in range(4):
                 for ky in range(3):
                     for kx in range(3):
-                        oracle += bool(w[co].any() and w[:, ci, ky, kx].any())
-    inits = {"w": w}
-    nodes = [helper.make_node("Conv", ["x", "wf"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
-    if quantized:
-        inits["s"] = np.ones(6, np.float32)
-        nodes.insert(0, helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0))
+                        oracle += bool(live[co].any() and live[:, ci, ky, kx].any())
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    u8, ones = TensorProto.UINT8, np.ones(6, np.float32)
+    codes = (live + zero[:, None, None, None]).astype(np.uint8)
+    if form == "float":
+        nodes, inits, x, y = [helper.make_node("Conv", ["x", "w"], ["y"], **conv)], {"w": live.astype(np.float32)}, \
+            TensorProto.FLOAT, TensorProto.FLOAT
+    elif form in ("dq", "dq_zero_point"):
+        nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0),
+                 helper.make_node("Conv", ["x", "wf"], ["y"], **conv)]
+        inits, x, y = {"w": codes, "s": ones, "z": zero.astype(np.uint8)}, TensorProto.FLOAT, TensorProto.FLOAT
+    elif form == "qlinearconv":
+        # QLinearConv takes a uint8 weight's zero point per tensor.
+        inputs = ["x", "one", "x0", "w", "one", "z", "one", "x0"]
+        nodes = [helper.make_node("QLinearConv", inputs, ["y"], **conv)]
+        inits, x, y = {"w": (live + 7).astype(np.uint8), "z": np.uint8(7), "one": np.float32(1), "x0": np.uint8(0)}, \
+            u8, u8
     else:
-        nodes[0].input[1] = "w"
-    path = write_onnx(tmp_path / "conv.onnx", nodes, [_vi("x", [2, 4, 13, 11])], [_vi("y", 4)], inits)
+        nodes = [helper.make_node("ConvInteger", ["x", "w", "x0", "z"], ["y"], **conv)]
+        inits, x, y = {"w": codes, "z": zero.astype(np.uint8), "x0": np.uint8(0)}, u8, TensorProto.INT32
+    path = write_onnx(tmp_path / "conv.onnx", nodes, [_vi("x", [2, 4, 13, 11], x)], [_vi("y", 4, y)], inits)
     assert machine.count_macs(path).total == oracle == 2 * 13 * 11 * 4 * (3 * 9 - 1)
 
 

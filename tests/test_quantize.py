@@ -496,6 +496,8 @@ def test_replica_int8_detector_kernel_shapes_change_no_output(int8_replica, drin
     producer = {o: n for n in model.graph.node for o in n.output}
     convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in plain.float_nodes]
     channels = {n.name: inits[producer[n.input[1]].input[0]].dims for n in convs}
+    # Which depthwise convolutions qualify is the rewrite's own rule (a multiple of 16, growth limit); what this
+    # test shows is that they and the stem are re-laid and that no output changes.
     depthwise = [n.name for n in convs if channels[n.name][1] == 1 and channels[n.name][0] % 16
                  and -(-channels[n.name][0] // 16) * 16 <= PAD_MAX_GROWTH * channels[n.name][0]]
     assert channels[convs[0].name][1] == 3 and depthwise

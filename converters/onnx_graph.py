@@ -1,0 +1,67 @@
+"""An index of one ONNX graph for the converter's rewrites: who produces and who reads each tensor, the
+initializers as arrays, and fresh names (:mod:`edge_shitu_converters.integer_ops`,
+:mod:`edge_shitu_converters.kernel_shapes`)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["GraphIndex"]
+
+
+class GraphIndex:
+    """Producer/consumer maps, initializers and names of one ``onnx.ModelProto``'s main graph.
+
+    The maps are built once: a rewrite that adds or removes nodes must not rely on them afterwards
+    (changing an initializer's values through :meth:`set_array` keeps them valid).
+
+    Attributes:
+      graph: the model's ``GraphProto``.
+      inits: initializer name -> ``TensorProto``.
+      producer: tensor name -> the node that writes it.
+      consumers: tensor name -> the nodes that read it, in graph order (a node reading it twice is listed twice).
+      boundary: names of the graph's inputs and outputs.
+      has_subgraphs: some node holds a subgraph (``If``, ``Loop``, ``Scan``), whose reads of outer tensors the
+        maps do not see; rewrites that rely on :attr:`consumers` leave such graphs alone.
+    """
+
+    def __init__(self, model: Any) -> None:
+        from onnx import AttributeProto, numpy_helper
+
+        self._np = numpy_helper
+        self.graph = model.graph
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers: Dict[str, List[Any]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.boundary = {v.name for v in self.graph.input} | {v.name for v in self.graph.output}
+        self.has_subgraphs = any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+                                 for node in self.graph.node for a in node.attribute)
+        self._taken = ({n.name for n in self.graph.node} | set(self.producer) | set(self.inits) | self.boundary
+                       | {v.name for v in self.graph.value_info})
+
+    def array(self, name: str) -> Optional[np.ndarray]:
+        """The values of initializer ``name``, or None when it is not one."""
+        init = self.inits.get(name)
+        return None if init is None else self._np.to_array(init)
+
+    def scalar(self, name: str) -> Optional[np.ndarray]:
+        """The values of initializer ``name`` when it holds exactly one value, else None."""
+        value = self.array(name)
+        return value if value is not None and value.size == 1 else None
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        """Replace the values of initializer ``name`` (its dtype is ``value``'s)."""
+        self.inits[name].CopyFrom(self._np.from_array(value, name))
+
+    def fresh(self, base: str) -> str:
+        """A name no node, tensor or initializer of the graph has (``base``, then ``base_``, ...); it is taken."""
+        name = base
+        while name in self._taken:
+            name += "_"
+        self._taken.add(name)
+        return name
