@@ -36,6 +36,7 @@ import numpy as np
 
 from edge_shitu.errors import BackendUnavailableError, InvalidInputError
 from edge_shitu_bench.report import BENCH_EXTRA_HINT
+from edge_shitu_converters.onnx_graph import constants_to_initializers
 from edge_shitu.options import check_threads
 
 __all__ = ["GEMM_SIZE", "PRECISIONS", "GemmRate", "ModelMacs", "require_onnx", "gemm_model",
@@ -339,7 +340,7 @@ def count_macs(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[
     """
     onnx = require_onnx()
     proto, used = _with_input_shapes(_load(model), dict(input_shapes or {}))
-    _fold_constants(proto)
+    constants_to_initializers(proto, identities=True)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:  # onnx raises its own error types for graphs it cannot type
@@ -374,30 +375,6 @@ def count_macs(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[
         else:
             fp32 += macs
     return ModelMacs(used, fp32, int8, by_op, nodes, int8_nodes)
-
-
-def _fold_constants(model: Any) -> None:
-    """Turn ``Constant`` nodes, and ``Identity`` nodes of constants, into initializers (in place): onnx's shape
-    inference does not see through them, and exporters (paddle2onnx) feed ``Reshape`` targets that way."""
-    from onnx import numpy_helper
-
-    graph = model.graph
-    constants = {t.name: t for t in graph.initializer}
-    kept = []
-    for node in graph.node:
-        value = None
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            value = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), None)
-        elif node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in constants:
-            value = numpy_helper.to_array(constants[node.input[0]])
-        if value is None:
-            kept.append(node)
-            continue
-        tensor = numpy_helper.from_array(np.asarray(value), node.output[0])
-        graph.initializer.append(tensor)
-        constants[node.output[0]] = tensor
-    del graph.node[:]
-    graph.node.extend(kept)
 
 
 def _shape(shapes: Mapping[str, Optional[Tuple[int, ...]]], name: str, node: Any, index: int) -> Tuple[int, ...]:

@@ -1275,10 +1275,10 @@ def convert(
                             references=references)
 
         def check_program(staging: Path, role: str, program: Path) -> Tuple[bool, List[str], Dict[str, Any]]:
-            from edge_shitu_converters.lite_search import ProgramSession
+            from edge_shitu_converters.paddle_reference import ProgramSession
 
             return verify_role(staging, role, det_path, rec_path, verify_images, references,
-                               session_factory=lambda _spec: ProgramSession(program))
+                               session_factory=lambda _spec: ProgramSession(program, threads=2))
 
         return convert_lite(
             det_dir,

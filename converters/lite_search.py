@@ -24,14 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
-
-from edge_shitu.errors import ClosedError, InvalidInputError
-from edge_shitu_converters import paddle_io
+from edge_shitu.errors import InvalidInputError
 from edge_shitu_converters.int8_search import Check, SearchStep, block_weights, fewest_passing, rank_blocks
 from edge_shitu_converters.quantize import BlockDamage, ModelQuantizer, QuantizeOptions
 
-__all__ = ["CHECK", "ProgramSession", "RankedWeight", "LiteSearchResult", "rank_weights", "search_lite_int8",
+__all__ = ["CHECK", "RankedWeight", "LiteSearchResult", "rank_weights", "search_lite_int8",
            "single_check_record"]
 
 _LOG = logging.getLogger(__name__)
@@ -41,41 +38,6 @@ CHECK = "simulated INT8: paddleslim's fake-quantisation program in Paddle Infere
 
 # Calibration photos of the ranking (onnxruntime calibration of the fp32 conversion).
 _RANK_CALIB = 8
-
-
-class ProgramSession:
-    """A Paddle inference program run by Paddle Inference in this process, as a runtime session
-    (:class:`edge_shitu.backends.base.Session`): how a fake-quantisation program is put through
-    :func:`edge_shitu_converters.verify.verify_bundle` (``session_factory``).
-
-    Args:
-      model_dir: folder with a legacy ``inference.pdmodel`` and ``inference.pdiparams``.
-      threads: CPU math threads.
-
-    Raises:
-      MissingFileError: a model file is missing.
-      ConversionError: Paddle cannot load the program.
-      BackendUnavailableError: paddlepaddle is not installed.
-    """
-
-    def __init__(self, model_dir: Path, *, threads: int = 2) -> None:
-        self._predictor = paddle_io.create_predictor(paddle_io.find_model_files(model_dir), threads=threads)
-        self.input_names: Tuple[str, ...] = tuple(self._predictor.get_input_names())
-        self.output_names: Tuple[str, ...] = tuple(self._predictor.get_output_names())
-
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> List[np.ndarray]:
-        """Runs the program; returns ``outputs`` (default all), in that order.
-
-        Raises:
-          ClosedError: the session was closed.
-        """
-        if self._predictor is None:
-            raise ClosedError("this program session is closed")
-        result = paddle_io.run_predictor(self._predictor, feeds)
-        return [result[name] for name in (outputs or self.output_names)]
-
-    def close(self) -> None:
-        self._predictor = None
 
 
 @dataclass(frozen=True)

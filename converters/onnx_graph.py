@@ -1,6 +1,7 @@
-"""An index of one ONNX graph for the converter's rewrites: who produces and who reads each tensor, the
-initializers as arrays, and fresh names (:mod:`edge_shitu_converters.integer_ops`,
-:mod:`edge_shitu_converters.kernel_shapes`)."""
+"""Helpers for ONNX graphs: an index for the converter's rewrites (who produces and who reads each tensor,
+the initializers as arrays, fresh names; :mod:`edge_shitu_converters.integer_ops`,
+:mod:`edge_shitu_converters.kernel_shapes`), and constants turned into initializers (the quantiser, the
+benchmark's MAC count)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["GraphIndex"]
+__all__ = ["GraphIndex", "constants_to_initializers"]
 
 
 class GraphIndex:
@@ -65,3 +66,43 @@ class GraphIndex:
             name += "_"
         self._taken.add(name)
         return name
+
+
+def constants_to_initializers(model: Any, *, identities: bool = False) -> int:
+    """Turn tensor-valued ``Constant`` nodes into initializers of the same name (in place).
+
+    paddle2onnx feeds every weight and ``Reshape`` target through a ``Constant``: onnxruntime's quantiser
+    stores only initializers in int8, and onnx's shape inference does not see through them.
+
+    Args:
+      model: an ``onnx.ModelProto``.
+      identities: also fold an ``Identity`` of a constant (paddle2onnx writes ``Constant -> Identity``).
+
+    Returns:
+      How many nodes became initializers.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    values = {t.name: t for t in graph.initializer}
+    kept, moved = [], 0
+    for node in graph.node:
+        value = None
+        if node.domain in ("", "ai.onnx"):
+            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+                value = numpy_helper.to_array(node.attribute[0].t)
+            elif identities and node.op_type == "Identity" and node.input[0] in constants:
+                value = numpy_helper.to_array(values[node.input[0]])
+        if value is None:
+            kept.append(node)
+            continue
+        tensor = numpy_helper.from_array(np.asarray(value), node.output[0])
+        graph.initializer.append(tensor)
+        constants.add(node.output[0])
+        values[node.output[0]] = tensor
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return moved

@@ -10,13 +10,14 @@ take the network inputs as arrays.
 from __future__ import annotations
 
 import os
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from edge_shitu_converters import paddle_io
-from edge_shitu.errors import ConversionError, InvalidDtypeError, InvalidInputError
+from edge_shitu.errors import ClosedError, ConversionError, InvalidDtypeError, InvalidInputError
 
-__all__ = ["PaddleDetectorReference", "PaddleExtractorReference"]
+__all__ = ["ProgramSession", "PaddleDetectorReference", "PaddleExtractorReference"]
 
 
 def _check_array(name: str, array: np.ndarray, shape: tuple) -> np.ndarray:
@@ -31,19 +32,50 @@ def _check_array(name: str, array: np.ndarray, shape: tuple) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-class _Reference:
+class ProgramSession:
+    """A Paddle inference program run by Paddle Inference in this process, shaped as a runtime session
+    (:class:`edge_shitu.backends.base.Session`): the references below run on it, and the Paddle-Lite INT8
+    search puts a fake-quantisation program through :func:`edge_shitu_converters.verify.verify_bundle` with it
+    (``session_factory``).
+
+    Args:
+      model_dir: folder with ``inference.pdmodel`` (or ``.json``) and ``inference.pdiparams``.
+      threads: CPU math threads (>= 1).
+
+    Attributes:
+      files: the model files found in ``model_dir``.
+      input_names, output_names: the program's feed and fetch names, in its order.
+
+    Raises:
+      MissingFileError: a model file is missing.
+      InvalidInputError: ``threads`` < 1.
+      ConversionError: Paddle cannot load the program.
+      BackendUnavailableError: paddlepaddle is not installed.
+    """
+
     def __init__(self, model_dir: "os.PathLike[str] | str", *, threads: int = 1) -> None:
         self.files = paddle_io.find_model_files(model_dir)
         self._predictor = paddle_io.create_predictor(self.files, threads=threads)
-        self.input_names = list(self._predictor.get_input_names())
-        self.output_names = list(self._predictor.get_output_names())
+        self.input_names: Tuple[str, ...] = tuple(self._predictor.get_input_names())
+        self.output_names: Tuple[str, ...] = tuple(self._predictor.get_output_names())
 
-    def _run(self, feeds: dict) -> list:
-        out = paddle_io.run_predictor(self._predictor, feeds)
-        return [out[n] for n in self.output_names]
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> List[np.ndarray]:
+        """Runs the program; returns ``outputs`` (default all), in that order.
+
+        Raises:
+          ClosedError: the session was closed.
+          ConversionError: the Paddle run fails.
+        """
+        if self._predictor is None:
+            raise ClosedError("this program session is closed")
+        result = paddle_io.run_predictor(self._predictor, feeds)
+        return [result[name] for name in (outputs or self.output_names)]
+
+    def close(self) -> None:
+        self._predictor = None
 
 
-class PaddleDetectorReference(_Reference):
+class PaddleDetectorReference:
     """The official PicoDet mainbody detector program, decode and ``multiclass_nms3`` included.
 
     Args:
@@ -60,12 +92,11 @@ class PaddleDetectorReference(_Reference):
     """
 
     def __init__(self, model_dir: "os.PathLike[str] | str", *, threads: int = 1) -> None:
-        super().__init__(model_dir, threads=threads)
-        if sorted(self.input_names) != ["im_shape", "image", "scale_factor"]:
-            raise ConversionError(
-                f"{self.files.directory}: expected a detector with inputs image/im_shape/scale_factor, "
-                f"got {self.input_names}"
-            )
+        self._program = ProgramSession(model_dir, threads=threads)
+        names = self._program.input_names
+        if sorted(names) != ["im_shape", "image", "scale_factor"]:
+            raise ConversionError(f"{self._program.files.directory}: expected a detector with inputs "
+                                  f"image/im_shape/scale_factor, got {list(names)}")
 
     def run(self, image: np.ndarray, im_shape: np.ndarray, scale_factor: np.ndarray) -> np.ndarray:
         """Detect main bodies in one pre-processed image.
@@ -90,7 +121,7 @@ class PaddleDetectorReference(_Reference):
             "im_shape": _check_array("im_shape", im_shape, (1, 2)),
             "scale_factor": _check_array("scale_factor", scale_factor, (1, 2)),
         }
-        outputs = self._run(feeds)
+        outputs = self._program.run(feeds)
         boxes = np.asarray(outputs[0], dtype=np.float32)
         counts = np.asarray(outputs[1]).reshape(-1) if len(outputs) > 1 else None
         # multiclass_nms3 emits one dummy row when nothing survives; its box count says 0.
@@ -99,7 +130,7 @@ class PaddleDetectorReference(_Reference):
         return boxes.reshape(-1, 6)
 
 
-class PaddleExtractorReference(_Reference):
+class PaddleExtractorReference:
     """An official PP-ShiTu feature extractor program (V2: PP-LCNetV2_base + BNNeck; V1: PP-LCNet x2.5).
 
     Args:
@@ -114,12 +145,11 @@ class PaddleExtractorReference(_Reference):
     """
 
     def __init__(self, model_dir: "os.PathLike[str] | str", *, threads: int = 1) -> None:
-        super().__init__(model_dir, threads=threads)
-        if len(self.input_names) != 1 or len(self.output_names) != 1:
-            raise ConversionError(
-                f"{self.files.directory}: expected one input and one output, got {self.input_names} -> "
-                f"{self.output_names}"
-            )
+        self._program = ProgramSession(model_dir, threads=threads)
+        inputs, outputs = self._program.input_names, self._program.output_names
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ConversionError(f"{self._program.files.directory}: expected one input and one output, got "
+                                  f"{list(inputs)} -> {list(outputs)}")
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Extract features of a batch of pre-processed crops.
@@ -138,5 +168,5 @@ class PaddleExtractorReference(_Reference):
         x = _check_array("x", x, (-1, 3, 224, 224))
         if x.shape[0] == 0:
             raise InvalidInputError("x must hold at least one image, got shape (0, 3, 224, 224)")
-        (features,) = self._run({self.input_names[0]: x})
+        (features,) = self._program.run({self._program.input_names[0]: x})
         return np.asarray(features, dtype=np.float32)

@@ -68,6 +68,7 @@ from edge_shitu.image import load_image
 from edge_shitu.preprocess import image_to_tensor
 from edge_shitu_converters.integer_ops import integer_hard_sigmoids
 from edge_shitu_converters.kernel_shapes import pad_depthwise_channels, space_to_depth_stems
+from edge_shitu_converters.onnx_graph import constants_to_initializers
 
 __all__ = [
     "MODES",
@@ -577,23 +578,6 @@ def _reader(feeds: Sequence[Dict[str, np.ndarray]]):
     return _FeedReader()
 
 
-def _constants_to_initializers(model) -> int:
-    """Turn tensor-valued ``Constant`` nodes into initializers (in place); returns how many."""
-    from onnx import numpy_helper
-
-    kept, moved = [], 0
-    for node in model.graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            array = numpy_helper.to_array(node.attribute[0].t)
-            model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
-            moved += 1
-        else:
-            kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    return moved
-
-
 def _name_nodes(model) -> None:
     # Nodes are excluded by name; the exporter and the optimiser leave some unnamed.
     used = {n.name for n in model.graph.node if n.name}
@@ -775,7 +759,7 @@ class ModelQuantizer:
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _OPSET)
             if opset < _OPSET:
                 model = onnx.version_converter.convert_version(model, _OPSET)
-            _constants_to_initializers(model)
+            constants_to_initializers(model)
             onnx.save(model, str(prepared))
             if options.pre_process:
                 # Given paths, not a ModelProto: onnxruntime 1.2x-1.31 fails on in-memory models
