@@ -253,6 +253,28 @@ def test_reference_options_are_checked():
         reference.ReferenceOptions(det_threshold=1.5)
 
 
+def test_the_gemm_job_measures_with_the_what_if_session_entries(monkeypatch):
+    """A --session-config entry reaches the GEMM rate's session too (the rate a what-if run is compared with). Each
+    job runs in its own subprocess, which the job changes for good; here the backend's entries are a copy."""
+    from edge_shitu.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "SESSION_CONFIG", dict(ort_backend.SESSION_CONFIG))
+    seen = []
+    create = ort_backend.OnnxRuntimeSession._create.__func__
+
+    def spy(cls, model, where, threads):
+        session = create(cls, model, where, threads)
+        options = session._session.get_session_options()
+        seen.append(options.get_session_config_entry("session.intra_op.allow_spinning"))
+        return session
+
+    monkeypatch.setattr(ort_backend.OnnxRuntimeSession, "_create", classmethod(spy))
+    job = {"kind": "gemm", "precision": "fp32", "size": 32, "threads": 1, "runs": 1}
+    rate = latency._work_gemm(dict(job, session_config={"session.intra_op.allow_spinning": "1"}))["gemm"]
+    assert rate["size"] == 32 and rate["gmac_per_s"] > 0
+    assert seen == ["1"]
+
+
 def test_parse_session_config():
     assert latency.parse_session_config(["session.intra_op.allow_spinning=1", " a = b=c "]) == (
         ("session.intra_op.allow_spinning", "1"), ("a", "b=c"))
