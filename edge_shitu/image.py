@@ -108,6 +108,10 @@ _ORIENTATIONS: Dict[int, Tuple[Optional[Image.Transpose], bool, bool]] = {
 # Pixels per strip copied from Pillow's image into the result: the strip's temporary copies
 # stay around a megabyte whatever the image size.
 _STRIP_PIXELS = 1 << 18
+# Pillow's raw encoder (what Image.tobytes() drives), a private interface, stable since PIL; None in a Pillow
+# without it, which then takes the strip path of _rgb_from_pil.
+_RAW_ENCODER = getattr(Image, "_getencoder", None)
+
 # Modes whose RGB samples Pillow's raw encoder packs straight into the result (see _pack_rgb).
 _PACKED_MODES = ("RGB", "RGBA", "RGBX")
 
@@ -494,10 +498,12 @@ def _rgb_from_pil(im: Image.Image, label: str, orientation: int) -> np.ndarray:
     colour images, most photos, are packed straight into the result instead (:func:`_pack_rgb`).
     """
     width, height = im.size
-    # _pack_rgb drives Pillow's raw encoder, a private interface (stable since PIL): a Pillow without it
-    # takes the strips below.
-    if orientation == 1 and im.mode in _PACKED_MODES and width and height and hasattr(Image, "_getencoder"):
-        return _pack_rgb(im, label)
+    # _pack_rgb drives Pillow's raw encoder, a private interface (stable since PIL): a Pillow without it, or
+    # whose interface changed, takes the strips below.
+    if orientation == 1 and im.mode in _PACKED_MODES and width and height:
+        packed = _pack_rgb(im, label)
+        if packed is not None:
+            return packed
     convert = _strip_converter(im, label)
     method, from_end, as_columns = _ORIENTATIONS[orientation]
     out = np.empty((width, height, 3) if as_columns else (height, width, 3), dtype=np.uint8)
@@ -513,20 +519,26 @@ def _rgb_from_pil(im: Image.Image, label: str, orientation: int) -> np.ndarray:
     return out
 
 
-def _pack_rgb(im: Image.Image, label: str) -> np.ndarray:
-    """A loaded RGB, RGBA or RGBX image's RGB samples as a new uint8 ``(H, W, 3)`` array.
+def _pack_rgb(im: Image.Image, label: str) -> Optional[np.ndarray]:
+    """A loaded RGB, RGBA or RGBX image's RGB samples as a new uint8 ``(H, W, 3)`` array, or None when this
+    Pillow's raw encoder cannot be driven (no :data:`_RAW_ENCODER`, or another signature).
 
     Drives the raw encoder that ``Image.tobytes()`` (and so ``np.asarray(im)``) uses, writing its
     chunks straight into the result: one packing pass plus a copy of each small chunk, where the
     strips of :func:`_rgb_from_pil` take a crop, ``tobytes()`` and a copy of every strip
     (docs/benchmarks.md, "Overhead outside the models").
     """
+    if _RAW_ENCODER is None:
+        return None
     width, height = im.size
     out = np.empty((height, width, 3), dtype=np.uint8)
     target = memoryview(out).cast("B")
-    encoder = Image._getencoder(im.mode, "raw", ("RGB", 0, 1))
     try:
+        encoder = _RAW_ENCODER(im.mode, "raw", ("RGB", 0, 1))
         encoder.setimage(im.im, (0, 0, width, height))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    try:
         chunk = max(ImageFile.MAXBLOCK, width * 4)
         written = 0
         while True:

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin
 
+from edge_shitu import image as image_module
 from edge_shitu.errors import ImageDecodeError, InvalidDtypeError, InvalidInputError, MissingFileError
 from edge_shitu.image import (
     DEFAULT_MAX_PIXELS,
@@ -129,6 +130,23 @@ def test_bytes_and_pil_sources_match_path(test_images):
     np.testing.assert_array_equal(load_image(bytearray(path.read_bytes())), from_path)
     with Image.open(path) as im:
         np.testing.assert_array_equal(load_image(im), from_path)
+
+
+@pytest.mark.parametrize("interface", ["missing", "changed"])
+def test_a_pillow_whose_raw_encoder_cannot_be_driven_decodes_the_same(test_images, rng, monkeypatch, interface):
+    """Colour images are packed through Pillow's private raw encoder; without it (or with another signature) the
+    strip path gives the same pixels."""
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "RGBA")
+    sources = [test_images[0], test_images[2], rgba]
+    want = [load_image(s) for s in sources]
+    def changed(*args, **kwargs):
+        raise TypeError("_getencoder() takes other arguments")
+
+    monkeypatch.setattr(image_module, "_RAW_ENCODER", None if interface == "missing" else changed)
+    for source, expected in zip(sources, want):
+        got = load_image(source)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_array_source_is_validated_not_copied(rng):
