@@ -35,9 +35,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 
 from edge_shitu.errors import BackendUnavailableError, InvalidInputError
+from edge_shitu.options import check_threads
 from edge_shitu_bench.report import BENCH_EXTRA_HINT
 from edge_shitu_converters.onnx_graph import constants_to_initializers
-from edge_shitu.options import check_threads
 
 __all__ = ["GEMM_SIZE", "PRECISIONS", "GemmRate", "ModelMacs", "require_onnx", "gemm_model",
            "measure_gemm_rate", "count_macs", "bundle_model_macs", "rate_for", "fraction_of_rate",
@@ -395,18 +395,24 @@ def _constant_weight(node: Any, producers: Mapping[str, Any], initializers: Mapp
     name = node.input[_WEIGHT_INPUT[node.op_type]]
     zero_index = _WEIGHT_ZERO_POINT.get(node.op_type)
     zero = node.input[zero_index] if zero_index is not None and len(node.input) > zero_index else ""
+    axis = 0  # a convolution's own per-channel zero point runs along its output channels
     source = producers.get(name)
     if source is not None and source.op_type == "DequantizeLinear" and source.domain in ("", "ai.onnx"):
         name, zero = source.input[0], (source.input[2] if len(source.input) > 2 else "")
+        axis = next((a.i for a in source.attribute if a.name == "axis"), 1)
     if name not in initializers or (zero and zero not in initializers):
         return None
     values = numpy_helper.to_array(initializers[name])
     if not zero:
         return values
     offset = numpy_helper.to_array(initializers[zero]).astype(np.int64)
-    # A per-channel zero point runs along the output channels (axis 0 of a convolution's weight).
-    offset = offset.reshape((-1,) + (1,) * (values.ndim - 1)) if offset.size > 1 else offset.reshape(())
-    return values.astype(np.int64) - offset
+    if offset.size == 1:
+        return values.astype(np.int64) - offset.reshape(())
+    if offset.ndim != 1 or not -values.ndim <= axis < values.ndim or offset.size != values.shape[axis]:
+        return None  # a layout this count does not read (blocked zero points): count every product
+    shape = [1] * values.ndim
+    shape[axis] = offset.size
+    return values.astype(np.int64) - offset.reshape(shape)
 
 
 def _node_macs(node: Any, shapes: Mapping[str, Optional[Tuple[int, ...]]], index: int,

@@ -118,7 +118,9 @@ def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
         stay in topological order.
 
     Returns:
-      Names of the rewritten Conv nodes (an unnamed one gets a name), in graph order.
+      Names of the rewritten Conv nodes (an unnamed one gets a name), in graph order; none for a graph with
+      subgraphs (``If``, ``Loop``), whose reads of outer tensors are not followed. Weights with non-zero zero
+      points are left alone (their code 0 is no weight 0).
 
     Raises:
       Nothing of its own: a node that does not fit is left as it is.
@@ -131,8 +133,10 @@ def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
     shapes = _static_shapes(model)
     done: List[str] = []
     nodes: List[Any] = []
-    dropped: Set[str] = set()      # first outputs of the nodes a rewrite made unread
+    dropped: Set[str] = set()      # first outputs of the nodes the rewrites leave unread
     unread: Set[str] = set()       # initializers only those read
+    feeding: List[Any] = []        # the old input DQs and image quantisers: go when nothing else reads them
+    rewritten: Set[str] = set()    # outputs of the old Conv nodes (the new ones write the same names)
     for node in g.graph.node:
         plan = _stem_plan(g, node, shapes) if node.op_type == "Conv" else None
         if plan is None:
@@ -140,8 +144,10 @@ def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
             continue
         quantizer, source, weight_dq, weights, begins, (rows, cols) = plan
         base = node.name or g.fresh(f"Conv_{len(done)}")
-        names = {key: g.fresh(f"{base}_s2d_{key}") for key in ("cells", "quantized", "input", "weights", "weights_dq")}
-        g.graph.initializer.append(numpy_helper.from_array(_cell_weights(weights, begins, rows, cols), names["weights"]))
+        names = {key: g.fresh(f"{base}_s2d_{key}")
+                 for key in ("cells", "quantized", "input", "weights", "weights_dq")}
+        cells = _cell_weights(weights, begins, rows, cols)
+        g.graph.initializer.append(numpy_helper.from_array(cells, names["weights"]))
         nodes += [
             helper.make_node("SpaceToDepth", [quantizer.input[0]], [names["cells"]], blocksize=2, name=names["cells"]),
             helper.make_node("QuantizeLinear", [names["cells"], *quantizer.input[1:]], [names["quantized"]],
@@ -155,16 +161,24 @@ def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
                              pads=[rows[1], cols[1], rows[2], cols[2]]),
         ]
         done.append(base)
-        # The old weights are the Conv's alone (_weight); the old input DQ and the image's quantiser go when
-        # nothing else reads them.
-        dropped.add(weight_dq.output[0])
+        rewritten.add(node.output[0])
+        dropped.add(weight_dq.output[0])   # the old weights were the Conv's alone (_weight)
         unread.add(weight_dq.input[0])
-        if len(g.consumers[source.output[0]]) == 1 and source.output[0] not in g.boundary:
-            dropped.add(source.output[0])
-            if len(g.consumers[quantizer.output[0]]) == 1 and quantizer.output[0] not in g.boundary:
-                dropped.add(quantizer.output[0])
-    if done:
-        _keep(g.graph, [n for n in nodes if n.output[0] not in dropped], unread, dropped)
+        feeding += [source, quantizer]
+    if not done:
+        return ()
+    # A DQ or quantiser that fed several stems goes once all of its readers are gone (the readers in
+    # g.consumers are the original nodes: an old Conv is one whose output is in ``rewritten``).
+    changed = True
+    while changed:
+        changed = False
+        for node in feeding:
+            out = node.output[0]
+            if out not in dropped and out not in g.boundary and all(
+                    user.output[0] in dropped or user.output[0] in rewritten for user in g.consumers.get(out, [])):
+                dropped.add(out)
+                changed = True
+    _keep(g.graph, [n for n in nodes if n.output[0] not in dropped], unread, dropped)
     return tuple(done)
 
 
@@ -189,7 +203,8 @@ def _stem_plan(g: GraphIndex, node: Any, shapes: Dict[str, List[int]]
             or list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"):
         return None
     source = g.producer.get(node.input[0])
-    if source is None or source.op_type != "DequantizeLinear" or not all(_scalar_constant(g, i) for i in source.input[1:]):
+    if (source is None or source.op_type != "DequantizeLinear"
+            or not all(_scalar_constant(g, i) for i in source.input[1:])):
         return None
     quantizer = g.producer.get(source.input[0])
     if (quantizer is None or quantizer.op_type != "QuantizeLinear"
@@ -242,7 +257,8 @@ def _cell_weights(weights: np.ndarray, begins: Tuple[int, int], rows: Tuple[int,
     for th in range(kh):
         for tw in range(kw):
             (dh, ph), (dw, pw) = divmod(th - begin_h, 2), divmod(tw - begin_w, 2)
-            cells[:, (2 * ph + pw) * channels:(2 * ph + pw + 1) * channels, dh + pad_h, dw + pad_w] = weights[:, :, th, tw]
+            first = (2 * ph + pw) * channels
+            cells[:, first:first + channels, dh + pad_h, dw + pad_w] = weights[:, :, th, tw]
     return cells
 
 

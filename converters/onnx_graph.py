@@ -76,7 +76,8 @@ def constants_to_initializers(model: Any, *, identities: bool = False) -> int:
 
     Args:
       model: an ``onnx.ModelProto``.
-      identities: also fold an ``Identity`` of a constant (paddle2onnx writes ``Constant -> Identity``).
+      identities: also fold an ``Identity`` of a constant (paddle2onnx writes ``Constant -> Identity``); an
+        initializer that is also a graph input is no constant.
 
     Returns:
       How many nodes became initializers.
@@ -84,8 +85,9 @@ def constants_to_initializers(model: Any, *, identities: bool = False) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    constants = {t.name for t in graph.initializer}
+    # An initializer that is also a graph input is a default the caller may override: not a constant.
     values = {t.name: t for t in graph.initializer}
+    constants = set(values) - {i.name for i in graph.input}
     kept, moved = [], 0
     for node in graph.node:
         value = None

@@ -60,7 +60,14 @@ class ProgramSession:
         self.output_names: Tuple[str, ...] = tuple(self._predictor.get_output_names())
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> List[np.ndarray]:
-        """Runs the program; returns ``outputs`` (default all), in that order.
+        """Run the program once.
+
+        Args:
+          feeds: input name -> array, one per name of :attr:`input_names`.
+          outputs: names of :attr:`output_names` to return; None returns all.
+
+        Returns:
+          The arrays of ``outputs``, in that order.
 
         Raises:
           ClosedError: the session was closed.
@@ -72,6 +79,7 @@ class ProgramSession:
         return [result[name] for name in (outputs or self.output_names)]
 
     def close(self) -> None:
+        """Release the predictor; :meth:`run` refuses afterwards. Closing twice is harmless."""
         self._predictor = None
 
 

@@ -535,10 +535,10 @@ def _pack_rgb(im: Image.Image, label: str) -> Optional[np.ndarray]:
     target = memoryview(out).cast("B")
     try:
         encoder = _RAW_ENCODER(im.mode, "raw", ("RGB", 0, 1))
-        encoder.setimage(im.im, (0, 0, width, height))
     except (AttributeError, TypeError, ValueError):
         return None
     try:
+        encoder.setimage(im.im, (0, 0, width, height))
         chunk = max(ImageFile.MAXBLOCK, width * 4)
         written = 0
         while True:
@@ -547,6 +547,8 @@ def _pack_rgb(im: Image.Image, label: str) -> Optional[np.ndarray]:
             written += len(data)
             if status:
                 break
+    except (AttributeError, TypeError, ValueError):
+        return None  # an encoder of another shape: the caller takes the strip path
     finally:
         encoder.cleanup()
     if status < 0 or written != out.nbytes:

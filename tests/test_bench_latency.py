@@ -275,6 +275,20 @@ def test_the_gemm_job_measures_with_the_what_if_session_entries(monkeypatch):
     assert seen == ["1"]
 
 
+def test_the_gemm_jobs_carry_the_what_if_session_entries(tmp_path, monkeypatch):
+    jobs = []
+
+    def child(job, name, out, threads):
+        jobs.append(job)
+        return {"gemm": {"precision": job["precision"], "threads": threads, "gmac_per_s": 1.0}}
+
+    monkeypatch.setattr(latency, "_run_child", child)
+    options = latency.LatencyOptions(session_config=(("session.intra_op.allow_spinning", "1"),))
+    latency._gemm_rates(1, "before", options, tmp_path, lambda message: None)
+    assert len(jobs) == 2 and all(j["kind"] == "gemm" for j in jobs)
+    assert all(j["session_config"] == {"session.intra_op.allow_spinning": "1"} for j in jobs)
+
+
 def test_parse_session_config():
     assert latency.parse_session_config(["session.intra_op.allow_spinning=1", " a = b=c "]) == (
         ("session.intra_op.allow_spinning", "1"), ("a", "b=c"))

@@ -92,8 +92,8 @@ def test_conv_macs_count_only_the_live_part_of_a_constant_weight(tmp_path, rng, 
     """Zero filters and input-channel x kernel positions zero in every filter (what the converter's padded channels
     and space-to-depth stems add) are not counted, a quantised weight being zero where its code is its zero point;
     a zero inside a live filter and position still is."""
-    zero = np.arange(6, dtype=np.int64) * 20 + 7 if form in ("dq_zero_point", "qlinearconv", "convinteger") \
-        else np.zeros(6, np.int64)
+    with_zero_points = form in ("dq_zero_point", "qlinearconv", "convinteger")
+    zero = np.arange(6, dtype=np.int64) * 20 + 7 if with_zero_points else np.zeros(6, np.int64)
     live = rng.integers(1, 100, (6, 4, 3, 3))
     live[4:] = 0                 # two dead filters
     live[:, 1] = 0               # a dead input channel
@@ -110,8 +110,8 @@ def test_conv_macs_count_only_the_live_part_of_a_constant_weight(tmp_path, rng, 
     u8, ones = TensorProto.UINT8, np.ones(6, np.float32)
     codes = (live + zero[:, None, None, None]).astype(np.uint8)
     if form == "float":
-        nodes, inits, x, y = [helper.make_node("Conv", ["x", "w"], ["y"], **conv)], {"w": live.astype(np.float32)}, \
-            TensorProto.FLOAT, TensorProto.FLOAT
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], **conv)]
+        inits, x, y = {"w": live.astype(np.float32)}, TensorProto.FLOAT, TensorProto.FLOAT
     elif form in ("dq", "dq_zero_point"):
         nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0),
                  helper.make_node("Conv", ["x", "wf"], ["y"], **conv)]
@@ -120,13 +120,30 @@ def test_conv_macs_count_only_the_live_part_of_a_constant_weight(tmp_path, rng, 
         # QLinearConv takes a uint8 weight's zero point per tensor.
         inputs = ["x", "one", "x0", "w", "one", "z", "one", "x0"]
         nodes = [helper.make_node("QLinearConv", inputs, ["y"], **conv)]
-        inits, x, y = {"w": (live + 7).astype(np.uint8), "z": np.uint8(7), "one": np.float32(1), "x0": np.uint8(0)}, \
-            u8, u8
+        inits = {"w": (live + 7).astype(np.uint8), "z": np.uint8(7), "one": np.float32(1), "x0": np.uint8(0)}
+        x, y = u8, u8
     else:
         nodes = [helper.make_node("ConvInteger", ["x", "w", "x0", "z"], ["y"], **conv)]
         inits, x, y = {"w": codes, "z": zero.astype(np.uint8), "x0": np.uint8(0)}, u8, TensorProto.INT32
     path = write_onnx(tmp_path / "conv.onnx", nodes, [_vi("x", [2, 4, 13, 11], x)], [_vi("y", 4, y)], inits)
     assert machine.count_macs(path).total == oracle == 2 * 13 * 11 * 4 * (3 * 9 - 1)
+
+
+def test_conv_macs_read_zero_points_along_the_dequantiser_axis(tmp_path, rng):
+    """A DequantizeLinear's zero points run along its axis (1 by default, the input channels of a convolution's
+    weight), not always along the output channels."""
+    codes = rng.integers(1, 200, (8, 3, 3, 3)).astype(np.uint8)
+    codes[:, 1] = 9                                   # input channel 1 is zero: its codes are its zero point
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"]),   # axis 1
+             helper.make_node("Conv", ["x", "wf"], ["y"], kernel_shape=[3, 3])]
+    inits = {"w": codes, "s": np.ones(3, np.float32), "z": np.array([0, 9, 0], np.uint8)}
+    path = write_onnx(tmp_path / "a.onnx", nodes, [_vi("x", [1, 3, 9, 9])], [_vi("y", 4)], inits)
+    assert machine.count_macs(path).total == _conv_oracle(1, 3, 9, 9, 8, 3) * 2 // 3
+    nodes[0] = helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=2)
+    inits["w"] = rng.integers(1, 200, (8, 3, 3, 3)).astype(np.uint8)
+    inits["w"][:, :, 1, :] = 9                        # kernel row 1 is zero: its codes are its zero point
+    path = write_onnx(tmp_path / "b.onnx", nodes, [_vi("x", [1, 3, 9, 9])], [_vi("y", 4)], inits)
+    assert machine.count_macs(path).total == _conv_oracle(1, 3, 9, 9, 8, 3) * 2 // 3
 
 
 def test_conv_macs_of_a_weight_computed_at_run_time_count_every_product(tmp_path):

@@ -139,10 +139,12 @@ def test_a_pillow_whose_raw_encoder_cannot_be_driven_decodes_the_same(test_image
     rgba = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "RGBA")
     sources = [test_images[0], test_images[2], rgba]
     want = [load_image(s) for s in sources]
+
     def changed(*args, **kwargs):
         raise TypeError("_getencoder() takes other arguments")
 
     monkeypatch.setattr(image_module, "_RAW_ENCODER", None if interface == "missing" else changed)
+    assert image_module._pack_rgb(rgba, "rgba") is None
     for source, expected in zip(sources, want):
         got = load_image(source)
         assert got.dtype == np.uint8 and got.flags.c_contiguous

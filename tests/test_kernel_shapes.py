@@ -24,11 +24,11 @@ from edge_shitu_converters.kernel_shapes import (  # noqa: E402
 
 
 def _float_model(rng, *, channels=3, size=(16, 16), kernel=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2),
-                 dilations=(1, 1), width=40, batch="N", concat=False, dw_output=False, bias=True):
+                 dilations=(1, 1), width=40, batch="N", concat=False, dw_output=False, bias=True, second_stem=False):
     """x (batch, channels, H, W) -> stem Conv (width, kernel, strides, pads) -> hard-swish -> depthwise 3x3 Conv
     -> Relu -> 1x1 Conv (16) = y. ``concat``: the hard-swish output, concatenated with itself along the
     channels, feeds a second 1x1 Conv (16) = y2; ``dw_output``: the depthwise output is a graph output;
-    ``bias``: False leaves every Conv without one."""
+    ``bias``: False leaves every Conv without one; ``second_stem``: another stem Conv of x is output y3."""
     def t(name, arr):
         return numpy_helper.from_array(np.asarray(arr, np.float32), name)
 
@@ -49,11 +49,15 @@ def _float_model(rng, *, channels=3, size=(16, 16), kernel=(3, 3), pads=(1, 1, 1
     def out(name):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, None, None, None])
 
+    if second_stem:
+        inits.append(t("w4", rng.normal(0, 0.4, (8, channels, *kernel))))
+        nodes.append(helper.make_node("Conv", ["x", "w4"], ["y3"], name="stem2", kernel_shape=list(kernel),
+                                      pads=list(pads), strides=list(strides), dilations=list(dilations)))
     if not bias:
         for node in nodes:
             del node.input[2:]
         inits = [i for i in inits if not i.name.startswith("b")]
-    outputs = [out("y")]
+    outputs = [out("y")] + ([out("y3")] if second_stem else [])
     if concat:
         nodes += [helper.make_node("Concat", ["s0", "s0"], ["cat"], name="concat", axis=1),
                   helper.make_node("Conv", ["cat", "w3"], ["y2"], name="pw2", kernel_shape=[1, 1])]
@@ -292,3 +296,25 @@ def test_recorded_shapes_of_changed_tensors_are_dropped(rng, tmp_path):
     assert len(model.graph.value_info) > 10
     assert _both(model) == ("stem", "dw")
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_two_stems_of_one_image_are_both_rewritten_and_the_old_quantised_image_goes(rng, tmp_path):
+    shape = (1, 3, 16, 16)
+    original = _quantized(_float_model(rng, second_stem=True), rng, tmp_path, shape)
+    producer = {o: n for n in original.graph.node for o in n.output}
+    stems = [n for n in original.graph.node if n.name in ("stem", "stem2")]
+    old = {producer[s.input[0]].output[0] for s in stems} | {producer[s.input[0]].input[0] for s in stems}
+    rewritten = _copy(original)
+    assert space_to_depth_stems(rewritten) == ("stem", "stem2")
+    # Nothing computes the full-size quantised image any more (the old quantiser and dequantisers are gone).
+    assert not old & {o for n in rewritten.graph.node for o in n.output}
+    _assert_same_outputs(original, rewritten, rng, shape)
+
+
+def test_a_rewrite_leaves_unrelated_dead_nodes_alone(rng, tmp_path):
+    model = _quantized(_float_model(rng), rng, tmp_path, (1, 3, 16, 16))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), "unused_value"))
+    model.graph.node.append(helper.make_node("Relu", ["unused_value"], ["unused"], name="unused_relu"))
+    assert _both(model) == ("stem", "dw")
+    assert "unused_relu" in {n.name for n in model.graph.node}
+    assert "unused_value" in {i.name for i in model.graph.initializer}
