@@ -289,6 +289,19 @@ ONNX_OPSET = 13
 ONNX_IR_VERSION = 8
 
 
+def add_subgraph_reader(model, tensor: str) -> None:
+    """Append an ``If`` whose branches read the outer ``tensor`` (a float tensor of ``model``), as a graph output:
+    the kind of read a node-level map of readers does not see."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    branch = helper.make_graph([helper.make_node("Identity", [tensor], ["inner"])], "branch", [],
+                               [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "subgraph_flag"))
+    model.graph.node.append(helper.make_node("If", ["subgraph_flag"], ["subgraph_out"], then_branch=branch,
+                                             else_branch=branch))
+    model.graph.output.append(helper.make_tensor_value_info("subgraph_out", TensorProto.FLOAT, None))
+
+
 def write_onnx(path: Path, nodes, inputs, outputs, initializers=(), *, name: str = "tiny") -> Path:
     """Save a one-graph ONNX model (default domain at :data:`ONNX_OPSET`) after the ONNX checker passed it.
 

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edge_shitu_converters.integer_ops import integer_hard_sigmoids  # noqa: E402
 from edge_shitu_converters.quantize import ModelQuantizer, QuantizeOptions  # noqa: E402
+from conftest import add_subgraph_reader  # noqa: E402
 from test_int8_search import _chain_model, _quantizer  # noqa: E402
 from test_quantize import _spec, _write_photos  # noqa: E402
 
@@ -228,15 +229,10 @@ def test_dynamic_quantization_is_not_rewritten(tmp_path, rng):
     assert q.quantize(tmp_path / "dyn.onnx").integer_hard_sigmoids == ()
 
 
-
 def test_graphs_with_subgraphs_are_left_alone():
     """A subgraph may read any outer tensor, which the rewrite's map of readers does not see."""
     model = _gate_model(0.05, 128, 1 / 255, 0)
-    branch = helper.make_graph([helper.make_node("Identity", ["h"], ["z"])], "branch", [],
-                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
-    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "flag"))
-    model.graph.node.append(helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch))
-    model.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    add_subgraph_reader(model, "h")
     before = model.SerializeToString()
     assert integer_hard_sigmoids(model) == ()
     assert model.SerializeToString() == before

@@ -15,6 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 quantization = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime.quantization needs ml_dtypes")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from conftest import add_subgraph_reader  # noqa: E402
 from edge_shitu_converters.kernel_shapes import (  # noqa: E402
     PAD_MAX_GROWTH,
     STEM_MAX_CHANNELS,
@@ -279,11 +280,7 @@ def test_unnamed_nodes_get_names_and_the_same_codes(rng, tmp_path):
 def test_graphs_with_subgraphs_are_left_alone(rng, tmp_path):
     """A subgraph may read any outer tensor, which the rewrites' maps of readers do not see."""
     model = _quantized(_float_model(rng), rng, tmp_path, (1, 3, 16, 16))
-    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "branch", [],
-                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
-    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "flag"))
-    model.graph.node.append(helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch))
-    model.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    add_subgraph_reader(model, "y")
     before = model.SerializeToString()
     assert _both(model) == ()
     assert model.SerializeToString() == before
