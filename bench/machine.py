@@ -37,7 +37,7 @@ import numpy as np
 from edge_shitu.errors import BackendUnavailableError, InvalidInputError
 from edge_shitu.options import check_threads
 from edge_shitu_bench.report import BENCH_EXTRA_HINT
-from edge_shitu_converters.onnx_graph import constants_to_initializers
+from edge_shitu_converters.onnx_graph import GraphIndex, constants_to_initializers
 
 __all__ = ["GEMM_SIZE", "PRECISIONS", "GemmRate", "ModelMacs", "require_onnx", "gemm_model",
            "measure_gemm_rate", "count_macs", "bundle_model_macs", "rate_for", "fraction_of_rate",
@@ -354,19 +354,15 @@ def count_macs(model: ModelSource, input_shapes: Optional[Mapping[str, Sequence[
             shapes[vi.name] = tuple(int(d.dim_value) for d in dims) if known else None
     for t in graph.initializer:
         shapes[t.name] = tuple(int(d) for d in t.dims)
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: Dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    initializers = {t.name: t for t in graph.initializer}
+    index = GraphIndex(inferred)
+    graph_outputs = {o.name for o in graph.output}
     fp32 = int8 = nodes = int8_nodes = 0
     by_op: Dict[str, int] = {}
     for i, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_INPUT:
             continue
-        macs = _node_macs(node, shapes, i, _constant_weight(node, producers, initializers))
-        integer = _on_integer_kernels(node, producers, consumers, set(o.name for o in graph.output))
+        macs = _node_macs(node, shapes, i, _constant_weight(node, index))
+        integer = _on_integer_kernels(node, index.producer, index.consumers, graph_outputs)
         nodes += 1
         by_op[node.op_type] = by_op.get(node.op_type, 0) + macs
         if integer:
@@ -385,27 +381,25 @@ def _shape(shapes: Mapping[str, Optional[Tuple[int, ...]]], name: str, node: Any
     return shape
 
 
-def _constant_weight(node: Any, producers: Mapping[str, Any], initializers: Mapping[str, Any]) -> Optional[np.ndarray]:
+def _constant_weight(node: Any, index: GraphIndex) -> Optional[np.ndarray]:
     """A convolution's weight minus its zero point (int64, or the float values), when the weight is constant (an
     initializer, or a DQ of one) and so is its zero point; else None."""
-    from onnx import numpy_helper
-
     if node.op_type not in _CONVS:
         return None
     name = node.input[_WEIGHT_INPUT[node.op_type]]
     zero_index = _WEIGHT_ZERO_POINT.get(node.op_type)
     zero = node.input[zero_index] if zero_index is not None and len(node.input) > zero_index else ""
     axis = 0  # a convolution's own per-channel zero point runs along its output channels
-    source = producers.get(name)
+    source = index.producer.get(name)
     if source is not None and source.op_type == "DequantizeLinear" and source.domain in ("", "ai.onnx"):
         name, zero = source.input[0], (source.input[2] if len(source.input) > 2 else "")
         axis = next((a.i for a in source.attribute if a.name == "axis"), 1)
-    if name not in initializers or (zero and zero not in initializers):
+    values, offset = index.array(name), (index.array(zero) if zero else None)
+    if values is None or (zero and offset is None):
         return None
-    values = numpy_helper.to_array(initializers[name])
     if not zero:
         return values
-    offset = numpy_helper.to_array(initializers[zero]).astype(np.int64)
+    offset = offset.astype(np.int64)
     if offset.size == 1:
         return values.astype(np.int64) - offset.reshape(())
     if offset.ndim != 1 or not -values.ndim <= axis < values.ndim or offset.size != values.shape[axis]:

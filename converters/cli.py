@@ -80,7 +80,7 @@ def _cmd_convert(args, out: TextIO, err: TextIO) -> int:
     given = {"calib_dir": args.calib, "calib_count": args.calib_count, "calib_method": args.calib_method,
              "quant_mode": args.quant_mode, "lite_algo": args.lite_algo, "lite_opt": args.lite_opt,
              "lite_python": args.lite_python, "lite_qat": args.lite_qat,
-             "lite_bias_correction": True if args.lite_bias_correction else None}
+             "lite_bias_correction": args.lite_bias_correction}
     quant = {k: v for k, v in given.items() if v is not None}
     if args.lite_skip is not None:
         quant["lite_skip"] = _names(args.lite_skip, "--lite-skip")
@@ -182,7 +182,7 @@ def register(subparsers, groups) -> None:
                          "N: keep the N most damaging blocks float")
     cv.add_argument("--lite-algo", choices=list(_SLIM_ALGOS),
                     help="lite int8: paddleslim quant_post_static algorithm (default avg)")
-    cv.add_argument("--lite-bias-correction", action="store_true",
+    cv.add_argument("--lite-bias-correction", action="store_const", const=True,
                     help="lite int8: paddleslim's bias correction of the weights' quantisation error")
     cv.add_argument("--lite-skip", metavar="NAME,...",
                     help="lite int8: weights whose ops stay in float (paddleslim skip_tensor_list), e.g. "

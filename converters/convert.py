@@ -67,6 +67,7 @@ import numpy as np
 from edge_shitu_converters import paddle_io
 from edge_shitu_converters.paddle_io import INSTALL_HINT, ModelFiles
 from edge_shitu_converters.fetch import read_fetch_record
+from edge_shitu_converters.onnx_graph import drop_unread
 from edge_shitu_converters.replica import read_replica_info
 from edge_shitu.bundle import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Bundle, sha256_file
 from edge_shitu.errors import (
@@ -311,23 +312,6 @@ def _fix_leaky_relu(model: Any, slopes: Sequence[float]) -> None:
             attrs[0].name = "alpha"
             attrs[0].type = attrs[0].FLOAT
         attrs[0].f = slope
-
-
-def _drop_dead_nodes(model: Any) -> None:
-    """Remove nodes and initializers nothing reads (paddle2onnx leaves unused Constant nodes, and
-    onnxruntime warns about each one whenever a session is created)."""
-    graph = model.graph
-    while True:
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        alive = [node for node in graph.node if any(out in used for out in node.output)]
-        if len(alive) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(alive)
-    kept = [init for init in graph.initializer if init.name in used]
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
 
 
 def _onnx_io_shape(value_info: Any) -> List[int]:
@@ -739,7 +723,8 @@ def _export_onnx(role: str, model_dir: Path, files: "paddle_io.ModelFiles", outp
     with _step(f"{role}: paddle2onnx", model_dir, timings):
         model = _rename_outputs(onnx, _paddle2onnx(p2o, files, opset), output_names)
         _fix_leaky_relu(model, _leaky_relu_slopes(files))
-        _drop_dead_nodes(model)
+        # paddle2onnx leaves unused Constant nodes, and onnxruntime warns about each one whenever a session is made.
+        drop_unread(model.graph)
     with _step(f"{role}: onnx check and save", model_dir, timings):
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(path))
@@ -1265,7 +1250,7 @@ def convert(
         _LOG.info("int8_layers 'auto' searches only with verify: every block is quantised")
     if spec.backend == "paddlelite":
         from edge_shitu_converters.lite import convert_lite
-        from edge_shitu_converters.verify import PaddleReferences
+        from edge_shitu_converters.verify import VERIFY_THREADS, PaddleReferences
 
         det_path, rec_path = (Path(det_dir) if det_dir else None), (Path(rec_dir) if rec_dir else None)
         references = PaddleReferences()
@@ -1278,7 +1263,7 @@ def convert(
             from edge_shitu_converters.paddle_reference import ProgramSession
 
             return verify_role(staging, role, det_path, rec_path, verify_images, references,
-                               session_factory=lambda _spec: ProgramSession(program, threads=2))
+                               session_factory=lambda _spec: ProgramSession(program, threads=VERIFY_THREADS))
 
         return convert_lite(
             det_dir,
@@ -1299,10 +1284,12 @@ def convert(
             check_program=check_program if verify else None,
             before_publish=_with_head(head, hash_head, check_lite if verify else None),
         )
-    if any(v is not None for v in (lite_algo, lite_skip, lite_qat, lite_bias_correction, lite_opt, lite_python)):
-        raise InvalidInputError(
-            f"lite_algo, lite_skip, lite_qat, lite_bias_correction, lite_opt and lite_python are for the Paddle-Lite "
-            f"formats, not {spec.name}")
+    lite_only = [k for k, v in {"lite_algo": lite_algo, "lite_skip": lite_skip, "lite_qat": lite_qat,
+                                "lite_bias_correction": lite_bias_correction, "lite_opt": lite_opt,
+                                "lite_python": lite_python}.items() if v is not None]
+    if lite_only:
+        raise InvalidInputError(f"{' and '.join(lite_only)} {'is' if len(lite_only) == 1 else 'are'} for the "
+                                f"Paddle-Lite formats, not {spec.name}")
     det, rec, out = _check_request(det_dir, rec_dir, out_dir, name)
     if budget != "auto" and (quant_mode or "static") != "static" and not isinstance(budget, str):
         raise InvalidInputError("int8_layers N ranks blocks on calibration photos: it needs static quantisation")

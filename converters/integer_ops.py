@@ -62,13 +62,12 @@ def integer_hard_sigmoids(model: Any) -> Tuple[str, ...]:
     if index.has_subgraphs:
         return ()
     scalar, fresh = index.scalar, index.fresh
-    outputs = {o.name for o in graph.output}
 
     done: List[str] = []
     nodes: List[Any] = []
     for node in graph.node:
         plan = None
-        if node.op_type == "HardSigmoid" and node.output[0] not in outputs:
+        if node.op_type == "HardSigmoid" and node.output[0] not in index.boundary:
             plan = _plan(node, index.producer.get(node.input[0]), index.consumers.get(node.output[0], []), scalar)
         if plan is None:
             nodes.append(node)

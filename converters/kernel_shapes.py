@@ -24,11 +24,11 @@ Figures: docs/benchmarks.md, "Kernel-friendly convolution shapes".
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 
-from edge_shitu_converters.onnx_graph import GraphIndex
+from edge_shitu_converters.onnx_graph import GraphIndex, drop_unread
 
 __all__ = ["space_to_depth_stems", "pad_depthwise_channels", "STEM_MAX_CHANNELS", "PAD_MAX_GROWTH"]
 
@@ -79,26 +79,29 @@ def _attrs(node: Any) -> Dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _set_attr(node: Any, name: str, value: Any) -> None:
-    from onnx import helper
+def _shape_of(model: Any) -> Callable[[str], Optional[List[int]]]:
+    """A lookup of a tensor's shape (unknown dims as -1): the graph's declared inputs and recorded shapes first,
+    onnx's shape inference of the whole model only when a tensor is not among them (and then once)."""
+    inferred: Dict[str, List[int]] = {}
 
-    for i, attr in enumerate(node.attribute):
-        if attr.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
+    def dims(info: Any) -> List[int]:
+        return [d.dim_value if d.HasField("dim_value") else -1 for d in info.type.tensor_type.shape.dim]
 
+    declared = {info.name: dims(info) for info in (*model.graph.input, *model.graph.value_info)
+                if info.type.tensor_type.HasField("shape")}
 
-def _static_shapes(model: Any) -> Dict[str, List[int]]:
-    """Tensor name -> shape, from onnx's shape inference (unknown dims as -1)."""
-    from onnx import shape_inference
+    def lookup(name: str) -> Optional[List[int]]:
+        if name in declared:
+            return declared[name]
+        if not inferred:
+            from onnx import shape_inference
 
-    inferred = shape_inference.infer_shapes(model)
-    shapes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
-    return shapes
+            graph = shape_inference.infer_shapes(model).graph
+            inferred.update({info.name: dims(info) for info in (*graph.value_info, *graph.input, *graph.output)})
+            inferred.setdefault("", [])  # inferred once, even when it found nothing
+        return inferred.get(name)
+
+    return lookup
 
 
 def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
@@ -130,15 +133,13 @@ def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
     g = GraphIndex(model)
     if g.has_subgraphs:
         return ()
-    shapes = _static_shapes(model)
+    shape_of = _shape_of(model)
     done: List[str] = []
     nodes: List[Any] = []
-    dropped: Set[str] = set()      # first outputs of the nodes the rewrites leave unread
-    unread: Set[str] = set()       # initializers only those read
-    feeding: List[Any] = []        # the old input DQs and image quantisers: go when nothing else reads them
-    rewritten: Set[str] = set()    # outputs of the old Conv nodes (the new ones write the same names)
+    replaced: Set[str] = set()   # first outputs of the old weight DQs, input DQs and image quantisers
+    old_weights: Set[str] = set()
     for node in g.graph.node:
-        plan = _stem_plan(g, node, shapes) if node.op_type == "Conv" else None
+        plan = _stem_plan(g, node, shape_of) if node.op_type == "Conv" else None
         if plan is None:
             nodes.append(node)
             continue
@@ -161,40 +162,18 @@ def space_to_depth_stems(model: Any) -> Tuple[str, ...]:
                              pads=[rows[1], cols[1], rows[2], cols[2]]),
         ]
         done.append(base)
-        rewritten.add(node.output[0])
-        dropped.add(weight_dq.output[0])   # the old weights were the Conv's alone (_weight)
-        unread.add(weight_dq.input[0])
-        feeding += [source, quantizer]
-    if not done:
-        return ()
-    # A DQ or quantiser that fed several stems goes once all of its readers are gone (the readers in
-    # g.consumers are the original nodes: an old Conv is one whose output is in ``rewritten``).
-    changed = True
-    while changed:
-        changed = False
-        for node in feeding:
-            out = node.output[0]
-            if out not in dropped and out not in g.boundary and all(
-                    user.output[0] in dropped or user.output[0] in rewritten for user in g.consumers.get(out, [])):
-                dropped.add(out)
-                changed = True
-    _keep(g.graph, [n for n in nodes if n.output[0] not in dropped], unread, dropped)
+        replaced |= {weight_dq.output[0], source.output[0], quantizer.output[0]}
+        old_weights.add(weight_dq.input[0])
+    if done:
+        del g.graph.node[:]
+        g.graph.node.extend(nodes)
+        # The old weights go; the old input DQs and image quantisers go once nothing else reads them (a quantiser
+        # shared by several stems, once all of them are rewritten).
+        drop_unread(g.graph, nodes=replaced, initializers=old_weights)
     return tuple(done)
 
 
-def _keep(graph: Any, nodes: List[Any], dropped_inits: Set[str], dropped_tensors: Set[str]) -> None:
-    """Make ``nodes`` the graph's nodes, and remove the named initializers and the shapes recorded for the
-    named tensors (gone, or changed in shape)."""
-    del graph.node[:]
-    graph.node.extend(nodes)
-    for field, names in ((graph.initializer, dropped_inits), (graph.value_info, dropped_tensors)):
-        kept = [item for item in field if item.name not in names]
-        if len(kept) != len(field):
-            del field[:]
-            field.extend(kept)
-
-
-def _stem_plan(g: GraphIndex, node: Any, shapes: Dict[str, List[int]]
+def _stem_plan(g: GraphIndex, node: Any, shape_of: Callable[[str], Optional[List[int]]]
                ) -> Optional[Tuple[Any, Any, Any, np.ndarray, Tuple[int, int], Tuple[Tuple[int, int, int], ...]]]:
     """``(quantizer, input DQ, weight DQ, int weights (Cout, C, kh, kw), begin pads, (row, column geometry of
     :func:`_cell_geometry`))`` when ``node`` can be rewritten, else None."""
@@ -211,8 +190,10 @@ def _stem_plan(g: GraphIndex, node: Any, shapes: Dict[str, List[int]]
             or not all(_scalar_constant(g, i) for i in quantizer.input[1:])):
         return None
     weight = _weight(g, node)
-    shape = shapes.get(quantizer.input[0])
-    if weight is None or shape is None or len(shape) != 4:
+    if weight is None:
+        return None
+    shape = shape_of(quantizer.input[0])
+    if shape is None or len(shape) != 4:
         return None
     weight_dq, weights = weight
     _, channels, height, width = shape
@@ -292,10 +273,10 @@ def pad_depthwise_channels(model: Any, multiple: int = 16) -> Tuple[str, ...]:
         return ()
     reshaped: Set[str] = set()
     padded: List[str] = []
-    seen: Set[str] = set()
-    for node in list(g.graph.node):
+    for node in g.graph.node:
+        # A group padded already holds a multiple of channels now, and is passed over.
         channels = _depthwise_channels(g, node)
-        if channels is None or node.output[0] in seen or channels % multiple == 0:
+        if channels is None or channels % multiple == 0:
             continue
         target = -(-channels // multiple) * multiple
         if target > PAD_MAX_GROWTH * channels:
@@ -304,13 +285,12 @@ def pad_depthwise_channels(model: Any, multiple: int = 16) -> Tuple[str, ...]:
         if group is None:
             continue
         tensors, heads, depthwise, tails = group
-        seen.update(n.output[0] for n in depthwise)
         extra = target - channels
         for conv in heads:
             _pad_filters(g, conv, extra)
         for conv in depthwise:
             _pad_filters(g, conv, extra)
-            _set_attr(conv, "group", target)
+            next(a for a in conv.attribute if a.name == "group").i = target
         for conv in tails:
             dq, values = _weight(g, conv)
             g.set_array(dq.input[0], np.pad(values, ((0, 0), (0, extra), (0, 0), (0, 0))))
@@ -321,7 +301,9 @@ def pad_depthwise_channels(model: Any, multiple: int = 16) -> Tuple[str, ...]:
             conv.name = conv.name or g.fresh("Conv_depthwise")
             padded.append(conv.output[0])
     if padded:
-        _keep(g.graph, list(g.graph.node), set(), reshaped)
+        kept = [v for v in g.graph.value_info if v.name not in reshaped]
+        del g.graph.value_info[:]
+        g.graph.value_info.extend(kept)
     return tuple(n.name for n in g.graph.node if n.op_type == "Conv" and n.output[0] in padded)
 
 

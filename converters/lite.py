@@ -272,10 +272,12 @@ def run_opt(
     for kind, path in (("program", model), ("params", params)):
         if not path.is_file():
             raise MissingFileError(f"Paddle {kind} file not found: {path}")
-    # Resolved here: under setarch a missing opt would look like a failed run.
-    executable = shutil.which(str(opt))
-    if executable is None:
+    # Resolved here: under setarch a missing opt would look like a failed run. Absolute: opt runs in a folder of
+    # its own, where a relative path would name nothing.
+    found = shutil.which(str(opt))
+    if found is None:
         raise BackendUnavailableError(f"cannot run {opt}: not an executable file.\n{OPT_INSTALL_HINT}")
+    executable = os.path.abspath(found)
     out.parent.mkdir(parents=True, exist_ok=True)
     # opt's bytes depend on the output path it is given and on where the system places its memory (it orders some
     # variables by address): it always writes the same relative name, in a folder of its own, with address-space
@@ -621,9 +623,9 @@ def quantize_post_training(
     """
     slim_algo = _normalise_algo(algo)
     _check_bias_correction(bias_correction)
-    return _slim(model_dir, out_dir, feeds, slim_algo, _normalise_skip(skip), None, python, timeout_s,
+    return _slim(model_dir, out_dir, feeds, slim_algo, _normalise_skip(skip), python, timeout_s,
                  f"paddleslim quant_post_static ({slim_algo})",
-                 options={"bias_correction": bias_correction})
+                 {"bias_correction": bias_correction})
 
 
 def quantize_aware_training(
@@ -677,16 +679,16 @@ def quantize_aware_training(
     qat = {"iters": iters, "batch": batch, "learning_rate": float(learning_rate), "seed": seed}
     if timeout_s is None:
         timeout_s = max(_SLIM_TIMEOUT_S, 60.0 * iters)
-    return _slim(model_dir, out_dir, feeds, DEFAULT_ALGO, (), qat, python, timeout_s,
-                 f"paddleslim quantisation-aware training ({iters} iterations)")
+    return _slim(model_dir, out_dir, feeds, DEFAULT_ALGO, (), python, timeout_s,
+                 f"paddleslim quantisation-aware training ({iters} iterations)", {"qat": qat})
 
 
 def _slim(model_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str",
           feeds: Sequence[Dict[str, np.ndarray]], slim_algo: str, names: Tuple[str, ...],
-          qat: Optional[Dict[str, Any]], python: "os.PathLike[str] | str | None", timeout_s: float,
-          what: str, options: Optional[Dict[str, Any]] = None) -> QuantizedModel:
-    """One paddleslim worker request (post-training quantisation, or training when ``qat`` is given); ``options``
-    are the request's optional post-training keys (``bias_correction``)."""
+          python: "os.PathLike[str] | str | None", timeout_s: float, what: str,
+          extra: Mapping[str, Any]) -> QuantizedModel:
+    """One paddleslim worker request: post-training quantisation, or training when ``extra`` holds ``qat``;
+    ``extra`` holds the request's optional keys (``qat``, ``bias_correction``)."""
     from edge_shitu_converters.lite_worker import find_lite_python
 
     batches = list(feeds)
@@ -719,8 +721,7 @@ def _slim(model_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str"
             "skip_tensors": list(names),
             "quantizable_op_types": list(_QUANTIZABLE_OPS),
             "result": str(work / "result.json"),
-            **({"qat": qat} if qat is not None else {}),
-            **(options or {}),
+            **extra,
         }
         (work / "request.json").write_text(json.dumps(request), encoding="utf-8")
         _run_slim(exe, [str(work / "request.json")], f"{what} of {files.directory}", work, timeout_s)
@@ -1068,10 +1069,12 @@ def convert_lite(
                 "Paddle-Lite 2.13rc0's x86 INT8 kernels compute the detector wrongly, without an error (head scores "
                 "unrelated to the quantised program's): build the detector for x86 in fp32, or for arm in int8"
             )
-    elif any(v is not None for v in (calib_dir, calib_count, algo, skip, bias_correction)):
-        raise InvalidInputError(
-            f"calib_dir, calib_count, algo, skip and bias_correction are for int8 bundles; precision is {precision!r}"
-        )
+    else:
+        given = [k for k, v in {"calib_dir": calib_dir, "calib_count": calib_count, "algo": algo, "skip": skip,
+                                "bias_correction": bias_correction}.items() if v is not None]
+        if given:
+            raise InvalidInputError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for int8 bundles; "
+                                    f"precision is {precision!r}")
     if bias_correction is not None:
         _check_bias_correction(bias_correction)
     budget = parse_int8_layers(int8_layers)

@@ -5,11 +5,11 @@ benchmark's MAC count)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 
-__all__ = ["GraphIndex", "constants_to_initializers"]
+__all__ = ["GraphIndex", "constants_to_initializers", "drop_unread"]
 
 
 class GraphIndex:
@@ -44,11 +44,18 @@ class GraphIndex:
                                  for node in self.graph.node for a in node.attribute)
         self._taken = ({n.name for n in self.graph.node} | set(self.producer) | set(self.inits) | self.boundary
                        | {v.name for v in self.graph.value_info})
+        self._arrays: Dict[str, np.ndarray] = {}
 
     def array(self, name: str) -> Optional[np.ndarray]:
-        """The values of initializer ``name``, or None when it is not one."""
-        init = self.inits.get(name)
-        return None if init is None else self._np.to_array(init)
+        """The values of initializer ``name`` (converted once; read-only), or None when it is not one."""
+        if name not in self._arrays:
+            init = self.inits.get(name)
+            if init is None:
+                return None
+            value = self._np.to_array(init)
+            value.setflags(write=False)
+            self._arrays[name] = value
+        return self._arrays[name]
 
     def scalar(self, name: str) -> Optional[np.ndarray]:
         """The values of initializer ``name`` when it holds exactly one value, else None."""
@@ -58,6 +65,7 @@ class GraphIndex:
     def set_array(self, name: str, value: np.ndarray) -> None:
         """Replace the values of initializer ``name`` (its dtype is ``value``'s)."""
         self.inits[name].CopyFrom(self._np.from_array(value, name))
+        self._arrays.pop(name, None)
 
     def fresh(self, base: str) -> str:
         """A name no node, tensor or initializer of the graph has (``base``, then ``base_``, ...); it is taken."""
@@ -108,3 +116,37 @@ def constants_to_initializers(model: Any, *, identities: bool = False) -> int:
         del graph.node[:]
         graph.node.extend(kept)
     return moved
+
+
+def drop_unread(graph: Any, *, nodes: Optional[Iterable[str]] = None, initializers: Optional[Iterable[str]] = None
+                ) -> None:
+    """Remove, until none is left, the nodes whose outputs no node reads and no graph output is; then the
+    initializers no node reads; and the shapes recorded for the tensors that went (in place).
+
+    Only reads by the main graph's nodes count: a caller with subgraphs (``If``, ``Loop``) must not rely on it.
+
+    Args:
+      graph: an ``onnx.GraphProto``.
+      nodes: first outputs of the nodes that may go; None: any node.
+      initializers: names of the initializers that may go; None: any.
+    """
+    may_go = None if nodes is None else set(nodes)
+    outputs = {o.name for o in graph.output}
+    gone: Set[str] = set()
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        kept = [n for n in graph.node
+                if any(o in read for o in n.output) or (may_go is not None and n.output[0] not in may_go)]
+        if len(kept) == len(graph.node):
+            break
+        gone |= {o for n in graph.node for o in n.output} - {o for n in kept for o in n.output}
+        del graph.node[:]
+        graph.node.extend(kept)
+    read = {name for node in graph.node for name in node.input} | outputs
+    inits_may_go = None if initializers is None else set(initializers)
+    for field, dropped in ((graph.initializer, lambda i: i.name not in read and (
+            inits_may_go is None or i.name in inits_may_go)), (graph.value_info, lambda v: v.name in gone)):
+        kept_items = [item for item in field if not dropped(item)]
+        if len(kept_items) != len(field):
+            del field[:]
+            field.extend(kept_items)

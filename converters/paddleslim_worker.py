@@ -49,6 +49,10 @@ __all__ = ["ALGOS", "EXIT_MISSING", "main", "quantize", "versions"]
 
 #: Activation algorithms of paddleslim's ``quant_post_static`` offered for Paddle-Lite.
 ALGOS = ("avg", "abs_max", "hist", "KL", "mse", "emd")
+
+# The optimiser of quantisation-aware training (recorded with its result).
+_QAT_OPTIMIZER = "SGD"
+
 #: Exit status when paddle or paddleslim is missing from the side environment.
 EXIT_MISSING = 3
 
@@ -141,8 +145,9 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     skip: Sequence[str] = list(request["skip_tensors"])
     qat = request.get("qat")
     if qat is not None:
-        if set(qat) != {"iters", "batch", "learning_rate", "seed"} or skip:
-            raise ValueError(f"bad qat request {qat!r} (iters, batch, learning_rate, seed; no skip_tensors)")
+        if set(qat) != {"iters", "batch", "learning_rate", "seed"} or skip or request.get("bias_correction"):
+            raise ValueError(f"bad qat request {qat!r} (iters, batch, learning_rate, seed; no skip_tensors, no "
+                             "bias_correction)")
     batches = _batches(Path(request["feeds"]))
     found = versions()
     import paddle
@@ -234,10 +239,8 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         "Distillation": {"loss": "l2", "node": outputs, "alpha": 1.0},
         "TrainConfig": {"train_iter": int(qat["iters"]), "eval_iter": 10 ** 9,
                         "logging_iter": max(1, int(qat["iters"]) // 10), "learning_rate": float(qat["learning_rate"]),
-                        "optimizer_builder": {"optimizer": {"type": "SGD"}}},
+                        "optimizer_builder": {"optimizer": {"type": _QAT_OPTIMIZER}}},
     }
-    # Read before AutoCompression, which consumes the config.
-    optimizer = config["TrainConfig"]["optimizer_builder"]["optimizer"]["type"]
     with tempfile.TemporaryDirectory(prefix="qat-") as tmp:
         # AutoCompression rewrites the program in the folder it is given (shape inference): it gets a copy, which is
         # also the teacher.
@@ -256,8 +259,7 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         shutil.copy(saved, out_dir / "inference.pdmodel")
         shutil.copy(saved.with_suffix(".pdiparams"), out_dir / "inference.pdiparams")
     return {"iters": int(qat["iters"]), "batch": batch, "learning_rate": float(qat["learning_rate"]),
-            "seed": int(qat["seed"]), "photos": count,
-            "optimizer": optimizer}
+            "seed": int(qat["seed"]), "photos": count, "optimizer": _QAT_OPTIMIZER}
 
 
 def main(argv: "Sequence[str] | None" = None) -> int:

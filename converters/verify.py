@@ -34,7 +34,8 @@ from edge_shitu.codes import binarize, l2_normalize
 from edge_shitu.errors import InvalidInputError
 from edge_shitu.image import crop, load_image
 
-__all__ = ["VerifyThresholds", "THRESHOLDS", "VERIFY_FILE", "PaddleReferences", "verify_bundle", "write_unverifiable"]
+__all__ = ["VerifyThresholds", "THRESHOLDS", "VERIFY_FILE", "VERIFY_THREADS", "PaddleReferences", "verify_bundle",
+           "write_unverifiable"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -112,6 +113,10 @@ def _images(images_dir: Path, limit: int) -> List[Path]:
     return paths[:limit]
 
 
+# Threads of each side of a verification (Paddle Inference and the bundle's runtime).
+VERIFY_THREADS = 2
+
+
 class PaddleReferences:
     """The Paddle Inference side of verification, kept between :func:`verify_bundle` calls.
 
@@ -121,7 +126,7 @@ class PaddleReferences:
     photos) is run again; a cached answer is always that of the same input.
     """
 
-    def __init__(self, *, threads: int = 2) -> None:
+    def __init__(self, *, threads: int = VERIFY_THREADS) -> None:
         self._threads = threads
         self._models: Dict[Any, Any] = {}
         self._outputs: Dict[Any, np.ndarray] = {}
@@ -166,7 +171,7 @@ class PaddleReferences:
 
 def verify_bundle(bundle_dir: Union[Path, Bundle], *, det_dir: Optional[Path], rec_dir: Optional[Path], images_dir: Path,
                   max_images: int = 13, thresholds: Optional[VerifyThresholds] = None,
-                  session_factory: Optional[Callable[[Any], Any]] = None, threads: int = 2,
+                  session_factory: Optional[Callable[[Any], Any]] = None, threads: int = VERIFY_THREADS,
                   roles: Optional[Sequence[str]] = None, references: Optional[PaddleReferences] = None) -> Dict[str, Any]:
     """Compare a bundle's models with their Paddle sources on real photos; write ``verify.json``.
 

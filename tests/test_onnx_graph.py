@@ -9,7 +9,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edge_shitu_converters.onnx_graph import GraphIndex, constants_to_initializers  # noqa: E402
+from edge_shitu_converters.onnx_graph import GraphIndex, constants_to_initializers, drop_unread  # noqa: E402
 
 
 def _model(nodes, inputs=("x",), initializers=()):
@@ -23,7 +23,8 @@ def _const(name, values):
 
 
 def test_constants_become_initializers_and_identities_of_them_on_request():
-    nodes = [_const("c", [1, 2]), helper.make_node("Identity", ["c"], ["i"]), helper.make_node("Add", ["x", "i"], ["y"])]
+    nodes = [_const("c", [1, 2]), helper.make_node("Identity", ["c"], ["i"]),
+             helper.make_node("Add", ["x", "i"], ["y"])]
     plain = _model(nodes)
     assert constants_to_initializers(plain) == 1
     assert [n.op_type for n in plain.graph.node] == ["Identity", "Add"]
@@ -64,3 +65,22 @@ def test_graph_index_maps_fresh_names_and_subgraphs():
                                [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
     model.graph.node.append(helper.make_node("If", ["cond"], ["picked"], then_branch=branch, else_branch=branch))
     assert GraphIndex(model).has_subgraphs
+
+
+def test_drop_unread_removes_only_what_nothing_reads_within_its_candidates():
+    """A chain nothing reads goes link by link; a graph output and a read tensor stay; only candidates may go;
+    recorded shapes of the tensors that went go with them."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="a"), helper.make_node("Relu", ["a"], ["b"], name="b"),
+             helper.make_node("Relu", ["x"], ["c"], name="c"), helper.make_node("Relu", ["x"], ["y"], name="y"),
+             helper.make_node("Relu", ["w"], ["d"], name="d")]
+    inits = [numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("w", "unused", "kept")]
+    model = _model(nodes, initializers=inits)
+    model.graph.value_info.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "c")])
+    scoped = onnx.ModelProto()
+    scoped.CopyFrom(model)
+    drop_unread(scoped.graph, nodes=["a", "b", "d"], initializers=["unused", "w"])
+    assert [n.name for n in scoped.graph.node] == ["c", "y"]
+    assert [i.name for i in scoped.graph.initializer] == ["kept"]
+    assert [v.name for v in scoped.graph.value_info] == ["c"]
+    drop_unread(model.graph)
+    assert [n.name for n in model.graph.node] == ["y"] and not model.graph.initializer and not model.graph.value_info

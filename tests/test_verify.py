@@ -124,23 +124,6 @@ def test_references_run_again_when_the_input_changes(replica_dirs):
     assert refs.extractor(other, a) is first and len(refs._models) == 1
 
 
-def test_a_program_session_runs_the_program_as_paddle_inference_does_until_closed(replica_dirs):
-    from edge_shitu.errors import ClosedError
-    from edge_shitu_converters import paddle_io
-    from edge_shitu_converters.paddle_reference import ProgramSession
-
-    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
-    session = ProgramSession(replica_dirs["extractor"])
-    (name,), (out,) = session.input_names, session.output_names
-    (features,) = session.run({name: x})
-    predictor = paddle_io.create_predictor(paddle_io.find_model_files(replica_dirs["extractor"]), threads=1)
-    np.testing.assert_array_equal(features, paddle_io.run_predictor(predictor, {name: x})[out])
-    assert session.run({name: x}, [out])[0].shape == (2, 512)
-    session.close()
-    with pytest.raises(ClosedError):
-        session.run({name: x})
-
-
 def test_convert_verify_publishes_only_agreeing_bundles(replica_dirs, verify_photos, tmp_path, monkeypatch):
     from edge_shitu_converters.convert import convert
 
