@@ -921,6 +921,7 @@ def _quantize_onnx_entry(role: str, entry: Dict[str, Any], staging: Path, work: 
 def _written_model(float_blocks: Sequence[str], report: Any) -> Dict[str, Any]:
     """The manifest's record of what the INT8 model written (its :class:`QuantReport`) keeps float or rewrote."""
     return {"float_blocks": list(float_blocks), "integer_hard_sigmoids": len(report.integer_hard_sigmoids),
+            "clip_hard_sigmoids": len(report.clip_hard_sigmoids),
             "kernel_shapes": list(report.kernel_shapes)}
 
 

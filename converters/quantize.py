@@ -14,7 +14,8 @@ sees. :func:`quantize_model` runs these steps:
 4. ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) or ``quantize_dynamic``
    writes the INT8 model; the float tail then gets int8 weights too (:func:`int8_tail_weights`), and
    quantised hard sigmoids are rewritten for onnxruntime's integer kernels
-   (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`), and convolutions of shapes its
+   (:func:`edge_shitu_converters.integer_ops.clip_hard_sigmoids`, then
+   :func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids` for the rest), and convolutions of shapes its
    integer kernels run slowly are re-laid without changing a value
    (:mod:`edge_shitu_converters.kernel_shapes`);
 5. the result is checked with ``onnx.checker`` and loaded by onnxruntime before it replaces
@@ -66,7 +67,7 @@ from edge_shitu.errors import (
 )
 from edge_shitu.image import load_image
 from edge_shitu.preprocess import image_to_tensor
-from edge_shitu_converters.integer_ops import integer_hard_sigmoids
+from edge_shitu_converters.integer_ops import clip_hard_sigmoids, integer_hard_sigmoids
 from edge_shitu_converters.kernel_shapes import pad_depthwise_channels, space_to_depth_stems
 from edge_shitu_converters.onnx_graph import constants_to_initializers
 
@@ -167,6 +168,12 @@ class QuantizeOptions:
         integer ``QLinearAdd`` kernel instead of in float between a dequantise and a quantise
         (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`; same codes, a third less time
         for the PP-ShiTu detector). Static mode only.
+      clip_hard_sigmoid: first turn each quantised ``HardSigmoid`` whose input step can be coarsened by at most
+        a sixteenth to ``1 / (alpha * n)`` into a ``Clip`` of its input's codes, which onnxruntime runs about
+        three times faster than ``QLinearAdd``
+        (:func:`edge_shitu_converters.integer_ops.clip_hard_sigmoids`; the sigmoid's value is then exact for
+        its input's codes, and those codes move as in a slightly different calibration). The others get
+        ``integer_hard_sigmoid``. Static mode only.
       kernel_shapes: re-lay convolutions whose shapes onnxruntime's integer kernels run slowly: a stride-2
         image stem as ``SpaceToDepth`` + a stride-1 convolution, depthwise channel groups padded to a multiple
         of 16 (:mod:`edge_shitu_converters.kernel_shapes`; the same outputs bit for bit; weights with non-zero
@@ -190,6 +197,7 @@ class QuantizeOptions:
     exclude_op_types: Tuple[str, ...] = ()
     percentile: float = 99.999
     integer_hard_sigmoid: bool = True
+    clip_hard_sigmoid: bool = True
     kernel_shapes: bool = True
 
     def __post_init__(self) -> None:
@@ -199,7 +207,7 @@ class QuantizeOptions:
         _check_choice("activation type", self.activation_type, QUANT_TYPES)
         _check_choice("weight type", self.weight_type, QUANT_TYPES)
         for name in ("per_channel", "pre_process", "reduce_range", "tail_int8_weights", "integer_hard_sigmoid",
-                     "kernel_shapes"):
+                     "clip_hard_sigmoid", "kernel_shapes"):
             _check_bool(name, getattr(self, name))
         _check_int("calib_count", self.calib_count, 1)
         _check_int("calib_batch", self.calib_batch, 1)
@@ -246,6 +254,8 @@ class QuantReport:
       quantized_ops: op type -> number of nodes that compute on quantised activations.
       seconds: step name -> wall time in seconds.
       integer_hard_sigmoids: ``HardSigmoid`` nodes rewritten for an integer kernel (``integer_hard_sigmoid``).
+      clip_hard_sigmoids: ``HardSigmoid`` nodes rewritten as a ``Clip`` of their input's codes
+        (``clip_hard_sigmoid``).
       kernel_shapes: Conv nodes re-laid for faster integer kernels (``kernel_shapes``): space-to-depth
         stems, then padded depthwise convolutions.
     """
@@ -261,6 +271,7 @@ class QuantReport:
     quantized_ops: Mapping[str, int] = field(default_factory=dict)
     seconds: Mapping[str, float] = field(default_factory=dict)
     integer_hard_sigmoids: Tuple[str, ...] = ()
+    clip_hard_sigmoids: Tuple[str, ...] = ()
     kernel_shapes: Tuple[str, ...] = ()
 
     @property
@@ -411,13 +422,20 @@ def _weight_axis(node) -> Optional[int]:
     return None
 
 
+def _grouped(node) -> bool:
+    return node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+
+
 def int8_tail_weights(model, node_names: Sequence[str]) -> List[str]:
     """Store the float weights of the named weighted nodes as int8 + ``DequantizeLinear`` (in place).
 
     Per output channel, symmetric: zero point 0, scale = max |w| / 127 (1 for an all-zero channel).
     The nodes keep float inputs and outputs; only their weight storage shrinks 4x. Weights shared
     with another node, non-float or non-initializer weights, 2-D ``MatMul`` weights of other ranks
-    and op types without a clear channel axis (ConvTranspose) are left alone.
+    and op types without a clear channel axis (ConvTranspose) are left alone, and so are grouped
+    convolutions: onnxruntime cannot pre-pack a weight that a ``DequantizeLinear`` computes, and its
+    float kernel for a depthwise convolution then runs about 5x slower, while such weights are small
+    (docs/benchmarks.md, "Depthwise tail weights").
 
     Args:
       model: an ``onnx.ModelProto`` of opset >= 13 (``DequantizeLinear`` with ``axis``).
@@ -438,7 +456,7 @@ def int8_tail_weights(model, node_names: Sequence[str]) -> List[str]:
     done: List[str] = []
     nodes = []
     for node in model.graph.node:
-        axis = _weight_axis(node) if node.name in wanted and len(node.input) > 1 else None
+        axis = _weight_axis(node) if node.name in wanted and len(node.input) > 1 and not _grouped(node) else None
         init = inits.get(node.input[1]) if axis is not None else None
         if (init is not None and uses.get(init.name) == 1 and init.name not in graph_inputs
                 and init.data_type == TensorProto.FLOAT and len(init.dims) > axis
@@ -877,13 +895,16 @@ class ModelQuantizer:
                 # what they are kept float for is agreement (int8 weights alone move the replica detector's
                 # scores by more than the verification allows).
                 weight_only = int8_tail_weights(result, tail)
+            clipped: Tuple[str, ...] = ()
             rewritten: Tuple[str, ...] = ()
             relaid: Tuple[str, ...] = ()
+            if options.clip_hard_sigmoid and options.mode == "static":
+                clipped = clip_hard_sigmoids(result)
             if options.integer_hard_sigmoid and options.mode == "static":
                 rewritten = integer_hard_sigmoids(result)
             if options.kernel_shapes and options.mode == "static":
                 relaid = space_to_depth_stems(result) + pad_depthwise_channels(result)
-            if weight_only or rewritten or relaid:
+            if weight_only or clipped or rewritten or relaid:
                 onnx.save(result, str(quantized))
             counts = _quantized_ops(result, float_nodes)
             if not counts:
@@ -902,7 +923,7 @@ class ModelQuantizer:
             source=self.source, output=target, options=options, fp32_bytes=self.source.stat().st_size,
             int8_bytes=target.stat().st_size, calib_images=self.calib_images, float_nodes=tuple(float_nodes),
             weight_only_nodes=tuple(weight_only), quantized_ops=counts, seconds=seconds,
-            integer_hard_sigmoids=rewritten, kernel_shapes=relaid,
+            integer_hard_sigmoids=rewritten, clip_hard_sigmoids=clipped, kernel_shapes=relaid,
         )
         _LOG.info(
             "%s -> %s: %s%s, %.2f MB -> %.2f MB (%.2fx), %d nodes float, in %.1f s",

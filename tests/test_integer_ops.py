@@ -1,6 +1,7 @@
-"""Integer hard sigmoids (edge_shitu_converters.integer_ops): the rewritten graph against onnxruntime's own float
-path on every input code, the cases left alone, onnxruntime's fusion of the result, and the quantiser's use of it
-on a small model and on the replica detector."""
+"""Integer hard sigmoids (edge_shitu_converters.integer_ops): the QLinearAdd rewrite against onnxruntime's own float
+path on every input code, the Clip rewrite against the exact hard sigmoid of its rescaled codes, the cases each
+leaves alone, onnxruntime's fusion of the results, and the quantiser's use of them on a small model (the replica
+detector: tests/test_quantize.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.quantization", reason="onnxruntime.quantization needs ml_dtypes")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edge_shitu_converters.integer_ops import integer_hard_sigmoids  # noqa: E402
-from edge_shitu_converters.quantize import ModelQuantizer, QuantizeOptions  # noqa: E402
+from edge_shitu_converters.integer_ops import MAX_STEP_GROWTH, clip_hard_sigmoids, integer_hard_sigmoids  # noqa: E402
+from edge_shitu_converters.quantize import ModelQuantizer, QuantizeOptions, compare_outputs  # noqa: E402
 from conftest import add_subgraph_reader  # noqa: E402
 from test_int8_search import _chain_model, _quantizer  # noqa: E402
 from test_quantize import _spec, _write_photos  # noqa: E402
@@ -201,7 +202,7 @@ def test_quantizer_rewrites_the_gates_and_keeps_the_outputs(tmp_path, rng, photo
     chain = _chain_model(tmp_path / "chain.onnx", rng)
     runs = {}
     for flag in (True, False):
-        q = _quantizer(chain, photos, tmp_path, name=f"q{flag}", integer_hard_sigmoid=flag)
+        q = _quantizer(chain, photos, tmp_path, name=f"q{flag}", integer_hard_sigmoid=flag, clip_hard_sigmoid=False)
         report = q.quantize(tmp_path / f"int8-{flag}.onnx")
         ops = collections.Counter(n.op_type for n in onnx.load(str(report.output)).graph.node)
         runs[flag] = (report, ops, q)
@@ -236,3 +237,177 @@ def test_graphs_with_subgraphs_are_left_alone():
     before = model.SerializeToString()
     assert integer_hard_sigmoids(model) == ()
     assert model.SerializeToString() == before
+
+
+# --- hard sigmoids as a Clip of codes -------------------------------------------------------------------------------
+
+def _swish_model(sx, zx, sh, zh, alpha=1 / 6, beta=0.5, dtype=np.uint8, *, opset=13, writer=True, x_reader=None,
+                 expose=(), hq_reader=None, per_channel_x=False, name="hs"):
+    """f (float) -> QuantizeLinear(sx, zx) -> q -> DequantizeLinear -> x; x -> HardSigmoid -> QuantizeLinear(sh, zh)
+    -> hq -> DequantizeLinear -> hd; Mul(x, hd) -> QuantizeLinear(0.02, z) -> "out" (codes). Outputs "out" and "hd"
+    (the sigmoid's values), plus ``expose``. ``writer=False``: q is the graph input; ``x_reader``: another op
+    reading x; ``hq_reader``: another op reading hq."""
+    t = _TYPES[dtype]
+    low = int(np.iinfo(dtype).min)
+    shape = [1, 512, 1, 1]
+    sx_value = np.full(512, sx, np.float32) if per_channel_x else np.array(sx, np.float32)
+    zx_value = np.full(512, zx, dtype) if per_channel_x else np.array(zx, dtype)
+    inits = [numpy_helper.from_array(sx_value, "sx"), numpy_helper.from_array(zx_value, "zx"),
+             numpy_helper.from_array(np.array(sh, np.float32), "sh"), numpy_helper.from_array(np.array(zh, dtype), "zh"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "so"), numpy_helper.from_array(np.array(low + 20, dtype), "zo")]
+    nodes = [helper.make_node("QuantizeLinear", ["f", "sx", "zx"], ["q"], name="qx")] if writer else []
+    nodes += [helper.make_node("DequantizeLinear", ["q", "sx", "zx"], ["x"], name="dqx"),
+              helper.make_node("HardSigmoid", ["x"], ["h"], name=name, alpha=alpha, beta=beta),
+              helper.make_node("QuantizeLinear", ["h", "sh", "zh"], ["hq"], name="qh"),
+              helper.make_node("DequantizeLinear", ["hq", "sh", "zh"], ["hd"], name="dqh"),
+              helper.make_node("Mul", ["x", "hd"], ["m"], name="mul"),
+              helper.make_node("QuantizeLinear", ["m", "so", "zo"], ["out"], name="qo")]
+    outputs = [helper.make_tensor_value_info("out", t, shape), helper.make_tensor_value_info("hd", TensorProto.FLOAT, shape)]
+    if x_reader is not None:
+        nodes.append(helper.make_node(x_reader, ["x"], ["xr"], name="x_reader"))
+        outputs.append(helper.make_tensor_value_info("xr", TensorProto.FLOAT, shape))
+    if hq_reader is not None:
+        nodes.append(helper.make_node(hq_reader, ["hq"], ["hr"], name="hq_reader"))
+        outputs.append(helper.make_tensor_value_info("hr", t, shape))
+    for value in expose:
+        outputs.append(helper.make_tensor_value_info(value, t if value in ("q", "hq") else TensorProto.FLOAT, shape))
+    inputs = [helper.make_tensor_value_info("f", TensorProto.FLOAT, shape) if writer
+              else helper.make_tensor_value_info("q", t, shape)]
+    graph = helper.make_graph(nodes, "swish", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _ramp(sx, alpha, beta):
+    """The oracle's ramp width n (in codes): the largest multiple of beta's denominator with a step >= sx."""
+    multiple = next(m for m in range(1, 17) if abs(m * beta - round(m * beta)) < 1e-6)
+    return int(np.floor(1 / (alpha * sx) / multiple)) * multiple, multiple
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_clip_gate_is_the_exact_hard_sigmoid_of_the_rescaled_codes(dtype, rng):
+    low, high = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+    done = 0
+    for trial in range(60):
+        alpha, beta = [(1 / 6, 0.5), (0.2, 0.5), (0.2, 0.0), (0.25, 0.25), (0.1, 1 / 3)][trial % 5]
+        sx = float(rng.uniform(0.01, 0.3))
+        n, _ = _ramp(sx, alpha, beta)
+        zx = int(rng.integers(low + round(beta * n), high + 1)) if beta * n <= 255 else low
+        model = _swish_model(sx, zx, 1 / 255, low, alpha, beta, dtype)
+        rewritten = _copy(model)
+        if not (n > 0 and (1 / (alpha * n)) / sx - 1 <= MAX_STEP_GROWTH and low <= zx - round(beta * n) <= high):
+            assert clip_hard_sigmoids(rewritten) == (), (sx, zx, alpha, beta)
+            continue
+        assert clip_hard_sigmoids(rewritten) == ("hs",), (sx, zx, alpha, beta)
+        done += 1
+        onnx.checker.check_model(rewritten)
+        step = np.float32(1 / (alpha * n))
+        # Every code of the rescaled input, and values between them.
+        f = np.linspace((low - zx - 2) * step, (high - zx + 2) * step, 512, dtype=np.float32).reshape(1, 512, 1, 1)
+        codes = np.clip(np.rint(f.astype(np.float64) / np.float64(step)) + zx, low, high)
+        x = (codes - zx) * np.float64(step)
+        exact = np.clip(alpha * x + beta, 0, 1)
+        for fuse in (True, False):
+            out, hd = _session(rewritten, fuse=fuse).run(None, {"f": f})
+            ties = np.abs(f.astype(np.float64) / np.float64(step) - np.floor(f.astype(np.float64) / np.float64(step)) - 0.5) < 1e-4
+            assert np.abs(hd - exact)[~ties].max() < 1e-6, (sx, zx, alpha, beta, fuse)
+            product = np.clip(np.rint(x * exact / 0.02) + low + 20, low, high)
+            assert np.abs(out.astype(np.int64) - product)[~ties].max() <= 1, (sx, zx, alpha, beta, fuse)
+    assert done >= 20
+
+
+def test_clip_gate_coarsens_the_step_of_its_input_within_the_limit():
+    model = _swish_model(0.0525, 137, 1 / 255, 0)
+    assert clip_hard_sigmoids(model) == ("hs",)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    step = inits[by_name["qx"].input[1]]
+    assert by_name["dqx"].input[1] == by_name["qx"].input[1]
+    # 3 / 0.0525 = 57.1 codes from the zero point to the ramp's start: 57, so the step is 3 / 57.
+    assert abs(step - 3 / 57) < 1e-8 and 0.0525 <= step <= 0.0525 * (1 + MAX_STEP_GROWTH)
+    clip = by_name["hs"]
+    assert clip.op_type == "Clip" and [int(inits[v]) for v in clip.input[1:]] == [137 - 57, 137 - 57 + 114]
+    assert float(inits[by_name["dqh"].input[1]]) == np.float32(1 / 114) and int(inits[by_name["dqh"].input[2]]) == 80
+    # The replaced scales and zero point went; the input's zero point and the product's quantiser stayed.
+    assert not {"sx", "sh", "zh"} & set(inits) and {"zx", "so", "zo"} <= set(inits)
+    assert {n.op_type for n in model.graph.node} == {"QuantizeLinear", "DequantizeLinear", "Clip", "Mul"}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_onnxruntime_runs_the_clip_gate_and_its_product_on_integer_kernels(dtype, tmp_path):
+    low = int(np.iinfo(dtype).min)
+    model = _swish_model(0.05, low + 128, 1 / 255, low, dtype=dtype)
+    assert clip_hard_sigmoids(model) == ("hs",)
+    _session(model, tmp_path / "optimized.onnx")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["Clip"] == 1 and ops["QLinearMul"] == 1, ops
+    assert not {"HardSigmoid", "Mul", "QLinearAdd", "Add"} & set(ops), ops
+
+
+@pytest.mark.parametrize("case, kwargs", [
+    ("input range inside the ramp: its start is below the lowest code", dict(sx=0.01, zx=128, sh=1 / 255, zh=0)),
+    ("the step would grow by more than the limit", dict(sx=1.2, zx=128, sh=1 / 255, zh=0)),
+    ("beta has no small denominator", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, beta=0.1234567)),
+    ("alpha 0", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=0.0)),
+    ("alpha < 0", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, alpha=-0.2)),
+    ("the codes are a graph input: no quantiser to rescale", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, writer=False)),
+    ("another op reads the input and needs its scale", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, x_reader="Relu")),
+    ("another op reads the sigmoid's codes", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, hq_reader="Identity")),
+    ("the sigmoid's codes are a graph output", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, expose=("hq",))),
+    ("the input's codes are a graph output", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, expose=("q",))),
+    ("the input's values are a graph output", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, expose=("x",))),
+    ("per-channel input", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, per_channel_x=True)),
+    ("opset 11: Clip takes no 8-bit codes", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, opset=11)),
+    ("the sigmoid's codes of another type", dict(sx=0.05, zx=128, sh=1 / 255, zh=0, hq_type=np.int8)),
+])
+def test_gates_a_clip_cannot_take_are_left_alone(case, kwargs):
+    hq_type = kwargs.pop("hq_type", None)
+    model = _swish_model(**kwargs)
+    if hq_type is not None:
+        for init in model.graph.initializer:
+            if init.name == "zh":
+                init.CopyFrom(numpy_helper.from_array(np.array(0, hq_type), "zh"))
+    before = model.SerializeToString()
+    assert clip_hard_sigmoids(model) == (), case
+    assert model.SerializeToString() == before, case
+
+
+def test_clip_gates_leave_graphs_with_subgraphs_alone():
+    model = _swish_model(0.05, 128, 1 / 255, 0)
+    add_subgraph_reader(model, "hd")
+    before = model.SerializeToString()
+    assert clip_hard_sigmoids(model) == ()
+    assert model.SerializeToString() == before
+
+
+def test_unnamed_clip_gates_get_fresh_names():
+    model = _swish_model(0.05, 128, 1 / 255, 0, name="")
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.uint8), "HardSigmoid_0_low"))
+    model.graph.node.append(helper.make_node("Identity", ["hd"], ["HardSigmoid_0_scale"], name="HardSigmoid_0"))
+    model.graph.output.append(helper.make_tensor_value_info("HardSigmoid_0_scale", TensorProto.FLOAT, [1, 512, 1, 1]))
+    (name,) = clip_hard_sigmoids(model)
+    onnx.checker.check_model(model)
+    names = [n.name for n in model.graph.node]
+    tensors = [o for n in model.graph.node for o in n.output] + [i.name for i in model.graph.initializer]
+    assert name and len(names) == len(set(names)) and len(tensors) == len(set(tensors))
+    assert next(n for n in model.graph.node if n.name == name).op_type == "Clip"
+
+
+def test_quantizer_turns_most_gates_into_clips_and_stays_close_to_the_add_form(tmp_path, rng, photos):
+    chain = _chain_model(tmp_path / "chain.onnx", rng)
+    runs = {}
+    for flag in (True, False):
+        q = _quantizer(chain, photos, tmp_path, name=f"clip{flag}", clip_hard_sigmoid=flag)
+        runs[flag] = (q.quantize(tmp_path / f"clip-{flag}.onnx"), q)
+    (on, q), (off, _) = runs[True], runs[False]
+    gates = {f"gate{i}" for i in range(6)} - set(q.tail)
+    assert on.clip_hard_sigmoids and not set(on.clip_hard_sigmoids) & set(on.integer_hard_sigmoids)
+    assert set(on.clip_hard_sigmoids) | set(on.integer_hard_sigmoids) == gates == set(off.integer_hard_sigmoids)
+    assert off.clip_hard_sigmoids == ()
+    ops = collections.Counter(n.op_type for n in onnx.load(str(on.output)).graph.node)
+    assert ops["Clip"] == len(on.clip_hard_sigmoids) and ops["HardSigmoid"] == 6 - len(gates)
+    feeds = q.probe_feeds(3)
+    agreement = compare_outputs(chain, on.output, feeds), compare_outputs(chain, off.output, feeds)
+    # Against the float model, the clip form is about as close as the add form (a recalibration, not a loss).
+    assert agreement[0]["feat"].sqnr_db >= agreement[1]["feat"].sqnr_db - 3, agreement

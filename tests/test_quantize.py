@@ -318,6 +318,23 @@ def test_int8_tail_weights_handle_gemm_and_matmul_axes(rng):
     assert "ws" in inits  # a weight shared by two nodes stays float
 
 
+def test_int8_tail_weights_leave_grouped_convolutions_float(rng, tmp_path):
+    """onnxruntime cannot pre-pack a weight a DequantizeLinear computes: a depthwise convolution's float kernel then
+    runs several times slower, for a weight too small to matter. Grouped (and depthwise) convolutions keep float
+    weights; the dense ones around them get int8."""
+    weights = {"wd": rng.normal(size=(8, 1, 3, 3)), "wg": rng.normal(size=(8, 4, 3, 3)), "wp": rng.normal(size=(8, 8, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["d", "wg"], ["g"], name="grouped", group=2, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["g", "wp"], ["y"], name="pointwise")]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert int8_tail_weights(model, ["depthwise", "grouped", "pointwise"]) == ["pointwise"]
+    inits = {i.name for i in model.graph.initializer}
+    assert {"wd", "wg", "wp_int8"} <= inits and "wp" not in inits
+
+
 def test_static_quantization_of_a_tiny_model(tiny, photos, tmp_path, rng):
     out = tmp_path / "out" / "tiny-int8.onnx"
     report = quantize_model(tiny, out, input_spec=_spec(), calib_dir=photos,
@@ -459,8 +476,8 @@ def test_replica_int8_models_are_valid_qdq_small_and_fit_the_lite_budget(int8_re
 
 @pytest.mark.paddle
 def test_replica_int8_detector_runs_its_hard_sigmoids_on_integer_kernels(int8_replica, tmp_path):
-    """Every hard sigmoid outside the float tail is rewritten, and onnxruntime's optimised graph keeps no float
-    HardSigmoid but the float tail's: they all run as QLinearAdd."""
+    """Every hard sigmoid outside the float tail is rewritten, most as a Clip of codes and the rest for QLinearAdd,
+    and onnxruntime's optimised graph keeps no float HardSigmoid but the float tail's."""
     import onnxruntime as ort
 
     report = int8_replica["reports"]["detector"]
@@ -469,7 +486,10 @@ def test_replica_int8_detector_runs_its_hard_sigmoids_on_integer_kernels(int8_re
     gates = [n.name for n in source.graph.node if n.op_type == "HardSigmoid"]
     assert len(gates) > 20
     # quant_pre_process keeps the exporter's HardSigmoid names.
-    assert report.integer_hard_sigmoids == tuple(g for g in gates if g not in float_nodes)
+    clipped, added = set(report.clip_hard_sigmoids), set(report.integer_hard_sigmoids)
+    assert not clipped & added and clipped | added == {g for g in gates if g not in float_nodes}
+    # Which gates a Clip can take is the rewrite's rule (their inputs' ranges); most of the replica's can.
+    assert len(clipped) > len(added)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -477,6 +497,8 @@ def test_replica_int8_detector_runs_its_hard_sigmoids_on_integer_kernels(int8_re
     ops = _ops(tmp_path / "optimized.onnx")
     assert ops.get("HardSigmoid", 0) == len([g for g in gates if g in float_nodes])
     assert ops["QLinearAdd"] >= len(report.integer_hard_sigmoids)
+    assert ops["Clip"] == len(report.clip_hard_sigmoids)
+    assert ops["QLinearMul"] >= len(clipped) and "Mul" not in ops  # the products of the gates stay integer
 
 
 @pytest.mark.paddle
