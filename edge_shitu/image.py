@@ -126,7 +126,7 @@ _IPP_MIN_SIDE = 4
 # docs/benchmarks.md, "Overhead outside the models"; another width would also change a few
 # rounding results of the detector's input).
 _BAND = 8
-# Rows rounded and normalised at a time: a block that stays in cache between its passes.
+# Rows normalised at a time: a block that stays in cache between its passes.
 _NORMALIZE_ROWS = 64
 # Both resizes make their output a stripe of rows at a time (both passes, rounding, normalisation), so
 # that their temporaries stay in the core's cache: in the pipeline each model run evicts them, and a
@@ -719,10 +719,11 @@ def _resize_cubic(
     if (width, height) == (w, h):
         return np.array(img, order="C")
     c = src.shape[2]
-    out = np.empty((height, width * c), dtype=np.uint8)
+    out = np.empty((height, width, c), dtype=np.uint8)
     for top, values in _cubic_stripes(src, width, height, inv_x, inv_y):
-        out[top : top + values.shape[0]] = _round(values)
-    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, c)
+        # Whole numbers in 0..255 after rounding: the cast is exact.
+        out[top : top + values.shape[1]] = _round(values).transpose(1, 2, 0)
+    return out.reshape(height, width) if img.ndim == 2 else out
 
 
 def _check_resize_source(img: np.ndarray) -> np.ndarray:
@@ -820,17 +821,14 @@ _Band = Tuple[Tuple[int, int, int, int, np.ndarray], ...]
 
 
 @functools.lru_cache(maxsize=128)
-def _band_plan(src: int, dst: int, inv_scale: float, exact: bool, channels: int) -> _Band:
+def _band_plan(src: int, dst: int, inv_scale: float, exact: bool) -> _Band:
     """Cubic taps as dense weight blocks, one per run of ``_BAND`` output pixels.
 
     Each entry is ``(d0, d1, s0, s1, weights)``: output pixels ``d0:d1`` read source pixels
-    ``s0:s1`` only, through float32 ``weights`` of shape ``((s1 - s0) * C, (d1 - d0) * C)``
-    (the per-pixel weights times the identity over channels, so interleaved rows can be used
-    as they are). A banded matmul wastes multiplications on zeros but runs in BLAS, which
-    beats gathering the taps with numpy.
+    ``s0:s1`` only, through float32 ``weights`` of shape ``(s1 - s0, d1 - d0)``. A banded matmul
+    wastes multiplications on zeros but runs in BLAS, which beats gathering the taps with numpy.
     """
     idx, weights = _cubic_taps(src, dst, inv_scale, exact)
-    eye = np.eye(channels, dtype=np.float32)
     plan = []
     for d0 in range(0, dst, _BAND):
         d1 = min(dst, d0 + _BAND)
@@ -838,8 +836,7 @@ def _band_plan(src: int, dst: int, inv_scale: float, exact: bool, channels: int)
         block = np.zeros((s1 - s0, d1 - d0), dtype=np.float64)
         # np.add.at: clamped border taps repeat a source pixel and must add up.
         np.add.at(block, (idx[d0:d1] - s0, np.arange(d1 - d0)[:, None]), weights[d0:d1].astype(np.float64))
-        dense = np.kron(block.astype(np.float32), eye)
-        plan.append((d0, d1, s0, s1, _frozen(dense)))
+        plan.append((d0, d1, s0, s1, _frozen(block.astype(np.float32))))
     return tuple(plan)
 
 
@@ -897,35 +894,40 @@ def _cubic_stripes(
 ) -> Iterator[Tuple[int, np.ndarray]]:
     """Cubic resize of uint8 ``(H, W, C)`` (any strides), a stripe of output rows at a time.
 
-    Yields ``(top, values)``: float32 ``(rows, width * C)`` for output rows ``top:top + rows``, before
-    rounding and saturation (:func:`_round` does both), in order. ``values`` is scratch memory that the
-    next stripe overwrites: use it before asking for the next one.
+    Yields ``(top, values)``: float32 ``(C, rows, width)``, one plane per channel, for output rows
+    ``top:top + rows``, before rounding and saturation (:func:`_round` does both), in order. ``values`` is
+    scratch memory that the next stripe overwrites: use it before asking for the next one.
 
     Each stripe runs the vertical pass (a banded matmul per run of output rows, over only the source rows
-    that run reads, converted to float32 into a small buffer) and then the horizontal pass (a banded
-    matmul per run of output columns): the same terms as whole-image passes, though BLAS may add them in
-    another order for another stripe height (a tie then rounds the other way, rarely).
+    that run reads, converted to float32 into a small buffer, on interleaved channels), splits its rows
+    into one plane per channel, and runs the horizontal pass on the planes (a banded matmul per run of
+    output columns, all channels in one call). On interleaved rows the horizontal weights would hold the
+    pixel weights times the identity over channels: three times the multiplications, two thirds of them
+    by zero. The terms are those of whole-image passes, though BLAS may add them in another order for
+    another stripe height (a tie then rounds the other way, rarely).
     """
     h, w, c = src.shape
     exact = min(w, h) >= _IPP_MIN_SIDE
-    rows_plan = _band_plan(h, height, inv_y, exact, 1)
-    columns_plan = _band_plan(w, width, inv_x, exact, c)
+    rows_plan = _band_plan(h, height, inv_y, exact)
+    columns_plan = _band_plan(w, width, inv_x, exact)
     # A whole number of _BAND-row runs per stripe, so each run of the vertical plan falls in one stripe.
     stripe = max(1, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (w * c * 4)) // _BAND) * _BAND
     work = _scratch(workspace, "work", (max(s1 - s0 for _, _, s0, s1, _ in rows_plan), w, c), np.float32)
-    rows = _scratch(workspace, "rows", (min(stripe, height), w * c), np.float32)
-    values = _scratch(workspace, "values", (min(stripe, height), width * c), np.float32)
+    run = _scratch(workspace, "run", (min(_BAND, height), w * c), np.float32)
+    rows = _scratch(workspace, "rows", (c, min(stripe, height), w), np.float32)
+    values = _scratch(workspace, "values", (c, min(stripe, height), width), np.float32)
     for first in range(0, len(rows_plan), stripe // _BAND):
         runs = rows_plan[first : first + stripe // _BAND]
         top = runs[0][0]
         for d0, d1, s0, s1, weights in runs:
             block = work[: s1 - s0]
             np.copyto(block, src[s0:s1])
-            np.matmul(weights.T, block.reshape(s1 - s0, w * c), out=rows[d0 - top : d1 - top])
+            interleaved = np.matmul(weights.T, block.reshape(s1 - s0, w * c), out=run[: d1 - d0])
+            np.copyto(rows[:, d0 - top : d1 - top], interleaved.reshape(d1 - d0, w, c).transpose(2, 0, 1))
         n = runs[-1][1] - top
         for d0, d1, s0, s1, weights in columns_plan:
-            np.matmul(rows[:n, s0 * c : s1 * c], weights, out=values[:n, d0 * c : d1 * c])
-        yield top, values[:n]
+            np.matmul(rows[:, :n, s0:s1], weights, out=values[:, :n, d0:d1])
+        yield top, values[:, :n]
 
 
 def _round(values: np.ndarray) -> np.ndarray:
@@ -1116,7 +1118,11 @@ def resize_normalize_chw(
     try:
         if interpolation == "cubic":
             for top, values in _cubic_stripes(src, width, height, width / w, height / h, claimed):
-                _normalize_into(values, gain, bias, out[:, top : top + values.shape[0]], rounding=True)
+                _round(values)
+                for ch in range(c):
+                    target = out[ch, top : top + values.shape[1]]
+                    np.multiply(values[ch], gain[ch], out=target)
+                    target += bias[ch]
         else:
             for top, values in _linear_stripes(src, width, height, claimed):
                 _normalize_into(values, gain, bias, out[:, top : top + values.shape[0]])
@@ -1172,21 +1178,16 @@ def _chw_out(out: Optional[np.ndarray], shape: Tuple[int, int, int]) -> np.ndarr
     return out
 
 
-def _normalize_into(
-    values: np.ndarray, gain: np.ndarray, bias: np.ndarray, out: np.ndarray, *, rounding: bool = False
-) -> None:
+def _normalize_into(values: np.ndarray, gain: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
     """``out[ch] = values of channel ch * gain[ch] + bias[ch]`` in float32.
 
     ``values`` holds whole numbers 0..255, as uint8, int32 or float32, either ``(H, W, C)`` or
     interleaved rows ``(H, W * C)``; all give the same float32 result, which is exact for them.
-    With ``rounding``, ``values`` are float32 resize values, rounded in place first (:func:`_round`).
-    A few rows at a time, so that each row is rounded and normalised while it is in cache.
+    A few rows at a time, so that each row is read once while it is in cache.
     """
     channels = out.shape[0]
     for top in range(0, values.shape[0], _NORMALIZE_ROWS):
         rows = values[top : top + _NORMALIZE_ROWS]
-        if rounding:
-            _round(rows)
         for ch in range(channels):
             plane = rows[:, :, ch] if rows.ndim == 3 else rows[:, ch::channels]
             target = out[ch, top : top + _NORMALIZE_ROWS]
