@@ -30,13 +30,13 @@ exactly: the hard sigmoid is a ``Clip`` of its input's codes, read with scale ``
 The input's step is made such a value by coarsening it slightly (``n`` rounded down, by at most
 :data:`MAX_STEP_GROWTH`), so its calibrated range only widens. That moves the input's codes a little (a
 recalibration, not the same codes), while the sigmoid's value then has no rounding of its own. onnxruntime runs
-``Clip`` on 8-bit codes about three times faster than ``QLinearAdd`` (docs/benchmarks.md, "Hard sigmoids as
-clips").
+``Clip`` on 8-bit codes about three times faster than ``QLinearAdd`` (docs/benchmarks.md, "On the machine the
+issue was measured on: hard sigmoids as clips, ...").
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 
@@ -55,6 +55,13 @@ _MAX_BETA_DENOMINATOR = 16
 
 # ONNX Clip takes 8-bit integers from opset 12 on.
 _CLIP_INT8_OPSET = 12
+
+# Ops whose onnxruntime integer kernel takes the scales of its inputs and its output as they are (or, for Relu and
+# Clip, which it folds into the op before them or into the quantiser's saturation, does not care): a new step on
+# one side of them keeps them on integer kernels. MaxPool, Reshape, Transpose, Resize and the like run on codes
+# only when the scales on both their sides are equal.
+_OWN_SCALE = frozenset(["Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "LeakyRelu", "Sigmoid", "Softmax",
+                        "AveragePool", "GlobalAveragePool", "Concat", "Relu", "Clip"])
 
 
 def integer_hard_sigmoids(model: Any) -> Tuple[str, ...]:
@@ -160,23 +167,33 @@ def clip_hard_sigmoids(model: Any) -> Tuple[str, ...]:
 
     A node is rewritten when:
 
-    - its input is a per-tensor ``DequantizeLinear`` of codes that a per-tensor ``QuantizeLinear`` writes (no
-      graph input or output), every reader of those codes is a ``DequantizeLinear`` with the same scale and
-      zero point, and every reader of the dequantised values is this node or a ``Mul`` (whose integer kernel
-      takes any input scale; ops that must see equal scales on both sides, such as ``MaxPool``, would not);
+    - its input is a per-tensor ``DequantizeLinear`` of codes that a per-tensor ``QuantizeLinear`` writes from the
+      output of an op whose integer kernel has a scale of its own (:data:`_OWN_SCALE`, e.g. ``Conv``); every
+      reader of those codes is a ``DequantizeLinear`` with the same scale and zero point, and every reader of the
+      dequantised values is this node or such an op. An op that onnxruntime runs on codes only when the scales on
+      both its sides are equal (``MaxPool``, ``Reshape``, ...) would fall back to float;
     - its output goes to exactly one per-tensor ``QuantizeLinear`` of the input's code type, whose codes only
-      ``DequantizeLinear`` nodes read (and no graph output);
-    - ``alpha > 0``, ``q * beta`` is whole for some ``q <= 16``, and with ``n`` the largest multiple of ``q`` at
-      most ``1 / (alpha * s)``, the step grows by at most :data:`MAX_STEP_GROWTH` and the ramp's start
-      ``lo = z - beta * n`` is a code of the type (so that it can be a zero point).
+      ``DequantizeLinear`` nodes with its scale and zero point read, into ops of :data:`_OWN_SCALE` only;
+    - ``alpha`` and ``beta`` are finite, ``alpha > 0``, ``q * beta`` is whole for some ``q <= 16``, and with ``n``
+      the largest multiple of ``q`` at most ``1 / (alpha * s)``, the step grows by at most
+      :data:`MAX_STEP_GROWTH` and the ramp's start ``lo = z - beta * n`` is a code of the type (so that it can
+      be a zero point);
+    - neither the input's codes nor the sigmoid's are a graph output (their meaning changes), and none of the
+      scales and zero points involved is a graph input (an initializer that is also a graph input is a default the
+      caller may override).
+
+    Two rewrites never share a node: the codes' quantiser follows an op of :data:`_OWN_SCALE`, never a
+    ``HardSigmoid``, and every other node of a rewrite reads the codes of its own sigmoid or input.
 
     The input's quantiser and its dequantisers get the step ``1 / (alpha * n)``; the ``HardSigmoid`` and its
     quantiser become ``Clip(codes, lo, min(lo + n, highest code))``, and the dequantisers of the result get
-    scale ``1 / n`` and zero point ``lo``. Other nodes are left as they are.
+    scale ``1 / n`` and zero point ``lo``. The result equals the hard sigmoid of the rescaled codes up to the
+    float32 rounding of ``1 / n`` (and of ``beta``, taken as the fraction it is within 1e-6 of). Other nodes are
+    left as they are.
 
     Args:
-      model: an ``onnx.ModelProto`` (opset >= 13), e.g. the QDQ output of ``quantize_static``; its nodes
-        stay in topological order.
+      model: an ``onnx.ModelProto`` (opset >= 12, for 8-bit ``Clip``), e.g. the QDQ output of
+        ``quantize_static``; its nodes stay in topological order.
 
     Returns:
       Names of the rewritten ``HardSigmoid`` nodes (an unnamed one gets a name; the ``Clip`` bears it), in
@@ -200,8 +217,8 @@ def clip_hard_sigmoids(model: Any) -> Tuple[str, ...]:
         return name
 
     done: List[str] = []
-    replaced: Dict[int, Any] = {}
-    gone: Set[int] = set()
+    clips: Dict[str, Any] = {}  # the sigmoid quantiser's output -> the Clip that replaces it
+    removed: Set[str] = set()  # outputs of the HardSigmoid nodes that go
     stale: Set[str] = set()
     for node in graph.node:
         plan = None
@@ -209,75 +226,89 @@ def clip_hard_sigmoids(model: Any) -> Tuple[str, ...]:
             plan = _clip_plan(node, index)
         if plan is None:
             continue
-        codes, writer, readers, quantizer, step, low, high, width = plan
         base = node.name or fresh(f"HardSigmoid_{len(done)}")
-        dtype = np.dtype(index.scalar(quantizer.input[2]).dtype)
-        ramp_readers = index.consumers[quantizer.output[0]]
-        stale.update([writer.input[1], *quantizer.input[1:], *(r.input[1] for r in readers),
-                      *(name for r in ramp_readers for name in r.input[1:])])
-        step_name = constant(f"{base}_input_scale", np.array(step, np.float32))
-        writer.input[1] = step_name
-        for reader in readers:
-            reader.input[1] = step_name
-        bounds = [constant(f"{base}_{part}", np.array(code, dtype)) for part, code in (("low", low), ("high", high))]
-        ramp_scale = constant(f"{base}_scale", np.array(np.float32(1) / np.float32(width), np.float32))
-        ramp_zero = constant(f"{base}_zero_point", np.array(low, dtype))
-        for reader in ramp_readers:
+        dtype = np.dtype(index.scalar(plan.quantizer.input[2]).dtype)
+        stale.update([plan.writer.input[1], *plan.quantizer.input[1:], *(r.input[1] for r in plan.readers),
+                      *(name for r in plan.ramp_readers for name in r.input[1:])])
+        step_name = constant(f"{base}_input_scale", np.array(plan.step, np.float32))
+        for user in (plan.writer, *plan.readers):
+            user.input[1] = step_name
+        bounds = [constant(f"{base}_{part}", np.array(code, dtype))
+                  for part, code in (("low", plan.low), ("high", plan.high))]
+        ramp_scale = constant(f"{base}_scale", np.array(np.float32(1) / np.float32(plan.width), np.float32))
+        ramp_zero = constant(f"{base}_zero_point", np.array(plan.low, dtype))
+        for reader in plan.ramp_readers:
             reader.input[1] = ramp_scale
-            if len(reader.input) > 2:
-                reader.input[2] = ramp_zero
-            else:
-                reader.input.append(ramp_zero)
-        replaced[id(quantizer)] = helper.make_node("Clip", [codes, *bounds], [quantizer.output[0]], name=base)
-        gone.add(id(node))
+            reader.input[2] = ramp_zero
+        clips[plan.quantizer.output[0]] = helper.make_node(
+            "Clip", [plan.codes, *bounds], [plan.quantizer.output[0]], name=base)
+        removed.add(node.output[0])
         done.append(base)
     if done:
-        nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in gone]
+        nodes = [clips.get(n.output[0], n) for n in graph.node if n.output[0] not in removed]
         del graph.node[:]
         graph.node.extend(nodes)
-        # The replaced scales and zero points, unless another node still reads them.
+        # The replaced scales and zero points, unless another node still reads them, and the shapes recorded
+        # for the sigmoids' float outputs, which are gone.
         drop_unread(graph, nodes=(), initializers=stale)
+        kept = [v for v in graph.value_info if v.name not in removed]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
     return tuple(done)
 
 
-def _clip_plan(node: Any, index: GraphIndex) -> Optional[Tuple[Any, ...]]:
-    """``(codes, their quantiser, their dequantisers, the sigmoid's quantiser, new step, lo, hi, n)`` when
-    ``node`` can become a ``Clip``, else None (:func:`clip_hard_sigmoids`)."""
-    source = index.producer.get(node.input[0])
-    users = index.consumers.get(node.output[0], [])
-    if source is None or source.op_type != "DequantizeLinear" or len(users) != 1:
-        return None
-    quantizer = users[0]
-    if quantizer.op_type != "QuantizeLinear" or len(quantizer.input) < 3 or quantizer.output[0] in index.boundary:
-        return None
-    ramp_readers = index.consumers.get(quantizer.output[0], [])
-    if not ramp_readers or any(r.op_type != "DequantizeLinear" for r in ramp_readers):
-        return None
-    codes = source.input[0]
-    writer = index.producer.get(codes)
-    if codes in index.boundary or writer is None or writer.op_type != "QuantizeLinear" or len(writer.input) < 3:
-        return None
-    params = _per_tensor(writer, index)
-    if params is None or _per_tensor(quantizer, index) is None:
-        return None
-    step, zero = params
-    readers = index.consumers.get(codes, [])
-    if any(r.op_type != "DequantizeLinear" or _per_tensor(r, index) != params for r in readers):
-        return None
-    for reader in readers:
-        for value in reader.output:
-            if value in index.boundary or any(
-                    user is not node and user.op_type != "Mul" for user in index.consumers.get(value, [])):
-                return None
-    dtype = np.dtype(index.scalar(writer.input[2]).dtype)
-    if index.scalar(quantizer.input[2]).dtype != dtype:
-        return None
+class _ClipPlan(NamedTuple):
+    """What :func:`clip_hard_sigmoids` changes for one ``HardSigmoid``."""
+
+    codes: str  # the input's codes
+    writer: Any  # their QuantizeLinear
+    readers: Tuple[Any, ...]  # their DequantizeLinear nodes
+    quantizer: Any  # the sigmoid's QuantizeLinear, which the Clip replaces
+    ramp_readers: Tuple[Any, ...]  # the DequantizeLinear nodes of its codes
+    step: np.float32  # the input's new step, 1 / (alpha * width)
+    low: int  # the ramp's first code (the Clip's min and the result's zero point)
+    high: int  # the Clip's max: low + width, or the type's highest code
+    width: int  # n: the ramp's length in codes
+
+
+def _clip_plan(node: Any, index: GraphIndex) -> Optional[_ClipPlan]:
+    """The rewrite of ``node`` by :func:`clip_hard_sigmoids`, or None when it does not fit."""
     attrs = {a.name: a.f for a in node.attribute}
     alpha, beta = np.float64(np.float32(attrs.get("alpha", 0.2))), np.float64(np.float32(attrs.get("beta", 0.5)))
+    if not (np.isfinite(alpha) and np.isfinite(beta) and alpha > 0):
+        return None
     multiple = next((m for m in range(1, _MAX_BETA_DENOMINATOR + 1)
                      if abs(m * beta - round(m * beta)) < 1e-6), None)
-    if not alpha > 0 or multiple is None:
+    source = index.producer.get(node.input[0])
+    users = index.consumers.get(node.output[0], [])
+    if multiple is None or source is None or source.op_type != "DequantizeLinear" or len(users) != 1:
         return None
+    quantizer = users[0]
+    codes = source.input[0]
+    writer = index.producer.get(codes)
+    if (quantizer.op_type != "QuantizeLinear" or writer is None or writer.op_type != "QuantizeLinear"
+            or getattr(index.producer.get(writer.input[0]), "op_type", None) not in _OWN_SCALE):
+        return None
+    params, ramp_params = _per_tensor(writer, index), _per_tensor(quantizer, index)
+    readers = index.consumers.get(codes, [])
+    ramp_readers = index.consumers.get(quantizer.output[0], [])
+    if params is None or ramp_params is None or not ramp_readers:
+        return None
+    if any(r.op_type != "DequantizeLinear" or _per_tensor(r, index) != params for r in readers) or any(
+            r.op_type != "DequantizeLinear" or _per_tensor(r, index) != ramp_params for r in ramp_readers):
+        return None
+    if any(user is not node and user.op_type not in _OWN_SCALE
+           for reader in readers for user in index.consumers.get(reader.output[0], [])) or any(
+            user.op_type not in _OWN_SCALE for reader in ramp_readers
+            for user in index.consumers.get(reader.output[0], [])):
+        return None
+    # Codes a caller reads would change meaning, and scales a caller may override would be dropped.
+    tensors = {codes, quantizer.output[0], writer.input[1], *quantizer.input[1:],
+               *(name for r in (*readers, *ramp_readers) for name in r.input[1:])}
+    dtype = np.dtype(index.scalar(writer.input[2]).dtype)
+    if tensors & index.boundary or index.scalar(quantizer.input[2]).dtype != dtype:
+        return None
+    step, zero = params
     width = int(np.floor(1.0 / (alpha * step) / multiple + 1e-9)) * multiple
     if width < multiple:
         return None
@@ -288,7 +319,8 @@ def _clip_plan(node: Any, index: GraphIndex) -> Optional[Tuple[Any, ...]]:
     low = zero - int(round(beta * width))
     if not lowest <= low <= highest:
         return None
-    return codes, writer, readers, quantizer, new_step, low, min(low + width, highest), width
+    return _ClipPlan(codes, writer, tuple(readers), quantizer, tuple(ramp_readers), new_step, low,
+                     min(low + width, highest), width)
 
 
 def _per_tensor(node: Any, index: GraphIndex) -> Optional[Tuple[float, int]]:

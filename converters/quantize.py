@@ -422,8 +422,10 @@ def _weight_axis(node) -> Optional[int]:
     return None
 
 
-def _grouped(node) -> bool:
-    return node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+def _depthwise(node, weight) -> bool:
+    """A Conv with more than one group of one input channel each (its weight ``(C_out, 1, kH, kW)``)."""
+    return (node.op_type == "Conv" and len(weight.dims) == 4 and weight.dims[1] == 1
+            and any(a.name == "group" and a.i > 1 for a in node.attribute))
 
 
 def int8_tail_weights(model, node_names: Sequence[str]) -> List[str]:
@@ -432,10 +434,11 @@ def int8_tail_weights(model, node_names: Sequence[str]) -> List[str]:
     Per output channel, symmetric: zero point 0, scale = max |w| / 127 (1 for an all-zero channel).
     The nodes keep float inputs and outputs; only their weight storage shrinks 4x. Weights shared
     with another node, non-float or non-initializer weights, 2-D ``MatMul`` weights of other ranks
-    and op types without a clear channel axis (ConvTranspose) are left alone, and so are grouped
+    and op types without a clear channel axis (ConvTranspose) are left alone, and so are depthwise
     convolutions: onnxruntime cannot pre-pack a weight that a ``DequantizeLinear`` computes, and its
     float kernel for a depthwise convolution then runs about 5x slower, while such weights are small
-    (docs/benchmarks.md, "Depthwise tail weights").
+    (docs/benchmarks.md, "On the machine the issue was measured on: hard sigmoids as clips, depthwise
+    tail weights, ...").
 
     Args:
       model: an ``onnx.ModelProto`` of opset >= 13 (``DequantizeLinear`` with ``axis``).
@@ -456,9 +459,10 @@ def int8_tail_weights(model, node_names: Sequence[str]) -> List[str]:
     done: List[str] = []
     nodes = []
     for node in model.graph.node:
-        axis = _weight_axis(node) if node.name in wanted and len(node.input) > 1 and not _grouped(node) else None
+        axis = _weight_axis(node) if node.name in wanted and len(node.input) > 1 else None
         init = inits.get(node.input[1]) if axis is not None else None
         if (init is not None and uses.get(init.name) == 1 and init.name not in graph_inputs
+                and not _depthwise(node, init)
                 and init.data_type == TensorProto.FLOAT and len(init.dims) > axis
                 and not (node.op_type == "MatMul" and len(init.dims) != 2)):
             w = numpy_helper.to_array(init).astype(np.float32)

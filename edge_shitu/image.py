@@ -126,13 +126,14 @@ _IPP_MIN_SIDE = 4
 # docs/benchmarks.md, "Overhead outside the models"; another width would also change a few
 # rounding results of the detector's input).
 _BAND = 8
-# Rows normalised at a time: a block that stays in cache between its passes.
+# Rows of interleaved values normalised at a time: a block that stays in cache while each channel is read from it.
 _NORMALIZE_ROWS = 64
 # Both resizes make their output a stripe of rows at a time (both passes, rounding, normalisation), so
 # that their temporaries stay in the core's cache: in the pipeline each model run evicts them, and a
 # whole-image pass then costs a trip to memory (docs/benchmarks.md, "Striped resizes"). A stripe's
 # temporaries take about this many bytes: the cubic one's vertical-pass rows (4 bytes per source
-# value), the linear one's source rows, taps and int32 sums (2 bytes per source value and 36 per
+# value; on top, one run of them before they are split into planes, and the source rows of one
+# run), the linear one's source rows, taps and int32 sums (2 bytes per source value and 36 per
 # output value: each output row reads two source rows).
 _STRIPE_BYTES = 1 << 20
 _STRIPE_MAX_ROWS = 128
@@ -902,8 +903,8 @@ def _cubic_stripes(
     that run reads, converted to float32 into a small buffer, on interleaved channels), splits its rows
     into one plane per channel, and runs the horizontal pass on the planes (a banded matmul per run of
     output columns, all channels in one call). On interleaved rows the horizontal weights would hold the
-    pixel weights times the identity over channels: three times the multiplications, two thirds of them
-    by zero. The terms are those of whole-image passes, though BLAS may add them in another order for
+    pixel weights times the identity over the C channels: C times the multiplications, all but one in C
+    of them by zero. The terms are those of whole-image passes, though BLAS may add them in another order for
     another stripe height (a tie then rounds the other way, rarely).
     """
     h, w, c = src.shape
@@ -1120,9 +1121,7 @@ def resize_normalize_chw(
             for top, values in _cubic_stripes(src, width, height, width / w, height / h, claimed):
                 _round(values)
                 for ch in range(c):
-                    target = out[ch, top : top + values.shape[1]]
-                    np.multiply(values[ch], gain[ch], out=target)
-                    target += bias[ch]
+                    _affine(values[ch], gain[ch], bias[ch], out[ch, top : top + values.shape[1]])
         else:
             for top, values in _linear_stripes(src, width, height, claimed):
                 _normalize_into(values, gain, bias, out[:, top : top + values.shape[0]])
@@ -1181,9 +1180,9 @@ def _chw_out(out: Optional[np.ndarray], shape: Tuple[int, int, int]) -> np.ndarr
 def _normalize_into(values: np.ndarray, gain: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
     """``out[ch] = values of channel ch * gain[ch] + bias[ch]`` in float32.
 
-    ``values`` holds whole numbers 0..255, as uint8, int32 or float32, either ``(H, W, C)`` or
-    interleaved rows ``(H, W * C)``; all give the same float32 result, which is exact for them.
-    A few rows at a time, so that each row is read once while it is in cache.
+    ``values`` holds whole numbers 0..255, as uint8 or int32, either ``(H, W, C)`` or interleaved rows
+    ``(H, W * C)``; all give the same float32 result, which is exact for them. A few rows at a time, so
+    that each block stays in cache while each of its channels is read.
     """
     channels = out.shape[0]
     for top in range(0, values.shape[0], _NORMALIZE_ROWS):
@@ -1191,8 +1190,13 @@ def _normalize_into(values: np.ndarray, gain: np.ndarray, bias: np.ndarray, out:
         for ch in range(channels):
             plane = rows[:, :, ch] if rows.ndim == 3 else rows[:, ch::channels]
             target = out[ch, top : top + _NORMALIZE_ROWS]
-            np.multiply(plane, gain[ch], out=target, dtype=np.float32)
-            target += bias[ch]
+            _affine(plane, gain[ch], bias[ch], target)
+
+
+def _affine(plane: np.ndarray, gain: np.float32, bias: np.float32, target: np.ndarray) -> None:
+    """``target = plane * gain + bias`` in float32 (one channel; ``plane`` of any integer or float dtype)."""
+    np.multiply(plane, gain, out=target, dtype=np.float32)
+    target += bias
 
 
 def _per_channel(values: Sequence[float], channels: int, what: str) -> np.ndarray:

@@ -531,3 +531,18 @@ def test_a_pir_program_that_is_not_the_detector_is_refused(replica_dirs, tmp_pat
     model = paddle_io.load_inference_model(folder)
     with paddle.pir_utils.IrGuard(), pytest.raises(ConversionError, match="found 0 and 0"):
         _pir_heads(model.program.global_block(), model.files.program)
+
+
+def test_the_manifest_records_what_the_quantiser_rewrote():
+    """The manifest's record of an INT8 model: the float blocks, how many hard sigmoids took each integer form, and
+    the convolutions re-laid (from the quantiser's report)."""
+    from types import SimpleNamespace
+
+    from edge_shitu_converters.convert import _written_model
+
+    report = SimpleNamespace(integer_hard_sigmoids=("HardSigmoid.53", "HardSigmoid.54"),
+                             clip_hard_sigmoids=("HardSigmoid.0", "HardSigmoid.2", "HardSigmoid.4"),
+                             kernel_shapes=("Conv.0", "Conv.1"))
+    assert _written_model(["Conv.7"], report) == {
+        "float_blocks": ["Conv.7"], "integer_hard_sigmoids": 2, "clip_hard_sigmoids": 3,
+        "kernel_shapes": ["Conv.0", "Conv.1"]}

@@ -318,21 +318,25 @@ def test_int8_tail_weights_handle_gemm_and_matmul_axes(rng):
     assert "ws" in inits  # a weight shared by two nodes stays float
 
 
-def test_int8_tail_weights_leave_grouped_convolutions_float(rng, tmp_path):
+def test_int8_tail_weights_leave_depthwise_convolutions_float(rng, tmp_path):
     """onnxruntime cannot pre-pack a weight a DequantizeLinear computes: a depthwise convolution's float kernel then
-    runs several times slower, for a weight too small to matter. Grouped (and depthwise) convolutions keep float
-    weights; the dense ones around them get int8."""
-    weights = {"wd": rng.normal(size=(8, 1, 3, 3)), "wg": rng.normal(size=(8, 4, 3, 3)), "wp": rng.normal(size=(8, 8, 1, 1))}
+    runs several times slower, for a weight too small to matter. Depthwise convolutions keep float weights; the
+    others around them (grouped with several channels per group, dense with and without an explicit group) get
+    int8."""
+    weights = {"wd": rng.normal(size=(8, 1, 3, 3)), "wg": rng.normal(size=(8, 4, 3, 3)), "wp": rng.normal(size=(8, 8, 1, 1)),
+               "w1": rng.normal(size=(8, 8, 1, 1))}
     nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["d", "wg"], ["g"], name="grouped", group=2, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["g", "wp"], ["y"], name="pointwise")]
+             helper.make_node("Conv", ["g", "wp"], ["p"], name="pointwise"),
+             helper.make_node("Conv", ["p", "w1"], ["y"], name="one_group", group=1)]
     graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    assert int8_tail_weights(model, ["depthwise", "grouped", "pointwise"]) == ["pointwise"]
+    assert int8_tail_weights(model, ["depthwise", "grouped", "pointwise", "one_group"]) == [
+        "grouped", "pointwise", "one_group"]
     inits = {i.name for i in model.graph.initializer}
-    assert {"wd", "wg", "wp_int8"} <= inits and "wp" not in inits
+    assert {"wd", "wg_int8", "wp_int8", "w1_int8"} <= inits and not {"wg", "wp", "w1"} & inits
 
 
 def test_static_quantization_of_a_tiny_model(tiny, photos, tmp_path, rng):
