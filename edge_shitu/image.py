@@ -126,7 +126,7 @@ _IPP_MIN_SIDE = 4
 # docs/benchmarks.md, "Overhead outside the models"; another width would also change a few
 # rounding results of the detector's input).
 _BAND = 8
-# Rows of interleaved values normalised at a time: a block that stays in cache while each channel is read from it.
+# Rows of an interleaved image normalised at a time: a block that stays in cache while each channel is read from it.
 _NORMALIZE_ROWS = 64
 # Both resizes make their output a stripe of rows at a time (both passes, rounding, normalisation), so
 # that their temporaries stay in the core's cache: in the pipeline each model run evicts them, and a
@@ -707,10 +707,10 @@ def resize_linear(img: np.ndarray, width: int, height: int) -> np.ndarray:
     if (width, height) == (w, h):
         return np.array(img, order="C")
     c = src.shape[2]
-    out = np.empty((height, width * c), dtype=np.uint8)
+    out = np.empty((height, width, c), dtype=np.uint8)
     for top, values in _linear_stripes(src, width, height):
-        out[top : top + values.shape[0]] = values
-    return out.reshape(height, width) if img.ndim == 2 else out.reshape(height, width, c)
+        out[top : top + values.shape[0]] = values.reshape(-1, c, width).transpose(0, 2, 1)
+    return out.reshape(height, width) if img.ndim == 2 else out
 
 
 def _resize_cubic(
@@ -942,7 +942,8 @@ def _linear_stripes(
     src: np.ndarray, width: int, height: int, workspace: Optional[Workspace] = None
 ) -> Iterator[Tuple[int, np.ndarray]]:
     """OpenCV's uint8 INTER_LINEAR in integers, a stripe of output rows at a time: uint8 ``(H, W, C)``
-    (any strides) to int32 ``(rows, width * C)`` holding 0..255 for output rows ``top:top + rows``.
+    (any strides) to int32 ``(rows, C * width)`` holding 0..255 for output rows ``top:top + rows``, each row
+    one plane per channel side by side (the channel planes of a CHW model input, read without strides).
 
     Yields ``(top, values)`` in order; ``values`` is scratch memory that the next stripe overwrites.
     Stripes keep the temporaries in the core's cache (see ``_STRIPE_BYTES``); the integer sums are the
@@ -1007,10 +1008,11 @@ def _linear_row_stripes(src: int, dst: int, inv_scale: float, stripe: int
 
 @functools.lru_cache(maxsize=128)
 def _linear_columns(src: int, dst: int, inv_scale: float, channels: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Column taps over a flattened ``(W * C)`` row: int64 indices, int32 weights ``(2, dst * C)``."""
+    """Column taps over a flattened ``(W * C)`` row, output channel by channel: int64 indices and int32
+    weights ``(2, C * dst)``."""
     idx, weights = _linear_taps(src, dst, inv_scale, True)
-    flat = idx.T[:, :, None] * channels + np.arange(channels)[None, None, :]
-    wide = np.repeat(weights.T, channels, axis=1).astype(np.int32)
+    flat = idx.T[:, None, :] * channels + np.arange(channels)[None, :, None]
+    wide = np.tile(weights.T, (1, channels)).astype(np.int32)
     return _frozen(flat.reshape(2, -1)), _frozen(wide)
 
 
@@ -1124,7 +1126,9 @@ def resize_normalize_chw(
                     _affine(values[ch], gain[ch], bias[ch], out[ch, top : top + values.shape[1]])
         else:
             for top, values in _linear_stripes(src, width, height, claimed):
-                _normalize_into(values, gain, bias, out[:, top : top + values.shape[0]])
+                for ch in range(c):
+                    _affine(values[:, ch * width : (ch + 1) * width], gain[ch], bias[ch],
+                            out[ch, top : top + values.shape[0]])
     finally:
         if claimed is not None:
             claimed._lock.release()
@@ -1177,20 +1181,13 @@ def _chw_out(out: Optional[np.ndarray], shape: Tuple[int, int, int]) -> np.ndarr
     return out
 
 
-def _normalize_into(values: np.ndarray, gain: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
-    """``out[ch] = values of channel ch * gain[ch] + bias[ch]`` in float32.
-
-    ``values`` holds whole numbers 0..255, as uint8 or int32, either ``(H, W, C)`` or interleaved rows
-    ``(H, W * C)``; all give the same float32 result, which is exact for them. A few rows at a time, so
-    that each block stays in cache while each of its channels is read.
-    """
-    channels = out.shape[0]
-    for top in range(0, values.shape[0], _NORMALIZE_ROWS):
-        rows = values[top : top + _NORMALIZE_ROWS]
-        for ch in range(channels):
-            plane = rows[:, :, ch] if rows.ndim == 3 else rows[:, ch::channels]
-            target = out[ch, top : top + _NORMALIZE_ROWS]
-            _affine(plane, gain[ch], bias[ch], target)
+def _normalize_into(img: np.ndarray, gain: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """``out[ch] = img[:, :, ch] * gain[ch] + bias[ch]`` in float32, for a uint8 ``(H, W, C)`` image (any
+    strides). A few rows at a time, so that each block stays in cache while each of its channels is read."""
+    for top in range(0, img.shape[0], _NORMALIZE_ROWS):
+        rows = img[top : top + _NORMALIZE_ROWS]
+        for ch in range(out.shape[0]):
+            _affine(rows[:, :, ch], gain[ch], bias[ch], out[ch, top : top + _NORMALIZE_ROWS])
 
 
 def _affine(plane: np.ndarray, gain: np.float32, bias: np.float32, target: np.ndarray) -> None:
