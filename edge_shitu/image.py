@@ -34,7 +34,7 @@ import threading
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 from .errors import (
     EdgeShituError,
@@ -114,6 +114,10 @@ _RAW_ENCODER = getattr(Image, "_getencoder", None)
 
 # Modes whose RGB samples Pillow's raw encoder packs straight into the result (see _pack_rgb).
 _PACKED_MODES = ("RGB", "RGBA", "RGBX")
+# Bytes asked of the raw encoder per call (at least one row): each call returns a new bytes object, so
+# Pillow's own 64 KiB block means dozens of calls per photo; a quarter megabyte is a few, still small
+# (docs/benchmarks.md, "On the machine the issue was measured on").
+_PACK_CHUNK_BYTES = 1 << 18
 
 # OpenCV's fixed-point resize works with 11-bit coefficients (INTER_RESIZE_COEF_BITS).
 _COEF_SCALE = 2048
@@ -540,7 +544,7 @@ def _pack_rgb(im: Image.Image, label: str) -> Optional[np.ndarray]:
         return None
     try:
         encoder.setimage(im.im, (0, 0, width, height))
-        chunk = max(ImageFile.MAXBLOCK, width * 4)
+        chunk = max(_PACK_CHUNK_BYTES, width * 4)
         written = 0
         while True:
             _, status, data = encoder.encode(chunk)
