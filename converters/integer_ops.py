@@ -30,8 +30,8 @@ exactly: the hard sigmoid is a ``Clip`` of its input's codes, read with scale ``
 The input's step is made such a value by coarsening it slightly (``n`` rounded down, by at most
 :data:`MAX_STEP_GROWTH`), so its calibrated range only widens. That moves the input's codes a little (a
 recalibration, not the same codes), while the sigmoid's value then has no rounding of its own. onnxruntime runs
-``Clip`` on 8-bit codes about three times faster than ``QLinearAdd`` (docs/benchmarks.md, "On the machine the
-issue was measured on: hard sigmoids as clips, ...").
+``Clip`` on 8-bit codes faster than ``QLinearAdd`` (docs/benchmarks.md, "On the machine the issue was measured
+on: hard sigmoids as clips, ...").
 """
 
 from __future__ import annotations
@@ -56,20 +56,24 @@ _MAX_BETA_DENOMINATOR = 16
 # ONNX Clip takes 8-bit integers from opset 12 on.
 _CLIP_INT8_OPSET = 12
 
-# Ops whose onnxruntime integer kernel takes the scales of its inputs and its output as they are (or, for Relu and
-# Clip, which it folds into the op before them or into the quantiser's saturation, does not care): a new step on
-# one side of them keeps them on integer kernels. MaxPool, Reshape, Transpose, Resize and the like run on codes
-# only when the scales on both their sides are equal.
-_OWN_SCALE = frozenset(["Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "LeakyRelu", "Sigmoid", "Softmax",
-                        "AveragePool", "GlobalAveragePool", "Concat", "Relu", "Clip"])
+# A new step for a tensor's codes must keep the ops on either side of it on onnxruntime's integer kernels.
+# MaxPool, Reshape, Transpose, Resize and the like run on codes only when the scales on both their sides are
+# equal; biased Conv and Gemm store their bias in int32 at their input's step, which a new step would silently
+# scale. Ops that write their output at a step of their own (Relu and Clip are folded into the op before them
+# or into the quantiser's saturation):
+_OWN_OUTPUT_STEP = frozenset(["Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "LeakyRelu", "Sigmoid",
+                              "Softmax", "AveragePool", "GlobalAveragePool", "Concat", "Relu", "Clip"])
+# Ops whose integer kernel reads an input at any step, with nothing stored at that step:
+_ANY_INPUT_STEP = frozenset(["MatMul", "Add", "Mul", "LeakyRelu", "Sigmoid", "Softmax", "AveragePool",
+                             "GlobalAveragePool", "Concat"])
 
 
 def integer_hard_sigmoids(model: Any) -> Tuple[str, ...]:
     """Turn every quantised ``HardSigmoid`` into a ``QLinearAdd``-fusable ``Add`` (in place; module docstring).
 
     A node is rewritten when its input comes from a per-tensor ``DequantizeLinear``, its output goes to
-    exactly one per-tensor ``QuantizeLinear`` (and is no graph output), ``alpha > 0``, and that quantiser's
-    zero point and scale make its saturation do the clipping. The ``HardSigmoid`` becomes
+    exactly one per-tensor ``QuantizeLinear`` (and is no graph output), ``alpha`` and ``beta`` are finite,
+    ``alpha > 0``, and that quantiser's zero point and scale make its saturation do the clipping. The ``HardSigmoid`` becomes
     ``Add(x, DequantizeLinear(beta / alpha))`` and the ``QuantizeLinear`` gets its own scale ``s / alpha``;
     whatever dequantises the result keeps ``s``. Other nodes are left as they are.
 
@@ -135,11 +139,11 @@ def _plan(node: Any, source: Any, users: List[Any], scalar: Callable[[str], Opti
     code = scalar(source.input[2])
     if code is None or code.dtype not in _RANGES:
         return None
-    attrs = {a.name: a.f for a in node.attribute}
-    alpha, beta = np.float32(attrs.get("alpha", 0.2)), np.float32(attrs.get("beta", 0.5))
+    slope = _slope(node)
     scale, zero = scalar(quantizer.input[1]), scalar(quantizer.input[2])
-    if scale is None or zero is None or zero.dtype not in _RANGES or not alpha > 0:
+    if scale is None or zero is None or zero.dtype not in _RANGES or slope is None:
         return None
+    alpha, beta = (np.float32(v) for v in slope)
     scale = np.float32(scale.reshape(()))
     low, high = _RANGES[zero.dtype]
     zero_code = int(zero.reshape(()))
@@ -168,12 +172,13 @@ def clip_hard_sigmoids(model: Any) -> Tuple[str, ...]:
     A node is rewritten when:
 
     - its input is a per-tensor ``DequantizeLinear`` of codes that a per-tensor ``QuantizeLinear`` writes from the
-      output of an op whose integer kernel has a scale of its own (:data:`_OWN_SCALE`, e.g. ``Conv``); every
-      reader of those codes is a ``DequantizeLinear`` with the same scale and zero point, and every reader of the
-      dequantised values is this node or such an op. An op that onnxruntime runs on codes only when the scales on
-      both its sides are equal (``MaxPool``, ``Reshape``, ...) would fall back to float;
+      output of an op that writes at a step of its own (:data:`_OWN_OUTPUT_STEP`, e.g. ``Conv``); every reader of
+      those codes is a ``DequantizeLinear`` with the same scale and zero point, and every reader of the
+      dequantised values is this node or an op that reads any step (:data:`_ANY_INPUT_STEP`, e.g. ``Mul``). An
+      op that onnxruntime runs on codes only when the scales on both its sides are equal (``MaxPool``, ...)
+      would fall back to float, and a biased ``Conv`` would keep a bias stored at the old step;
     - its output goes to exactly one per-tensor ``QuantizeLinear`` of the input's code type, whose codes only
-      ``DequantizeLinear`` nodes with its scale and zero point read, into ops of :data:`_OWN_SCALE` only;
+      ``DequantizeLinear`` nodes with its scale and zero point read, into ops of :data:`_ANY_INPUT_STEP` only;
     - ``alpha`` and ``beta`` are finite, ``alpha > 0``, ``q * beta`` is whole for some ``q <= 16``, and with ``n``
       the largest multiple of ``q`` at most ``1 / (alpha * s)``, the step grows by at most
       :data:`MAX_STEP_GROWTH` and the ramp's start ``lo = z - beta * n`` is a code of the type (so that it can
@@ -182,7 +187,7 @@ def clip_hard_sigmoids(model: Any) -> Tuple[str, ...]:
       scales and zero points involved is a graph input (an initializer that is also a graph input is a default the
       caller may override).
 
-    Two rewrites never share a node: the codes' quantiser follows an op of :data:`_OWN_SCALE`, never a
+    Two rewrites never share a node: the codes' quantiser follows an op of :data:`_OWN_OUTPUT_STEP`, never a
     ``HardSigmoid``, and every other node of a rewrite reads the codes of its own sigmoid or input.
 
     The input's quantiser and its dequantisers get the step ``1 / (alpha * n)``; the ``HardSigmoid`` and its
@@ -227,16 +232,15 @@ def clip_hard_sigmoids(model: Any) -> Tuple[str, ...]:
         if plan is None:
             continue
         base = node.name or fresh(f"HardSigmoid_{len(done)}")
-        dtype = np.dtype(index.scalar(plan.quantizer.input[2]).dtype)
         stale.update([plan.writer.input[1], *plan.quantizer.input[1:], *(r.input[1] for r in plan.readers),
                       *(name for r in plan.ramp_readers for name in r.input[1:])])
         step_name = constant(f"{base}_input_scale", np.array(plan.step, np.float32))
         for user in (plan.writer, *plan.readers):
             user.input[1] = step_name
-        bounds = [constant(f"{base}_{part}", np.array(code, dtype))
+        bounds = [constant(f"{base}_{part}", np.array(code, plan.dtype))
                   for part, code in (("low", plan.low), ("high", plan.high))]
         ramp_scale = constant(f"{base}_scale", np.array(np.float32(1) / np.float32(plan.width), np.float32))
-        ramp_zero = constant(f"{base}_zero_point", np.array(plan.low, dtype))
+        ramp_zero = constant(f"{base}_zero_point", np.array(plan.low, plan.dtype))
         for reader in plan.ramp_readers:
             reader.input[1] = ramp_scale
             reader.input[2] = ramp_zero
@@ -269,14 +273,15 @@ class _ClipPlan(NamedTuple):
     low: int  # the ramp's first code (the Clip's min and the result's zero point)
     high: int  # the Clip's max: low + width, or the type's highest code
     width: int  # n: the ramp's length in codes
+    dtype: np.dtype  # the codes' type
 
 
 def _clip_plan(node: Any, index: GraphIndex) -> Optional[_ClipPlan]:
     """The rewrite of ``node`` by :func:`clip_hard_sigmoids`, or None when it does not fit."""
-    attrs = {a.name: a.f for a in node.attribute}
-    alpha, beta = np.float64(np.float32(attrs.get("alpha", 0.2))), np.float64(np.float32(attrs.get("beta", 0.5)))
-    if not (np.isfinite(alpha) and np.isfinite(beta) and alpha > 0):
+    slope = _slope(node)
+    if slope is None:
         return None
+    alpha, beta = slope
     multiple = next((m for m in range(1, _MAX_BETA_DENOMINATOR + 1)
                      if abs(m * beta - round(m * beta)) < 1e-6), None)
     source = index.producer.get(node.input[0])
@@ -287,7 +292,7 @@ def _clip_plan(node: Any, index: GraphIndex) -> Optional[_ClipPlan]:
     codes = source.input[0]
     writer = index.producer.get(codes)
     if (quantizer.op_type != "QuantizeLinear" or writer is None or writer.op_type != "QuantizeLinear"
-            or getattr(index.producer.get(writer.input[0]), "op_type", None) not in _OWN_SCALE):
+            or getattr(index.producer.get(writer.input[0]), "op_type", None) not in _OWN_OUTPUT_STEP):
         return None
     params, ramp_params = _per_tensor(writer, index), _per_tensor(quantizer, index)
     readers = index.consumers.get(codes, [])
@@ -297,9 +302,9 @@ def _clip_plan(node: Any, index: GraphIndex) -> Optional[_ClipPlan]:
     if any(r.op_type != "DequantizeLinear" or _per_tensor(r, index) != params for r in readers) or any(
             r.op_type != "DequantizeLinear" or _per_tensor(r, index) != ramp_params for r in ramp_readers):
         return None
-    if any(user is not node and user.op_type not in _OWN_SCALE
+    if any(user is not node and user.op_type not in _ANY_INPUT_STEP
            for reader in readers for user in index.consumers.get(reader.output[0], [])) or any(
-            user.op_type not in _OWN_SCALE for reader in ramp_readers
+            user.op_type not in _ANY_INPUT_STEP for reader in ramp_readers
             for user in index.consumers.get(reader.output[0], [])):
         return None
     # Codes a caller reads would change meaning, and scales a caller may override would be dropped.
@@ -320,7 +325,15 @@ def _clip_plan(node: Any, index: GraphIndex) -> Optional[_ClipPlan]:
     if not lowest <= low <= highest:
         return None
     return _ClipPlan(codes, writer, tuple(readers), quantizer, tuple(ramp_readers), new_step, low,
-                     min(low + width, highest), width)
+                     min(low + width, highest), width, dtype)
+
+
+def _slope(node: Any) -> Optional[Tuple[np.float64, np.float64]]:
+    """A ``HardSigmoid``'s ``(alpha, beta)`` (ONNX's defaults 0.2 and 0.5 when left out, as the float32 values
+    stored), or None unless both are finite and ``alpha > 0`` (the rewrites' common condition)."""
+    attrs = {a.name: a.f for a in node.attribute}
+    alpha, beta = np.float64(np.float32(attrs.get("alpha", 0.2))), np.float64(np.float32(attrs.get("beta", 0.5)))
+    return (alpha, beta) if np.isfinite(alpha) and np.isfinite(beta) and alpha > 0 else None
 
 
 def _per_tensor(node: Any, index: GraphIndex) -> Optional[Tuple[float, int]]:

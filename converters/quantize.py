@@ -159,21 +159,20 @@ class QuantizeOptions:
         float; ``-1`` quantises everything onnxruntime can.
       tail_int8_weights: store the weights of the float-tail layers in int8 anyway (per output
         channel, symmetric, dequantised at run time): a quarter of the size for an error far below
-        that of 8-bit activations.
+        that of 8-bit activations. Depthwise convolutions keep float weights (:func:`int8_tail_weights`).
       exclude_nodes: names of nodes (of the pre-processed graph, see :func:`float_tail_nodes`) whose
         activations stay float, on top of ``float_tail``.
       exclude_op_types: op types whose nodes are never quantised (e.g. ``("Sigmoid",)``).
       percentile: the percentile of the "percentile" method, in (0, 100].
-      integer_hard_sigmoid: rewrite each quantised ``HardSigmoid`` so that onnxruntime runs it on its
-        integer ``QLinearAdd`` kernel instead of in float between a dequantise and a quantise
-        (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`; same codes, a third less time
-        for the PP-ShiTu detector). Static mode only.
+      integer_hard_sigmoid: rewrite each quantised ``HardSigmoid`` that ``clip_hard_sigmoid`` left so that
+        onnxruntime runs it on its integer ``QLinearAdd`` kernel instead of in float between a dequantise and a
+        quantise (:func:`edge_shitu_converters.integer_ops.integer_hard_sigmoids`; same codes; docs/benchmarks.md,
+        "Integer hard-swish"). Static mode only.
       clip_hard_sigmoid: first turn each quantised ``HardSigmoid`` whose input step can be coarsened by at most
-        a sixteenth to ``1 / (alpha * n)`` into a ``Clip`` of its input's codes, which onnxruntime runs about
-        three times faster than ``QLinearAdd``
-        (:func:`edge_shitu_converters.integer_ops.clip_hard_sigmoids`; the sigmoid's value is then exact for
-        its input's codes, and those codes move as in a slightly different calibration). The others get
-        ``integer_hard_sigmoid``. Static mode only.
+        a sixteenth to ``1 / (alpha * n)`` into a ``Clip`` of its input's codes, which onnxruntime runs faster
+        than ``QLinearAdd`` (:func:`edge_shitu_converters.integer_ops.clip_hard_sigmoids`; the sigmoid's value is
+        then exact for its input's codes, and those codes move as in a slightly different calibration;
+        docs/benchmarks.md, "On the machine the issue was measured on"). Static mode only.
       kernel_shapes: re-lay convolutions whose shapes onnxruntime's integer kernels run slowly: a stride-2
         image stem as ``SpaceToDepth`` + a stride-1 convolution, depthwise channel groups padded to a multiple
         of 16 (:mod:`edge_shitu_converters.kernel_shapes`; the same outputs bit for bit; weights with non-zero
@@ -436,9 +435,8 @@ def int8_tail_weights(model, node_names: Sequence[str]) -> List[str]:
     with another node, non-float or non-initializer weights, 2-D ``MatMul`` weights of other ranks
     and op types without a clear channel axis (ConvTranspose) are left alone, and so are depthwise
     convolutions: onnxruntime cannot pre-pack a weight that a ``DequantizeLinear`` computes, and its
-    float kernel for a depthwise convolution then runs about 5x slower, while such weights are small
-    (docs/benchmarks.md, "On the machine the issue was measured on: hard sigmoids as clips, depthwise
-    tail weights, ...").
+    float kernel for a depthwise convolution then runs several times slower, while such weights are
+    small (docs/benchmarks.md, "On the machine the issue was measured on").
 
     Args:
       model: an ``onnx.ModelProto`` of opset >= 13 (``DequantizeLinear`` with ``axis``).
@@ -613,7 +611,8 @@ def _name_nodes(model) -> None:
 
 
 def _quantized_ops(model, float_nodes: Sequence[str]) -> Dict[str, int]:
-    """op type -> nodes computing on quantised activations (QDQ-fed first input, QLinear*, *Integer)."""
+    """op type -> nodes computing on quantised activations (a first input a DequantizeLinear writes, or the codes
+    a QuantizeLinear writes, as a ``Clip`` of a hard sigmoid reads; QLinear*, *Integer)."""
     keep_float = set(float_nodes)
     producer = {out: n.op_type for n in model.graph.node for out in n.output}
     counts: Dict[str, int] = {}
@@ -622,7 +621,8 @@ def _quantized_ops(model, float_nodes: Sequence[str]) -> Dict[str, int]:
         if op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") or node.name in keep_float:
             continue
         first = node.input[0] if node.input else ""
-        if op.startswith("QLinear") or op.endswith("Integer") or producer.get(first) == "DequantizeLinear":
+        if (op.startswith("QLinear") or op.endswith("Integer")
+                or producer.get(first) in ("DequantizeLinear", "QuantizeLinear")):
             counts[op] = counts.get(op, 0) + 1
     return dict(sorted(counts.items()))
 
@@ -961,6 +961,7 @@ class ModelQuantizer:
         so.log_severity_level = 3
         if threads is not None:
             so.intra_op_num_threads = threads
+        onnx, _, _ = _import_tools()
         reference = ort.InferenceSession(str(self._prepared), sess_options=so, providers=["CPUExecutionProvider"])
         names = [o.name for o in reference.get_outputs()]
         expected = [reference.run(names, dict(f)) for f in feeds]
@@ -977,8 +978,12 @@ class ModelQuantizer:
         for block, nodes in self.blocks.items():
             with _step("quantize one block", self.source, {}):
                 self._run_quantizer(one, exclude=sorted(self._always_float), only=nodes)
+                if self.options.clip_hard_sigmoid and self.options.mode == "static":
+                    # The one rewrite after quantisation that moves codes: the block is measured as it will run.
+                    model = onnx.load(str(one))
+                    if clip_hard_sigmoids(model):
+                        onnx.save(model, str(one))
             measure(block)
-        onnx, _, _ = _import_tools()
         # The float tail's int8 weights, alone: the float model with only those weights rounded.
         model = onnx.load(str(self._prepared))
         tail_weights = int8_tail_weights(model, sorted(self._always_float)) if self.options.tail_int8_weights else []

@@ -478,3 +478,74 @@ def test_quantizer_turns_the_gates_it_can_into_clips_and_stays_close_to_the_add_
     agreement = compare_outputs(chain, on.output, feeds), compare_outputs(chain, off.output, feeds)
     # Against the float model, the clip form is about as close as the add form (a recalibration, not a loss).
     assert agreement[0]["feat"].sqnr_db >= agreement[1]["feat"].sqnr_db - 3, agreement
+
+
+def test_clip_gates_whose_input_feeds_a_biased_convolution_are_left_alone():
+    """A Conv stores its bias in int32 at its input's step: a new step would scale that bias silently."""
+    model = _swish_model(0.0525, 137, 1 / 255, 0)
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(np.ones((512, 1, 1, 1), np.float32), "w"),
+                              numpy_helper.from_array(np.full(512, 2.0, np.float32), "b")])
+    graph.node.append(helper.make_node("Conv", ["x", "w", "b"], ["conv"], name="conv", group=512))
+    graph.output.append(helper.make_tensor_value_info("conv", TensorProto.FLOAT, [1, 512, 1, 1]))
+    before = model.SerializeToString()
+    assert clip_hard_sigmoids(model) == ()
+    assert model.SerializeToString() == before
+
+
+def test_both_rewrites_leave_non_finite_gates_alone():
+    for alpha, beta in ((1 / 6, float("inf")), (float("inf"), 0.5), (1 / 6, float("nan"))):
+        model = _swish_model(0.05, 128, 1 / 255, 0, alpha, beta)
+        before = model.SerializeToString()
+        assert clip_hard_sigmoids(model) == () and integer_hard_sigmoids(model) == (), (alpha, beta)
+        assert model.SerializeToString() == before
+
+
+def test_a_ramp_scale_shared_with_a_gate_left_alone_stays_for_it():
+    """Two gates share the sigmoid quantiser's scale and zero point (as a quantiser may); the second's input lies
+    within the ramp, so only the first becomes a Clip, and the second keeps reading the shared constants."""
+    model = _swish_model(0.0525, 137, 1 / 255, 0)
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(0.01, np.float32), "sx2"))
+    graph.node.extend([
+        helper.make_node("Mul", ["f", "one"], ["f2"], name="before2"),
+        helper.make_node("QuantizeLinear", ["f2", "sx2", "zx"], ["q2"], name="qx2"),
+        helper.make_node("DequantizeLinear", ["q2", "sx2", "zx"], ["x2"], name="dqx2"),
+        helper.make_node("HardSigmoid", ["x2"], ["h2"], name="hs2", alpha=1 / 6, beta=0.5),
+        helper.make_node("QuantizeLinear", ["h2", "sh", "zh"], ["hq2"], name="qh2"),
+        helper.make_node("DequantizeLinear", ["hq2", "sh", "zh"], ["hd2"], name="dqh2")])
+    graph.output.append(helper.make_tensor_value_info("hd2", TensorProto.FLOAT, [1, 512, 1, 1]))
+    f = np.linspace(-8, 8, 512, dtype=np.float32).reshape(1, 512, 1, 1)
+    expected = _session(model).run(["hd2"], {"f": f})[0]
+    assert clip_hard_sigmoids(model) == ("hs",)
+    onnx.checker.check_model(model)
+    by_name = {n.name: n for n in model.graph.node}
+    assert list(by_name["qh2"].input[1:]) == list(by_name["dqh2"].input[1:]) == ["sh", "zh"]
+    np.testing.assert_array_equal(_session(model).run(["hd2"], {"f": f})[0], expected)
+
+
+def test_the_quantisers_op_count_includes_the_clip_gates():
+    from edge_shitu_converters.quantize import _quantized_ops
+
+    model = _swish_model(0.05, 128, 1 / 255, 0)
+    assert _quantized_ops(model, []) == {"HardSigmoid": 1, "Mul": 1}
+    clip_hard_sigmoids(model)
+    assert _quantized_ops(model, []) == {"Clip": 1, "Mul": 1}
+
+
+def test_block_damage_measures_the_blocks_with_their_clip_gates(tmp_path, rng, photos):
+    """The INT8 search ranks blocks by the noise each adds alone: with the Clip rewrite on, a block holding a gate
+    that takes it is measured rewritten, as it will run."""
+    chain = _chain_model(tmp_path / "chain.onnx", rng)
+    damage = {}
+    for flag in (True, False):
+        q = _quantizer(chain, photos, tmp_path, name=f"damage{flag}", clip_hard_sigmoid=flag)
+        clipped = q.quantize(tmp_path / f"d-{flag}.onnx").clip_hard_sigmoids
+        damage[flag] = ({d.block: d.sqnr_db for d in q.block_damage(q.probe_feeds(2))}, clipped)
+    (on, clipped), (off, _) = damage[True], damage[False]
+    blocks = [b for b in on if any(g.replace("gate", "conv") == b for g in clipped)]
+    assert blocks, (on, clipped)
+    for block in blocks:
+        assert on[block] != off[block], block
+    for block in set(on) - set(blocks):
+        assert on[block] == off[block], block

@@ -324,19 +324,24 @@ def test_int8_tail_weights_leave_depthwise_convolutions_float(rng, tmp_path):
     others around them (grouped with several channels per group, dense with and without an explicit group) get
     int8."""
     weights = {"wd": rng.normal(size=(8, 1, 3, 3)), "wg": rng.normal(size=(8, 4, 3, 3)), "wp": rng.normal(size=(8, 8, 1, 1)),
-               "w1": rng.normal(size=(8, 8, 1, 1))}
-    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+               "w1": rng.normal(size=(8, 8, 1, 1)), "wm": rng.normal(size=(16, 1, 3, 3))}
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d0"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             # a channel multiplier of 2: still one input channel per group
+             helper.make_node("Conv", ["d0", "wm"], ["d1"], name="multiplier", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Slice", ["d1", "zero", "eight", "one_axis"], ["d"], name="half"),
              helper.make_node("Conv", ["d", "wg"], ["g"], name="grouped", group=2, pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["g", "wp"], ["p"], name="pointwise"),
              helper.make_node("Conv", ["p", "w1"], ["y"], name="one_group", group=1)]
     graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
+                              [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()]
+                              + [numpy_helper.from_array(np.array([v], np.int64), name)
+                                 for name, v in (("zero", 0), ("eight", 8), ("one_axis", 1))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    assert int8_tail_weights(model, ["depthwise", "grouped", "pointwise", "one_group"]) == [
+    assert int8_tail_weights(model, ["depthwise", "multiplier", "grouped", "pointwise", "one_group"]) == [
         "grouped", "pointwise", "one_group"]
     inits = {i.name for i in model.graph.initializer}
-    assert {"wd", "wg_int8", "wp_int8", "w1_int8"} <= inits and not {"wg", "wp", "w1"} & inits
+    assert {"wd", "wm", "wg_int8", "wp_int8", "w1_int8"} <= inits and not {"wg", "wp", "w1"} & inits
 
 
 def test_static_quantization_of_a_tiny_model(tiny, photos, tmp_path, rng):
