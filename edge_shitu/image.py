@@ -924,14 +924,18 @@ def _cubic_stripes(
     for first in range(0, len(rows_plan), stripe // _BAND):
         runs = rows_plan[first : first + stripe // _BAND]
         top = runs[0][0]
-        for d0, d1, s0, s1, weights in runs:
-            block = work[: s1 - s0]
-            np.copyto(block, src[s0:s1])
-            interleaved = np.matmul(weights.T, block.reshape(s1 - s0, w * c), out=run[: d1 - d0])
-            np.copyto(rows[:, d0 - top : d1 - top], interleaved.reshape(d1 - d0, w, c).transpose(2, 0, 1))
-        n = runs[-1][1] - top
-        for d0, d1, s0, s1, weights in columns_plan:
-            np.matmul(rows[:, :n, s0:s1], weights, out=values[:, :n, d0:d1])
+        # A BLAS kernel may leave a floating-point exception flag from work on padding (OpenBLAS's small sgemm
+        # on arm64 sets divide-by-zero), which numpy reports after the call. These sums are of finite, bounded
+        # terms, so no flag can be real. (Not held across the yield: the caller's code runs there.)
+        with np.errstate(all="ignore"):
+            for d0, d1, s0, s1, weights in runs:
+                block = work[: s1 - s0]
+                np.copyto(block, src[s0:s1])
+                interleaved = np.matmul(weights.T, block.reshape(s1 - s0, w * c), out=run[: d1 - d0])
+                np.copyto(rows[:, d0 - top : d1 - top], interleaved.reshape(d1 - d0, w, c).transpose(2, 0, 1))
+            n = runs[-1][1] - top
+            for d0, d1, s0, s1, weights in columns_plan:
+                np.matmul(rows[:, :n, s0:s1], weights, out=values[:, :n, d0:d1])
         yield top, values[:, :n]
 
 

@@ -868,6 +868,19 @@ def test_resize_matches_cv2_on_edge_sizes(cv2, kind, source):
         _assert_close_to_cv2(ours, theirs, f"{kind} {source[1]}x{source[0]}->{width}x{height}")
 
 
+def test_resizes_raise_no_floating_point_flags_of_blas_kernels(cv2):
+    """OpenBLAS's small sgemm on arm64 leaves a divide-by-zero flag on some tiny shapes (a 5x3 source to 3x3),
+    which numpy reports as an error under np.errstate(all="raise") (and pytest as a warning turned error): the
+    resizes must neither raise nor change their result for it."""
+    img = _noise(np.random.default_rng(5 * 1000 + 3), 5, 3)
+    for width, height in _EDGE_TARGETS:
+        with np.errstate(all="raise"):
+            ours = resize_cubic(img, width, height)
+            chw = resize_normalize_chw(img, width, height, [0.5] * 3, [0.25] * 3)
+        _assert_close_to_cv2(ours, cv2.resize(img, (width, height), interpolation=2), f"5x3->{width}x{height}")
+        np.testing.assert_array_equal(chw, normalize_chw(ours, [0.5] * 3, [0.25] * 3))
+
+
 def test_bit_fidelity_with_ipp_opencv(cv2, test_images):
     # What the docstrings claim beyond the 1-grey-level spec, for the x86 wheels with IPP inside
     # (versions checked: docs/benchmarks.md, "edge_shitu/image.py: resizing"): linear bit-exact,
