@@ -114,9 +114,9 @@ _RAW_ENCODER = getattr(Image, "_getencoder", None)
 
 # Modes whose RGB samples Pillow's raw encoder packs straight into the result (see _pack_rgb).
 _PACKED_MODES = ("RGB", "RGBA", "RGBX")
-# Bytes asked of the raw encoder per call (at least one row): each call returns a new bytes object, so
-# Pillow's own 64 KiB block means dozens of calls per photo; a quarter megabyte is a few, still small
-# (docs/benchmarks.md, "On the machine the issue was measured on").
+# Bytes asked of the raw encoder per call (at least one row): each call returns a new bytes object, and
+# Pillow's own 64 KiB block means up to dozens of calls per photo; a quarter megabyte is four times fewer,
+# still small (docs/benchmarks.md, "On the machine the issue was measured on").
 _PACK_CHUNK_BYTES = 1 << 18
 
 # OpenCV's fixed-point resize works with 11-bit coefficients (INTER_RESIZE_COEF_BITS).
@@ -924,9 +924,9 @@ def _cubic_stripes(
     for first in range(0, len(rows_plan), stripe // _BAND):
         runs = rows_plan[first : first + stripe // _BAND]
         top = runs[0][0]
-        # A BLAS kernel may leave a floating-point exception flag from work on padding (OpenBLAS's small sgemm
-        # on arm64 sets divide-by-zero), which numpy reports after the call. These sums are of finite, bounded
-        # terms, so no flag can be real. (Not held across the yield: the caller's code runs there.)
+        # OpenBLAS's sgemm on arm64 can leave spurious divide, overflow or invalid flags (numpy issues 28687 and
+        # 29820), which numpy reports after the call; these sums are of finite, bounded terms, so no flag can be
+        # real. (Not held across the yield: the caller's code runs there.)
         with np.errstate(all="ignore"):
             for d0, d1, s0, s1, weights in runs:
                 block = work[: s1 - s0]
