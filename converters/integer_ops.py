@@ -249,15 +249,12 @@ def clip_hard_sigmoids(model: Any) -> Tuple[str, ...]:
         removed.add(node.output[0])
         done.append(base)
     if done:
-        nodes = [clips.get(n.output[0], n) for n in graph.node if n.output[0] not in removed]
+        nodes = [clips.get(n.output[0], n) for n in graph.node]
         del graph.node[:]
         graph.node.extend(nodes)
-        # The replaced scales and zero points, unless another node still reads them, and the shapes recorded
-        # for the sigmoids' float outputs, which are gone.
-        drop_unread(graph, nodes=(), initializers=stale)
-        kept = [v for v in graph.value_info if v.name not in removed]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+        # The sigmoids, which nothing reads now, with their recorded shapes, and the replaced scales and zero
+        # points, unless another node still reads them.
+        drop_unread(graph, nodes=removed, initializers=stale)
     return tuple(done)
 
 
