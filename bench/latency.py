@@ -59,6 +59,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from edge_shitu_bench import report
 from edge_shitu_bench.report import BenchmarkError
+import edge_shitu
 from edge_shitu.errors import BackendUnavailableError, EdgeShituError, InvalidInputError, MissingFileError
 from edge_shitu.recognizer import STAGES
 from edge_shitu.options import check_threads
@@ -402,7 +403,9 @@ def _child_env(threads: int) -> Dict[str, str]:
         env[name] = str(threads)
     env["FLAGS_enable_pir_api"] = "0"
     env.setdefault("GLOG_minloglevel", "2")
-    root = str(Path(__file__).resolve().parent.parent)
+    # The worker must run the edge_shitu this process imported (a checkout on PYTHONPATH, say, to time
+    # another version), not whichever one sits beside this file.
+    root = str(Path(edge_shitu.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 

@@ -125,11 +125,13 @@ _CUBIC_A = -0.75
 # Below this many source pixels along either axis, the IPP build of OpenCV falls back from
 # IPP's float cubic resize to OpenCV's own fixed-point one.
 _IPP_MIN_SIDE = 4
-# Output pixels per dense weight block of a banded matmul (see _band_plan), in both passes of the
-# cubic resize: wider blocks multiply more zeros, narrower ones make more matmul calls (figures in
-# docs/benchmarks.md, "Overhead outside the models"; another width would also change a few
-# rounding results of the detector's input).
+# Output pixels per dense weight block of a banded matmul (see _band_plan) in each pass of the cubic
+# resize: wider blocks multiply more zeros, narrower ones make more matmul calls. On an AVX-512
+# machine, 8-row vertical blocks beat 4 and 16, and 16-column horizontal ones beat 4, 8, 12, 24 and
+# 32 (figures in docs/benchmarks.md, "Overhead outside the models" and "Cubic resize: wider horizontal
+# blocks"; another width can also change a few rounding results of the detector's input).
 _BAND = 8
+_COLUMN_BAND = 16
 # Rows of an interleaved image normalised at a time: a block that stays in cache while each channel is read from it.
 _NORMALIZE_ROWS = 64
 # Both resizes make their output a stripe of rows at a time (both passes, rounding, normalisation), so
@@ -826,8 +828,8 @@ _Band = Tuple[Tuple[int, int, int, int, np.ndarray], ...]
 
 
 @functools.lru_cache(maxsize=128)
-def _band_plan(src: int, dst: int, inv_scale: float, exact: bool) -> _Band:
-    """Cubic taps as dense weight blocks, one per run of ``_BAND`` output pixels.
+def _band_plan(src: int, dst: int, inv_scale: float, exact: bool, band: int = _BAND) -> _Band:
+    """Cubic taps as dense weight blocks, one per run of ``band`` output pixels.
 
     Each entry is ``(d0, d1, s0, s1, weights)``: output pixels ``d0:d1`` read source pixels
     ``s0:s1`` only, through float32 ``weights`` of shape ``(s1 - s0, d1 - d0)``. A banded matmul
@@ -835,8 +837,8 @@ def _band_plan(src: int, dst: int, inv_scale: float, exact: bool) -> _Band:
     """
     idx, weights = _cubic_taps(src, dst, inv_scale, exact)
     plan = []
-    for d0 in range(0, dst, _BAND):
-        d1 = min(dst, d0 + _BAND)
+    for d0 in range(0, dst, band):
+        d1 = min(dst, d0 + band)
         s0, s1 = int(idx[d0:d1].min()), int(idx[d0:d1].max()) + 1
         block = np.zeros((s1 - s0, d1 - d0), dtype=np.float64)
         # np.add.at: clamped border taps repeat a source pixel and must add up.
@@ -905,25 +907,31 @@ def _cubic_stripes(
 
     Each stripe runs the vertical pass (a banded matmul per run of output rows, over only the source rows
     that run reads, converted to float32 into a small buffer, on interleaved channels), splits its rows
-    into one plane per channel, and runs the horizontal pass on the planes (a banded matmul per run of
-    output columns, all channels in one call). On interleaved rows the horizontal weights would hold the
-    pixel weights times the identity over the C channels: C times the multiplications, all but one in C
-    of them by zero. The terms are those of whole-image passes, though BLAS may add them in another order for
-    another stripe height (a tie then rounds the other way, rarely).
+    into one plane per channel, and runs the horizontal pass on the planes stacked as one matrix (a banded
+    matmul per run of output columns, all channels and rows in one call). On interleaved rows the
+    horizontal weights would hold the pixel weights times the identity over the C channels: C times the
+    multiplications, all but one in C of them by zero. The terms are those of whole-image passes, though
+    BLAS may add them in another order for another stripe height (a tie then rounds the other way, rarely).
     """
     h, w, c = src.shape
     exact = min(w, h) >= _IPP_MIN_SIDE
     rows_plan = _band_plan(h, height, inv_y, exact)
-    columns_plan = _band_plan(w, width, inv_x, exact)
+    columns_plan = _band_plan(w, width, inv_x, exact, _COLUMN_BAND)
     # A whole number of _BAND-row runs per stripe, so each run of the vertical plan falls in one stripe.
     stripe = max(1, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (w * c * 4)) // _BAND) * _BAND
+    most = min(stripe, height)
     work = _scratch(workspace, "work", (max(s1 - s0 for _, _, s0, s1, _ in rows_plan), w, c), np.float32)
     run = _scratch(workspace, "run", (min(_BAND, height), w * c), np.float32)
-    rows = _scratch(workspace, "rows", (c, min(stripe, height), w), np.float32)
-    values = _scratch(workspace, "values", (c, min(stripe, height), width), np.float32)
+    # Flat, so that a stripe of n rows is a (C, n, W) block whose planes follow each other: one (C * n, W)
+    # matrix for the horizontal pass, however short the last stripe.
+    rows_buf = _scratch(workspace, "rows", (c * most * w,), np.float32)
+    values_buf = _scratch(workspace, "values", (c * most * width,), np.float32)
     for first in range(0, len(rows_plan), stripe // _BAND):
         runs = rows_plan[first : first + stripe // _BAND]
         top = runs[0][0]
+        n = runs[-1][1] - top
+        rows = rows_buf[: c * n * w].reshape(c, n, w)
+        values = values_buf[: c * n * width].reshape(c * n, width)
         # OpenBLAS's sgemm on arm64 can leave spurious divide, overflow or invalid flags (numpy issues 28687 and
         # 29820), which numpy reports after the call; these sums are of finite, bounded terms, so no flag can be
         # real. (Not held across the yield: the caller's code runs there.)
@@ -933,10 +941,10 @@ def _cubic_stripes(
                 np.copyto(block, src[s0:s1])
                 interleaved = np.matmul(weights.T, block.reshape(s1 - s0, w * c), out=run[: d1 - d0])
                 np.copyto(rows[:, d0 - top : d1 - top], interleaved.reshape(d1 - d0, w, c).transpose(2, 0, 1))
-            n = runs[-1][1] - top
+            stacked = rows.reshape(c * n, w)
             for d0, d1, s0, s1, weights in columns_plan:
-                np.matmul(rows[:, :n, s0:s1], weights, out=values[:, :n, d0:d1])
-        yield top, values[:, :n]
+                np.matmul(stacked[:, s0:s1], weights, out=values[:, d0:d1])
+        yield top, values.reshape(c, n, width)
 
 
 def _round(values: np.ndarray) -> np.ndarray:
@@ -981,8 +989,13 @@ def _linear_stripes(
         k = len(used)
         # Only the rows the vertical pass reads, and of those only the tap columns.
         # (np.take copies through a temporary unless told what to do with out-of-range indices, which
-        # these are not.)
-        lines = np.take(src, used, axis=0, mode="clip", out=lines_buf[:k])
+        # these are not; and it first copies a strided source, such as a crop, whole, so a run of
+        # consecutive rows, the usual case, is copied as a slice.)
+        if used[-1] - used[0] + 1 == k:
+            lines = lines_buf[:k]
+            np.copyto(lines, src[used[0] : used[0] + k])
+        else:
+            lines = np.take(src, used, axis=0, mode="clip", out=lines_buf[:k])
         taps = np.take(lines.reshape(k, w * c), columns, axis=1, mode="clip", out=taps_buf[:k])
         products = np.multiply(taps, column_weights, out=products_buf[:k])
         acc = np.add(products[:, 0], products[:, 1], out=sums_buf[:k])

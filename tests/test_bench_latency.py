@@ -574,3 +574,20 @@ def test_reference_pipeline_matches_paddle_runners(replica_dirs, test_images, rn
     assert result.crops + result.empty_crops == result.detections + 1
     assert len(result.results) <= result.crops
     assert sum(result.timings_ms[s] for s in STAGES if s != "total") == pytest.approx(result.timings_ms["total"], rel=0.01)
+
+
+def test_worker_imports_the_edge_shitu_of_the_parent(tmp_path):
+    """A checkout put first on PYTHONPATH (to time another version) is what the worker processes run too, not the
+    edge_shitu beside the bench's own files."""
+    import edge_shitu
+
+    other = tmp_path / "other"
+    shutil.copytree(Path(edge_shitu.__file__).parent, other / "edge_shitu",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import subprocess, sys; from edge_shitu_bench import latency; "
+             "print(subprocess.run([sys.executable, '-c', 'import edge_shitu; print(edge_shitu.__file__)'], "
+             "env=latency._child_env(1), capture_output=True, text=True, check=True).stdout.strip())")
+    env = dict(os.environ, PYTHONPATH=str(other))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
+    assert Path(out.stdout.strip()) == other / "edge_shitu" / "__init__.py"
