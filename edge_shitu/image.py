@@ -1142,14 +1142,11 @@ def resize_normalize_chw(
     try:
         if interpolation == "cubic":
             for top, values in _cubic_stripes(src, width, height, width / w, height / h, claimed):
-                _round(values)
-                for ch in range(c):
-                    _affine(values[ch], gain[ch], bias[ch], out[ch, top : top + values.shape[1]])
+                _affine(_round(values), gain, bias, out[:, top : top + values.shape[1]])
         else:
             for top, values in _linear_stripes(src, width, height, claimed):
-                for ch in range(c):
-                    _affine(values[:, ch * width : (ch + 1) * width], gain[ch], bias[ch],
-                            out[ch, top : top + values.shape[0]])
+                rows = values.shape[0]
+                _affine(values.reshape(rows, c, width).transpose(1, 0, 2), gain, bias, out[:, top : top + rows])
     finally:
         if claimed is not None:
             claimed._lock.release()
@@ -1206,15 +1203,14 @@ def _normalize_into(img: np.ndarray, gain: np.ndarray, bias: np.ndarray, out: np
     """``out[ch] = img[:, :, ch] * gain[ch] + bias[ch]`` in float32, for a uint8 ``(H, W, C)`` image (any
     strides). A few rows at a time, so that each block stays in cache while each of its channels is read."""
     for top in range(0, img.shape[0], _NORMALIZE_ROWS):
-        rows = img[top : top + _NORMALIZE_ROWS]
-        for ch in range(out.shape[0]):
-            _affine(rows[:, :, ch], gain[ch], bias[ch], out[ch, top : top + _NORMALIZE_ROWS])
+        _affine(img[top : top + _NORMALIZE_ROWS].transpose(2, 0, 1), gain, bias, out[:, top : top + _NORMALIZE_ROWS])
 
 
-def _affine(plane: np.ndarray, gain: np.float32, bias: np.float32, target: np.ndarray) -> None:
-    """``target = plane * gain + bias`` in float32 (one channel; ``plane`` of any integer or float dtype)."""
-    np.multiply(plane, gain, out=target, dtype=np.float32)
-    target += bias
+def _affine(planes: np.ndarray, gain: np.ndarray, bias: np.ndarray, target: np.ndarray) -> None:
+    """``target[ch] = planes[ch] * gain[ch] + bias[ch]`` in float32, for ``(C, rows, width)`` planes of any integer or
+    float dtype and float32 ``(C,)`` gain and bias: two calls for all channels, whatever their number."""
+    np.multiply(planes, gain[:, None, None], out=target, dtype=np.float32)
+    target += bias[:, None, None]
 
 
 def _per_channel(values: Sequence[float], channels: int, what: str) -> np.ndarray:
