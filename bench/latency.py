@@ -405,7 +405,7 @@ def _child_env(threads: int) -> Dict[str, str]:
     env.setdefault("GLOG_minloglevel", "2")
     # The worker must run the edge_shitu this process imported (a checkout on PYTHONPATH, say, to time
     # another version), not whichever one sits beside this file.
-    root = str(Path(edge_shitu.__file__).resolve().parent.parent)
+    root = os.path.dirname(os.path.abspath(next(iter(edge_shitu.__path__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 

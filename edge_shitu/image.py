@@ -915,8 +915,8 @@ def _cubic_stripes(
     """
     h, w, c = src.shape
     exact = min(w, h) >= _IPP_MIN_SIDE
-    rows_plan = _band_plan(h, height, inv_y, exact)
-    columns_plan = _band_plan(w, width, inv_x, exact, _COLUMN_BAND)
+    rows_plan = _band_plan(h, height, inv_y, exact, band=_BAND)
+    columns_plan = _band_plan(w, width, inv_x, exact, band=_COLUMN_BAND)
     # A whole number of _BAND-row runs per stripe, so each run of the vertical plan falls in one stripe.
     stripe = max(1, min(_STRIPE_MAX_ROWS, _STRIPE_BYTES // (w * c * 4)) // _BAND) * _BAND
     most = min(stripe, height)
@@ -989,13 +989,15 @@ def _linear_stripes(
         k = len(used)
         # Only the rows the vertical pass reads, and of those only the tap columns.
         # (np.take copies through a temporary unless told what to do with out-of-range indices, which
-        # these are not; and it first copies a strided source, such as a crop, whole, so a run of
-        # consecutive rows, the usual case, is copied as a slice.)
-        if used[-1] - used[0] + 1 == k:
+        # these are not; and it first copies a strided source, such as a crop, whole: so it is given
+        # only the span of rows this stripe reads, and consecutive rows, as a crop that shrinks by at
+        # most 2x reads them, are copied as a slice.)
+        span = src[used[0] : used[-1] + 1]
+        if len(span) == k:
             lines = lines_buf[:k]
-            np.copyto(lines, src[used[0] : used[0] + k])
+            np.copyto(lines, span)
         else:
-            lines = np.take(src, used, axis=0, mode="clip", out=lines_buf[:k])
+            lines = np.take(span, used - used[0], axis=0, mode="clip", out=lines_buf[:k])
         taps = np.take(lines.reshape(k, w * c), columns, axis=1, mode="clip", out=taps_buf[:k])
         products = np.multiply(taps, column_weights, out=products_buf[:k])
         acc = np.add(products[:, 0], products[:, 1], out=sums_buf[:k])

@@ -590,4 +590,4 @@ def test_worker_imports_the_edge_shitu_of_the_parent(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(other))
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
                          check=True)
-    assert Path(out.stdout.strip()) == other / "edge_shitu" / "__init__.py"
+    assert Path(out.stdout.strip()).resolve() == (other / "edge_shitu" / "__init__.py").resolve()
