@@ -106,6 +106,7 @@ from edge_shitu.errors import (
 __all__ = [
     "QAT_BATCH",
     "QAT_LEARNING_RATE",
+    "qat_batch",
     "quantize_aware_training",
     "LITE_TARGETS",
     "PTQ_ALGOS",
@@ -155,6 +156,8 @@ _SLIM_TIMEOUT_S = 4 * 3600
 #: Photos per step and SGD learning rate of quantisation-aware training: small, the model is fine-tuned to its own
 #: fp32 outputs, not trained.
 QAT_BATCH = 2
+# How the paddleslim worker starts the line that reports its exception (paddleslim_worker.main).
+_SLIM_ERROR_PREFIX = "paddleslim_worker:"
 QAT_LEARNING_RATE = 1e-4
 _PROBE_TIMEOUT_S = 300
 _OPT_TIMEOUT_S = 900
@@ -204,8 +207,10 @@ def find_opt(explicit: "os.PathLike[str] | str | None" = None) -> Path:
 
 
 def _log_tail(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    tail = lines[-_LOG_TAIL_LINES:]
+    """The last lines of a tool's log as a terminal shows them: of a line that a progress bar rewrote with carriage
+    returns, only its last state (split on them, a bar's updates would fill the whole tail)."""
+    lines = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    tail = [line for line in lines if line.strip()][-_LOG_TAIL_LINES:]
     return "\n".join(("  " + line) for line in tail) if tail else "  (no output)"
 
 
@@ -514,7 +519,12 @@ def _run_slim(python: Path, args: Sequence[str], what: str, cwd: Path, timeout_s
         raise BackendUnavailableError(
             f"the Paddle-Lite side environment {python} cannot quantise ({last}); {_SLIM_HINT}")
     if done.returncode != 0:
-        raise ConversionError(f"{what} {_describe_exit(done.returncode)}; its log ends with:\n{_log_tail(log)}")
+        # The worker's own report of the exception comes first: an error is shown on one bounded line, which the
+        # tail of a log full of Paddle's messages would fill.
+        said = [line for line in log.splitlines() if line.startswith(_SLIM_ERROR_PREFIX)]
+        why = f": {said[-1][len(_SLIM_ERROR_PREFIX):].strip()}" if said else ""
+        raise ConversionError(
+            f"{what} {_describe_exit(done.returncode)}{why}; its log ends with:\n{_log_tail(log)}")
     return done.stdout.decode("utf-8", "replace")
 
 
@@ -766,6 +776,13 @@ def _legacy_io(files: ModelFiles) -> Tuple[List[Tuple[str, List[int]]], List[Tup
     return feeds, fetches
 
 
+def qat_batch(shape: Sequence[int]) -> int:
+    """Photos per step of quantisation-aware training for a model input of ``shape`` ``(N, C, H, W)``: its fixed
+    batch N when it has one (the PicoDet detector's program reshapes its heads for exactly one image, so a batch of
+    two fails there), else :data:`QAT_BATCH`."""
+    return int(shape[0]) if int(shape[0]) > 0 else QAT_BATCH
+
+
 def _calibration(calib_dir: Path, spec: Dict[str, Any], count: int) -> List[Dict[str, np.ndarray]]:
     from edge_shitu_converters.quantize import calibration_feeds
 
@@ -849,7 +866,7 @@ class _LiteJob:
             with _step(f"{role}: paddleslim quantisation-aware training ({self.qat_iters} iterations, "
                        f"{len(feeds)} photos)", folder, timings):
                 quantized = quantize_aware_training(files.directory, out, feeds=feeds, iters=self.qat_iters,
-                                                    python=self.python)
+                                                    batch=qat_batch(input_spec["shape"]), python=self.python)
         else:
             corrected = ", bias correction" if self.bias_correction else ""
             with _step(f"{role}: paddleslim quant_post_static ({self.algo}{corrected}, {len(feeds)} batches{kept})",

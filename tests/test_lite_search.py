@@ -257,3 +257,36 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
     assert not refused.exists()
     failed = json.loads((tmp_path / "arm-refused.verify-failed.json").read_text())["int8_search"]["extractor"]
     assert failed["chosen"] is None and failed["steps"][0]["failures"][0].startswith("extractor")
+
+
+@pytest.mark.parametrize("shape, batch", [((1, 3, 640, 640), 1), ((-1, 3, 224, 224), None), ((4, 3, 32, 32), 4)])
+def test_training_batch_is_the_models_fixed_batch(shape, batch):
+    """The PicoDet detector's program reshapes its heads for exactly one image: a fixed batch is kept, a dynamic
+    one trains on QAT_BATCH photos per step."""
+    from edge_shitu_converters.lite import QAT_BATCH, qat_batch
+
+    assert qat_batch(shape) == (QAT_BATCH if batch is None else batch)
+
+
+def test_a_failing_worker_is_reported_by_its_own_error_line_first(tmp_path):
+    """The worker's report of its exception leads the message (shown on one bounded line), and progress bars that
+    rewrote a line with carriage returns leave only their last state in the log's tail."""
+    from edge_shitu.cli.common import one_line
+    from edge_shitu_converters.lite import _run_slim
+
+    fake = tmp_path / "python"
+    bars = "".join(f"\\rAdding OutScale op:|{'#' * i}" for i in range(200))
+    fake.write_text("#!/bin/sh\n"
+                    f"printf 'I1207 New Executor is Running.\\n{bars}\\n' >&2\n"
+                    "printf 'paddleslim_worker: ValueError: (InvalidArgument) the shape in ReshapeOp is invalid\\n' >&2\n"
+                    "printf '  [Hint: Expected capacity == in_size]\\n' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(ConversionError) as caught:
+        _run_slim(fake, ["request.json"], "paddleslim training of m", tmp_path, 60)
+    message = str(caught.value)
+    assert message.startswith("paddleslim training of m exited with status 1: ValueError: (InvalidArgument) the shape "
+                              "in ReshapeOp is invalid; its log ends with:\n")
+    assert "Adding OutScale op:|" + "#" * 199 + "\n" in message and "#" * 198 + "\r" not in message
+    assert message.count("Adding OutScale") == 1
+    assert "ReshapeOp is invalid" in one_line(message)[:200]
