@@ -93,7 +93,11 @@ from edge_shitu_converters.convert import (
 )
 from edge_shitu_converters.int8_search import parse_int8_layers
 from edge_shitu_converters.paddle_io import ModelFiles
-from edge_shitu_converters.paddleslim_worker import ALGOS as _SLIM_ALGOS, EXIT_MISSING as _SLIM_MISSING
+from edge_shitu_converters.paddleslim_worker import (
+    ALGOS as _SLIM_ALGOS,
+    ERROR_PREFIX as _SLIM_ERROR_PREFIX,
+    EXIT_MISSING as _SLIM_MISSING,
+)
 from edge_shitu.bundle import Bundle, InputSpec, sha256_file
 from edge_shitu.errors import (
     BackendUnavailableError,
@@ -156,8 +160,6 @@ _SLIM_TIMEOUT_S = 4 * 3600
 #: Photos per step and SGD learning rate of quantisation-aware training: small, the model is fine-tuned to its own
 #: fp32 outputs, not trained.
 QAT_BATCH = 2
-# How the paddleslim worker starts the line that reports its exception (paddleslim_worker.main).
-_SLIM_ERROR_PREFIX = "paddleslim_worker:"
 QAT_LEARNING_RATE = 1e-4
 _PROBE_TIMEOUT_S = 300
 _OPT_TIMEOUT_S = 900

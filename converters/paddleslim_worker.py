@@ -55,6 +55,8 @@ _QAT_OPTIMIZER = "SGD"
 
 #: Exit status when paddle or paddleslim is missing from the side environment.
 EXIT_MISSING = 3
+#: How the line that reports a failure on stderr starts (the parent puts the rest of it first in its error).
+ERROR_PREFIX = "paddleslim_worker:"
 
 # The ops that carry quantised weights in a saved fake-quant (onnx_format=False) program.
 _DEQUANT_OPS = ("fake_channel_wise_dequantize_max_abs", "fake_dequantize_max_abs")
@@ -278,10 +280,10 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         quantize(json.loads(Path(args[0]).read_text(encoding="utf-8")))
         return 0
     except _Missing as exc:
-        print(f"paddleslim_worker: cannot import paddle and paddleslim ({exc})", file=sys.stderr, flush=True)
+        print(f"{ERROR_PREFIX} cannot import paddle and paddleslim ({exc})", file=sys.stderr, flush=True)
         return EXIT_MISSING
     except Exception as exc:  # the parent reports it with the log's tail
-        print(f"paddleslim_worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"{ERROR_PREFIX} {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
 
 
