@@ -110,7 +110,6 @@ from edge_shitu.errors import (
 __all__ = [
     "QAT_BATCH",
     "QAT_LEARNING_RATE",
-    "qat_batch",
     "quantize_aware_training",
     "LITE_TARGETS",
     "PTQ_ALGOS",
@@ -778,7 +777,7 @@ def _legacy_io(files: ModelFiles) -> Tuple[List[Tuple[str, List[int]]], List[Tup
     return feeds, fetches
 
 
-def qat_batch(shape: Sequence[int]) -> int:
+def _qat_batch(shape: Sequence[int]) -> int:
     """Photos per step of quantisation-aware training for a model input of ``shape`` ``(N, C, H, W)``: its fixed
     batch N when it has one (the PicoDet detector's program reshapes its heads for exactly one image, so a batch of
     two fails there), else :data:`QAT_BATCH`."""
@@ -868,7 +867,7 @@ class _LiteJob:
             with _step(f"{role}: paddleslim quantisation-aware training ({self.qat_iters} iterations, "
                        f"{len(feeds)} photos)", folder, timings):
                 quantized = quantize_aware_training(files.directory, out, feeds=feeds, iters=self.qat_iters,
-                                                    batch=qat_batch(input_spec["shape"]), python=self.python)
+                                                    batch=_qat_batch(input_spec["shape"]), python=self.python)
         else:
             corrected = ", bias correction" if self.bias_correction else ""
             with _step(f"{role}: paddleslim quant_post_static ({self.algo}{corrected}, {len(feeds)} batches{kept})",
