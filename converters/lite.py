@@ -489,7 +489,8 @@ class QuantizedModel:
       quantized_ops: the number of weighted ops that got INT8 weights.
       versions: ``{"paddleslim": ..., "paddlepaddle": ...}`` of the side environment that quantised it.
       training: for :func:`quantize_aware_training`, the settings the worker trained with (``iters``, ``batch``,
-        ``learning_rate``, ``seed``, ``photos``, ``optimizer``); None after post-training quantisation.
+        ``learning_rate``, ``seed``, ``photos``, ``optimizer``, and ``frozen_batch_norms``, how many batch norms kept
+        the fp32 running statistics); None after post-training quantisation.
     """
 
     files: ModelFiles
@@ -656,9 +657,10 @@ def quantize_aware_training(
     ``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` (weights per output channel, activations
     by moving average, the ops of :func:`quantize_post_training`) and ``Distillation`` (l2 distance between the
     student's and the fp32 program's outputs), trained by SGD on the photos of ``feeds`` without labels: no data
-    set is needed beyond the calibration photos. The result is the same fake-quantisation program format as
+    set is needed beyond the calibration photos. The batch norms keep the fp32 running statistics (training on one
+    or two photos a step would replace them with those photos' own). The result is the same fake-quantisation program format as
     :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward pass of both
-    programs (``docs/benchmarks.md``: seconds per step for the extractor, about 13 s for the detector here).
+    programs (``docs/benchmarks.md``: about a second per step for the extractor, 3.5 s for the detector here).
 
     Args:
       model_dir: folder with a legacy ``inference.pdmodel`` and ``inference.pdiparams``.
@@ -671,7 +673,7 @@ def quantize_aware_training(
       seed: seed of the shuffling and of Paddle's initialisation of the quantisation scales.
       python: the side environment's Python; default :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       timeout_s: seconds before the worker is killed; default that of post-training quantisation, or a minute per
-        iteration when more (a detector step takes about 13 s here).
+        iteration when more (a detector step takes about 3.5 s here).
 
     Returns:
       The :class:`QuantizedModel` (``algo`` ``"qat"``, no skipped weights).

@@ -8,6 +8,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from edge_shitu.bundle import Bundle
@@ -237,6 +238,7 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
     out = qat(tmp_path / "arm")
     quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
     assert quant["tool"].startswith("paddleslim.auto_compression") and quant["algo"] == "qat"
+    assert quant["qat"]["frozen_batch_norms"] == 26  # PP-LCNetV2's batch norms
     assert quant["qat"]["iters"] == 2 and quant["qat"]["teacher"] == "the fp32 program"
     # What the worker trained with, as it reports it: 4 photos, batch 2, SGD.
     assert {k: quant["qat"][k] for k in ("batch", "photos", "optimizer", "seed")} == {
@@ -257,6 +259,43 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
     assert not refused.exists()
     failed = json.loads((tmp_path / "arm-refused.verify-failed.json").read_text())["int8_search"]["extractor"]
     assert failed["chosen"] is None and failed["steps"][0]["failures"][0].startswith("extractor")
+
+
+@pytest.mark.paddle
+def test_training_keeps_the_batch_norms_running_statistics(replica_dirs, tmp_path):
+    """Quantisation-aware training learns weights and scales only: each batch norm keeps the fp32 model's running
+    statistics, which the teacher normalises by. PicoDet's program is exported with batch norms that would update
+    them in training (``use_global_stats`` false), so a step on its one photo moved them (54 of 156 after 100 steps)
+    and the detector drifted away from fp32. PP-LCNetV2's are exported frozen, so a copy of the replica extractor
+    with them unfrozen stands in for the detector here (a detector step costs a minute)."""
+    from edge_shitu_converters import lite, paddle_io
+
+    paddle = paddle_io.import_paddle()
+    unfrozen = tmp_path / "unfrozen"
+    shutil.copytree(replica_dirs["extractor"], unfrozen)
+    program = paddle.static.Program.parse_from_string((unfrozen / "inference.pdmodel").read_bytes())
+    norms = [op for op in program.global_block().ops if op.type == "batch_norm"]
+    for op in norms:
+        op._set_attr("use_global_stats", False)
+    (unfrozen / "inference.pdmodel").write_bytes(program.desc.serialize_to_string())
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(2, 3, 224, 224)).astype(np.float32)} for _ in range(2)]
+
+    trained = lite.quantize_aware_training(unfrozen, tmp_path / "trained", feeds=feeds, iters=2, batch=2)
+    assert trained.training["frozen_batch_norms"] == len(norms) == 26
+    fp32_stats, trained_stats = _batch_norm_statistics(unfrozen), _batch_norm_statistics(tmp_path / "trained")
+    assert len(fp32_stats) == 52 and fp32_stats.keys() == trained_stats.keys()
+    assert all(np.array_equal(fp32_stats[name], trained_stats[name]) for name in fp32_stats)
+
+
+def _batch_norm_statistics(model_dir):
+    """``{name: array}`` of the running means and variances of the batch norms of a legacy Paddle program."""
+    from edge_shitu_converters import paddle_io
+
+    model = paddle_io.load_inference_model(model_dir)
+    names = {name for op in model.program.global_block().ops if op.type == "batch_norm"
+             for name in op.input("Mean") + op.input("Variance")}
+    return {name: np.array(model.scope.find_var(name).get_tensor()) for name in names}
 
 
 @pytest.mark.paddle
