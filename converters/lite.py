@@ -649,6 +649,7 @@ def quantize_aware_training(
     batch: int = QAT_BATCH,
     learning_rate: float = QAT_LEARNING_RATE,
     seed: int = 0,
+    skip: Optional[Sequence[str]] = None,
     python: "os.PathLike[str] | str | None" = None,
     timeout_s: Optional[float] = None,
 ) -> QuantizedModel:
@@ -671,16 +672,17 @@ def quantize_aware_training(
       batch: photos per iteration (>= 1).
       learning_rate: SGD learning rate (> 0).
       seed: seed of the shuffling and of Paddle's initialisation of the quantisation scales.
+      skip: weight names whose ops stay float (and are trained in float), as for :func:`quantize_post_training`.
       python: the side environment's Python; default :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       timeout_s: seconds before the worker is killed; default that of post-training quantisation, or a minute per
         iteration when more (a detector step takes about 3.5 s here).
 
     Returns:
-      The :class:`QuantizedModel` (``algo`` ``"qat"``, no skipped weights).
+      The :class:`QuantizedModel` (``algo`` ``"qat"``).
 
     Raises:
-      InvalidInputError: no feeds, feeds of different inputs or shapes, or a bad ``iters``, ``batch`` or
-        ``learning_rate``.
+      InvalidInputError: no feeds, feeds of different inputs or shapes, a malformed skip list, or a bad
+        ``iters``, ``batch`` or ``learning_rate``.
       MissingFileError, ConversionError, BackendUnavailableError: as :func:`quantize_post_training`.
     """
     for name, value in (("iters", iters), ("batch", batch), ("seed", seed)):
@@ -692,7 +694,7 @@ def quantize_aware_training(
     qat = {"iters": iters, "batch": batch, "learning_rate": float(learning_rate), "seed": seed}
     if timeout_s is None:
         timeout_s = max(_SLIM_TIMEOUT_S, 60.0 * iters)
-    return _slim(model_dir, out_dir, feeds, DEFAULT_ALGO, (), python, timeout_s,
+    return _slim(model_dir, out_dir, feeds, DEFAULT_ALGO, _normalise_skip(skip), python, timeout_s,
                  f"paddleslim quantisation-aware training ({iters} iterations)", {"qat": qat})
 
 
@@ -867,9 +869,10 @@ class _LiteJob:
         kept = f", {len(skip)} weight(s) kept in float" if skip else ""
         if self.qat_iters is not None:
             with _step(f"{role}: paddleslim quantisation-aware training ({self.qat_iters} iterations, "
-                       f"{len(feeds)} photos)", folder, timings):
+                       f"{len(feeds)} photos{kept})", folder, timings):
                 quantized = quantize_aware_training(files.directory, out, feeds=feeds, iters=self.qat_iters,
-                                                    batch=_qat_batch(input_spec["shape"]), python=self.python)
+                                                    batch=_qat_batch(input_spec["shape"]), skip=skip,
+                                                    python=self.python)
         else:
             corrected = ", bias correction" if self.bias_correction else ""
             with _step(f"{role}: paddleslim quant_post_static ({self.algo}{corrected}, {len(feeds)} batches{kept})",
@@ -1039,8 +1042,9 @@ def convert_lite(
         (:mod:`edge_shitu_converters.lite_search`: ranked on the ONNX conversion, checked in simulated INT8).
       qat_iters: int8 only: paddleslim's quantisation-aware training for this many iterations instead of
         post-training quantisation (:func:`quantize_aware_training`, the fp32 program as teacher, the calibration
-        photos as data). It quantises every weight: no ``skip``, and ``int8_layers`` "all" or "auto" (which then
-        checks the trained program and refuses a bundle that fails, ARM included).
+        photos as data), with the weights of ``skip`` and of ``int8_layers`` N float. ``int8_layers`` "auto"
+        does not search then (each candidate would be a training run): it checks the trained program and
+        refuses a bundle that fails, ARM included.
       bias_correction: int8 post-training only: paddleslim's bias correction of the weights' quantisation error
         (default False; see :func:`quantize_post_training`).
       check_program: ``check_program(staging, role, program_dir) -> (passed, failures, figures)``: the
@@ -1105,9 +1109,6 @@ def convert_lite(
             raise InvalidInputError(f"qat_iters is for int8 bundles; precision is {precision!r}")
         if isinstance(qat_iters, bool) or not isinstance(qat_iters, int) or qat_iters < 1:
             raise InvalidInputError(f"qat_iters must be a whole number of iterations >= 1, got {qat_iters!r}")
-        if skip or isinstance(budget, int):
-            raise InvalidInputError("quantisation-aware training quantises every weight: it takes no skip list and "
-                                    "int8_layers 'all' or 'auto', not a number of float layers")
         if bias_correction is not None:
             raise InvalidInputError("bias_correction is a post-training quantisation setting; quantisation-aware "
                                     "training learns its weights")

@@ -28,8 +28,9 @@ JSON object:
 - ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed"}``: quantisation-aware training instead of
   post-training quantisation (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and
   ``Distillation``): the fp32 program is the teacher, the loss is the l2 distance between the student's and the
-  teacher's outputs, and the feeds' photos, unlabelled, are the only data (``algo`` and ``skip_tensors`` do not
-  apply: ``skip_tensors`` must be empty). The student's batch norms keep the fp32 running statistics.
+  teacher's outputs, and the feeds' photos, unlabelled, are the only data (``algo`` does not apply; the ops of
+  ``skip_tensors`` stay float and are trained as such). The student's batch norms keep the fp32 running
+  statistics.
 
 Exit status 0 on success, 3 when paddle or paddleslim cannot be imported, 1 on any other failure;
 the last line of stderr then says what failed. Only the standard library and numpy are imported
@@ -52,6 +53,8 @@ ALGOS = ("avg", "abs_max", "hist", "KL", "mse", "emd")
 
 # The optimiser of quantisation-aware training (recorded with its result).
 _QAT_OPTIMIZER = "SGD"
+# The name scope whose ops quantisation-aware training leaves float.
+_FLOAT_SCOPE = "skip_quant"
 
 #: Exit status when paddle or paddleslim is missing from the side environment.
 EXIT_MISSING = 3
@@ -147,9 +150,8 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     skip: Sequence[str] = list(request["skip_tensors"])
     qat = request.get("qat")
     if qat is not None:
-        if set(qat) != {"iters", "batch", "learning_rate", "seed"} or skip or request.get("bias_correction"):
-            raise ValueError(f"bad qat request {qat!r} (iters, batch, learning_rate, seed; no skip_tensors, no "
-                             "bias_correction)")
+        if set(qat) != {"iters", "batch", "learning_rate", "seed"} or request.get("bias_correction"):
+            raise ValueError(f"bad qat request {qat!r} (iters, batch, learning_rate, seed; no bias_correction)")
     batches = _batches(Path(request["feeds"]))
     found = versions()
     import paddle
@@ -173,7 +175,7 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     out_dir = Path(request["out_dir"])
     training = None
     if qat is not None:
-        training = _train(request, qat, batches, out_dir)
+        training = _train(request, qat, batches, out_dir, skip)
     else:
         with paddle.static.scope_guard(scope):
             _post_training(request, quant_post_static, executor, scope, out_dir, _Batches(batches), len(batches), skip)
@@ -211,7 +213,7 @@ def _post_training(request: Dict[str, Any], quant_post_static: Any, executor: An
 
 
 def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str, np.ndarray]],
-           out_dir: Path) -> Dict[str, Any]:
+           out_dir: Path, skip: Sequence[str]) -> Dict[str, Any]:
     """Quantisation-aware training of the request's program, distilled from itself in fp32 (see the module
     docstring); writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``. Returns the settings it
     trained with (the batch is at most the number of photos)."""
@@ -237,7 +239,7 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
     config = {
         # Lite's fake-quant format, weights per output channel as in post-training quantisation.
         "QuantAware": {"onnx_format": False, "quantize_op_types": list(request["quantizable_op_types"]),
-                       "weight_quantize_type": "channel_wise_abs_max"},
+                       "weight_quantize_type": "channel_wise_abs_max", "not_quant_pattern": [_FLOAT_SCOPE]},
         "Distillation": {"loss": "l2", "node": outputs, "alpha": 1.0},
         "TrainConfig": {"train_iter": int(qat["iters"]), "eval_iter": 10 ** 9,
                         "logging_iter": max(1, int(qat["iters"]) // 10), "learning_rate": float(qat["learning_rate"]),
@@ -251,6 +253,7 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         for name in (request["model_filename"], request["params_filename"]):
             shutil.copy(source / name, model / name)
         frozen = _freeze_batch_norms(program)
+        _keep_float(program, request["quantizable_op_types"], skip)
         (model / request["model_filename"]).write_bytes(program.desc.serialize_to_string())
         # An epoch is one pass over the photos; the data loader is called again for each.
         paddle.seed(int(qat["seed"]))
@@ -264,6 +267,16 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         shutil.copy(saved.with_suffix(".pdiparams"), out_dir / "inference.pdiparams")
     return {"iters": int(qat["iters"]), "batch": batch, "learning_rate": float(qat["learning_rate"]),
             "seed": int(qat["seed"]), "photos": count, "optimizer": _QAT_OPTIMIZER, "frozen_batch_norms": frozen}
+
+
+def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> None:
+    """Put the ops of ``op_types`` that read one of ``weights`` in the name scope that quantisation-aware training
+    leaves float (paddleslim skips ops by name scope, not by tensor as ``quant_post_static`` does)."""
+    names = set(weights)
+    for block in program.blocks:
+        for op in block.ops:
+            if op.type in op_types and names.intersection(op.input_arg_names):
+                op._set_attr("op_namescope", f"/{_FLOAT_SCOPE}/")
 
 
 def _freeze_batch_norms(program: Any) -> int:

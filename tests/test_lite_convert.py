@@ -254,10 +254,6 @@ def test_the_formats_table_has_the_lite_formats():
         ({"target": "arm", "qat_iters": 5}, InvalidInputError, "qat_iters is for int8 bundles"),
         ({"target": "arm", "precision": "int8", "calib_dir": ".", "qat_iters": 0}, InvalidInputError,
          "qat_iters must be a whole number"),
-        ({"target": "arm", "precision": "int8", "calib_dir": ".", "qat_iters": 3, "skip": ["conv2d_0.w_0"]},
-         InvalidInputError, "quantises every weight"),
-        ({"target": "arm", "precision": "int8", "calib_dir": ".", "qat_iters": 3, "int8_layers": 2},
-         InvalidInputError, "quantises every weight"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(kwargs, error, match, tmp_path, monkeypatch):

@@ -262,13 +262,15 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
 
 
 @pytest.mark.paddle
-def test_training_keeps_the_batch_norms_running_statistics(replica_dirs, tmp_path):
+def test_training_keeps_the_batch_norms_running_statistics_and_the_float_weights_float(replica_dirs, tmp_path):
     """Quantisation-aware training learns weights and scales only: each batch norm keeps the fp32 model's running
     statistics, which the teacher normalises by. PicoDet's program is exported with batch norms that would update
     them in training (``use_global_stats`` false), so a step on its one photo moved them (54 of 156 after 100 steps)
     and the detector drifted away from fp32. PP-LCNetV2's are exported frozen, so a copy of the replica extractor
-    with them unfrozen stands in for the detector here (a detector step costs a minute)."""
+    with them unfrozen stands in for the detector here (a detector step costs a minute). The ops of the weights
+    asked to stay float (``--lite-skip``, ``--int8-layers N``) are trained without fake quantisation."""
     from edge_shitu_converters import lite, paddle_io
+    from edge_shitu_converters.lite import quantizable_weights
 
     paddle = paddle_io.import_paddle()
     unfrozen = tmp_path / "unfrozen"
@@ -281,8 +283,17 @@ def test_training_keeps_the_batch_norms_running_statistics(replica_dirs, tmp_pat
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.normal(size=(2, 3, 224, 224)).astype(np.float32)} for _ in range(2)]
 
-    trained = lite.quantize_aware_training(unfrozen, tmp_path / "trained", feeds=feeds, iters=2, batch=2)
+    weights = quantizable_weights(unfrozen)
+    float_weights = [weights[0], weights[7], weights[-1]]  # the stem, a depthwise convolution and the head
+    trained = lite.quantize_aware_training(unfrozen, tmp_path / "trained", feeds=feeds, iters=2, batch=2,
+                                           skip=float_weights)
     assert trained.training["frozen_batch_norms"] == len(norms) == 26
+    assert trained.skip_tensors == tuple(float_weights) and trained.quantized_ops == len(weights) - 3
+    # A quantised weight is saved as whole INT8 levels, a float one as it was trained.
+    model = paddle_io.load_inference_model(tmp_path / "trained")
+    levels = {name: np.array_equal(value, np.round(value)) and np.abs(value).max() <= 127
+              for name in weights for value in [np.array(model.scope.find_var(name).get_tensor())]}
+    assert [name for name, whole in levels.items() if not whole] == float_weights
     fp32_stats, trained_stats = _batch_norm_statistics(unfrozen), _batch_norm_statistics(tmp_path / "trained")
     assert len(fp32_stats) == 52 and fp32_stats.keys() == trained_stats.keys()
     assert all(np.array_equal(fp32_stats[name], trained_stats[name]) for name in fp32_stats)
