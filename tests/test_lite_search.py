@@ -313,7 +313,8 @@ def _batch_norm_statistics(model_dir):
 def test_the_detector_trains_one_photo_per_step(replica_dirs, calib, lite_opt, tmp_path, monkeypatch):
     """The PicoDet detector's program reshapes its heads for exactly one image, so --lite-qat trains it at its fixed
     batch of one (at the default two, paddleslim failed in its first step); the extractor's dynamic batch trains at
-    QAT_BATCH (the test above). The training itself is replaced: what it is asked for is the point."""
+    QAT_BATCH (the test above). The user's float weights go with the request. The training itself is replaced:
+    what it is asked for is the point."""
     from edge_shitu_converters import lite
 
     asked = {}
@@ -325,8 +326,8 @@ def test_the_detector_trains_one_photo_per_step(replica_dirs, calib, lite_opt, t
     monkeypatch.setattr(lite, "quantize_aware_training", training)
     with pytest.raises(ConversionError, match="stop after the request"):
         lite.convert_lite(replica_dirs["detector"], None, tmp_path / "b", target="arm", precision="int8",
-                          calib_dir=calib, calib_count=2, qat_iters=1, opt=lite_opt)
-    assert asked["batch"] == 1 and asked["iters"] == 1
+                          calib_dir=calib, calib_count=2, qat_iters=1, skip=["conv2d_84.w_0"], opt=lite_opt)
+    assert asked["batch"] == 1 and asked["iters"] == 1 and asked["skip"] == ("conv2d_84.w_0",)
     assert [feed["image"].shape for feed in asked["feeds"]] == [(1, 3, 640, 640)] * 2
 
 
