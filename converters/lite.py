@@ -951,13 +951,19 @@ class _LiteJob:
             **self._ranked(role),
         }
 
+    def float_weights(self, role: str) -> List[str]:
+        """The weights ``int8_layers`` N keeps float in the role's quantised model (none without a ranking)."""
+        if role not in self.rankings:
+            return []
+        ranking, kept = self.rankings[role]
+        return [r.weight for r in ranking[:kept]]
+
     def _ranked(self, role: str) -> Dict[str, Any]:
         """The manifest's record of the weights ranked and kept float, for a model quantised after a ranking."""
         if role not in self.rankings:
             return {}
-        ranking, kept = self.rankings[role]
-        return {"int8_layers": self.budget, "blocks": len(ranking),
-                "float_weights": [r.weight for r in ranking[:kept]]}
+        return {"int8_layers": self.budget, "blocks": len(self.rankings[role][0]),
+                "float_weights": self.float_weights(role)}
 
 
 def _skip_by_role(
@@ -1163,15 +1169,18 @@ def convert_lite(
 
         models = {role: folder for role, folder in (("detector", det), ("extractor", rec)) if folder is not None}
         records: Dict[str, Any] = {}
-        if precision == "int8" and budget == "auto":
+        # An ARM .nb cannot run here, so its program gets the simulated check whatever the budget; an x86 one is
+        # verified itself in Paddle-Lite.
+        if precision == "int8" and check_program is not None and (budget == "auto" or fmt.target == "arm"):
             checks = {}
             for role, folder in models.items():
                 with _step(f"{role}: check the INT8 program (simulated)", folder, timings):
                     checks[role] = check_program(staging, role, job.quantized[role].files.directory)
-                records[role] = single_check_record(*checks[role])
-            # Quantisation-aware training has no float layers to choose: its check is all there is.
+                records[role] = single_check_record(*checks[role], float_weights=job.float_weights(role))
+            # Quantisation-aware training has no float layers to choose (each candidate would be a training run),
+            # and int8_layers N has chosen them: the check is all there is.
             failing = {role: models[role] for role, check in checks.items() if not check[0]}
-            if qat_iters is None and failing:
+            if budget == "auto" and qat_iters is None and failing:
                 records.update(_choose_float_weights(job, staging, check_program, failing, timings, checks))
         failed = sorted(role for role, record in records.items() if record["chosen"] is None)
         if failed:
@@ -1181,7 +1190,7 @@ def convert_lite(
             report.write_text(json.dumps({"passed": False, "failures": failures, "int8_search": records}, indent=2,
                                          sort_keys=True) + "\n", encoding="utf-8")
             what = ("after quantisation-aware training" if qat_iters is not None
-                    else "with every weight but one float")
+                    else "with every weight but one float" if budget == "auto" else f"with int8_layers {budget}")
             raise ConversionError(f"{out}: no INT8 {' or '.join(failed)} passes {what} (simulated INT8): "
                                   f"{'; '.join(failures)} (every step tried: {report})")
         verify_adding_search(staging, out, records, before_publish)

@@ -90,14 +90,16 @@ class LiteSearchResult:
         }
 
 
-def single_check_record(passed: bool, failures: Sequence[str], figures: Mapping[str, Any]) -> Dict[str, Any]:
-    """The record of a model whose program was checked once, with every weight INT8 (nothing searched: it passed,
-    or it came from quantisation-aware training). For an ARM model, the only numerical check this machine can
-    make; ``chosen`` is 0 when it passed, None when not."""
-    step = SearchStep(float_blocks=0, passed=bool(passed), failures=tuple(failures), figures=dict(figures),
-                      int8_bytes=None, ms=None)
-    return {"check": CHECK, "blocks": None, "float_weights": [], "ranking": [], "chosen": 0 if passed else None,
-            "steps": [step.record()]}
+def single_check_record(passed: bool, failures: Sequence[str], figures: Mapping[str, Any],
+                        float_weights: Sequence[str] = ()) -> Dict[str, Any]:
+    """The record of a model whose program was checked once, nothing searched: it passed with every weight INT8,
+    it came from quantisation-aware training, or the user chose its ``float_weights`` (``int8_layers`` N). For an
+    ARM model, the only numerical check this machine can make; ``chosen`` is the number of float weights when it
+    passed, None when not."""
+    step = SearchStep(float_blocks=len(float_weights), passed=bool(passed), failures=tuple(failures),
+                      figures=dict(figures), int8_bytes=None, ms=None)
+    return {"check": CHECK, "blocks": None, "float_weights": list(float_weights), "ranking": [],
+            "chosen": len(float_weights) if passed else None, "steps": [step.record()]}
 
 
 def rank_weights(role: str, onnx_fp32: Path, input_spec: Any, calib_dir: Path, work: Path,

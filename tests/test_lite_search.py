@@ -221,6 +221,34 @@ def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(
 
 
 @pytest.mark.paddle
+def test_an_arm_model_with_int8_layers_n_is_checked_simulated_and_refused_when_it_fails(
+        replica_dirs, calib, verify_photos, lite_opt, tmp_path, monkeypatch):
+    """--int8-layers N chooses the float weights without a search, but an ARM .nb cannot run here: its program gets
+    the simulated check all the same (before, it was published with no figure at all), and one that fails is not
+    published."""
+    from edge_shitu_converters import verify
+
+    monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
+    skip = _keep_int8(replica_dirs["extractor"], 6)
+    out = _convert(replica_dirs, tmp_path / "arm", calib, verify_photos, "arm", skip, int8_layers=2)
+    quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
+    report = json.loads((out / "verify.json").read_text())
+    check = report["int8_search"]["extractor"]
+    assert report["passed"] is None and quant["int8_layers"] == 2 and len(quant["float_weights"]) == 2
+    assert check["chosen"] == 2 and check["float_weights"] == quant["float_weights"]
+    assert [step["float_blocks"] for step in check["steps"]] == [2] and check["steps"][0]["passed"]
+    assert 0.95 < check["steps"][0]["figures"]["min_cosine"] < 1.0
+
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(verify.THRESHOLDS["int8"], extractor_min_cosine=1.5))
+    refused = tmp_path / "arm-refused"
+    with pytest.raises(ConversionError, match="no INT8 extractor passes with int8_layers 2 "):
+        _convert(replica_dirs, refused, calib, verify_photos, "arm", skip, int8_layers=2)
+    assert not refused.exists()
+    failed = json.loads((tmp_path / "arm-refused.verify-failed.json").read_text())["int8_search"]["extractor"]
+    assert failed["chosen"] is None and failed["float_weights"] == quant["float_weights"]
+
+
+@pytest.mark.paddle
 def test_quantisation_aware_training_trains_checks_and_records_the_model(replica_dirs, calib, verify_photos, lite_opt,
                                                                          tmp_path, monkeypatch):
     """--lite-qat: paddleslim trains the INT8 program against its own fp32 outputs on the calibration photos; the
