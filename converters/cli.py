@@ -179,20 +179,22 @@ def register(subparsers, groups) -> None:
                          "for the fewest float blocks (a weighted layer and the ops after it, most damaging first) "
                          "with which it passes, each step printed (Paddle-Lite: weights of paddleslim's skip list, "
                          "each candidate checked in simulated INT8, so ARM bundles too); all: quantise every block; "
-                         "N: keep the N most damaging blocks float")
+                         "N: keep the N most damaging blocks float (with --verify, an ARM Paddle-Lite bundle is "
+                         "checked in simulated INT8 for all and N too, and refused when it fails)")
     cv.add_argument("--lite-algo", choices=list(_SLIM_ALGOS),
                     help="lite int8: paddleslim quant_post_static algorithm (default avg)")
     cv.add_argument("--lite-bias-correction", action="store_const", const=True,
                     help="lite int8: paddleslim's bias correction of the weights' quantisation error")
     cv.add_argument("--lite-skip", metavar="NAME,...",
-                    help="lite int8: weights whose ops stay in float (paddleslim skip_tensor_list), e.g. "
+                    help="lite int8: weights whose ops stay in float (paddleslim's skip list; with --lite-qat, "
+                         "its skip name scope), e.g. "
                          "extractor:conv2d_0.w_0 (a bare name when only one model has it)")
     cv.add_argument("--lite-opt", help="lite: the paddle_lite_opt executable (default: $EDGE_SHITU_LITE_OPT, PATH)")
     cv.add_argument("--lite-qat", type=int, metavar="ITERS",
                     help="lite int8: paddleslim quantisation-aware training for ITERS iterations instead of "
                          "post-training quantisation: the fp32 model is the teacher, the --calib photos the data "
-                         "(no labels), with the --lite-skip and --int8-layers N weights float; about a second per "
-                         "iteration for the extractor, 3.5 s for the detector here")
+                         "(no labels), with the --lite-skip and --int8-layers N weights float; 1-3 s per "
+                         "iteration for the extractor, about 3 s for the detector here")
     cv.add_argument("--lite-python", help="lite: Python of the Lite side environment (int8 quantisation, --verify)")
     cv.add_argument("--verify", action="store_true",
                     help="compare with Paddle Inference on real photos; fail when agreement is too low")

@@ -659,9 +659,9 @@ def quantize_aware_training(
     by moving average, the ops of :func:`quantize_post_training`) and ``Distillation`` (l2 distance between the
     student's and the fp32 program's outputs), trained by SGD on the photos of ``feeds`` without labels: no data
     set is needed beyond the calibration photos. The batch norms keep the fp32 running statistics (training on one
-    or two photos a step would replace them with those photos' own). The result is the same fake-quantisation program format as
-    :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward pass of both
-    programs (``docs/benchmarks.md``: about a second per step for the extractor, 3.5 s for the detector here).
+    or two photos a step would replace them with those photos' own). The result is the same fake-quantisation
+    program format as :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward pass of both
+    programs (``docs/benchmarks.md``: 1-3 s per step for the extractor, about 3 s for the detector here).
 
     Args:
       model_dir: folder with a legacy ``inference.pdmodel`` and ``inference.pdiparams``.
@@ -672,10 +672,11 @@ def quantize_aware_training(
       batch: photos per iteration (>= 1).
       learning_rate: SGD learning rate (> 0).
       seed: seed of the shuffling and of Paddle's initialisation of the quantisation scales.
-      skip: weight names whose ops stay float (and are trained in float), as for :func:`quantize_post_training`.
+      skip: weight names whose ops stay float (and are trained in float); unlike :func:`quantize_post_training`,
+        a name that no quantisable op reads is refused (the worker has to find each op to keep it float).
       python: the side environment's Python; default :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       timeout_s: seconds before the worker is killed; default that of post-training quantisation, or a minute per
-        iteration when more (a detector step takes about 3.5 s here).
+        iteration when more (a detector step takes about 3 s here).
 
     Returns:
       The :class:`QuantizedModel` (``algo`` ``"qat"``).
@@ -683,7 +684,8 @@ def quantize_aware_training(
     Raises:
       InvalidInputError: no feeds, feeds of different inputs or shapes, a malformed skip list, or a bad
         ``iters``, ``batch`` or ``learning_rate``.
-      MissingFileError, ConversionError, BackendUnavailableError: as :func:`quantize_post_training`.
+      MissingFileError, ConversionError, BackendUnavailableError: as :func:`quantize_post_training`; a
+        ConversionError also for a ``skip`` name that no quantisable op reads.
     """
     for name, value in (("iters", iters), ("batch", batch), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
@@ -836,9 +838,8 @@ class _LiteJob:
             float_weights: Sequence[str] = ()
             if isinstance(self.budget, int) and self.budget > 0:
                 ranking = self.rank(role, folder, work / f"{role}_rank", timings)
-                kept = min(self.budget, len(ranking) - 1)
-                self.rankings[role] = (ranking, kept)
-                float_weights = [r.weight for r in ranking[:kept]]
+                self.rankings[role] = (ranking, min(self.budget, len(ranking) - 1))
+                float_weights = self.float_weights(role)
             files = self.quantize(role, float_weights, work / f"{role}_int8", folder, timings).files
         return self.optimise(role, files, staging, work / f"{role}_opt", folder, timings)
 
@@ -1046,6 +1047,8 @@ def convert_lite(
         ``N`` also keeps the ``N`` most damaging weights float; ``"auto"`` (needs ``check_program``) keeps the
         fewest most damaging weights float with which each model passes ``check_program``
         (:mod:`edge_shitu_converters.lite_search`: ranked on the ONNX conversion, checked in simulated INT8).
+        An ARM model (whose ``.nb`` cannot run here) gets that simulated check with ``"all"`` and N too, when
+        ``check_program`` is given, and is refused when it fails.
       qat_iters: int8 only: paddleslim's quantisation-aware training for this many iterations instead of
         post-training quantisation (:func:`quantize_aware_training`, the fp32 program as teacher, the calibration
         photos as data), with the weights of ``skip`` and of ``int8_layers`` N float. ``int8_layers`` "auto"
@@ -1073,8 +1076,9 @@ def convert_lite(
         (the message says to run ``scripts/setup-lite-env``).
       ConversionError: an unsupported precision, a Paddle 3 PIR ``.json`` program, an x86 INT8
         detector (Paddle-Lite 2.13rc0 computes it wrongly), an ``int8_layers="auto"`` search that found no
-        passing candidate (every step in ``<out_dir>.verify-failed.json``), or a conversion step failed (the
-        message names the step and the model folder).
+        passing candidate, a trained program or an ARM model of ``int8_layers`` N or "all" that fails
+        ``check_program`` (each step checked in ``<out_dir>.verify-failed.json``), or a conversion step failed
+        (the message names the step and the model folder).
     """
     if target not in LITE_TARGETS:
         raise InvalidInputError(f"unknown Paddle-Lite target {target!r}; expected one of {', '.join(LITE_TARGETS)}")
@@ -1190,7 +1194,8 @@ def convert_lite(
             report.write_text(json.dumps({"passed": False, "failures": failures, "int8_search": records}, indent=2,
                                          sort_keys=True) + "\n", encoding="utf-8")
             what = ("after quantisation-aware training" if qat_iters is not None
-                    else "with every weight but one float" if budget == "auto" else f"with int8_layers {budget}")
+                    else "with every weight but one float" if budget == "auto"
+                    else "with every weight INT8" if budget == "all" else f"with int8_layers {budget}")
             raise ConversionError(f"{out}: no INT8 {' or '.join(failed)} passes {what} (simulated INT8): "
                                   f"{'; '.join(failures)} (every step tried: {report})")
         verify_adding_search(staging, out, records, before_publish)

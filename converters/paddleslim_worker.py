@@ -126,7 +126,8 @@ def _drop_fetch_scales(program: Any) -> int:
 
 
 def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
-    """Run ``paddleslim.quant.quant_post_static`` for one request (see the module docstring).
+    """Run ``paddleslim.quant.quant_post_static``, or its quantisation-aware training when the request has ``qat``,
+    for one request (see the module docstring).
 
     Args:
       request: the request object.
@@ -253,7 +254,9 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         for name in (request["model_filename"], request["params_filename"]):
             shutil.copy(source / name, model / name)
         frozen = _freeze_batch_norms(program)
-        _keep_float(program, request["quantizable_op_types"], skip)
+        unread = _keep_float(program, request["quantizable_op_types"], skip)
+        if unread:
+            raise ValueError(f"skip_tensors {unread} are not weights of a quantisable op of the program")
         (model / request["model_filename"]).write_bytes(program.desc.serialize_to_string())
         # An epoch is one pass over the photos; the data loader is called again for each.
         paddle.seed(int(qat["seed"]))
@@ -269,14 +272,18 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
             "seed": int(qat["seed"]), "photos": count, "optimizer": _QAT_OPTIMIZER, "frozen_batch_norms": frozen}
 
 
-def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> None:
+def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> List[str]:
     """Put the ops of ``op_types`` that read one of ``weights`` in the name scope that quantisation-aware training
-    leaves float (paddleslim skips ops by name scope, not by tensor as ``quant_post_static`` does)."""
-    names = set(weights)
+    leaves float (paddleslim skips ops by name scope, not by tensor as ``quant_post_static`` does). Returns the
+    names of ``weights`` that no such op reads."""
+    names, read = set(weights), set()
     for block in program.blocks:
         for op in block.ops:
-            if op.type in op_types and names.intersection(op.input_arg_names):
+            hit = names.intersection(op.input_arg_names) if op.type in op_types else set()
+            if hit:
                 op._set_attr("op_namescope", f"/{_FLOAT_SCOPE}/")
+                read |= hit
+    return [name for name in weights if name not in read]
 
 
 def _freeze_batch_norms(program: Any) -> int:

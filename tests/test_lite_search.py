@@ -221,31 +221,33 @@ def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(
 
 
 @pytest.mark.paddle
-def test_an_arm_model_with_int8_layers_n_is_checked_simulated_and_refused_when_it_fails(
-        replica_dirs, calib, verify_photos, lite_opt, tmp_path, monkeypatch):
-    """--int8-layers N chooses the float weights without a search, but an ARM .nb cannot run here: its program gets
-    the simulated check all the same (before, it was published with no figure at all), and one that fails is not
-    published."""
+@pytest.mark.parametrize("int8_layers, floats, refusal",
+                         [(2, 2, "with int8_layers 2"), ("all", 0, "with every weight INT8")])
+def test_an_arm_model_of_a_fixed_budget_is_checked_simulated_and_refused_when_it_fails(
+        int8_layers, floats, refusal, replica_dirs, calib, verify_photos, lite_opt, tmp_path, monkeypatch):
+    """--int8-layers N or all chooses the float weights without a search, but an ARM .nb cannot run here: its
+    program gets the simulated check all the same (before, it was published with no figure at all), and one that
+    fails is not published."""
     from edge_shitu_converters import verify
 
     monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
     skip = _keep_int8(replica_dirs["extractor"], 6)
-    out = _convert(replica_dirs, tmp_path / "arm", calib, verify_photos, "arm", skip, int8_layers=2)
+    out = _convert(replica_dirs, tmp_path / "arm", calib, verify_photos, "arm", skip, int8_layers=int8_layers)
     quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
     report = json.loads((out / "verify.json").read_text())
     check = report["int8_search"]["extractor"]
-    assert report["passed"] is None and quant["int8_layers"] == 2 and len(quant["float_weights"]) == 2
-    assert check["chosen"] == 2 and check["float_weights"] == quant["float_weights"]
-    assert [step["float_blocks"] for step in check["steps"]] == [2] and check["steps"][0]["passed"]
+    assert report["passed"] is None and quant["quantized_ops"] == 6 - floats
+    assert check["chosen"] == floats and check["float_weights"] == quant.get("float_weights", [])
+    assert [step["float_blocks"] for step in check["steps"]] == [floats] and check["steps"][0]["passed"]
     assert 0.95 < check["steps"][0]["figures"]["min_cosine"] < 1.0
 
     monkeypatch.setitem(verify.THRESHOLDS, "int8", replace(verify.THRESHOLDS["int8"], extractor_min_cosine=1.5))
     refused = tmp_path / "arm-refused"
-    with pytest.raises(ConversionError, match="no INT8 extractor passes with int8_layers 2 "):
-        _convert(replica_dirs, refused, calib, verify_photos, "arm", skip, int8_layers=2)
+    with pytest.raises(ConversionError, match=f"no INT8 extractor passes {refusal} "):
+        _convert(replica_dirs, refused, calib, verify_photos, "arm", skip, int8_layers=int8_layers)
     assert not refused.exists()
     failed = json.loads((tmp_path / "arm-refused.verify-failed.json").read_text())["int8_search"]["extractor"]
-    assert failed["chosen"] is None and failed["float_weights"] == quant["float_weights"]
+    assert failed["chosen"] is None and failed["float_weights"] == check["float_weights"]
 
 
 @pytest.mark.paddle
@@ -295,7 +297,7 @@ def test_training_keeps_the_batch_norms_running_statistics_and_the_float_weights
     statistics, which the teacher normalises by. PicoDet's program is exported with batch norms that would update
     them in training (``use_global_stats`` false), so a step on its one photo moved them (54 of 156 after 100 steps)
     and the detector drifted away from fp32. PP-LCNetV2's are exported frozen, so a copy of the replica extractor
-    with them unfrozen stands in for the detector here (a detector step costs a minute). The ops of the weights
+    with them unfrozen stands in for the detector here (a detector run takes minutes). The ops of the weights
     asked to stay float (``--lite-skip``, ``--int8-layers N``) are trained without fake quantisation."""
     from edge_shitu_converters import lite, paddle_io
     from edge_shitu_converters.lite import quantizable_weights
@@ -325,6 +327,9 @@ def test_training_keeps_the_batch_norms_running_statistics_and_the_float_weights
     fp32_stats, trained_stats = _batch_norm_statistics(unfrozen), _batch_norm_statistics(tmp_path / "trained")
     assert len(fp32_stats) == 52 and fp32_stats.keys() == trained_stats.keys()
     assert all(np.array_equal(fp32_stats[name], trained_stats[name]) for name in fp32_stats)
+    # A weight that no quantisable op reads cannot be kept float: refused, not ignored.
+    with pytest.raises(ConversionError, match=r"skip_tensors \['batch_norm2d_0.w_1'\] are not weights of a "):
+        lite.quantize_aware_training(unfrozen, tmp_path / "unknown", feeds=feeds, iters=1, skip=["batch_norm2d_0.w_1"])
 
 
 def _batch_norm_statistics(model_dir):
