@@ -1186,6 +1186,8 @@ def convert_lite(
             failing = {role: models[role] for role, check in checks.items() if not check[0]}
             if budget == "auto" and qat_iters is None and failing:
                 records.update(_choose_float_weights(job, staging, check_program, failing, timings, checks))
+            for role, record in records.items():  # float before any ranking, so that no record claims all INT8
+                record["user_float_weights"] = list(job.skip.get(role, ()))
         failed = sorted(role for role, record in records.items() if record["chosen"] is None)
         if failed:
             # Even an ARM bundle, which its verification cannot run, is not published then.

@@ -159,12 +159,14 @@ def test_arm_search_refuses_a_model_that_never_passes_then_keeps_the_fewest_floa
     quant = Bundle.load(out).manifest["models"]["extractor"]["quantization"]
     assert quant["float_weights"] == search["float_weights"] == [r["weight"] for r in search["ranking"][:chosen]]
     assert set(quant["skip_tensors"]) == set(skip) | set(quant["float_weights"])
+    assert sorted(search["user_float_weights"]) == sorted(skip)
     assert quant["search"] == {"steps": len(steps), "chosen": chosen} and quant["int8_layers"] == "auto"
     assert read_nb_targets(out / "extractor.nb") == frozenset({"arm"})
     from conftest import run_cli
 
     code, text, _ = run_cli("bundle", "info", out)
     assert code == 0 and "NOT VERIFIED" in text and f"extractor int8 search: 4 blocks, {chosen} kept float" in text
+    assert f"{', ...' if chosen > 8 else ''}), besides the {len(skip)} of --lite-skip; simulated INT8" in text
     assert "simulated INT8" in text and text.count(" float: passed") + text.count(" float: failed") == len(steps)
 
 
@@ -217,7 +219,8 @@ def test_an_arm_model_passing_with_every_layer_int8_records_its_simulated_check(
     from conftest import run_cli
 
     code, text, _ = run_cli("bundle", "info", out)
-    assert code == 0 and "extractor int8 search: passes with every layer INT8; simulated INT8" in text
+    assert code == 0 and f"extractor int8 search: passes with every layer but the {len(skip)} of --lite-skip INT8; " \
+        "simulated INT8" in text
 
 
 @pytest.mark.paddle

@@ -43,11 +43,15 @@ def _print_search(report, out: TextIO) -> None:
         chosen = search.get("chosen")
         # An ONNX search names blocks; a Paddle-Lite one names the weights of its paddleslim skip list.
         kept = search.get("float_blocks") or search.get("float_weights") or []
+        # Paddle-Lite: the weights the user's --lite-skip made float, which no step counts.
+        user = len(search.get("user_float_weights") or [])
         if chosen == 0:
-            outcome = "passes with every layer INT8"
+            outcome = f"passes with every layer but the {user} of --lite-skip INT8" if user else (
+                "passes with every layer INT8")
         elif chosen is not None:
             more = ", ..." if len(kept) > 8 else ""
-            outcome = f"{chosen} kept float (most output noise first: {', '.join(kept[:8])}{more})"
+            outcome = (f"{chosen} kept float (most output noise first: {', '.join(kept[:8])}{more})"
+                       + (f", besides the {user} of --lite-skip" if user else ""))
         else:
             outcome = "no candidate passed"
         blocks = "" if search.get("blocks") is None else f"{search['blocks']} blocks, "
