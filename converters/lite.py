@@ -660,8 +660,9 @@ def quantize_aware_training(
     student's and the fp32 program's outputs), trained by SGD on the photos of ``feeds`` without labels: no data
     set is needed beyond the calibration photos. The batch norms keep the fp32 running statistics (training on one
     or two photos a step would replace them with those photos' own). The result is the same fake-quantisation
-    program format as :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward pass of both
-    programs (``docs/benchmarks.md``: 1-3 s per step for the extractor, about 3 s for the detector here).
+    program format as :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward
+    pass of both programs (``docs/benchmarks.md``: 1-3 s per step for the extractor, about 3 s for the detector
+    here).
 
     Args:
       model_dir: folder with a legacy ``inference.pdmodel`` and ``inference.pdiparams``.
@@ -1186,7 +1187,9 @@ def convert_lite(
             failing = {role: models[role] for role, check in checks.items() if not check[0]}
             if budget == "auto" and qat_iters is None and failing:
                 records.update(_choose_float_weights(job, staging, check_program, failing, timings, checks))
-            for role, record in records.items():  # float before any ranking, so that no record claims all INT8
+            # The --lite-skip weights are float before any step counts one: named, so that no record reads as
+            # "every layer INT8".
+            for role, record in records.items():
                 record["user_float_weights"] = list(job.skip.get(role, ()))
         failed = sorted(role for role, record in records.items() if record["chosen"] is None)
         if failed:
