@@ -191,10 +191,11 @@ def register(subparsers, groups) -> None:
                          "extractor:conv2d_0.w_0 (a bare name when only one model has it)")
     cv.add_argument("--lite-opt", help="lite: the paddle_lite_opt executable (default: $EDGE_SHITU_LITE_OPT, PATH)")
     cv.add_argument("--lite-qat", type=int, metavar="ITERS",
-                    help="lite int8: paddleslim quantisation-aware training for ITERS iterations instead of "
-                         "post-training quantisation: the fp32 model is the teacher, the --calib photos the data "
-                         "(no labels), with the --lite-skip and --int8-layers N weights float; 1-3 s per "
-                         "iteration for the extractor, about 3 s for the detector here")
+                    help="lite int8: paddleslim quantisation-aware training for ITERS iterations after "
+                         "post-training quantisation (--lite-algo), whose activation scales it keeps: the fp32 model "
+                         "is the teacher, the --calib photos the data (no labels), with the --lite-skip and "
+                         "--int8-layers N weights float; 1-3 s per iteration for the extractor, about 3 s for the "
+                         "detector here")
     cv.add_argument("--lite-python", help="lite: Python of the Lite side environment (int8 quantisation, --verify)")
     cv.add_argument("--verify", action="store_true",
                     help="compare with Paddle Inference on real photos; fail when agreement is too low")

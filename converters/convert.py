@@ -1200,8 +1200,9 @@ def convert(
       calib_count: INT8 only: number of calibration photos (default: the format's default).
       lite_algo: Lite INT8 only: paddleslim's algorithm, one of :data:`edge_shitu_converters.lite.PTQ_ALGOS`.
       lite_skip: Lite INT8 only: weight names whose ops stay in float (see :mod:`edge_shitu_converters.lite`).
-      lite_qat: Lite INT8 only: paddleslim's quantisation-aware training for this many iterations instead of
-        post-training quantisation (see :func:`edge_shitu_converters.lite.quantize_aware_training`).
+      lite_qat: Lite INT8 only: paddleslim's quantisation-aware training for this many iterations after
+        post-training quantisation (``lite_algo``), whose activation scales it keeps (see
+        :func:`edge_shitu_converters.lite.quantize_aware_training`).
       lite_bias_correction: Lite INT8 only: paddleslim's bias correction of the weights' quantisation error.
       lite_opt: Lite only: the ``paddle_lite_opt`` executable (see :func:`edge_shitu_converters.lite.find_opt`).
       calib_method: ONNX int8 only: "minmax" (default), "entropy" or "percentile" (see :mod:`edge_shitu_converters.quantize`).

@@ -97,6 +97,7 @@ from edge_shitu_converters.paddleslim_worker import (
     ALGOS as _SLIM_ALGOS,
     ERROR_PREFIX as _SLIM_ERROR_PREFIX,
     EXIT_MISSING as _SLIM_MISSING,
+    QAT_SCALES,
 )
 from edge_shitu.bundle import Bundle, InputSpec, sha256_file
 from edge_shitu.errors import (
@@ -110,6 +111,7 @@ from edge_shitu.errors import (
 __all__ = [
     "QAT_BATCH",
     "QAT_LEARNING_RATE",
+    "QAT_SCALES",
     "quantize_aware_training",
     "LITE_TARGETS",
     "PTQ_ALGOS",
@@ -157,9 +159,10 @@ _SLIM_HINT = "run scripts/setup-lite-env, which adds paddlepaddle 2.6.2 and padd
 # takes about 7x as long (docs/benchmarks.md, "Paddle-Lite INT8 with paddleslim").
 _SLIM_TIMEOUT_S = 4 * 3600
 #: Photos per step and SGD learning rate of quantisation-aware training: small, the model is fine-tuned to its own
-#: fp32 outputs, not trained.
+#: fp32 outputs, not trained (on the replica detector, with the post-training scales held, 1e-4 and 1e-3 drove it
+#: away from fp32, 1e-6 moved it closer: docs/benchmarks.md, "Batch norms frozen").
 QAT_BATCH = 2
-QAT_LEARNING_RATE = 1e-4
+QAT_LEARNING_RATE = 1e-6
 _PROBE_TIMEOUT_S = 300
 _OPT_TIMEOUT_S = 900
 _LOG_TAIL_LINES = 25
@@ -650,16 +653,20 @@ def quantize_aware_training(
     learning_rate: float = QAT_LEARNING_RATE,
     seed: int = 0,
     skip: Optional[Sequence[str]] = None,
+    scales: str = QAT_SCALES[0],
+    algo: str = DEFAULT_ALGO,
     python: "os.PathLike[str] | str | None" = None,
     timeout_s: Optional[float] = None,
 ) -> QuantizedModel:
     """Quantisation-aware training of a legacy Paddle program with paddleslim, its fp32 self as teacher.
 
-    ``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` (weights per output channel, activations
-    by moving average, the ops of :func:`quantize_post_training`) and ``Distillation`` (l2 distance between the
-    student's and the fp32 program's outputs), trained by SGD on the photos of ``feeds`` without labels: no data
-    set is needed beyond the calibration photos. The batch norms keep the fp32 running statistics (training on one
-    or two photos a step would replace them with those photos' own). The result is the same fake-quantisation
+    ``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` (weights per output channel, the ops of
+    :func:`quantize_post_training`) and ``Distillation`` (l2 distance between the student's and the fp32
+    program's outputs), trained by SGD on the photos of ``feeds`` without labels: no data set is needed beyond
+    the calibration photos. By default the activations keep the scales of post-training quantisation (``algo``)
+    throughout, so training starts from the post-training model and changes only its weights. The batch norms
+    keep the fp32 running statistics (training on one or two photos a step would replace them with those photos'
+    own). The result is the same fake-quantisation
     program format as :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward
     pass of both programs (``docs/benchmarks.md``: 1-3 s per step for the extractor, about 3 s for the detector
     here).
@@ -675,6 +682,10 @@ def quantize_aware_training(
       seed: seed of the shuffling and of Paddle's initialisation of the quantisation scales.
       skip: weight names whose ops stay float (and are trained in float); unlike :func:`quantize_post_training`,
         a name that no quantisable op reads is refused (the worker has to find each op to keep it float).
+      scales: the activations' scales, one of :data:`QAT_SCALES`: ``"post_training"`` (those of
+        :func:`quantize_post_training` with ``algo`` on the same photos, held) or ``"moving"`` (paddleslim's
+        moving average of each step's largest value, from 1).
+      algo: the post-training algorithm of the held scales, one of :data:`PTQ_ALGOS`.
       python: the side environment's Python; default :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       timeout_s: seconds before the worker is killed; default that of post-training quantisation, or a minute per
         iteration when more (a detector step takes about 3 s here).
@@ -684,7 +695,7 @@ def quantize_aware_training(
 
     Raises:
       InvalidInputError: no feeds, feeds of different inputs or shapes, a malformed skip list, or a bad
-        ``iters``, ``batch`` or ``learning_rate``.
+        ``iters``, ``batch``, ``learning_rate``, ``scales`` or ``algo``.
       MissingFileError, ConversionError, BackendUnavailableError: as :func:`quantize_post_training`; a
         ConversionError also for a ``skip`` name that no quantisable op reads.
     """
@@ -694,10 +705,13 @@ def quantize_aware_training(
                                     f"{'>= 0' if name == 'seed' else '>= 1'}, got {value!r}")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise InvalidInputError(f"quantisation-aware training: learning_rate must be > 0, got {learning_rate!r}")
-    qat = {"iters": iters, "batch": batch, "learning_rate": float(learning_rate), "seed": seed}
+    if scales not in QAT_SCALES:
+        raise InvalidInputError(f"quantisation-aware training: scales must be one of {', '.join(QAT_SCALES)}, "
+                                f"got {scales!r}")
+    qat = {"iters": iters, "batch": batch, "learning_rate": float(learning_rate), "seed": seed, "scales": scales}
     if timeout_s is None:
         timeout_s = max(_SLIM_TIMEOUT_S, 60.0 * iters)
-    return _slim(model_dir, out_dir, feeds, DEFAULT_ALGO, _normalise_skip(skip), python, timeout_s,
+    return _slim(model_dir, out_dir, feeds, _normalise_algo(algo), _normalise_skip(skip), python, timeout_s,
                  f"paddleslim quantisation-aware training ({iters} iterations)", {"qat": qat})
 
 
@@ -874,7 +888,7 @@ class _LiteJob:
                        f"{len(feeds)} photos{kept})", folder, timings):
                 quantized = quantize_aware_training(files.directory, out, feeds=feeds, iters=self.qat_iters,
                                                     batch=_qat_batch(input_spec["shape"]), skip=skip,
-                                                    python=self.python)
+                                                    algo=self.algo, python=self.python)
         else:
             corrected = ", bias correction" if self.bias_correction else ""
             with _step(f"{role}: paddleslim quant_post_static ({self.algo}{corrected}, {len(feeds)} batches{kept})",
@@ -1050,9 +1064,10 @@ def convert_lite(
         (:mod:`edge_shitu_converters.lite_search`: ranked on the ONNX conversion, checked in simulated INT8).
         An ARM model (whose ``.nb`` cannot run here) gets that simulated check with ``"all"`` and N too, when
         ``check_program`` is given, and is refused when it fails.
-      qat_iters: int8 only: paddleslim's quantisation-aware training for this many iterations instead of
-        post-training quantisation (:func:`quantize_aware_training`, the fp32 program as teacher, the calibration
-        photos as data), with the weights of ``skip`` and of ``int8_layers`` N float. ``int8_layers`` "auto"
+      qat_iters: int8 only: paddleslim's quantisation-aware training for this many iterations after
+        post-training quantisation with ``algo``, whose activation scales it keeps (:func:`quantize_aware_training`,
+        the fp32 program as teacher, the calibration photos as data), with the weights of ``skip`` and of
+        ``int8_layers`` N float. ``int8_layers`` "auto"
         does not search then (each candidate would be a training run): it checks the trained program and
         refuses a bundle that fails, ARM included.
       bias_correction: int8 post-training only: paddleslim's bias correction of the weights' quantisation error

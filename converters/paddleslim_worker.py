@@ -25,12 +25,15 @@ JSON object:
   (the weights stay whole INT8 levels). Its other rounding, ``round_type="adaround"``, is not offered: in this
   fake-quant format paddleslim 2.6 saves AdaRound's weights as fractional levels (``docs/benchmarks.md``), which
   Paddle Inference would simulate as if they were INT8 and ``opt`` would round again;
-- ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed"}``: quantisation-aware training instead of
-  post-training quantisation (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and
+- ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed", "scales"}``: quantisation-aware training
+  instead of post-training quantisation (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and
   ``Distillation``): the fp32 program is the teacher, the loss is the l2 distance between the student's and the
-  teacher's outputs, and the feeds' photos, unlabelled, are the only data (``algo`` does not apply; the ops of
-  ``skip_tensors`` stay float and are trained as such). The student's batch norms keep the fp32 running
-  statistics.
+  teacher's outputs, and the feeds' photos, unlabelled, are the only data (the ops of ``skip_tensors`` stay float
+  and are trained as such). The student's batch norms keep the fp32 running statistics. ``scales`` (one of
+  :data:`QAT_SCALES`) says where the activations' scales come from: ``"post_training"`` runs post-training
+  quantisation (``algo``) first and holds its scales through training, so that training starts from, and only
+  changes the weights of, the post-training model; ``"moving"`` is paddleslim's own moving average of each
+  step's largest value, started from 1 (``algo`` does not apply).
 
 Exit status 0 on success, 3 when paddle or paddleslim cannot be imported, 1 on any other failure;
 the last line of stderr then says what failed. Only the standard library and numpy are imported
@@ -46,11 +49,16 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["ALGOS", "EXIT_MISSING", "main", "quantize", "versions"]
+__all__ = ["ALGOS", "EXIT_MISSING", "QAT_SCALES", "main", "quantize", "versions"]
 
 #: Activation algorithms of paddleslim's ``quant_post_static`` offered for Paddle-Lite.
 ALGOS = ("avg", "abs_max", "hist", "KL", "mse", "emd")
 
+#: Where quantisation-aware training takes the activations' scales from (see the module docstring).
+QAT_SCALES = ("post_training", "moving")
+# The op that quantises an activation in paddleslim's training program, and in a post-training program.
+_TRAINING_QUANTISER = "fake_quantize_moving_average_abs_max"
+_POST_TRAINING_QUANTISER = "fake_quantize_range_abs_max"
 # The optimiser of quantisation-aware training (recorded with its result).
 _QAT_OPTIMIZER = "SGD"
 # The name scope whose ops quantisation-aware training leaves float.
@@ -151,8 +159,10 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     skip: Sequence[str] = list(request["skip_tensors"])
     qat = request.get("qat")
     if qat is not None:
-        if set(qat) != {"iters", "batch", "learning_rate", "seed"} or request.get("bias_correction"):
-            raise ValueError(f"bad qat request {qat!r} (iters, batch, learning_rate, seed; no bias_correction)")
+        if set(qat) != {"iters", "batch", "learning_rate", "seed", "scales"} or request.get("bias_correction"):
+            raise ValueError(f"bad qat request {qat!r} (iters, batch, learning_rate, seed, scales; no bias_correction)")
+        if qat["scales"] not in QAT_SCALES:
+            raise ValueError(f"qat scales must be one of {', '.join(QAT_SCALES)}, got {qat['scales']!r}")
     batches = _batches(Path(request["feeds"]))
     found = versions()
     import paddle
@@ -176,7 +186,15 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     out_dir = Path(request["out_dir"])
     training = None
     if qat is not None:
-        training = _train(request, qat, batches, out_dir, skip)
+        scales = None
+        if qat["scales"] == "post_training":
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="ptq-") as tmp, paddle.static.scope_guard(scope):
+                _post_training(request, quant_post_static, executor, scope, Path(tmp), _Batches(batches),
+                               len(batches), skip)
+                scales = _activation_scales(Path(tmp), executor)
+        training = _train(request, qat, batches, out_dir, skip, scales)
     else:
         with paddle.static.scope_guard(scope):
             _post_training(request, quant_post_static, executor, scope, out_dir, _Batches(batches), len(batches), skip)
@@ -213,10 +231,65 @@ def _post_training(request: Dict[str, Any], quant_post_static: Any, executor: An
     )
 
 
+def _activation_scales(model_dir: Path, executor: Any) -> Dict[str, np.ndarray]:
+    """``{scale variable: float32 (1,)}`` of every activation quantiser of a saved post-training program."""
+    import paddle
+
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        program, _, _ = paddle.static.load_inference_model(
+            str(model_dir), executor, model_filename="inference.pdmodel", params_filename="inference.pdiparams")
+        names = [op.input("InScale")[0] for op in program.global_block().ops if op.type == _POST_TRAINING_QUANTISER]
+        return {name: np.array(scope.find_var(name).get_tensor(), dtype=np.float32).reshape(1) for name in names}
+
+
+def _hold_activation_scales(scales: Dict[str, np.ndarray]) -> Any:
+    """Make the training program that AutoCompression builds next quantise its activations by ``scales``, held:
+    the scales go into the global scope, where paddleslim's quantisation pass takes a scale variable's start
+    from, and its training quantisers run in test mode (a moving average no more), which AutoCompression has no
+    setting for (paddleslim's own ``scale_trainable`` also freezes the weights' scales, at 0). Returns a function
+    that undoes the change of paddleslim and tells how many quantisers were held.
+
+    Raises:
+      ValueError: an activation quantiser of the training program has no post-training scale.
+    """
+    import paddle
+    import paddleslim.auto_compression.create_compressed_program as built
+
+    place = paddle.CPUPlace()
+    for name, value in scales.items():
+        paddle.static.global_scope().var(name).get_tensor().set(value, place)
+    quant_aware = built.quant_aware
+    held = []
+
+    def holding(program: Any, *args: Any, **kwargs: Any) -> Any:
+        result = quant_aware(program, *args, **kwargs)
+        if not kwargs.get("for_test"):
+            for block in result.blocks:
+                for op in block.ops:
+                    if op.type != _TRAINING_QUANTISER:
+                        continue
+                    (name,) = op.input("InScale")
+                    if name not in scales:
+                        raise ValueError(f"the activation quantiser {name!r} has no post-training scale")
+                    op._set_attr("is_test", True)
+                    held.append(name)
+        return result
+
+    built.quant_aware = holding
+
+    def undo() -> int:
+        built.quant_aware = quant_aware
+        return len(held)
+
+    return undo
+
+
 def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str, np.ndarray]],
-           out_dir: Path, skip: Sequence[str]) -> Dict[str, Any]:
+           out_dir: Path, skip: Sequence[str], scales: "Dict[str, np.ndarray] | None" = None) -> Dict[str, Any]:
     """Quantisation-aware training of the request's program, distilled from itself in fp32 (see the module
-    docstring); writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``. Returns the settings it
+    docstring); writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``. ``scales``: the activation
+    scales to hold (``qat["scales"] == "post_training"``), or None for the moving average. Returns the settings it
     trained with (the batch is at most the number of photos)."""
     import shutil
     import tempfile
@@ -260,16 +333,23 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         (model / request["model_filename"]).write_bytes(program.desc.serialize_to_string())
         # An epoch is one pass over the photos; the data loader is called again for each.
         paddle.seed(int(qat["seed"]))
-        AutoCompression(model_dir=str(model), model_filename=request["model_filename"],
-                        params_filename=request["params_filename"], save_dir=str(Path(tmp) / "out"), config=config,
-                        train_dataloader=loader, deploy_hardware=None, eval_callback=None).compress()
+        undo = _hold_activation_scales(scales) if scales is not None else None
+        try:
+            AutoCompression(model_dir=str(model), model_filename=request["model_filename"],
+                            params_filename=request["params_filename"], save_dir=str(Path(tmp) / "out"),
+                            config=config, train_dataloader=loader, deploy_hardware=None,
+                            eval_callback=None).compress()
+        finally:
+            held = undo() if undo is not None else 0
         out_dir.mkdir(parents=True, exist_ok=True)
         # Saved under the program's name, or "infered_shape" when AutoCompression had to fix a dynamic shape.
         (saved,) = (Path(tmp) / "out").glob("*.pdmodel")
         shutil.copy(saved, out_dir / "inference.pdmodel")
         shutil.copy(saved.with_suffix(".pdiparams"), out_dir / "inference.pdiparams")
     return {"iters": int(qat["iters"]), "batch": batch, "learning_rate": float(qat["learning_rate"]),
-            "seed": int(qat["seed"]), "photos": count, "optimizer": _QAT_OPTIMIZER, "frozen_batch_norms": frozen}
+            "seed": int(qat["seed"]), "photos": count, "optimizer": _QAT_OPTIMIZER, "frozen_batch_norms": frozen,
+            "scales": qat["scales"], "held_activation_scales": held,
+            **({"post_training_algo": request["algo"]} if scales is not None else {})}
 
 
 def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> List[str]:

@@ -83,7 +83,10 @@ def test_fewer_than_two_weights_is_nothing_to_search(tmp_path):
 @pytest.mark.parametrize("bad, match", [({"iters": 0}, "iters must be a whole number >= 1"),
                                         ({"iters": 2, "batch": True}, "batch must be"),
                                         ({"iters": 2, "seed": -1}, "seed must be a whole number >= 0"),
-                                        ({"iters": 2, "learning_rate": 0}, "learning_rate must be > 0")])
+                                        ({"iters": 2, "learning_rate": 0}, "learning_rate must be > 0"),
+                                        ({"iters": 2, "scales": "fixed"},
+                                         "scales must be one of post_training, moving, got 'fixed'"),
+                                        ({"iters": 2, "algo": "median"}, "unknown quantisation algorithm 'median'")])
 def test_training_settings_are_checked_before_any_work(bad, match, tmp_path):
     from edge_shitu_converters.lite import quantize_aware_training
 
@@ -260,7 +263,7 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
     trained program is checked in simulated INT8 (an ARM bundle is refused when it fails) and the manifest says how
     it was made."""
     from edge_shitu_converters.convert import convert
-    from edge_shitu_converters.lite import quantizable_weights
+    from edge_shitu_converters.lite import QAT_LEARNING_RATE, quantizable_weights
 
     monkeypatch.setenv("EDGE_SHITU_LITE_OPT", str(lite_opt))
 
@@ -273,9 +276,10 @@ def test_quantisation_aware_training_trains_checks_and_records_the_model(replica
     assert quant["tool"].startswith("paddleslim.auto_compression") and quant["algo"] == "qat"
     assert quant["qat"]["frozen_batch_norms"] == len(_batch_norm_statistics(replica_dirs["extractor"])) // 2
     assert quant["qat"]["iters"] == 2 and quant["qat"]["teacher"] == "the fp32 program"
-    # What the worker trained with, as it reports it: 4 photos, batch 2, SGD.
-    assert {k: quant["qat"][k] for k in ("batch", "photos", "optimizer", "seed")} == {
-        "batch": 2, "photos": 4, "optimizer": "SGD", "seed": 0}
+    # What the worker trained with, as it reports it: 4 photos, batch 2, SGD, post-training (avg) scales held.
+    assert {k: quant["qat"][k] for k in ("batch", "photos", "optimizer", "seed", "scales", "post_training_algo")} == {
+        "batch": 2, "photos": 4, "optimizer": "SGD", "seed": 0, "scales": "post_training", "post_training_algo": "avg"}
+    assert quant["qat"]["held_activation_scales"] > 0 and quant["qat"]["learning_rate"] == QAT_LEARNING_RATE
     assert quant["quantized_ops"] == len(quantizable_weights(replica_dirs["extractor"])) and not quant["skip_tensors"]
     report = json.loads((out / "verify.json").read_text())
     check = report["int8_search"]["extractor"]
@@ -330,9 +334,32 @@ def test_training_keeps_the_batch_norms_running_statistics_and_the_float_weights
     fp32_stats, trained_stats = _batch_norm_statistics(unfrozen), _batch_norm_statistics(tmp_path / "trained")
     assert len(fp32_stats) == 2 * len(norms) and fp32_stats.keys() == trained_stats.keys()
     assert all(np.array_equal(fp32_stats[name], trained_stats[name]) for name in fp32_stats)
+    # The activations kept the scales of post-training quantisation of the same photos (the default): training
+    # changed the weights only. paddleslim's moving average, asked for, ends elsewhere after one step.
+    lite.quantize_post_training(unfrozen, tmp_path / "post", feeds=feeds, skip=float_weights)
+    expected, held = _activation_scales(tmp_path / "post"), _activation_scales(tmp_path / "trained")
+    assert trained.training["scales"] == "post_training" and trained.training["post_training_algo"] == "avg"
+    assert held and trained.training["held_activation_scales"] == len(held) and held.keys() == expected.keys()
+    assert all(np.array_equal(held[name], expected[name]) for name in held)
+    moving = lite.quantize_aware_training(unfrozen, tmp_path / "moving", feeds=feeds, iters=1, batch=2,
+                                          skip=float_weights, scales="moving")
+    assert moving.training["scales"] == "moving" and moving.training["held_activation_scales"] == 0
+    moved = _activation_scales(tmp_path / "moving")
+    assert moved.keys() == expected.keys() and all(not np.array_equal(moved[n], expected[n]) for n in moved)
     # A weight that no quantisable op reads cannot be kept float: refused, not ignored.
     with pytest.raises(ConversionError, match=r"skip_tensors \['batch_norm2d_0.w_1'\] are not weights of a "):
         lite.quantize_aware_training(unfrozen, tmp_path / "unknown", feeds=feeds, iters=1, skip=["batch_norm2d_0.w_1"])
+
+
+def _activation_scales(model_dir):
+    """``{scale name: value}`` of the activation quantisers of a saved fake-quantisation program (post-training or
+    trained)."""
+    from edge_shitu_converters import paddle_io
+
+    model = paddle_io.load_inference_model(model_dir)
+    names = [op.input("InScale")[0] for op in model.program.global_block().ops
+             if op.type in ("fake_quantize_range_abs_max", "fake_quantize_moving_average_abs_max")]
+    return {name: np.array(model.scope.find_var(name).get_tensor()) for name in names}
 
 
 def _batch_norm_statistics(model_dir):

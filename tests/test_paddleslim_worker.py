@@ -29,7 +29,12 @@ def _request(tmp_path, **changes):
     ({"algo": "percentile"}, "unknown algorithm 'percentile'; expected one of avg, abs_max, hist, KL, mse, emd"),
     ({"qat": {"iters": 2}}, r"bad qat request \{'iters': 2\}"),
     ({"bias_correction": "yes"}, "bias_correction must be true or false, got 'yes'"),
-    ({"qat": {"iters": 2, "batch": 2, "learning_rate": 1e-4, "seed": 0}, "bias_correction": True}, "no bias_correction"),
+    ({"qat": {"iters": 2, "batch": 2, "learning_rate": 1e-4, "seed": 0}},
+     r"\(iters, batch, learning_rate, seed, scales;"),
+    ({"qat": {"iters": 2, "batch": 2, "learning_rate": 1e-4, "seed": 0, "scales": "post_training"},
+      "bias_correction": True}, "no bias_correction"),
+    ({"qat": {"iters": 2, "batch": 2, "learning_rate": 1e-4, "seed": 0, "scales": "fixed"}},
+     "qat scales must be one of post_training, moving, got 'fixed'"),
 ])
 def test_malformed_requests_are_refused(changes, match, tmp_path):
     with pytest.raises(ValueError, match=match):
