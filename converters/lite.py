@@ -666,10 +666,9 @@ def quantize_aware_training(
     the calibration photos. By default the activations keep the scales of post-training quantisation (``algo``)
     throughout, so training starts from the post-training model and changes only its weights. The batch norms
     keep the fp32 running statistics (training on one or two photos a step would replace them with those photos'
-    own). The result is the same fake-quantisation
-    program format as :func:`quantize_post_training`'s, for ``opt``. Each iteration costs a forward and backward
-    pass of both programs (``docs/benchmarks.md``: 1-3 s per step for the extractor, about 3 s for the detector
-    here).
+    own). The result is the same fake-quantisation program format as :func:`quantize_post_training`'s, for
+    ``opt``. Each iteration costs a forward and backward pass of both programs (``docs/benchmarks.md``: 1-3 s per
+    step for the extractor, about 3 s for the detector here), after one post-training quantisation.
 
     Args:
       model_dir: folder with a legacy ``inference.pdmodel`` and ``inference.pdiparams``.
@@ -685,7 +684,7 @@ def quantize_aware_training(
       scales: the activations' scales, one of :data:`QAT_SCALES`: ``"post_training"`` (those of
         :func:`quantize_post_training` with ``algo`` on the same photos, held) or ``"moving"`` (paddleslim's
         moving average of each step's largest value, from 1).
-      algo: the post-training algorithm of the held scales, one of :data:`PTQ_ALGOS`.
+      algo: the post-training algorithm of the held scales (``scales="post_training"``), one of :data:`PTQ_ALGOS`.
       python: the side environment's Python; default :func:`edge_shitu_converters.lite_worker.find_lite_python`.
       timeout_s: seconds before the worker is killed; default that of post-training quantisation, or a minute per
         iteration when more (a detector step takes about 3 s here).
@@ -884,8 +883,8 @@ class _LiteJob:
         skip = tuple(self.skip.get(role, ())) + tuple(w for w in float_weights if w not in self.skip.get(role, ()))
         kept = f", {len(skip)} weight(s) kept in float" if skip else ""
         if self.qat_iters is not None:
-            with _step(f"{role}: paddleslim quantisation-aware training ({self.qat_iters} iterations, "
-                       f"{len(feeds)} photos{kept})", folder, timings):
+            with _step(f"{role}: paddleslim quantisation-aware training ({self.qat_iters} iterations from the "
+                       f"{self.algo} post-training scales, {len(feeds)} photos{kept})", folder, timings):
                 quantized = quantize_aware_training(files.directory, out, feeds=feeds, iters=self.qat_iters,
                                                     batch=_qat_batch(input_spec["shape"]), skip=skip,
                                                     algo=self.algo, python=self.python)
@@ -1067,9 +1066,8 @@ def convert_lite(
       qat_iters: int8 only: paddleslim's quantisation-aware training for this many iterations after
         post-training quantisation with ``algo``, whose activation scales it keeps (:func:`quantize_aware_training`,
         the fp32 program as teacher, the calibration photos as data), with the weights of ``skip`` and of
-        ``int8_layers`` N float. ``int8_layers`` "auto"
-        does not search then (each candidate would be a training run): it checks the trained program and
-        refuses a bundle that fails, ARM included.
+        ``int8_layers`` N float. ``int8_layers`` "auto" does not search then (each candidate would be a training
+        run): it checks the trained program and refuses a bundle that fails, ARM included.
       bias_correction: int8 post-training only: paddleslim's bias correction of the weights' quantisation error
         (default False; see :func:`quantize_post_training`).
       check_program: ``check_program(staging, role, program_dir) -> (passed, failures, figures)``: the
