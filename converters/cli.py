@@ -182,7 +182,8 @@ def register(subparsers, groups) -> None:
                          "N: keep the N most damaging blocks float (with --verify, an ARM Paddle-Lite bundle is "
                          "checked in simulated INT8 for all and N too, and refused when it fails)")
     cv.add_argument("--lite-algo", choices=list(_SLIM_ALGOS),
-                    help="lite int8: paddleslim quant_post_static algorithm (default avg)")
+                    help="lite int8: paddleslim quant_post_static algorithm (default avg); with --lite-qat, that of "
+                         "the post-training quantisation training starts from")
     cv.add_argument("--lite-bias-correction", action="store_const", const=True,
                     help="lite int8: paddleslim's bias correction of the weights' quantisation error")
     cv.add_argument("--lite-skip", metavar="NAME,...",
@@ -195,7 +196,7 @@ def register(subparsers, groups) -> None:
                          "post-training quantisation (--lite-algo), whose activation scales it keeps: the fp32 model "
                          "is the teacher, the --calib photos the data (no labels), with the --lite-skip and "
                          "--int8-layers N weights float; 1-3 s per iteration for the extractor, about 3 s for the "
-                         "detector here")
+                         "detector here, after the post-training run")
     cv.add_argument("--lite-python", help="lite: Python of the Lite side environment (int8 quantisation, --verify)")
     cv.add_argument("--verify", action="store_true",
                     help="compare with Paddle Inference on real photos; fail when agreement is too low")

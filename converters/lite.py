@@ -696,7 +696,8 @@ def quantize_aware_training(
       InvalidInputError: no feeds, feeds of different inputs or shapes, a malformed skip list, or a bad
         ``iters``, ``batch``, ``learning_rate``, ``scales`` or ``algo``.
       MissingFileError, ConversionError, BackendUnavailableError: as :func:`quantize_post_training`; a
-        ConversionError also for a ``skip`` name that no quantisable op reads.
+        ConversionError also for a ``skip`` name that no quantisable op reads, or for an activation quantiser of
+        the training program without a post-training scale.
     """
     for name, value in (("iters", iters), ("batch", batch), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):

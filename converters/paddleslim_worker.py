@@ -26,8 +26,8 @@ JSON object:
   fake-quant format paddleslim 2.6 saves AdaRound's weights as fractional levels (``docs/benchmarks.md``), which
   Paddle Inference would simulate as if they were INT8 and ``opt`` would round again;
 - ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed", "scales"}``: quantisation-aware training
-  instead of post-training quantisation (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and
-  ``Distillation``): the fp32 program is the teacher, the loss is the l2 distance between the student's and the
+  after post-training quantisation (``scales`` ``"post_training"``) or instead of it (``"moving"``)
+  (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and ``Distillation``): the fp32 program is the teacher, the loss is the l2 distance between the student's and the
   teacher's outputs, and the feeds' photos, unlabelled, are the only data (the ops of ``skip_tensors`` stay float
   and are trained as such). The student's batch norms keep the fp32 running statistics. ``scales`` (one of
   :data:`QAT_SCALES`) says where the activations' scales come from: ``"post_training"`` runs post-training
@@ -134,8 +134,8 @@ def _drop_fetch_scales(program: Any) -> int:
 
 
 def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
-    """Run ``paddleslim.quant.quant_post_static``, or its quantisation-aware training when the request has ``qat``,
-    for one request (see the module docstring).
+    """Run ``paddleslim.quant.quant_post_static``, and/or its quantisation-aware training when the request has
+    ``qat``, for one request (see the module docstring).
 
     Args:
       request: the request object.
@@ -144,7 +144,8 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
       The result object (also written to ``request["result"]``).
 
     Raises:
-      ValueError: a malformed request or feeds file.
+      ValueError: a malformed request or feeds file; for training, a ``skip_tensors`` name that no quantisable op
+        reads, or an activation quantiser without a post-training scale.
       _Missing: paddle or paddleslim cannot be imported.
       Exception: whatever Paddle raises while quantising.
     """
@@ -189,6 +190,11 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
         scales = None
         if qat["scales"] == "post_training":
             import tempfile
+
+            # A bad float weight is refused before the post-training run (minutes on a detector), not after it.
+            program = paddle.static.Program.parse_from_string(
+                (Path(request["model_dir"]) / request["model_filename"]).read_bytes())
+            _keep_float_or_refuse(program, request["quantizable_op_types"], skip)
 
             with tempfile.TemporaryDirectory(prefix="ptq-") as tmp, paddle.static.scope_guard(scope):
                 _post_training(request, quant_post_static, executor, scope, Path(tmp), _Batches(batches),
@@ -248,7 +254,8 @@ def _hold_activation_scales(scales: Dict[str, np.ndarray]) -> Any:
     the scales go into the global scope, where paddleslim's quantisation pass takes a scale variable's start
     from, and its training quantisers run in test mode (a moving average no more), which AutoCompression has no
     setting for (paddleslim's own ``scale_trainable`` also freezes the weights' scales, at 0). Returns a function
-    that undoes the change of paddleslim and tells how many quantisers were held.
+    that puts paddleslim's ``quant_aware`` back and tells how many quantisers were held (the scales stay in the
+    scope of this one-request process).
 
     Raises:
       ValueError: an activation quantiser of the training program has no post-training scale.
@@ -327,9 +334,7 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         for name in (request["model_filename"], request["params_filename"]):
             shutil.copy(source / name, model / name)
         frozen = _freeze_batch_norms(program)
-        unread = _keep_float(program, request["quantizable_op_types"], skip)
-        if unread:
-            raise ValueError(f"skip_tensors {unread} are not weights of a quantisable op of the program")
+        _keep_float_or_refuse(program, request["quantizable_op_types"], skip)
         (model / request["model_filename"]).write_bytes(program.desc.serialize_to_string())
         # An epoch is one pass over the photos; the data loader is called again for each.
         paddle.seed(int(qat["seed"]))
@@ -364,6 +369,17 @@ def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -
                 op._set_attr("op_namescope", f"/{_FLOAT_SCOPE}/")
                 read |= hit
     return [name for name in weights if name not in read]
+
+
+def _keep_float_or_refuse(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> None:
+    """:func:`_keep_float`, refusing weights that no quantisable op reads.
+
+    Raises:
+      ValueError: such a weight.
+    """
+    unread = _keep_float(program, op_types, weights)
+    if unread:
+        raise ValueError(f"skip_tensors {unread} are not weights of a quantisable op of the program")
 
 
 def _freeze_batch_norms(program: Any) -> int:
