@@ -27,10 +27,10 @@ JSON object:
   Paddle Inference would simulate as if they were INT8 and ``opt`` would round again;
 - ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed", "scales"}``: quantisation-aware training
   after post-training quantisation (``scales`` ``"post_training"``) or instead of it (``"moving"``)
-  (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and ``Distillation``): the fp32 program is the teacher, the loss is the l2 distance between the student's and the
-  teacher's outputs, and the feeds' photos, unlabelled, are the only data (the ops of ``skip_tensors`` stay float
-  and are trained as such). The student's batch norms keep the fp32 running statistics. ``scales`` (one of
-  :data:`QAT_SCALES`) says where the activations' scales come from: ``"post_training"`` runs post-training
+  (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and ``Distillation``): the fp32 program
+  is the teacher, the loss is the l2 distance between the student's and the teacher's outputs, and the feeds'
+  photos, unlabelled, are the only data (the ops of ``skip_tensors`` stay float and are trained as such). The
+  student's batch norms keep the fp32 running statistics. ``scales`` (one of :data:`QAT_SCALES`) says where the activations' scales come from: ``"post_training"`` runs post-training
   quantisation (``algo``) first and holds its scales through training, so that training starts from, and only
   changes the weights of, the post-training model; ``"moving"`` is paddleslim's own moving average of each
   step's largest value, started from 1 (``algo`` does not apply).
@@ -187,20 +187,20 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
     out_dir = Path(request["out_dir"])
     training = None
     if qat is not None:
+        # The program to train, its float weights' ops in the skip scope: a bad float weight is refused here,
+        # before the post-training run (minutes on a detector).
+        program = paddle.static.Program.parse_from_string(
+            (Path(request["model_dir"]) / request["model_filename"]).read_bytes())
+        _keep_float_or_refuse(program, request["quantizable_op_types"], skip)
         scales = None
         if qat["scales"] == "post_training":
             import tempfile
-
-            # A bad float weight is refused before the post-training run (minutes on a detector), not after it.
-            program = paddle.static.Program.parse_from_string(
-                (Path(request["model_dir"]) / request["model_filename"]).read_bytes())
-            _keep_float_or_refuse(program, request["quantizable_op_types"], skip)
 
             with tempfile.TemporaryDirectory(prefix="ptq-") as tmp, paddle.static.scope_guard(scope):
                 _post_training(request, quant_post_static, executor, scope, Path(tmp), _Batches(batches),
                                len(batches), skip)
                 scales = _activation_scales(Path(tmp), executor)
-        training = _train(request, qat, batches, out_dir, skip, scales)
+        training = _train(request, qat, program, batches, out_dir, scales)
     else:
         with paddle.static.scope_guard(scope):
             _post_training(request, quant_post_static, executor, scope, out_dir, _Batches(batches), len(batches), skip)
@@ -292,12 +292,13 @@ def _hold_activation_scales(scales: Dict[str, np.ndarray]) -> Any:
     return undo
 
 
-def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str, np.ndarray]],
-           out_dir: Path, skip: Sequence[str], scales: "Dict[str, np.ndarray] | None" = None) -> Dict[str, Any]:
-    """Quantisation-aware training of the request's program, distilled from itself in fp32 (see the module
-    docstring); writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``. ``scales``: the activation
-    scales to hold (``qat["scales"] == "post_training"``), or None for the moving average. Returns the settings it
-    trained with (the batch is at most the number of photos)."""
+def _train(request: Dict[str, Any], qat: Dict[str, Any], program: Any, batches: List[Dict[str, np.ndarray]],
+           out_dir: Path, scales: "Dict[str, np.ndarray] | None" = None) -> Dict[str, Any]:
+    """Quantisation-aware training of the request's program (``program``, parsed, with its float weights' ops in
+    the skip scope: :func:`_keep_float_or_refuse`), distilled from itself in fp32 (see the module docstring);
+    writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``. ``scales``: the activation scales to
+    hold (``qat["scales"] == "post_training"``), or None for the moving average. Returns the settings it trained
+    with (the batch is at most the number of photos)."""
     import shutil
     import tempfile
 
@@ -305,7 +306,6 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
     from paddleslim.auto_compression import AutoCompression
 
     source = Path(request["model_dir"])
-    program = paddle.static.Program.parse_from_string((source / request["model_filename"]).read_bytes())
     outputs = [op.input("X")[0] for op in program.global_block().ops if op.type == "fetch"]
     arrays = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
     count = len(next(iter(arrays.values())))
@@ -334,7 +334,6 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], batches: List[Dict[str,
         for name in (request["model_filename"], request["params_filename"]):
             shutil.copy(source / name, model / name)
         frozen = _freeze_batch_norms(program)
-        _keep_float_or_refuse(program, request["quantizable_op_types"], skip)
         (model / request["model_filename"]).write_bytes(program.desc.serialize_to_string())
         # An epoch is one pass over the photos; the data loader is called again for each.
         paddle.seed(int(qat["seed"]))
