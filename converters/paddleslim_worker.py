@@ -25,15 +25,16 @@ JSON object:
   (the weights stay whole INT8 levels). Its other rounding, ``round_type="adaround"``, is not offered: in this
   fake-quant format paddleslim 2.6 saves AdaRound's weights as fractional levels (``docs/benchmarks.md``), which
   Paddle Inference would simulate as if they were INT8 and ``opt`` would round again;
-- ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed", "scales"}``: quantisation-aware training
-  after post-training quantisation (``scales`` ``"post_training"``) or instead of it (``"moving"``)
-  (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and ``Distillation``): the fp32 program
-  is the teacher, the loss is the l2 distance between the student's and the teacher's outputs, and the feeds'
-  photos, unlabelled, are the only data (the ops of ``skip_tensors`` stay float and are trained as such). The
-  student's batch norms keep the fp32 running statistics. ``scales`` (one of :data:`QAT_SCALES`) says where the activations' scales come from: ``"post_training"`` runs post-training
-  quantisation (``algo``) first and holds its scales through training, so that training starts from, and only
-  changes the weights of, the post-training model; ``"moving"`` is paddleslim's own moving average of each
-  step's largest value, started from 1 (``algo`` does not apply).
+- ``qat`` (optional): ``{"iters", "batch", "learning_rate", "seed", "scales"}``: quantisation-aware training after
+  post-training quantisation (``scales`` ``"post_training"``) or instead of it (``"moving"``)
+  (``paddleslim.auto_compression.AutoCompression`` with ``QuantAware`` and ``Distillation``): the fp32 program is
+  the teacher, the loss is the l2 distance between the student's and the teacher's outputs, and the feeds' photos,
+  unlabelled, are the only data (the ops of ``skip_tensors`` stay float and are trained as such). The student's
+  batch norms keep the fp32 running statistics. ``scales`` (one of :data:`QAT_SCALES`) says where the activations'
+  scales come from: ``"post_training"`` runs post-training quantisation (``algo``) first and holds its scales
+  through training, so that training starts from, and only changes the weights of, the post-training model;
+  ``"moving"`` is paddleslim's own moving average of each step's largest value, started from 1 (``algo`` does not
+  apply).
 
 Exit status 0 on success, 3 when paddle or paddleslim cannot be imported, 1 on any other failure;
 the last line of stderr then says what failed. Only the standard library and numpy are imported
