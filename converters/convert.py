@@ -319,10 +319,10 @@ def _onnx_io_shape(value_info: Any) -> List[int]:
 
 
 def _ort_session(onnxruntime: Any, path: Path) -> Any:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    from edge_shitu.backends.onnxruntime import session_options
+
+    return onnxruntime.InferenceSession(str(path), sess_options=session_options(onnxruntime, threads=1),
+                                        providers=["CPUExecutionProvider"])
 
 
 def _max_abs_diff(reference: np.ndarray, actual: np.ndarray, what: str) -> float:

@@ -15,6 +15,11 @@ damage, and no more than needed:
    ``k`` is bisected between the last failure and the first pass. Fewer float blocks is faster, so the
    smallest passing ``k`` is the fastest candidate that passes.
 
+When every block INT8 fails, the two halves of its error are also verified apart, once
+(:meth:`ModelQuantizer.quantize_part`): the model with only its weights INT8, and the model with only its
+activations INT8. Weights alone failing means no calibration can make the whole model pass: only float
+blocks can.
+
 Every step tried is recorded (float blocks, size, inference time on one thread, the verification's
 figures), and so is the ranking: ``verify.json`` and the manifest say which blocks stayed float and why.
 On a replica (random weights) the ranking and the blocks kept float are those of the replica; real
@@ -24,18 +29,22 @@ weights may need another set, which the same command finds.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from edge_shitu.backends.onnxruntime import session_options
 from edge_shitu.errors import InvalidInputError
+from edge_shitu_converters.int8_parts import INT8_PARTS
 from edge_shitu_converters.quantize import TAIL_WEIGHTS, BlockDamage, ModelQuantizer, QuantReport
 
 __all__ = ["INT8_LAYERS", "SearchStep", "SearchResult", "parse_int8_layers", "search_int8", "rank_blocks",
-           "fewest_passing", "block_weights"]
+           "fewest_passing", "block_weights", "verify_parts"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -107,6 +116,8 @@ class SearchResult:
       weights: block -> the name of its weighted layer's weight, which paddle2onnx keeps from the Paddle
         program (e.g. ``conv2d_24.w_0``): the same blocks can be kept float in a Paddle-Lite conversion
         (``--lite-skip``).
+      parts: when every block INT8 failed: ``"weights"``/``"activations"`` -> the verification of the model with
+        only that part INT8 (:func:`verify_parts`); empty otherwise.
     """
 
     ranking: Tuple[BlockDamage, ...]
@@ -115,6 +126,7 @@ class SearchResult:
     written: int
     report: QuantReport
     weights: Mapping[str, str]
+    parts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def float_blocks(self) -> Tuple[str, ...]:
@@ -130,6 +142,7 @@ class SearchResult:
             "ranking": [{"block": d.block, "nodes": len(d.nodes), **d.record()} for d in self.ranking],
             "steps": [s.record() for s in self.steps],
             "chosen": None if self.chosen is None else self.chosen.float_blocks,
+            "int8_parts": {part: dict(result) for part, result in self.parts.items()},
         }
 
 
@@ -145,10 +158,8 @@ def rank_blocks(quantizer: ModelQuantizer, feeds: Optional[Sequence[Mapping[str,
 def _time_ms(path: Path, feed: Mapping[str, np.ndarray]) -> float:
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), sess_options=session_options(ort, threads=1),
+                                   providers=["CPUExecutionProvider"])
     session.run(None, dict(feed))  # warm-up: the first run allocates
     times = []
     for _ in range(_TIMING_RUNS):
@@ -182,7 +193,8 @@ def search_int8(
 
     Returns:
       The :class:`SearchResult`; ``chosen`` is None when even the candidate with every block but one
-      float fails (``out`` then holds that candidate).
+      float fails (``out`` then holds that candidate). When every block INT8 fails, its ``parts`` hold
+      :func:`verify_parts` of that candidate (static QDQ quantisation only).
 
     Raises:
       InvalidInputError: the model has no quantisable block (nothing to search).
@@ -195,6 +207,7 @@ def search_int8(
     timing_feed = quantizer.probe_feeds(1)[0]
     steps: List[SearchStep] = []
     reports: Dict[int, QuantReport] = {}
+    parts: Dict[str, Dict[str, Any]] = {}
     last = -1
 
     def trial(k: int) -> SearchStep:
@@ -213,6 +226,8 @@ def search_int8(
                   "" if passed else f" ({'; '.join(failures)})")
         if on_step is not None:
             on_step(step)
+        if k == 0 and not passed and quantizer.options.mode == "static" and quantizer.options.quant_format == "qdq":
+            parts.update(verify_parts(quantizer, out, check))
         return step
 
     # At least one block stays INT8: with every block float the model would be float. The float tail's weights
@@ -226,7 +241,36 @@ def search_int8(
         reports[written] = quantizer.quantize(out, float_blocks=names[:written])
     chosen = next((s for s in steps if s.float_blocks == passing and s.passed), None)
     return SearchResult(ranking=ranking, steps=tuple(steps), chosen=chosen, written=written,
-                        report=reports[written], weights=block_weights(quantizer))
+                        report=reports[written], weights=block_weights(quantizer), parts=parts)
+
+
+def verify_parts(quantizer: ModelQuantizer, out: Path, check: Check) -> Dict[str, Dict[str, Any]]:
+    """``check`` of the model with only its weights INT8 and of the model with only its activations INT8, every
+    block quantised (:meth:`ModelQuantizer.quantize_part`).
+
+    Each is written to ``out`` in turn (``check`` verifies the model there); the model ``out`` held is put back
+    after, byte for byte.
+
+    Returns:
+      ``"weights"``/``"activations"`` -> ``{"passed", "failures", "figures"}`` as ``check`` gave them.
+
+    Raises:
+      InvalidInputError: the quantiser is not static QDQ.
+      ConversionError: a quantisation failed.
+    """
+    kept = out.with_name(f".{out.name}.searched")
+    shutil.copyfile(out, kept)
+    results: Dict[str, Dict[str, Any]] = {}
+    try:
+        for part in INT8_PARTS:
+            quantizer.quantize_part(out, part)
+            passed, failures, figures = check(out)
+            results[part] = {"passed": bool(passed), "failures": list(failures), "figures": dict(figures)}
+            _LOG.info("int8 search %s: only the %s INT8: %s%s", quantizer.source.name, part,
+                      "passed" if passed else "failed", "" if passed else f" ({'; '.join(failures)})")
+    finally:
+        os.replace(kept, out)
+    return results
 
 
 def fewest_passing(most: int, passes: Callable[[int], bool]) -> Optional[int]:

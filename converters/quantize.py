@@ -57,6 +57,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_shitu.backends.onnxruntime import session_options
 from edge_shitu.bundle import InputSpec
 from edge_shitu.errors import (
     BackendUnavailableError,
@@ -515,11 +516,8 @@ def compare_outputs(
     _, ort, _ = _import_tools()
     sessions = []
     for path in (fp32_path, int8_path):
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads is not None:
-            so.intra_op_num_threads = threads
-        sessions.append(ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"]))
+        sessions.append(ort.InferenceSession(str(path), sess_options=session_options(ort, threads=threads),
+                                             providers=["CPUExecutionProvider"]))
     names = [o.name for o in sessions[0].get_outputs()]
     if [o.name for o in sessions[1].get_outputs()] != names:
         raise InvalidInputError(f"{int8_path}: outputs differ from those of {fp32_path}")
@@ -914,15 +912,7 @@ class ModelQuantizer:
             if not counts:
                 raise ConversionError(f"{self.source}: quantisation left every node in float")
             onnx.checker.check_model(result)
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            ort.InferenceSession(str(quantized), sess_options=so, providers=["CPUExecutionProvider"])
-            partial = target.with_name(f".{target.name}.partial")
-            try:
-                shutil.copyfile(quantized, partial)
-                os.replace(partial, target)
-            finally:
-                partial.unlink(missing_ok=True)
+            _publish(ort, quantized, target, self.source)
         report = QuantReport(
             source=self.source, output=target, options=options, fp32_bytes=self.source.stat().st_size,
             int8_bytes=target.stat().st_size, calib_images=self.calib_images, float_nodes=tuple(float_nodes),
@@ -935,6 +925,47 @@ class ModelQuantizer:
             report.fp32_bytes / 1e6, report.int8_bytes / 1e6, report.ratio, len(float_nodes), report.total_seconds,
         )
         return report
+
+    def quantize_part(self, out_path: Union[str, os.PathLike], part: str) -> Dict[str, int]:
+        """Writes the model with every block INT8 but only one ``part`` of it quantised
+        (:func:`edge_shitu_converters.int8_parts.keep_int8_part`): ``"weights"`` (activations float) or
+        ``"activations"`` (weights float). The float tail is as in :meth:`quantize` (its int8 weights count as
+        weights); the hard-sigmoid rewrites, which change activation codes, are applied to ``"activations"``;
+        the kernel-shape re-layouts, which change no value, are not.
+
+        Returns:
+          What :func:`~edge_shitu_converters.int8_parts.keep_int8_part` replaced.
+
+        Raises:
+          InvalidInputError: dynamic mode or the QOperator format (not a QDQ model), an unknown ``part``, or
+            ``out_path`` is the source.
+          ConversionError: the quantisation failed, or its result is not a valid, loadable model.
+        """
+        from edge_shitu_converters.int8_parts import keep_int8_part
+
+        onnx, ort, _ = _import_tools()
+        options = self.options
+        if options.mode != "static" or options.quant_format != "qdq":
+            raise InvalidInputError(f"{self.source}: only a static QDQ model has parts to take apart")
+        target = Path(out_path)
+        if target.resolve() == self.source.resolve():
+            raise InvalidInputError(f"{target}: the model cannot overwrite its float source")
+        work = self._work / "one-part.onnx"
+        with _step("quantize_static", self.source, {}):
+            self._run_quantizer(work, exclude=sorted(self._always_float))
+        result = onnx.load(str(work))
+        if options.tail_int8_weights and self._always_float:
+            int8_tail_weights(result, sorted(self._always_float))
+        result, replaced = keep_int8_part(result, self.model, part)
+        if part == "activations":
+            if options.clip_hard_sigmoid:
+                clip_hard_sigmoids(result)
+            if options.integer_hard_sigmoid:
+                integer_hard_sigmoids(result)
+        onnx.checker.check_model(result)
+        onnx.save(result, str(work))
+        _publish(ort, work, target, self.source)
+        return replaced
 
     def block_damage(self, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: Optional[int] = None) -> List[BlockDamage]:
         """Each block's effect on the outputs: the model with only that block quantised, against the float model.
@@ -956,12 +987,8 @@ class ModelQuantizer:
         """
         if not feeds:
             raise InvalidInputError("block_damage needs at least one feed")
-        _, ort, _ = _import_tools()
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads is not None:
-            so.intra_op_num_threads = threads
-        onnx, _, _ = _import_tools()
+        onnx, ort, _ = _import_tools()
+        so = session_options(ort, threads=threads)
         reference = ort.InferenceSession(str(self._prepared), sess_options=so, providers=["CPUExecutionProvider"])
         names = [o.name for o in reference.get_outputs()]
         expected = [reference.run(names, dict(f)) for f in feeds]
@@ -995,6 +1022,24 @@ class ModelQuantizer:
         order = sorted(units, key=lambda b: -noise[b])  # stable: graph order breaks ties
         return [BlockDamage(b, units[b], noise[b] / total if total > 0 else 0.0,
                             10 * math.log10(signal / noise[b]) if noise[b] > 0 else math.inf) for b in order]
+
+
+def _publish(ort: Any, model: Path, target: Path, source: Path) -> None:
+    """Loads ``model`` as the runtime would, then puts a copy at ``target`` atomically.
+
+    Raises:
+      ConversionError: onnxruntime cannot load it (``source`` names the float model it came from).
+    """
+    try:
+        ort.InferenceSession(str(model), sess_options=session_options(ort), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ConversionError(f"{source}: onnxruntime cannot load the quantised model: {exc}") from None
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        shutil.copyfile(model, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 _KEY = object()

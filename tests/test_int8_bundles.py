@@ -151,6 +151,7 @@ def test_a_failing_int8_model_is_searched_until_it_passes(replica_dirs, calib, v
     search = failed["int8_search"]["extractor"]
     steps = search["steps"]
     assert search["chosen"] is None and not any(s["passed"] for s in steps)
+    assert {p: r["passed"] for p, r in search["int8_parts"].items()} == {"weights": False, "activations": False}
     assert [s["float_blocks"] for s in steps][:3] == [0, 1, 2] and steps[-1]["float_blocks"] == search["blocks"] - 1
     first, most = steps[0]["figures"]["mean_bit_agreement"], steps[-1]["figures"]["mean_bit_agreement"]
     assert most > first  # keeping the noisiest blocks float brings the codes closer to fp32
@@ -172,3 +173,12 @@ def test_a_failing_int8_model_is_searched_until_it_passes(replica_dirs, calib, v
     quant = Bundle.load(tmp_path / "rec").manifest["models"]["extractor"]["quantization"]
     assert quant["float_blocks"] == search["float_blocks"] and quant["search"]["chosen"] == chosen
     assert "extractor int8 search:" in printed and f"{chosen} kept float" in printed
+    # Every block INT8 failed, so its weights and its activations were verified apart, and each, keeping part of
+    # the rounding only, agrees more than the whole.
+    parts = search["int8_parts"]
+    assert set(parts) == {"weights", "activations"}
+    assert all(p["figures"]["mean_bit_agreement"] > first for p in parts.values())
+    for part, result in parts.items():
+        state = "passed" if result["passed"] else "failed"
+        assert f"only the {part} INT8 (every block): {state}" in printed
+    assert printed.index("only the weights INT8") < printed.index("only the activations INT8")

@@ -49,6 +49,11 @@ def _chain_model(path: Path, rng: np.random.Generator, depth: int = DEPTH) -> Pa
               helper.make_node("Flatten", ["pool"], ["feat"], name="flatten")]
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 8])], inits)
+    return _save(graph, path)
+
+
+def _save(graph, path: Path) -> Path:
+    """Writes ``graph`` as an opset-13 model, as the converter's quantiser takes it."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -187,7 +192,8 @@ def test_search_finds_the_fewest_float_blocks_that_pass(chain, photos, tmp_path)
     tried = [s.float_blocks for s in result.steps]
     assert tried[0] == 0 and len(tried) == len(set(tried)) and len(tried) <= len(names)
     assert all(s.passed == (scan[s.float_blocks] >= threshold) for s in result.steps)
-    assert len(calls) == len(tried)  # one verification per candidate, none repeated
+    # One verification per candidate, none repeated, and one of each part of the failing all-INT8 model.
+    assert set(result.parts) == {"weights", "activations"} and len(calls) == len(tried) + 2
     # The written model is the chosen candidate, byte for byte.
     assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / f"k{smallest}.onnx").read_bytes()
     record = json.loads(json.dumps(result.record()))
@@ -250,7 +256,8 @@ def test_a_first_candidate_checked_by_the_caller_is_not_quantised_or_checked_aga
     q.quantize = lambda path, float_blocks=(): quantized.append(len(float_blocks)) or real(path, float_blocks=float_blocks)
     result = search_int8(q, out, check, first=(False, ["as built"], {"x": 1.0}))
     assert result.steps[0].failures == ("as built",) and result.steps[0].figures == {"x": 1.0}
-    assert len(checked) == len(result.steps) - 1
+    # Every later step is checked once, and each part of the failing first candidate.
+    assert len(checked) == len(result.steps) - 1 + len(result.parts) and set(result.parts) == {"weights", "activations"}
     assert quantized and 0 not in quantized  # every quantisation keeps some block float: none redoes step 0
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from edge_shitu.errors import BackendUnavailableError, BundleError, InvalidDtypeError
 from edge_shitu.options import check_threads
 
-__all__ = ["OnnxRuntimeSession", "SESSION_CONFIG"]
+__all__ = ["OnnxRuntimeSession", "SESSION_CONFIG", "session_options"]
 
 SESSION_CONFIG = {
     # No spinning: an idle intra-op worker sleeps at once instead of spinning (by default about 30 ms
@@ -18,8 +18,29 @@ SESSION_CONFIG = {
     # other model's session, the Python stages or another process need, and a run whose partner thread is
     # descheduled stalls; two threads were then slower than one (docs/benchmarks.md, "Threads").
     "session.intra_op.allow_spinning": "0",
+    # A bundle's float layers stay float: onnxruntime's WeightBiasQuantization otherwise rounds the float weights of
+    # every Conv/Gemm that reads a DequantizeLinear to one per-tensor int8 scale when the session loads, behind the
+    # converter's back (a layer the INT8 search keeps float, a model with only its activations INT8).
+    "optimization.disable_specified_optimizers": "WeightBiasQuantization",
 }
 """Session config entries every session gets (keys of onnxruntime's ``onnxruntime_session_options_config_keys.h``)."""
+
+
+def session_options(ort, *, threads: Optional[int] = None):
+    """``ort.SessionOptions`` as this backend's sessions have them: :data:`SESSION_CONFIG`, warnings only.
+
+    Args:
+      ort: the imported ``onnxruntime`` module.
+      threads: intra-op threads (one inter-op thread); None lets onnxruntime decide.
+    """
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
+    so.log_severity_level = 3
+    return so
 
 
 class OnnxRuntimeSession:
@@ -79,15 +100,9 @@ class OnnxRuntimeSession:
             raise BackendUnavailableError(
                 f"the onnxruntime backend is not installed ({exc}); run: pip install \"edge-shitu[onnx]\""
             ) from None
-        so = ort.SessionOptions()
-        if threads is not None:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        for key, value in SESSION_CONFIG.items():
-            so.add_session_config_entry(key, value)
-        so.log_severity_level = 3
         try:
-            session = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, sess_options=session_options(ort, threads=threads),
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise BundleError(f"{where}: onnxruntime cannot load this model: {exc}") from None
         return cls(session)

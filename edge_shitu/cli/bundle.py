@@ -58,13 +58,22 @@ def _print_search(report, out: TextIO) -> None:
         out.write(f"  {role} int8 search: {blocks}{outcome}" + (f"; {search['check']}" if search.get("check") else "")
                   + "\n")
         for step in search.get("steps", []):
-            figures = ", ".join(f"{k} {v:.4g}" for k, v in sorted(step.get("figures", {}).items())
-                                if k in ("match_rate", "max_score_diff", "min_cosine", "mean_bit_agreement",
-                                         "min_bit_agreement"))
             size = "" if step.get("int8_bytes") is None else f"{step['int8_bytes'] / 1e6:.2f} MB, "
             speed = "" if step.get("ms") is None else f"{step['ms']:.1f} ms/run (1 thread), "
             out.write(f"    {step['float_blocks']:>3} float: {'passed' if step['passed'] else 'failed'}, "
-                      f"{size}{speed}{figures}\n")
+                      f"{size}{speed}{_figures(step)}\n")
+        # Every block INT8 failed: its weights and its activations, each verified alone.
+        parts = search.get("int8_parts") or {}
+        for part in sorted(parts, key=lambda name: (name != "weights", name)):
+            result = parts[part]
+            out.write(f"    only the {part} INT8 (every block): {'passed' if result['passed'] else 'failed'}, "
+                      f"{_figures(result)}\n")
+
+
+def _figures(result) -> str:
+    """The agreement figures of one verified candidate, as ``name value`` pairs."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.get("figures", {}).items())
+                     if k in ("match_rate", "max_score_diff", "min_cosine", "mean_bit_agreement", "min_bit_agreement"))
 
 
 def _cmd_bundle_info(args, out: TextIO, err: TextIO) -> int:

@@ -43,8 +43,10 @@ class OrtBridge private constructor(private val session: OrtSession) : AutoClose
             try {
                 if (threads > 0) opts.setIntraOpNumThreads(threads)
                 // As the desktop runtime (edge_shitu/backends/onnxruntime.py SESSION_CONFIG): an idle worker that
-                // spins takes the core the other model or the camera needs.
+                // spins takes the core the other model or the camera needs, and a bundle's float layers must not
+                // have their weights rounded to int8 when the session loads.
                 opts.addConfigEntry("session.intra_op.allow_spinning", "0")
+                opts.addConfigEntry("optimization.disable_specified_optimizers", "WeightBiasQuantization")
                 return OrtBridge(create(opts))
             } finally {
                 opts.close()
