@@ -70,13 +70,16 @@ def keep_int8_part(model: Any, float_model: Any, part: str) -> Tuple[Any, Dict[s
       InvalidInputError: an unknown ``part``.
       ConversionError: the model is not the QDQ form of ``float_model`` (a ``DequantizeLinear`` of neither an
         initializer nor a ``QuantizeLinear``, a pair with two scales, a node ``float_model`` lacks, or a
-        float tensor of another shape).
+        float tensor of another shape), or either model has subgraphs.
     """
     from onnx import ModelProto, numpy_helper
 
     if part not in INT8_PARTS:
         raise InvalidInputError(f"part must be one of {', '.join(INT8_PARTS)}, got {part!r}")
     index = GraphIndex(model)
+    if index.has_subgraphs or GraphIndex(float_model).has_subgraphs:
+        # Reads from inside an If/Loop body are not in the index's maps.
+        raise ConversionError("a model with subgraphs (If, Loop, Scan) cannot be taken apart")
     # (reading node, input slot) -> the DequantizeLinear of a constant it reads.
     constants: Dict[Tuple[str, int], Any] = {}
     dequantizers = pairs = 0
@@ -118,7 +121,7 @@ def keep_int8_part(model: Any, float_model: Any, part: str) -> Tuple[Any, Dict[s
         if value is None or current is None or value.shape != current.shape:
             raise ConversionError(f"{name}: input {slot} has no float tensor of the quantised one's shape in the float "
                                   "model")
-        fresh = target.fresh(f"{node.input[slot]}_{part}_int8")
+        fresh = target.fresh(f"{node.input[slot]}_{'dequantized' if part == 'weights' else 'float'}")
         result.graph.initializer.append(numpy_helper.from_array(np.asarray(value), fresh))
         node.input[slot] = fresh
     drop_unread(result.graph)

@@ -288,3 +288,14 @@ def test_the_runtime_keeps_a_float_layer_between_quantised_tensors_float(tmp_pat
     got = session.run({"x": x})[0]
     # float32 against float64 arithmetic may move a value across a rounding boundary now and then: one code.
     assert (np.abs(got - expected) > 1e-4).mean() < 0.02
+
+
+def test_a_model_with_subgraphs_is_not_taken_apart(tmp_path, rng, photos):
+    q = _quantizer(tmp_path, rng, photos)
+    q.quantize(tmp_path / "all.onnx")
+    model = onnx.load(str(tmp_path / "all.onnx"))
+    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "branch", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model.graph.node.append(helper.make_node("If", ["cond"], ["w"], name="if", then_branch=branch, else_branch=branch))
+    with pytest.raises(ConversionError, match="subgraphs"):
+        keep_int8_part(model, q.model, "weights")
