@@ -4,6 +4,7 @@ model quantised by onnxruntime; and the INT8 search, which verifies both parts w
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization", reason="onnxruntime.quantization needs ml_dtypes")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edge_shitu.backends.onnxruntime import session_options  # noqa: E402
+from edge_shitu.backends.onnxruntime import OnnxRuntimeSession, session_options  # noqa: E402
 from edge_shitu.errors import ConversionError, InvalidInputError  # noqa: E402
 from edge_shitu_converters.int8_parts import keep_int8_part  # noqa: E402
 from edge_shitu_converters.int8_search import search_int8, verify_parts  # noqa: E402
@@ -21,6 +22,7 @@ from edge_shitu_converters.quantize import ModelQuantizer, compare_outputs  # no
 from test_int8_search import _chain_model, _save  # noqa: E402
 from test_int8_search import _quantizer as _search_quantizer  # noqa: E402
 from test_quantize import _write_photos  # noqa: E402
+
 
 def _two_convs(path: Path, rng: np.random.Generator) -> Path:
     """x (N,3,16,16) -> conv0 1x1 (8 ch) -> Relu -> conv1 1x1 (4 ch) = y. The quantiser drops the Relu: the uint8
@@ -110,8 +112,8 @@ def _activation_codes(part_model, float_model):
 def test_each_part_matches_the_float_model_with_only_that_part_rounded(tmp_path, rng, photos, float_tail):
     q = _quantizer(tmp_path, rng, photos, float_tail=float_tail)
     x = next(iter(q.probe_feeds(1)[0].values()))
-    float_weights = {name: numpy_helper.to_array(i).astype(np.float64) for i in q.model.graph.initializer
-                     for name in [i.name] if name.startswith("w")}
+    float_weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in q.model.graph.initializer
+                     if i.name.startswith("w")}
     assert sorted(float_weights) == ["w0", "w1"]
 
     weights_counts = q.quantize_part(tmp_path / "weights.onnx", "weights")
@@ -149,8 +151,6 @@ def test_each_part_matches_the_float_model_with_only_that_part_rounded(tmp_path,
 def test_the_activations_part_has_the_int8_models_hard_sigmoid_rewrites(tmp_path, rng, photos):
     """The rewrites of quantised hard sigmoids move activation codes, so the activations part has them: the same ops as
     the INT8 model but for the weights' and biases' DequantizeLinear."""
-    from collections import Counter
-
     q = _quantizer(tmp_path, rng, photos, build=_chain_model)
     report = q.quantize(tmp_path / "all.onnx")
     assert report.clip_hard_sigmoids or report.integer_hard_sigmoids
@@ -261,8 +261,6 @@ def test_what_has_no_parts_is_refused(tmp_path, rng, photos):
 def test_the_runtime_keeps_a_float_layer_between_quantised_tensors_float(tmp_path, rng):
     """onnxruntime's WeightBiasQuantization would round the float weights of a Conv that reads a DequantizeLinear and
     whose output is quantised to one int8 scale when the session loads; the runtime's sessions turn it off."""
-    from edge_shitu.backends.onnxruntime import OnnxRuntimeSession
-
     w = rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32)
     w[0] *= 50  # one wide channel: a per-tensor int8 scale then rounds the others coarsely
     scale, zero = np.float32(0.05), np.uint8(128)
