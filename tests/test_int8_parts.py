@@ -297,3 +297,19 @@ def test_a_model_with_subgraphs_is_not_taken_apart(tmp_path, rng, photos):
     model.graph.node.append(helper.make_node("If", ["cond"], ["w"], name="if", then_branch=branch, else_branch=branch))
     with pytest.raises(ConversionError, match="subgraphs"):
         keep_int8_part(model, q.model, "weights")
+
+
+def test_a_quantised_model_onnxruntime_cannot_load_is_not_published(tmp_path):
+    import onnxruntime as ort
+
+    from edge_shitu_converters.quantize import _publish
+
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"], domain="example.none")], "bad",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("example.none", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ConversionError, match="src.onnx: onnxruntime cannot load the quantised model"):
+        _publish(ort, tmp_path / "bad.onnx", tmp_path / "out.onnx", Path("src.onnx"))
+    assert not (tmp_path / "out.onnx").exists() and not list(tmp_path.glob(".out.onnx*"))
