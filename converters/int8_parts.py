@@ -76,8 +76,8 @@ def keep_int8_part(model: Any, float_model: Any, part: str) -> Tuple[Any, Dict[s
 
     if part not in INT8_PARTS:
         raise InvalidInputError(f"part must be one of {', '.join(INT8_PARTS)}, got {part!r}")
-    index = GraphIndex(model)
-    if index.has_subgraphs or GraphIndex(float_model).has_subgraphs:
+    index, floats = GraphIndex(model), GraphIndex(float_model)
+    if index.has_subgraphs or floats.has_subgraphs:
         # Reads from inside an If/Loop body are not in the index's maps.
         raise ConversionError("a model with subgraphs (If, Loop, Scan) cannot be taken apart")
     # (reading node, input slot) -> the DequantizeLinear of a constant it reads.
@@ -107,7 +107,7 @@ def keep_int8_part(model: Any, float_model: Any, part: str) -> Tuple[Any, Dict[s
     result = ModelProto()
     result.CopyFrom(float_model if part == "weights" else model)
     target = GraphIndex(result)
-    other = GraphIndex(model if part == "weights" else float_model)
+    other = index if part == "weights" else floats
     nodes = {n.name: n for n in result.graph.node}
     twins = {n.name: n for n in other.graph.node}
     for (name, slot), dq in constants.items():

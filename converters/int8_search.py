@@ -226,7 +226,7 @@ def search_int8(
                   "" if passed else f" ({'; '.join(failures)})")
         if on_step is not None:
             on_step(step)
-        if k == 0 and not passed and quantizer.options.mode == "static" and quantizer.options.quant_format == "qdq":
+        if k == 0 and not passed and quantizer.has_parts:
             parts.update(verify_parts(quantizer, out, check))
         return step
 

@@ -678,7 +678,8 @@ def quantize_aware_training(
       iters: training iterations (>= 1).
       batch: photos per iteration (>= 1).
       learning_rate: SGD learning rate (> 0).
-      seed: seed of the shuffling and of Paddle's initialisation of the quantisation scales.
+      seed: seed of the shuffling (and, with ``scales="moving"``, of Paddle's initialisation of the
+        quantisation scales).
       skip: weight names whose ops stay float (and are trained in float); unlike :func:`quantize_post_training`,
         a name that no quantisable op reads is refused (the worker has to find each op to keep it float).
       scales: the activations' scales, one of :data:`QAT_SCALES`: ``"post_training"`` (those of

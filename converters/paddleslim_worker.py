@@ -192,7 +192,7 @@ def quantize(request: Dict[str, Any]) -> Dict[str, Any]:
         # before the post-training run (minutes on a detector).
         program = paddle.static.Program.parse_from_string(
             (Path(request["model_dir"]) / request["model_filename"]).read_bytes())
-        _keep_float_or_refuse(program, request["quantizable_op_types"], skip)
+        _keep_float(program, request["quantizable_op_types"], skip)
         scales = None
         if qat["scales"] == "post_training":
             import tempfile
@@ -296,7 +296,7 @@ def _hold_activation_scales(scales: Dict[str, np.ndarray]) -> Any:
 def _train(request: Dict[str, Any], qat: Dict[str, Any], program: Any, batches: List[Dict[str, np.ndarray]],
            out_dir: Path, scales: "Dict[str, np.ndarray] | None" = None) -> Dict[str, Any]:
     """Quantisation-aware training of the request's program (``program``, parsed, with its float weights' ops in
-    the skip scope: :func:`_keep_float_or_refuse`), distilled from itself in fp32 (see the module docstring);
+    the skip scope: :func:`_keep_float`), distilled from itself in fp32 (see the module docstring);
     writes ``inference.pdmodel`` / ``inference.pdiparams`` into ``out_dir``. ``scales``: the activation scales to
     hold (``qat["scales"] == "post_training"``), or None for the moving average. Returns the settings it trained
     with (the batch is at most the number of photos)."""
@@ -357,10 +357,13 @@ def _train(request: Dict[str, Any], qat: Dict[str, Any], program: Any, batches: 
             **({"post_training_algo": request["algo"]} if scales is not None else {})}
 
 
-def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> List[str]:
+def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> None:
     """Put the ops of ``op_types`` that read one of ``weights`` in the name scope that quantisation-aware training
-    leaves float (paddleslim skips ops by name scope, not by tensor as ``quant_post_static`` does). Returns the
-    names of ``weights`` that no such op reads."""
+    leaves float (paddleslim skips ops by name scope, not by tensor as ``quant_post_static`` does).
+
+    Raises:
+      ValueError: a name of ``weights`` that no such op reads.
+    """
     names, read = set(weights), set()
     for block in program.blocks:
         for op in block.ops:
@@ -368,16 +371,7 @@ def _keep_float(program: Any, op_types: Sequence[str], weights: Sequence[str]) -
             if hit:
                 op._set_attr("op_namescope", f"/{_FLOAT_SCOPE}/")
                 read |= hit
-    return [name for name in weights if name not in read]
-
-
-def _keep_float_or_refuse(program: Any, op_types: Sequence[str], weights: Sequence[str]) -> None:
-    """:func:`_keep_float`, refusing weights that no quantisable op reads.
-
-    Raises:
-      ValueError: such a weight.
-    """
-    unread = _keep_float(program, op_types, weights)
+    unread = [name for name in weights if name not in read]
     if unread:
         raise ValueError(f"skip_tensors {unread} are not weights of a quantisable op of the program")
 

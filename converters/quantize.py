@@ -926,6 +926,12 @@ class ModelQuantizer:
         )
         return report
 
+    @property
+    def has_parts(self) -> bool:
+        """Whether the models written are static QDQ, whose weights and activations :meth:`quantize_part` takes
+        apart."""
+        return self.options.mode == "static" and self.options.quant_format == "qdq"
+
     def quantize_part(self, out_path: Union[str, os.PathLike], part: str) -> Dict[str, int]:
         """Writes the model with every block INT8 but only one ``part`` of it quantised
         (:func:`edge_shitu_converters.int8_parts.keep_int8_part`): ``"weights"`` (activations float) or
@@ -945,7 +951,7 @@ class ModelQuantizer:
 
         onnx, ort, _ = _import_tools()
         options = self.options
-        if options.mode != "static" or options.quant_format != "qdq":
+        if not self.has_parts:
             raise InvalidInputError(f"{self.source}: only a static QDQ model has parts to take apart")
         target = Path(out_path)
         if target.resolve() == self.source.resolve():
